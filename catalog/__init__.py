@@ -1,0 +1,33 @@
+"""medlake's library: the lake on disk, its tables, SQL, vectors and statistics.
+
+Public API (pipelines, UI and CLI use only these names)::
+
+    from catalog import Catalog, Workspace, CatalogError
+"""
+
+from __future__ import annotations
+
+from catalog.core import Catalog, to_json
+from catalog.errors import (
+    CatalogError,
+    IngestError,
+    MissingTableError,
+    SchemaError,
+    SQLError,
+    WorkspaceError,
+)
+from catalog.ingestkit import FileReport, IngestResult, Quarantine, publish
+from catalog.schema import SCHEMA_VERSION, TABLES, spec
+from catalog.sql import VIEWS, render
+from catalog.tables import Transaction, conform, write_parquet_atomic
+from catalog.vocab import normalise, shared_name
+from catalog.workspace import Workspace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Catalog", "CatalogError", "FileReport", "IngestError", "IngestResult", "MissingTableError",
+    "Quarantine", "SCHEMA_VERSION", "SQLError", "SchemaError", "TABLES", "Transaction", "VIEWS",
+    "Workspace", "WorkspaceError", "conform", "normalise", "publish", "render", "shared_name",
+    "spec", "to_json", "write_parquet_atomic", "__version__",
+]

@@ -1,0 +1,240 @@
+"""Building blocks shared by every ingest adapter: quarantine, counts, publishing.
+
+An adapter turns one input file (or folder) into the foundation tables for one dataset, then
+calls :func:`publish`, which checks ``rows read = rows ingested + rows quarantined`` per file,
+writes every table partition in one transaction and returns an :class:`IngestResult`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from catalog.errors import IngestError
+
+STAGE = "ingest"
+
+
+@dataclass(frozen=True)
+class FileReport:
+    """Counts for one input file. ``rows_read == rows_ingested + rows_quarantined`` always."""
+
+    file: str
+    rows_read: int
+    rows_ingested: int
+    rows_quarantined: int
+
+    def __post_init__(self) -> None:
+        if self.rows_read != self.rows_ingested + self.rows_quarantined:
+            raise RuntimeError(
+                f"{self.file}: {self.rows_read} rows read but {self.rows_ingested} ingested + "
+                f"{self.rows_quarantined} quarantined; an adapter lost rows (a medlake bug)"
+            )
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one adapter run did. ``tables`` maps table name to rows written."""
+
+    adapter: str
+    dataset_id: str
+    partition: str
+    files: tuple[FileReport, ...]
+    tables: dict[str, int]
+    reasons: dict[str, int]
+    messages: tuple[str, ...] = ()
+
+    @property
+    def rows_read(self) -> int:
+        return sum(f.rows_read for f in self.files)
+
+    @property
+    def rows_quarantined(self) -> int:
+        return sum(f.rows_quarantined for f in self.files)
+
+    def summary(self) -> str:
+        lines = []
+        for f in self.files:
+            lines.append(
+                f"{f.file}: {f.rows_read:,} rows read = {f.rows_ingested:,} ingested + "
+                f"{f.rows_quarantined:,} quarantined"
+            )
+        for reason, n in sorted(self.reasons.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  quarantined {n:,}: {reason}")
+        t = ", ".join(f"{k} {v:,}" for k, v in self.tables.items())
+        lines.append(f"dataset '{self.dataset_id}' ({self.adapter}): wrote {t}")
+        lines.extend(self.messages)
+        return "\n".join(lines)
+
+
+QUARANTINE_COLUMNS = ("row", "item", "reason", "detail")
+
+
+@dataclass
+class Quarantine:
+    """Collects rows that are not ingested, with why; raises at the first one in strict mode.
+
+    ``row`` is the 1-based data row number in the file (the header is not counted) or, for
+    image files, 0 with the file path in ``item``.
+    """
+
+    dataset_id: str
+    strict: bool = False
+    stage: str = STAGE
+    _frames: list[pl.DataFrame] = field(default_factory=list)
+
+    def add(self, file: str, row: int, item: str | None, reason: str, detail: Any = None) -> None:
+        self.add_frame(
+            file,
+            pl.DataFrame(
+                {"row": [row], "item": [item], "reason": [reason],
+                 "detail": [detail if isinstance(detail, str) or detail is None else json.dumps(detail, default=str)]},
+                schema={"row": pl.Int64, "item": pl.String, "reason": pl.String, "detail": pl.String},
+            ),
+        )
+
+    def add_frame(self, file: str, df: pl.DataFrame, *, total: int | None = None) -> None:
+        """Quarantine many rows: ``df`` has columns row, item, reason[, detail]."""
+        if df.height == 0:
+            return
+        if "detail" not in df.columns:
+            df = df.with_columns(pl.lit(None, pl.String).alias("detail"))
+        df = df.select(
+            pl.col("row").cast(pl.Int64), pl.col("item").cast(pl.String),
+            pl.col("reason").cast(pl.String), pl.col("detail").cast(pl.String),
+        )
+        if self.strict:
+            first = df.sort("row").row(0, named=True)
+            of = f" of {total:,}" if total is not None else ""
+            raise IngestError(
+                f"{file}: row {first['row']}{of}: {first['reason']}"
+                + (f" ({first['item']})" if first["item"] else "")
+                + f"; {df.height:,} bad rows in all. Stopped because of --strict; "
+                "without it they go to the quarantine table and the rest is ingested."
+            )
+        self._frames.append(
+            df.with_columns(
+                pl.lit(self.stage).alias("stage"), pl.lit(self.dataset_id).alias("dataset_id"),
+                pl.lit(file).alias("file"),
+            )
+        )
+
+    def count(self, file: str | None = None) -> int:
+        return sum(
+            f.height if file is None else f.filter(pl.col("file") == file).height
+            for f in self._frames
+        )
+
+    def frame(self) -> pl.DataFrame:
+        cols = ["stage", "dataset_id", "file", "row", "item", "reason", "detail"]
+        if not self._frames:
+            return pl.DataFrame(schema={c: (pl.Int64 if c == "row" else pl.String) for c in cols})
+        return pl.concat([f.select(cols) for f in self._frames]).unique(
+            subset=["file", "row", "item", "reason"], keep="first", maintain_order=True
+        )
+
+    def reasons(self) -> dict[str, int]:
+        df = self.frame()
+        if df.height == 0:
+            return {}
+        g = df.group_by("reason").len().sort("len", descending=True)
+        return dict(zip(g["reason"].to_list(), g["len"].to_list()))
+
+
+def publish(
+    catalog: Any,
+    *,
+    adapter: str,
+    dataset_id: str,
+    partition: str,
+    tables: dict[str, Any],
+    quarantine: Quarantine,
+    files: list[FileReport],
+    messages: list[str] | None = None,
+) -> IngestResult:
+    """Write an adapter's tables (and its quarantine rows) as one atomic transaction.
+
+    Every table in ``tables`` replaces the partition ``partition`` of the ingest stage, and the
+    quarantine partition of the same name is replaced too (emptied when nothing was bad), so
+    re-ingesting the same input gives identical files.
+    """
+    counts: dict[str, int] = {}
+    with catalog.transaction() as tx:
+        for name, data in tables.items():
+            if data is None:
+                continue
+            tx.write(name, data, stage=STAGE, partition=partition)
+            counts[name] = len(data)
+        q = quarantine.frame()
+        if q.height:
+            tx.write("quarantine", q, stage=STAGE, partition=partition)
+        else:
+            tx.delete("quarantine", stage=STAGE, partition=partition)
+    return IngestResult(
+        adapter=adapter, dataset_id=dataset_id, partition=partition, files=tuple(files),
+        tables=counts, reasons=quarantine.reasons(), messages=tuple(messages or ()),
+    )
+
+
+def require_columns(file: str, found: list[str], expected: list[str] | tuple[str, ...]) -> None:
+    """Raise a :class:`SchemaError` naming the file, the columns found and those expected."""
+    from catalog.errors import SchemaError
+
+    missing = [c for c in expected if c not in found]
+    if missing:
+        raise SchemaError(
+            f"{file}: missing column(s) {missing}. Found columns: {found}. "
+            f"Expected at least: {list(expected)}. Is this the right file for this format?"
+        )
+
+
+def root_versions(
+    splits: pl.DataFrame, *, dataset_id: str, inputs: dict[str, str], medlake_version: str
+) -> pl.DataFrame:
+    """One root ``versions`` row per split scheme in ``splits`` (``<dataset>@<scheme>``).
+
+    Root versions have no parent and no creation time (so re-ingesting gives identical
+    tables); ``inputs`` maps input file names to their sha256.
+    """
+    rows = []
+    for scheme in sorted(splits["scheme"].unique().to_list()):
+        s = splits.filter(pl.col("scheme") == scheme)
+        counts = dict(sorted(zip(*s.group_by("split").len().sort("split").to_dict(as_series=False).values())))
+        rows.append({
+            "name": f"{dataset_id}@{scheme}", "dataset_id": dataset_id, "parent": None,
+            "kind": "root", "scheme": scheme, "recipe": None, "recipe_hash": None,
+            "params": None, "inputs": json.dumps(inputs, sort_keys=True), "git_commit": None,
+            "medlake_version": medlake_version, "created_at": None, "n_images": s.height,
+            "counts": json.dumps({"split": counts}, sort_keys=True), "path": None,
+        })
+    return pl.DataFrame(rows) if rows else None  # type: ignore[return-value]
+
+
+def sha256_file(path: Any, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def findings_rows(
+    catalog: Any, source_id: str, findings: list[str], value_type: str
+) -> list[dict[str, Any]]:
+    """``findings`` table rows for one source's vocabulary, mapped through the workspace YAML."""
+    ov = catalog.findings_overrides()
+    from catalog.vocab import shared_name
+
+    return [
+        {"source_id": source_id, "finding": f, "shared_finding": shared_name(source_id, f, ov),
+         "value_type": value_type}
+        for f in sorted(set(findings))
+    ]

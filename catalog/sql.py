@@ -1,0 +1,153 @@
+"""SQL over the lake with DuckDB: one view per table, plus derived views.
+
+User queries run in a sandbox: only read statements (SELECT, WITH, EXPLAIN, DESCRIBE, SHOW,
+SUMMARIZE) are accepted, and DuckDB's file-system access is limited to the lake folder and
+then locked, so ``read_csv('/etc/passwd')``, ``COPY ... TO`` and ``ATTACH`` fail.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import duckdb
+import pyarrow as pa
+
+from catalog.errors import SQLError
+from catalog.schema import TABLES
+from catalog.tables import TableStore, scan_sql
+
+log = logging.getLogger(__name__)
+
+# Views over tables. Later stages add theirs here (name -> SELECT over table views).
+VIEWS: dict[str, str] = {
+    "quarantine_summary": """
+        SELECT stage, dataset_id, file, reason, count(*) AS n_rows
+        FROM quarantine GROUP BY ALL ORDER BY stage, dataset_id, file, n_rows DESC
+    """,
+}
+
+_READ_ONLY = {"SELECT", "EXPLAIN"}
+
+
+def _duck_type(t: pa.DataType) -> str:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "VARCHAR"
+    if pa.types.is_int32(t):
+        return "INTEGER"
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_floating(t):
+        return "DOUBLE"
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ"
+    if pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
+        return f"{_duck_type(t.value_type)}[]"
+    return "VARCHAR"
+
+
+def connect(tables_dir: Path, *, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with a view for every table and derived view.
+
+    With ``sandbox`` (the default) file access outside ``tables_dir``'s lake is disabled and
+    the configuration is locked, so the connection is safe for user-written SQL.
+    """
+    store = TableStore(tables_dir)
+    con = duckdb.connect(":memory:")
+    for name, ts in TABLES.items():
+        files = store.files(name)
+        if files:
+            con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {scan_sql(files)}')
+        else:
+            cols = ", ".join(
+                f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"' for f in ts.schema
+            )
+            con.execute(f'CREATE VIEW "{name}" AS SELECT {cols} WHERE false')
+    for name, body in VIEWS.items():
+        try:
+            con.execute(f'CREATE VIEW "{name}" AS {body}')
+        except duckdb.Error as e:  # a view over a table that lacks a column yet
+            log.debug("view %s not created: %s", name, e)
+    if sandbox:
+        lake = Path(tables_dir).resolve().parent
+        lake_sql = str(lake).replace("'", "''")
+        con.execute(f"SET allowed_directories=['{lake_sql}/']")
+        con.execute("SET enable_external_access=false")
+        con.execute("SET lock_configuration=true")
+    return con
+
+
+def check_read_only(query: str) -> None:
+    """Raise :class:`SQLError` unless every statement in ``query`` only reads."""
+    try:
+        stmts = duckdb.extract_statements(query)
+    except duckdb.Error as e:
+        raise SQLError(f"SQL does not parse: {e}") from e
+    if not stmts:
+        raise SQLError("empty query: give one SELECT statement")
+    for st in stmts:
+        kind = str(st.type).split(".")[-1]
+        if kind not in _READ_ONLY:
+            raise SQLError(
+                f"only read queries are allowed here (got a {kind} statement); "
+                "medlake sql cannot write or change the lake — use the medlake commands for that"
+            )
+
+
+def run_query(tables_dir: Path, query: str, *, limit: int | None = None) -> pa.Table:
+    """Run a user's read-only query over the lake and return an Arrow table.
+
+    Raises
+    ------
+    SQLError
+        When the query writes, touches files outside the lake, or fails.
+    """
+    check_read_only(query)
+    con = connect(tables_dir, sandbox=True)
+    try:
+        stmts = duckdb.extract_statements(query)
+        res = None
+        for st in stmts:
+            res = con.execute(st)
+        assert res is not None
+        at = res.arrow()
+        if isinstance(at, pa.RecordBatchReader):
+            at = at.read_all()
+    except duckdb.PermissionException as e:
+        raise SQLError(
+            f"{e}. medlake sql can only read the lake's tables (and files inside lake/); "
+            "reading or writing other files is disabled"
+        ) from e
+    except duckdb.Error as e:
+        raise SQLError(f"query failed: {e}") from e
+    finally:
+        con.close()
+    if limit is not None:
+        at = at.slice(0, limit)
+    return at
+
+
+Format = Literal["table", "csv", "json"]
+
+
+def render(at: pa.Table, fmt: Format = "table", *, max_rows: int = 50) -> str:
+    """Text for an Arrow table: an aligned table, CSV or JSON lines."""
+    import polars as pl
+
+    df = pl.from_arrow(at)
+    assert isinstance(df, pl.DataFrame)
+    if fmt == "csv":
+        return df.write_csv()
+    if fmt == "json":
+        return df.write_ndjson()
+    with pl.Config(
+        tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_hide_dataframe_shape=True,
+        tbl_formatting="ASCII_MARKDOWN", tbl_hide_column_data_types=True, tbl_width_chars=200,
+    ):
+        out = str(df)
+    if df.height > max_rows:
+        out += f"\n({df.height:,} rows, {max_rows} shown; use --format csv for all)"
+    return out

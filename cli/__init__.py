@@ -1,0 +1,1 @@
+"""The ``medlake`` command line: thin wrappers that parse, call one function, render."""

@@ -1,0 +1,47 @@
+"""``medlake``: the click group. Each module in ``cli/commands/`` adds its command(s).
+
+A command module defines click commands and lists them in ``COMMANDS``; it imports
+``pipelines`` lazily inside the command body, so ``medlake --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+
+import click
+
+from catalog import __version__
+from cli import commands as _commands_pkg
+from cli.common import setup_logging
+
+
+def _load_commands() -> dict[str, click.Command]:
+    found: dict[str, click.Command] = {}
+    for mod in sorted(pkgutil.iter_modules(_commands_pkg.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"cli.commands.{mod.name}")
+        for cmd in getattr(module, "COMMANDS", []):
+            found[cmd.name] = cmd
+    return found
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="medlake")
+@click.option("--verbose", "-v", is_flag=True, help="Show debug logs and full tracebacks.")
+def main(verbose: bool) -> None:
+    """medlake: versioned catalog, audits and corrected versions of medical image datasets."""
+    setup_logging(verbose)
+
+
+for _cmd in _load_commands().values():
+    main.add_command(_cmd)
+
+
+def run_stage(name: str, argv: list[str] | None = None) -> None:
+    """``python -m pipelines.<name> ARGS`` == ``medlake <name> ARGS``."""
+    main.main(args=[name, *(sys.argv[1:] if argv is None else argv)], prog_name="medlake")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
