@@ -59,9 +59,7 @@ class Catalog:
         """Run trusted SQL over the table views and return a Polars frame."""
         con = self.connect()
         try:
-            at = con.execute(query, params or []).arrow()
-            if isinstance(at, pa.RecordBatchReader):
-                at = at.read_all()
+            at = con.sql(query, params=params or None).to_arrow_table()
         finally:
             con.close()
         df = pl.from_arrow(at)

@@ -109,13 +109,9 @@ def run_query(tables_dir: Path, query: str, *, limit: int | None = None) -> pa.T
     con = connect(tables_dir, sandbox=True)
     try:
         stmts = duckdb.extract_statements(query)
-        res = None
-        for st in stmts:
-            res = con.execute(st)
-        assert res is not None
-        at = res.arrow()
-        if isinstance(at, pa.RecordBatchReader):
-            at = at.read_all()
+        for st in stmts[:-1]:
+            con.execute(st).fetchall()
+        at = con.sql(stmts[-1].query).to_arrow_table()
     except duckdb.PermissionException as e:
         raise SQLError(
             f"{e}. medlake sql can only read the lake's tables (and files inside lake/); "

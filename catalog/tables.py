@@ -193,11 +193,9 @@ class TableStore:
             sql += f" WHERE {where}"
         con = duckdb.connect()
         try:
-            at = con.execute(sql).arrow()
+            at = con.sql(sql).to_arrow_table()
         finally:
             con.close()
-        if isinstance(at, pa.RecordBatchReader):
-            at = at.read_all()
         df = pl.from_arrow(at)
         assert isinstance(df, pl.DataFrame)
         return df
