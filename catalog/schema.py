@@ -78,6 +78,7 @@ _table(
     "one row per image x source x annotator x finding (annotator '' when a source has one)",
     ("image_id", STR), ("source_id", STR), ("annotator", STR), ("finding", STR),
     ("value", F64), ("category", STR), ("raw_value", STR), ("meaning", STR), ("is_invalid", BOOL),
+    ("note", STR),  # the annotator's free-text note on the image (e.g. purrlab tubes)
 )
 _table(
     "coverage", ("image_id", "source_id"), "which images each source judged",
@@ -86,6 +87,7 @@ _table(
 _table(
     "splits", ("image_id", "scheme"), "one row per image and split scheme",
     ("image_id", STR), ("dataset_id", STR), ("scheme", STR), ("split", STR),
+    ("position", I64),  # index in the scheme's published array (e.g. MedMNIST .npz), if any
 )
 _table(
     "findings", ("source_id", "finding"), "vocabulary per source, mapped to a shared vocabulary",
