@@ -132,14 +132,20 @@ _table(
     ("image_id", STR), ("score", F64), ("rank", I64),
 )
 _table(
-    "leakage", ("dataset_id", "scheme", "split_a", "split_b"), "groups spanning splits",
+    "leakage", ("dataset_id", "scheme", "grouping", "split_a", "split_b"),
+    "groups spanning splits, per split pair and for all splits together (split_a = '*')",
     ("dataset_id", STR), ("scheme", STR), ("split_a", STR), ("split_b", STR),
     ("n_groups", I64),
+    # grouping: 'group_id' (patient/lesion) or 'group_id+duplicates' (union with clusters/pairs)
+    ("grouping", STR), ("n_images_a", I64), ("n_images_b", I64), ("n_images", I64),
+    ("n_pairs", I64), ("n_groups_total", I64), ("n_images_total", I64),
+    ("version", STR),  # the version whose splits were checked (root '<dataset>@<scheme>')
 )
 _table(
     "lineage", ("version", "image_id", "rule"), "what happened to each image in a version",
     ("version", STR), ("image_id", STR), ("rule", STR), ("action", STR), ("reason", STR),
     ("evidence", STR), ("from_split", STR), ("to_split", STR),
+    ("step", I32), ("label", STR), ("old_value", STR), ("new_value", STR), ("into", STR),
 )
 _table(
     "reviews", ("review_id",), "human verdicts, append-only; the latest per item counts",
