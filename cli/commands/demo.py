@@ -1,0 +1,33 @@
+"""``medlake demo``: fill the reference workspace offline and show the results."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from cli.common import command, open_catalog, workspace_option
+
+
+@click.command("demo")
+@click.option("--no-repro", is_flag=True, help="Only generate the synthetic data; skip dvc repro.")
+@click.option("--no-ui", is_flag=True, envvar="MEDLAKE_NO_UI",
+              help="Do not start the UI at the end (also: MEDLAKE_NO_UI=1).")
+@workspace_option
+@command
+def demo(no_repro, no_ui, workspace):
+    """Generate the synthetic demo dataset, run the pipeline (dvc repro), print the profile,
+    a sample SQL query and what to run next."""
+    from pipelines import demo as stage
+
+    cat = open_catalog(workspace)
+    stage.run(cat, repro=not no_repro, echo=click.echo)
+    if not no_ui and os.environ.get("MEDLAKE_NO_UI", "") in ("", "0"):
+        try:
+            from cli.commands.ui import serve  # added with the UI
+        except ImportError:
+            return
+        serve(cat.ws.root)
+
+
+COMMANDS = [demo]
