@@ -151,6 +151,9 @@ _table(
     "reviews", ("review_id",), "human verdicts, append-only; the latest per item counts",
     ("review_id", STR), ("item", STR), ("kind", STR), ("reviewer", STR), ("verdict", STR),
     ("rule", STR), ("note", STR), ("created_at", TS),
+    # what the item is made of, so recipes need not parse `item` (see catalog/reviews.py)
+    ("image_id", STR), ("image_b", STR), ("source_id", STR), ("finding", STR),
+    ("label", STR), ("label_shown", BOOL), ("session", STR),
 )
 
 
