@@ -70,12 +70,13 @@ def link_to_images(
     native_col: str, total: int,
 ) -> pl.DataFrame:
     """Attach ``image_id`` by native id; rows naming images not in the dataset are quarantined."""
-    known = catalog.image_ids(dataset_id)
+    known = catalog.image_ids(dataset_id).rename({"image_id": "__image_id"})
+    # the native column may itself be called image_id (HAM10000, DermaMNIST): join on a temp name
     df = df.join(known, left_on=native_col, right_on="native_id", how="left", maintain_order="left")
     return quarantine_where(
-        q, file, df, pl.col("image_id").is_null(),
+        q, file, df, pl.col("__image_id").is_null(),
         f"names an image that is not in dataset '{dataset_id}'", native_col, total=total,
-    ).with_columns(pl.col("image_id"))
+    ).with_columns(pl.col("__image_id").alias("image_id")).drop("__image_id")
 
 
 def meta_json(df: pl.DataFrame, cols: dict[str, str]) -> pl.Expr:

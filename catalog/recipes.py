@@ -1,0 +1,316 @@
+"""Recipes: YAML files that describe a corrected dataset version, parsed and checked.
+
+A recipe lives in ``recipes/NAME.yaml`` of a workspace::
+
+    dataset: ham10000
+    parent: ham10000@dermamnist          # a root '<dataset>@<scheme>' or a derived version
+    labels:                              # manifest label columns: name -> source[/finding]
+      dx: {source: "ham10000:dx", finding: dx}
+    duplicates:                          # duplicate evidence besides the clusters table
+      clusters: true
+      pairs: ["real:derm_corrected/ham10000_newly_discovered_duplicates.csv"]
+    rules:                               # applied in order
+      - fix_leakage: {to: train}
+    export: {images: true, sizes: [28, 64], npz: dx}
+
+Paths are relative to the workspace, or to the real-data folder when they start with
+``real:``. Every problem is reported as a :class:`RecipeError` naming the file, the key and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from catalog.errors import CatalogError
+
+RULES: dict[str, dict[str, Any]] = {
+    # rule kind -> allowed parameters and their defaults (None: optional, no default)
+    "fix_leakage": {"to": "train", "grouping": "duplicates"},
+    "duplicates": {"mode": "keep_one", "labels": None},
+    "drop_outliers": {"above": None, "list": None},
+    "drop_unknown": {"labels": None, "values": ["-1", "unknown"]},
+    "relabel": {"label": None, "source": None, "finding": None, "annotator": ""},
+    "resplit": {
+        "ratios": {"train": 0.7, "val": 0.1, "test": 0.2}, "seed": 0, "stratify": None,
+        "grouping": "duplicates",
+    },
+}
+CHOICES = {
+    ("fix_leakage", "to"): ("train", "majority", "drop"),
+    ("fix_leakage", "grouping"): ("group_id", "duplicates"),
+    ("resplit", "grouping"): ("group_id", "duplicates"),
+    ("duplicates", "mode"): ("keep_one", "keep_all"),
+}
+TOP_KEYS = ("name", "dataset", "parent", "description", "labels", "duplicates", "rules", "export")
+EXPORT_KEYS = ("images", "sizes", "npz", "layout")
+
+
+class RecipeError(CatalogError):
+    """A recipe file is missing, not valid YAML, or names an unknown rule or parameter."""
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """A manifest label column: values of ``source``'s ``finding`` (category, else value)."""
+
+    name: str
+    source: str
+    finding: str | None = None
+    annotator: str = ""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One step of a recipe. ``name`` is unique in the recipe (``kind`` or ``kind#2``)."""
+
+    kind: str
+    name: str
+    step: int
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Export:
+    """What to write besides the manifest: image files, resized copies, MedMNIST ``.npz``."""
+
+    images: bool = True
+    sizes: tuple[int, ...] = ()
+    npz: str | None = None  # label column for the .npz arrays, or None
+    layout: str = "split/label"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A parsed, validated recipe. ``hash`` is the sha256 of its canonical JSON content."""
+
+    name: str
+    file: str
+    dataset: str
+    parent: str
+    labels: tuple[LabelSpec, ...]
+    pairs: tuple[str, ...]
+    use_clusters: bool
+    rules: tuple[Rule, ...]
+    export: Export
+    description: str
+    content: dict[str, Any]
+    hash: str
+
+    def label_names(self) -> list[str]:
+        return [lab.name for lab in self.labels]
+
+
+def recipe_path(ws_root: Path, name_or_path: str | Path) -> Path:
+    """``recipes/NAME.yaml`` of the workspace, or the given path when it names a file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        return p if p.is_absolute() else (Path.cwd() / p if p.exists() else ws_root / p)
+    return ws_root / "recipes" / f"{name_or_path}.yaml"
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    """Read and validate a recipe file.
+
+    Parameters
+    ----------
+    path
+        The YAML file.
+
+    Returns
+    -------
+    Recipe
+
+    Raises
+    ------
+    RecipeError
+        When the file is absent, not YAML, or a key, rule or parameter is unknown or has a
+        wrong type; the message names the file, the key and what is allowed.
+
+    Example
+    -------
+    >>> r = load_recipe("recipes/ham10000-corrected.yaml")  # doctest: +SKIP
+    >>> [x.kind for x in r.rules]  # doctest: +SKIP
+    ['fix_leakage']
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(
+            f"{path}: no such recipe; recipes live in the workspace's recipes/ folder as NAME.yaml"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path.name}: not valid YAML ({e})") from e
+    return parse_recipe(data, file=path.name, default_name=path.stem)
+
+
+def parse_recipe(data: Any, *, file: str = "<recipe>", default_name: str = "version") -> Recipe:
+    """Validate recipe content (already loaded from YAML); see :func:`load_recipe`."""
+    where = file
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping with keys {list(TOP_KEYS)}")
+    _no_unknown(where, data, TOP_KEYS)
+    for k in ("dataset", "parent"):
+        if not isinstance(data.get(k), str) or not data[k]:
+            raise RecipeError(f"{where}: '{k}' is required (a string), e.g. dataset: ham10000, "
+                              "parent: ham10000@dermamnist")
+    name = str(data.get("name") or default_name)
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise RecipeError(f"{where}: name '{name}' may hold only letters, digits, '-', '_' and '.'")
+    labels = _labels(where, data.get("labels") or {})
+    dup = data.get("duplicates") or {}
+    if not isinstance(dup, dict):
+        raise RecipeError(f"{where}: 'duplicates' must be a mapping with keys clusters, pairs")
+    _no_unknown(f"{where}: duplicates", dup, ("clusters", "pairs"))
+    pairs = dup.get("pairs") or []
+    if isinstance(pairs, str):
+        pairs = [pairs]
+    if not isinstance(pairs, list) or not all(isinstance(p, str) for p in pairs):
+        raise RecipeError(f"{where}: duplicates.pairs must be a list of CSV paths")
+    rules = _rules(where, data.get("rules") or [], {lab.name for lab in labels})
+    export = _export(where, data.get("export") or {}, {lab.name for lab in labels})
+    content = json.loads(json.dumps(data, sort_keys=True, default=str))
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    return Recipe(
+        name=name, file=file, dataset=data["dataset"], parent=data["parent"], labels=labels,
+        pairs=tuple(pairs), use_clusters=bool(dup.get("clusters", True)), rules=rules,
+        export=export, description=str(data.get("description") or ""), content=content,
+        hash=digest,
+    )
+
+
+def _no_unknown(where: str, d: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    bad = [k for k in d if k not in allowed]
+    if bad:
+        raise RecipeError(f"{where}: unknown key(s) {bad}; allowed: {list(allowed)}")
+
+
+def _labels(where: str, raw: Any) -> tuple[LabelSpec, ...]:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: 'labels' must map a column name to a source, "
+                          "e.g. labels: {dx: 'ham10000:dx'}")
+    out = []
+    for name, v in raw.items():
+        if isinstance(v, str):
+            src, _, fin = v.partition("/")
+            out.append(LabelSpec(str(name), src, fin or None))
+        elif isinstance(v, dict) and isinstance(v.get("source"), str):
+            _no_unknown(f"{where}: labels.{name}", v, ("source", "finding", "annotator"))
+            out.append(LabelSpec(str(name), v["source"], v.get("finding"),
+                                 str(v.get("annotator") or "")))
+        else:
+            raise RecipeError(f"{where}: labels.{name} must be 'SOURCE[/FINDING]' or "
+                              "{source: ..., finding: ...}")
+    return tuple(out)
+
+
+def _rules(where: str, raw: Any, labels: set[str]) -> tuple[Rule, ...]:
+    if not isinstance(raw, list):
+        raise RecipeError(f"{where}: 'rules' must be a list such as [{{fix_leakage: {{to: train}}}}]")
+    out: list[Rule] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(raw, start=1):
+        if isinstance(item, str):
+            item = {item: {}}
+        if not isinstance(item, dict) or len(item) != 1:
+            raise RecipeError(f"{where}: rule {i} must be one 'KIND: {{params}}' mapping")
+        kind, params = next(iter(item.items()))
+        if kind not in RULES:
+            raise RecipeError(f"{where}: rule {i}: unknown rule '{kind}'; known: {sorted(RULES)}")
+        params = params or {}
+        if not isinstance(params, dict):
+            raise RecipeError(f"{where}: rule {i} ({kind}): parameters must be a mapping")
+        _no_unknown(f"{where}: rule {i} ({kind})", params, tuple(RULES[kind]))
+        full = {**{k: v for k, v in RULES[kind].items() if v is not None}, **params}
+        for (k_kind, key), allowed in CHOICES.items():
+            if k_kind == kind and full.get(key) not in allowed:
+                raise RecipeError(f"{where}: rule {i} ({kind}): {key} must be one of "
+                                  f"{list(allowed)}, not {full.get(key)!r}")
+        _check_rule(f"{where}: rule {i} ({kind})", kind, full, labels)
+        seen[kind] = seen.get(kind, 0) + 1
+        name = kind if seen[kind] == 1 else f"{kind}#{seen[kind]}"
+        out.append(Rule(kind, name, i, full))
+    return tuple(out)
+
+
+def _check_rule(where: str, kind: str, p: dict[str, Any], labels: set[str]) -> None:
+    def need_labels(key: str) -> None:
+        names = p.get(key)
+        if names is None:
+            return
+        if isinstance(names, str):
+            names = p[key] = [names]
+        unknown = [n for n in names if n not in labels]
+        if unknown:
+            raise RecipeError(f"{where}: {key} {unknown} are not label columns of the recipe "
+                              f"(declared under 'labels': {sorted(labels)})")
+
+    if kind in ("duplicates", "drop_unknown"):
+        need_labels("labels")
+    if kind == "drop_outliers":
+        if p.get("above") is None and p.get("list") is None:
+            raise RecipeError(f"{where}: give 'above: SCORE' (outliers table) and/or 'list: FILE'")
+        if p.get("above") is not None and not isinstance(p["above"], (int, float)):
+            raise RecipeError(f"{where}: above must be a number, not {p['above']!r}")
+    if kind == "relabel":
+        if p.get("label") not in labels or not isinstance(p.get("source"), str):
+            raise RecipeError(f"{where}: needs 'label' (one of {sorted(labels)}) and 'source'")
+    if kind == "resplit":
+        r = p.get("ratios")
+        if (not isinstance(r, dict) or not r
+                or not all(isinstance(v, (int, float)) and v >= 0 for v in r.values())
+                or abs(sum(r.values()) - 1) > 1e-6):
+            raise RecipeError(f"{where}: ratios must map split names to shares summing to 1, "
+                              f"e.g. {{train: 0.7, val: 0.1, test: 0.2}}; got {r!r}")
+        if not isinstance(p.get("seed"), int):
+            raise RecipeError(f"{where}: seed must be an integer")
+        if p.get("stratify") is not None and p["stratify"] not in labels:
+            raise RecipeError(f"{where}: stratify '{p['stratify']}' is not a label column "
+                              f"({sorted(labels)})")
+
+
+def _export(where: str, raw: Any, labels: set[str]) -> Export:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: 'export' must be a mapping with keys {list(EXPORT_KEYS)}")
+    _no_unknown(f"{where}: export", raw, EXPORT_KEYS)
+    sizes = raw.get("sizes") or []
+    if not isinstance(sizes, list) or not all(isinstance(s, int) and 1 <= s <= 4096 for s in sizes):
+        raise RecipeError(f"{where}: export.sizes must be a list of pixel sizes such as [28, 64]")
+    npz = raw.get("npz")
+    if npz is not None and npz not in labels:
+        raise RecipeError(f"{where}: export.npz must name the label column of the arrays "
+                          f"({sorted(labels)}), not {npz!r}")
+    if npz is not None and not sizes:
+        raise RecipeError(f"{where}: export.npz needs export.sizes (the .npz holds resized arrays)")
+    layout = raw.get("layout", "split/label")
+    if layout not in ("split/label", "split"):
+        raise RecipeError(f"{where}: export.layout must be 'split/label' or 'split'")
+    return Export(bool(raw.get("images", True)), tuple(sorted(set(sizes))), npz, layout)
+
+
+def resolve_path(raw: str, *, ws_root: Path, real_data: Path | None) -> Path:
+    """A recipe path: ``real:REL`` is under the real-data folder, anything else under the workspace.
+
+    Raises
+    ------
+    RecipeError
+        When a ``real:`` path is used but no real-data folder exists, or the file is missing.
+    """
+    if raw.startswith("real:"):
+        if real_data is None:
+            raise RecipeError(f"'{raw}': the real-data folder is not available (params.yaml "
+                              "real_data or MEDLAKE_REAL_DATA)")
+        p = real_data / raw[5:]
+    else:
+        p = Path(raw)
+        p = p if p.is_absolute() else ws_root / p
+    if not p.exists():
+        raise RecipeError(f"'{raw}': file not found (looked at {p.name} under {p.parent.name}/)")
+    return p
