@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 from click.testing import CliRunner
 
@@ -17,12 +15,11 @@ def test_init_creates_git_dvc_remote_and_folders(tmp_path):
     root = tmp_path / "ws"
     for p in (".git", ".dvc", "data", "lake", "recipes", "dvc.yaml", "params.yaml", "findings.yaml"):
         assert (root / p).exists(), p
-    def cfg(key: str) -> str:
-        return subprocess.run(["git", "config", "-f", ".dvc/config", key], cwd=root,
-                              capture_output=True, text=True).stdout.strip()
+    from configobj import ConfigObj  # DVC's own config format
 
-    assert cfg("core.remote") == "local"
-    url = cfg("remote.local.url")
+    cfg = ConfigObj(str(root / ".dvc" / "config"))
+    assert cfg["core"]["remote"] == "local"
+    url = cfg['remote "local"']["url"]
     assert url and not url.startswith("/")  # relative: no machine path committed
     assert (tmp_path / "ws-dvc-remote").is_dir()
 
