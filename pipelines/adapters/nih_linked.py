@@ -24,7 +24,13 @@ from catalog import __version__ as medlake_version
 from catalog.ingestkit import findings_rows, root_versions, sha256_file
 from pipelines.adapters import Adapter
 from pipelines.adapters._csv import (
-    ROW, blank, code_map, dedupe, link_to_images, quarantine_where, read_csv,
+    ROW,
+    blank,
+    code_map,
+    dedupe,
+    link_to_images,
+    quarantine_where,
+    read_csv,
 )
 
 DATASET = "nih-cxr14"

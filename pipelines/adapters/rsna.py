@@ -23,7 +23,13 @@ from catalog import Catalog, FileReport, IngestError, IngestResult, Quarantine, 
 from catalog.ingestkit import findings_rows
 from pipelines.adapters import Adapter
 from pipelines.adapters._csv import (
-    ROW, blank, code_map, dedupe, meta_json, quarantine_where, read_csv,
+    ROW,
+    blank,
+    code_map,
+    dedupe,
+    meta_json,
+    quarantine_where,
+    read_csv,
 )
 from pipelines.adapters.nih_linked import boxes_json
 
