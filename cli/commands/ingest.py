@@ -48,7 +48,9 @@ def ingest(fmt, path, dataset_id, strict, all_, list_, opts, workspace):
         if "=" not in o:
             raise click.UsageError(f"--option '{o}' must look like KEY=VALUE")
         k, v = o.split("=", 1)
-        options[k.strip()] = v
+        k = k.strip()
+        # a repeated key (e.g. -o label=a:... -o label=b:...) collects its values in a list
+        options[k] = [*(options[k] if isinstance(options[k], list) else [options[k]]), v] if k in options else v
     res = stage.run(cat, fmt, path, dataset_id=dataset_id, strict=strict, **options)
     click.echo(res.summary())
 

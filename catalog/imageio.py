@@ -1,0 +1,359 @@
+"""Reading image files safely: size, mode and sha256, DICOM headers, 8-bit renderings.
+
+Every stage that opens pixels goes through here, so a broken file is described the same way
+everywhere. :func:`inspect` never raises for a bad file: it returns an :class:`ImageInfo`
+whose ``reason`` says what is wrong (zero-byte, not an image, truncated, decompression bomb,
+DICOM without decodable pixels), ready to become a quarantine row. :func:`inspect_many` does
+the same for many files on a thread pool (Pillow and hashlib release the GIL while decoding
+and hashing). :func:`load_rgb` and :func:`render_8bit` give pixels for thumbnails and models:
+EXIF orientation applied, CMYK / 16-bit / palette / greyscale converted, DICOM windowed.
+
+``width`` and ``height`` are as displayed, i.e. after the EXIF orientation is applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from catalog.errors import CatalogError
+
+# Pillow's own warning threshold (~89.5 megapixels); larger declared sizes are refused
+# before any pixel is decoded.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# DICOM attributes that identify a person or a place; their presence is recorded in
+# images.phi_tags so a datasheet can warn before anything is pushed.
+PHI_TAGS = (
+    "PatientName", "OtherPatientNames", "PatientBirthDate", "PatientAddress",
+    "PatientTelephoneNumbers", "InstitutionName", "InstitutionAddress",
+    "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
+)
+_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageReadError(CatalogError):
+    """An image file cannot be read; ``reason`` is the short quarantine reason."""
+
+    def __init__(self, path: Path | str, reason: str, detail: str | None = None) -> None:
+        msg = f"{path}: {reason}" + (f" ({detail})" if detail else "")
+        super().__init__(msg)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What :func:`inspect` learnt about one file. ``reason`` is None when the file is good.
+
+    DICOM files also fill ``patient_id``, ``study_uid``, ``series_uid``, ``modality``,
+    ``view`` and ``phi_tags`` (comma-separated names of identifying tags present, '' when
+    none); for other files those are None.
+    """
+
+    path: Path
+    size: int | None = None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    mode: str | None = None
+    format: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+    patient_id: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    modality: str | None = None
+    view: str | None = None
+    phi_tags: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+def is_dicom(data: bytes, path: Path | str = "") -> bool:
+    """True when ``data`` has the DICOM preamble ('DICM' at byte 128) or ``path`` ends .dcm."""
+    return data[128:132] == b"DICM" or str(path).lower().endswith((".dcm", ".dicom"))
+
+
+def inspect(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> ImageInfo:
+    """Read one file fully: sha256, size, mode; DICOM header fields; or why it is bad.
+
+    Parameters
+    ----------
+    path
+        The file.
+    max_pixels
+        Refuse images whose declared width x height exceeds this (decompression bombs).
+
+    Returns
+    -------
+    ImageInfo
+        ``reason`` is None for a good file; otherwise one of: 'missing file', 'not a file',
+        'zero-byte file', 'not an image', 'decompression bomb', 'truncated or corrupt image',
+        'DICOM without pixel data', 'unreadable DICOM'.
+
+    Example
+    -------
+    >>> info = inspect("scan.png")  # doctest: +SKIP
+    >>> info.ok, info.width, info.height, info.mode  # doctest: +SKIP
+    (True, 512, 512, 'L')
+    """
+    p = Path(path)
+    try:
+        if not p.is_file():
+            return ImageInfo(p, reason="missing file" if not p.exists() else "not a file")
+        data = p.read_bytes()
+    except OSError as e:
+        return ImageInfo(p, reason="unreadable file", detail=str(e))
+    if not data:
+        return ImageInfo(p, size=0, reason="zero-byte file")
+    digest = hashlib.sha256(data).hexdigest()
+    base = {"path": p, "size": len(data), "sha256": digest}
+    if is_dicom(data, p):
+        return _inspect_dicom(data, base, max_pixels)
+    try:
+        im = _open(data, p, max_pixels)
+        w, h = im.size
+        if _orientation(im) in _ROTATED:
+            w, h = h, w
+        return ImageInfo(**base, width=w, height=h, mode=im.mode, format=im.format)
+    except ImageReadError as e:
+        return ImageInfo(**base, reason=e.reason, detail=e.detail)
+
+
+def inspect_many(
+    paths: Iterable[Path | str], *, max_pixels: int = MAX_PIXELS, workers: int | None = None
+) -> list[ImageInfo]:
+    """:func:`inspect` for many files on a thread pool; results in the order of ``paths``."""
+    items = list(paths)
+    n = workers or min(8, (os.cpu_count() or 2) + 2)
+    if len(items) < 4 or n <= 1:
+        return [inspect(p, max_pixels=max_pixels) for p in items]
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(lambda p: inspect(p, max_pixels=max_pixels), items, chunksize=16))
+
+
+def open_image(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and fully decode a (non-DICOM) image, EXIF orientation applied.
+
+    Raises
+    ------
+    ImageReadError
+        Zero-byte, not an image, truncated or corrupt, or larger than ``max_pixels``.
+    """
+    p = Path(path)
+    data = _read(p)
+    im = _open(data, p, max_pixels)
+    return ImageOps.exif_transpose(im)
+
+
+def load_rgb(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Any supported file as an 8-bit RGB image (for thumbnails, hashes and models).
+
+    CMYK and palette images are converted, 16-bit greyscale is scaled to 8 bits by its own
+    range, transparency is flattened onto white and DICOM is windowed (:func:`render_8bit`).
+    """
+    p = Path(path)
+    data = _read(p)
+    if is_dicom(data, p):
+        return Image.fromarray(_dicom_8bit(data, p, max_pixels)).convert("RGB")
+    im = ImageOps.exif_transpose(_open(data, p, max_pixels))
+    return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert a decoded Pillow image of any mode to 8-bit RGB."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(_scale(arr)).convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im.convert("RGBA")).convert("RGB")
+    return im.convert("RGB")
+
+
+def render_8bit(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An 8-bit greyscale (DICOM: windowed) or RGB rendering of ``path`` for thumbnails.
+
+    DICOM pixels are windowed with the file's first WindowCenter/WindowWidth (after the
+    modality rescale), or with the pixel range when the file has no window; MONOCHROME1 is
+    inverted so that air is black.
+    """
+    p = Path(path)
+    data = _read(p)
+    if is_dicom(data, p):
+        return Image.fromarray(_dicom_8bit(data, p, max_pixels))
+    return load_rgb(p, max_pixels=max_pixels)
+
+
+def window(arr: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM linear VOI window (PS3.3 C.11.2.1.2) of ``arr`` to uint8 0..255."""
+    width = max(float(width), 1.0)
+    lo, hi = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    out = np.where(arr <= lo, 0.0, np.where(arr > hi, 255.0, ((arr - (center - 0.5)) / (width - 1) + 0.5) * 255))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def resolve_inside(root: Path, rel: str) -> Path:
+    """``root / rel`` with symlinks resolved, refusing anything that escapes ``root``.
+
+    Raises
+    ------
+    ImageReadError
+        ``rel`` is empty or absolute, or it (through ``..`` or a symlink) resolves to a
+        place outside ``root``.
+    """
+    text = rel.strip().replace("\\", "/")
+    if not text:
+        raise ImageReadError(rel, "empty path")
+    if text.startswith("/") or Path(text).is_absolute() or (len(text) > 1 and text[1] == ":"):
+        raise ImageReadError(rel, "absolute path (paths must be relative to the images root)")
+    base = root.resolve()
+    target = (base / text).resolve()
+    if target != base and base not in target.parents:
+        raise ImageReadError(rel, "path resolves outside the images root", "via '..' or a symlink")
+    return target
+
+
+# --- internals --------------------------------------------------------------------------------
+def _read(p: Path) -> bytes:
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise ImageReadError(p, "missing file") from None
+    except OSError as e:
+        raise ImageReadError(p, "unreadable file", str(e)) from e
+    if not data:
+        raise ImageReadError(p, "zero-byte file")
+    return data
+
+
+def _open(data: bytes, p: Path, max_pixels: int) -> Image.Image:
+    """Decode all pixels (so truncation shows), refusing bombs before decoding."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageReadError(
+                    p, "decompression bomb", f"declared {w}x{h} = {w * h:,} pixels > {max_pixels:,}"
+                )
+            im.load()
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(p, "decompression bomb", str(e)) from e
+    except UnidentifiedImageError as e:
+        raise ImageReadError(p, "not an image", "no image format recognised") from e
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+        raise ImageReadError(p, "truncated or corrupt image", str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+    return im
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(_EXIF_ORIENTATION, 1))
+    except (AttributeError, KeyError, OSError, SyntaxError, TypeError, ValueError):
+        # a broken EXIF block must not reject a decodable image
+        return 1
+
+
+def _scale(arr: np.ndarray) -> np.ndarray:
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return np.clip(np.rint((arr - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8)
+
+
+def _dcmread(data: bytes, p: Path) -> Any:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as e:
+        raise ImageReadError(p, "unreadable DICOM", str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+
+
+def _pixels(ds: Any, p: Path, max_pixels: int) -> np.ndarray:
+    if "PixelData" not in ds:
+        raise ImageReadError(p, "DICOM without pixel data")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if rows * cols * frames > max_pixels:
+        raise ImageReadError(p, "decompression bomb", f"declared {cols}x{rows}x{frames} pixels > {max_pixels:,}")
+    try:
+        return ds.pixel_array
+    except Exception as e:  # pydicom raises many types for short or undecodable pixel data
+        raise ImageReadError(p, "truncated or corrupt image", f"DICOM pixel data: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def _text(ds: Any, name: str) -> str | None:
+    v = ds.get(name)
+    if v is None:
+        return None
+    s = str(v).strip()
+    return s or None
+
+
+def _inspect_dicom(data: bytes, base: dict[str, Any], max_pixels: int) -> ImageInfo:
+    p = base["path"]
+    try:
+        ds = _dcmread(data, p)
+        arr = _pixels(ds, p, max_pixels)
+    except ImageReadError as e:
+        return ImageInfo(**base, format="DICOM", reason=e.reason, detail=e.detail)
+    phi = [t for t in PHI_TAGS if _text(ds, t)]
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsStored", 8) or 8)
+    mode = "RGB" if spp == 3 else ("L" if bits <= 8 else "I;16")
+    h, w = (arr.shape[-3], arr.shape[-2]) if spp == 3 else (arr.shape[-2], arr.shape[-1])
+    return ImageInfo(
+        **base, width=int(w), height=int(h), mode=mode, format="DICOM",
+        patient_id=_text(ds, "PatientID"), study_uid=_text(ds, "StudyInstanceUID"),
+        series_uid=_text(ds, "SeriesInstanceUID"), modality=_text(ds, "Modality"),
+        view=_text(ds, "ViewPosition"), phi_tags=",".join(phi),
+    )
+
+
+def _dicom_8bit(data: bytes, p: Path, max_pixels: int) -> np.ndarray:
+    ds = _dcmread(data, p)
+    arr = _pixels(ds, p, max_pixels)
+    if int(ds.get("SamplesPerPixel", 1) or 1) == 3:
+        return np.asarray(arr if arr.ndim == 3 else arr[0], dtype=np.uint8)
+    if arr.ndim == 3:  # multi-frame: the first frame
+        arr = arr[0]
+    arr = arr.astype(np.float64) * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+    wc, ww = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if wc is not None and ww is not None:
+        c = float(wc[0] if _multi(wc) else wc)
+        w = float(ww[0] if _multi(ww) else ww)
+        out = window(arr, c, w)
+    else:
+        out = _scale(arr)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def _multi(v: Any) -> bool:
+    return not isinstance(v, (str, bytes)) and hasattr(v, "__len__")
