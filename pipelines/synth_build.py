@@ -1,0 +1,314 @@
+"""One synthetic dataset: groups, captures, derived near duplicates, labels, files, config.
+
+Used by :mod:`pipelines.synthetic`; the drawing lives in :mod:`pipelines.synth_draw`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from pipelines import synth_draw as draw
+
+KINDS = ("exact", "reencoded", "resized", "cropped", "mirrored", "relit", "rotated", "combined")
+_COMBINABLE = ("resized", "cropped", "mirrored", "relit", "rotated")
+TRUTH_COLUMNS = ["file", "modality", "image_id", "capture_id", "group_id", "patient_id",
+                 "role", "transform", "detail"]
+SPLITS, SPLIT_P = ["train", "val", "test"], [0.7, 0.15, 0.15]
+DX = list(draw.DX_COLOUR)
+DX_P = [0.6, 0.12, 0.12, 0.07, 0.05, 0.02, 0.02]
+SITES = ["back", "trunk", "face", "upper extremity", "lower extremity", "scalp", "abdomen"]
+CXR_FINDINGS = {  # prevalence, NLP sensitivity, NLP specificity
+    "effusion": (0.14, 0.90, 0.93), "cardiomegaly": (0.15, 0.80, 0.95),
+    "nodule": (0.07, 0.60, 0.97),
+}
+JPEG = {"quality": 90, "subsampling": 2, "optimize": False, "progressive": False}
+
+
+def rng_for(seed: int, *path: int) -> np.random.Generator:
+    """The Generator of one item: independent of how many other items there are."""
+    return np.random.default_rng([seed, *path])
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: _cell(r.get(c)) for c in columns})
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def encode(arr: np.ndarray, fmt: str, quality: int | None = None) -> bytes:
+    """PNG or JPEG bytes with fixed encoder settings (no metadata, no timestamps)."""
+    im = Image.fromarray(arr)
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        im.save(buf, "JPEG", **{**JPEG, **({"quality": quality} if quality else {})})
+    else:
+        im.save(buf, "PNG", compress_level=6, optimize=False)
+    return buf.getvalue()
+
+
+def decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert(im.mode))
+
+
+def transform(rng: np.random.Generator, arr: np.ndarray, kind: str) -> tuple[np.ndarray, str]:
+    """Apply one geometric or photometric change; returns the pixels and its parameters."""
+    im = Image.fromarray(arr)
+    w, h = im.size
+    if kind == "resized":
+        s = rng.uniform(0.3, 0.9)
+        size = (max(16, round(w * s)), max(16, round(h * s)))
+        return np.asarray(im.resize(size, Image.Resampling.BILINEAR)), f"scale={s:.3f}"
+    if kind == "cropped":
+        area = rng.uniform(0.55, 0.7)
+        ar = rng.uniform(0.85, 1.15)
+        cw, ch = min(w, round(w * np.sqrt(area) * ar)), min(h, round(h * np.sqrt(area) / ar))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        return np.asarray(im.crop((x0, y0, x0 + cw, y0 + ch))), f"box={x0},{y0},{cw},{ch}"
+    if kind == "mirrored":
+        if arr.ndim == 3 and rng.random() < 0.4:  # dermoscopy has no up or down
+            return arr[::-1].copy(), "flip=vertical"
+        return arr[:, ::-1].copy(), "flip=horizontal"
+    if kind == "relit":
+        g, c, b = rng.uniform(0.7, 1.4), rng.uniform(0.75, 1.25), rng.uniform(-0.08, 0.08)
+        x = (arr.astype(np.float64) / 255.0) ** g
+        x = (x - 0.5) * c + 0.5 + b
+        return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8), f"gamma={g:.2f},contrast={c:.2f},bright={b:+.2f}"
+    if kind == "rotated":
+        a = rng.uniform(3, 10) * (1 if rng.random() < 0.5 else -1)
+        fill = 0 if arr.ndim == 2 else (0, 0, 0)
+        rot = im.rotate(a, resample=Image.Resampling.BILINEAR, expand=False, fillcolor=fill)
+        return np.asarray(rot), f"angle={a:+.1f}"
+    raise ValueError(f"unknown transform '{kind}'")
+
+
+def _derive(rng: np.random.Generator, original: bytes, fmt: str, kind: str) -> tuple[bytes, str, str]:
+    """A near duplicate of an encoded original: (bytes, extension, detail)."""
+    if kind == "exact":
+        return original, fmt, ""
+    arr = decode(original)
+    if kind == "reencoded":
+        q = int(rng.integers(55, 80))
+        return encode(arr, "jpg", q), "jpg", f"jpeg_quality={q}"
+    if kind == "combined":
+        picks = rng.choice(len(_COMBINABLE), size=2, replace=False)
+        details = []
+        for p in sorted(int(i) for i in picks):
+            arr, d = transform(rng, arr, _COMBINABLE[p])
+            details.append(f"{_COMBINABLE[p]}({d})")
+        return encode(arr, fmt), fmt, "+".join(details)
+    arr, d = transform(rng, arr, kind)
+    return encode(arr, fmt), fmt, d
+
+
+def _draw_capture(m: str, rng: np.random.Generator, anatomy: dict[str, Any],
+                  state: dict[str, Any]) -> tuple[bytes, str]:
+    if m == "derm":
+        w = int(rng.choice([160, 192, 224, 256]))
+        h = w if rng.random() < 0.4 else w * 3 // 4
+        return encode(draw.draw_derm(rng, anatomy, h, w), "jpg"), "jpg"
+    size = int(rng.choice([192, 224, 256]))
+    return encode(draw.draw_cxr(rng, anatomy, size, state["findings"]), "png"), "png"
+
+
+def _groups(m: str, n: int, seed: int, mi: int) -> list[dict[str, Any]]:
+    """Patients, their lesions/studies and one capture record per original image."""
+    rng = rng_for(seed, mi, 0)
+    caps: list[dict[str, Any]] = []
+    n_pat = n_grp = 0
+    patient: dict[str, Any] = {}
+    while len(caps) < n:
+        if not patient or m == "cxr" or rng.random() < 0.7:
+            n_pat += 1
+            age = "" if rng.random() < 0.03 else float(5 * rng.integers(4 if m == "derm" else 2, 18))
+            patient = {"patient_id": f"P{n_pat:05d}", "sex": str(rng.choice(["male", "female"])),
+                       "age": age, "fitzpatrick": int(rng.choice(6, p=[.15, .35, .25, .13, .08, .04])) + 1}
+        n_grp += 1
+        k = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2] if m == "derm" else [0.45, 0.3, 0.25]))
+        if m == "derm":
+            dx = str(rng.choice(DX, p=DX_P))
+            group = {"lesion_id": f"L{n_grp:05d}", "dx": dx, "site": str(rng.choice(SITES)),
+                     "anatomy": draw.lesion_anatomy(rng, dx, patient["fitzpatrick"]),
+                     "histo": rng.random() < (0.9 if dx == "melanoma" else 0.35)}
+            group["dx_histo"] = dx if rng.random() < 0.97 else str(rng.choice(DX))
+        else:
+            group = {"anatomy": draw.chest_anatomy(rng), "cardiomegaly": rng.random() < 0.15}
+        for j in range(min(k, n - len(caps))):
+            cap = {**patient, **group, "capture_id": f"{m}-c{len(caps) + 1:05d}", "repeat": j}
+            if m == "cxr":
+                cap["study_id"] = f"S{len(caps) + 1:05d}"
+                cap["view"] = "PA" if rng.random() < 0.7 else "AP"
+                cap["findings"] = {f: (group["cardiomegaly"] if f == "cardiomegaly"
+                                       else bool(rng.random() < p[0]))
+                                   for f, p in CXR_FINDINGS.items()}
+                cap["expert_read"] = bool(rng.random() < 0.3)
+            caps.append(cap)
+    return caps
+
+
+def _labels(m: str, rng: np.random.Generator, cap: dict[str, Any], row: dict[str, Any]) -> None:
+    if m == "derm":
+        u = rng.random()
+        if u < 0.03:
+            row["dx_clinic"] = "unknown" if rng.random() < 0.5 else ""
+        elif u < 0.78:
+            row["dx_clinic"] = cap["dx"]
+        else:  # clinicians confuse neighbouring categories
+            row["dx_clinic"] = str(rng.choice([d for d in DX if d != cap["dx"]]))
+        row["dx_histo"] = cap["dx_histo"] if cap["histo"] else ""
+        return
+    for f, (_, sens, spec) in CXR_FINDINGS.items():
+        truth = cap["findings"][f]
+        row[f"nlp_{f}"] = int(rng.random() < (sens if truth else 1 - spec))
+        if cap["expert_read"]:
+            row[f"expert_{f}"] = int(rng.random() < (0.95 if truth else 0.03))
+
+
+MANIFEST = {
+    "derm": ["image_id", "path", "lesion_id", "patient_id", "split", "sex", "age", "site",
+             "fitzpatrick", "dx_clinic", "dx_histo"],
+    "cxr": ["image_id", "path", "patient_id", "study_id", "split", "sex", "age", "view",
+            *(f"nlp_{f}" for f in CXR_FINDINGS), *(f"expert_{f}" for f in CXR_FINDINGS)],
+}
+
+
+def build_modality(m: str, *, n: int, seed: int, mi: int, dup_rate: float,
+                   hidden_rate: float, root: Path) -> list[dict[str, Any]]:
+    """Draw, derive, label and write one modality; return its ground-truth file records."""
+    caps = _groups(m, n, seed, mi)
+    items: list[dict[str, Any]] = []  # one per file to write
+    n_hidden = 0
+    for ci, cap in enumerate(caps):
+        rng = rng_for(seed, mi, 1, ci)
+        data, ext = _draw_capture(m, rng, cap["anatomy"], cap)
+        items.append({"cap": cap, "ci": ci, "data": data, "ext": ext, "role": "original",
+                      "transform": "", "detail": ""})
+        if rng.random() >= dup_rate:
+            continue
+        for _ in range(1 if rng.random() < 0.8 else 2):
+            kind = KINDS[int(rng.integers(len(KINDS)))]
+            d, e, detail = _derive(rng, data, ext, kind)
+            item = {"cap": cap, "ci": ci, "data": d, "ext": e, "role": "derived",
+                    "transform": kind, "detail": detail}
+            if rng.random() < hidden_rate:  # filed under a new id: group ids cannot reveal it
+                n_hidden += 1
+                new = f"X{n_hidden:05d}"
+                item["cap"] = {**cap, "patient_id": f"P{new}", "lesion_id": f"L{new}",
+                               "study_id": f"S{new}"}
+            items.append(item)
+    orng = rng_for(seed, mi, 2)
+    kinds = ["text", "pattern", "landscape"]
+    for k in range(max(3, n // 150)):
+        arr = draw.draw_outlier(orng, kinds[k % len(kinds)], 192, 192)
+        if m == "cxr" and k % 3 != 0:
+            arr = arr.mean(axis=2).astype(np.uint8) if k % 3 == 1 else arr
+        ext = "jpg" if m == "derm" else "png"
+        items.append({"cap": {"capture_id": "", "outlier": True}, "ci": -1, "role": "outlier",
+                      "data": encode(arr, ext), "ext": ext, "transform": "",
+                      "detail": kinds[k % len(kinds)]})
+    # one truncated file: a real capture's bytes cut short
+    crng = rng_for(seed, mi, 4)
+    extra = _groups(m, 1, seed + 7919, mi)[0]
+    data, ext = _draw_capture(m, crng, extra["anatomy"], extra)
+    cut = data[: max(64, int(len(data) * 0.4))]
+    items.append({"cap": {**extra, "capture_id": "", "patient_id": "P99999",
+                          "lesion_id": "L99999", "study_id": "S99999"},
+                  "ci": -1, "role": "corrupt", "data": cut, "ext": ext, "transform": "",
+                  "detail": f"truncated to {len(cut)} of {len(data)} bytes"})
+    return _write(m, items, seed, mi, root)
+
+
+def _write(m: str, items: list[dict[str, Any]], seed: int, mi: int,
+           root: Path) -> list[dict[str, Any]]:
+    """Shuffle file names, write images, the manifest and the adapter YAML."""
+    order = rng_for(seed, mi, 5).permutation(len(items))
+    prefix = "D" if m == "derm" else "C"
+    img_dir = root / "images" / m
+    img_dir.mkdir(parents=True)
+    rows, truth = [], []
+    for rank, idx in enumerate(order):
+        it = items[int(idx)]
+        cap = it["cap"]
+        image_id = f"{prefix}{rank + 1:05d}"
+        name = f"{image_id}.{it['ext']}"
+        (img_dir / name).write_bytes(it["data"])
+        rrng = rng_for(seed, mi, 6, rank)
+        row: dict[str, Any] = {"image_id": image_id, "path": name,
+                               "split": SPLITS[int(rrng.choice(3, p=SPLIT_P))]}
+        if not cap.get("outlier"):
+            for c in ("lesion_id", "patient_id", "study_id", "sex", "age", "site",
+                      "fitzpatrick", "view"):
+                row[c] = cap.get(c, "")
+            lrng = rrng if m == "derm" else rng_for(seed, mi, 3, max(it["ci"], 0))
+            _labels(m, lrng, cap, row)
+        rows.append(row)
+        group = cap.get("lesion_id" if m == "derm" else "patient_id", "")
+        truth.append({"file": f"images/{m}/{name}", "modality": m, "image_id": image_id,
+                      "capture_id": cap.get("capture_id", ""), "group_id": group,
+                      "patient_id": cap.get("patient_id", ""), "role": it["role"],
+                      "transform": it["transform"], "detail": it["detail"]})
+    rows.sort(key=lambda r: r["image_id"])
+    write_csv(root / f"{m}_manifest.csv", rows, MANIFEST[m])
+    (root / f"{m}.yaml").write_text(yaml.safe_dump(adapter_config(m), sort_keys=False),
+                                    encoding="utf-8")
+    return truth
+
+
+def adapter_config(m: str) -> dict[str, Any]:
+    """The generic-adapter YAML (``medlake ingest generic PATH.yaml``) of one modality."""
+    common = {"license": "CC0-1.0", "citation": "generated by medlake (pipelines/synthetic.py)"}
+    if m == "derm":
+        return {
+            "dataset": "synth-derm", "name": "Synthetic dermoscopy (medlake demo)",
+            "modality": "derm", **common,
+            "description": "Dermoscopy-like images: lesions with repeat captures, near "
+                           "duplicates, non-skin outliers and one truncated file.",
+            "images_root": "images/derm", "manifest": "derm_manifest.csv",
+            "columns": {"id": "image_id", "path": "path", "group": "lesion_id",
+                        "patient": "patient_id", "split": "split", "sex": "sex", "age": "age",
+                        "site": "site"},
+            "split_scheme": "original",
+            "labels": [
+                {"column": "dx_clinic", "source": "clinic", "finding": "diagnosis",
+                 "kind": "non_expert", "value_type": "category", "unknown": ["", "unknown"],
+                 "rule": "clinician's visual diagnosis"},
+                {"column": "dx_histo", "source": "histopathology", "finding": "diagnosis",
+                 "kind": "expert", "value_type": "category", "unknown": [""],
+                 "rule": "histopathology of the excised lesion (biopsied lesions only)"},
+            ],
+            "meta_columns": ["fitzpatrick"],
+        }
+    labels = [{"column": f"nlp_{f}", "source": "nlp", "finding": f, "kind": "report_nlp",
+               "value_type": "binary", "unknown": [""],
+               "rule": "keyword rules over the radiology report"} for f in CXR_FINDINGS]
+    labels += [{"column": f"expert_{f}", "source": "expert", "finding": f, "kind": "expert",
+                "value_type": "binary", "unknown": [""],
+                "rule": "radiologist re-read of a 30% subset"} for f in CXR_FINDINGS]
+    return {
+        "dataset": "synth-cxr", "name": "Synthetic chest X-rays (medlake demo)",
+        "modality": "CXR", **common,
+        "description": "Chest-X-ray-like images: patients with repeat studies, near "
+                       "duplicates, non-medical outliers and one truncated file.",
+        "images_root": "images/cxr", "manifest": "cxr_manifest.csv",
+        "columns": {"id": "image_id", "path": "path", "group": "patient_id",
+                    "patient": "patient_id", "study": "study_id", "split": "split",
+                    "sex": "sex", "age": "age", "view": "view"},
+        "split_scheme": "original", "labels": labels, "meta_columns": [],
+    }
