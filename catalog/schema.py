@@ -108,12 +108,26 @@ _table(
 
 # --- later stages: declared here so every table has one home ------------------------------
 _table(
-    "agreement", ("source_a", "annotator_a", "source_b", "annotator_b", "finding", "subgroup"),
-    "agreement statistics per source (or annotator) pair and finding",
-    ("dataset_id", STR), ("source_a", STR), ("annotator_a", STR), ("source_b", STR),
-    ("annotator_b", STR), ("finding", STR), ("subgroup", STR), ("subgroup_value", STR),
-    ("n_shared", I64), ("pos_a", I64), ("pos_b", I64), ("observed", F64), ("kappa", F64),
-    ("kappa_lo", F64), ("kappa_hi", F64), ("note", STR),
+    "agreement",
+    ("source_a", "annotator_a", "source_b", "annotator_b", "finding", "subgroup", "subgroup_value"),
+    "agreement statistics per source (or annotator) pair, finding and subgroup ('' = all); "
+    "kind: pair, annotators, raters (all readers of a source), positive_only, prevalence",
+    ("dataset_id", STR), ("kind", STR), ("value_type", STR), ("source_a", STR),
+    ("annotator_a", STR), ("source_b", STR), ("annotator_b", STR), ("finding", STR),
+    ("finding_a", STR), ("finding_b", STR), ("subgroup", STR), ("subgroup_value", STR),
+    ("n_subgroup", I64), ("n_shared", I64), ("n_excluded_a", I64), ("n_excluded_b", I64),
+    ("pos_a", I64), ("pos_b", I64), ("both_pos", I64), ("observed", F64), ("expected", F64),
+    ("kappa", F64), ("kappa_se", F64), ("kappa_lo", F64), ("kappa_hi", F64),
+    ("kappa_linear", F64), ("kappa_quadratic", F64), ("off_by_one", F64),
+    ("reference", STR),  # the source taken as truth for ppv/npv/sens/spec (params.yaml)
+    ("ppv", F64), ("ppv_lo", F64), ("ppv_hi", F64), ("npv", F64), ("npv_lo", F64),
+    ("npv_hi", F64), ("sens", F64), ("sens_lo", F64), ("sens_hi", F64), ("spec", F64),
+    ("spec_lo", F64), ("spec_hi", F64),
+    ("pos_confirmed", F64), ("pos_confirmed_lo", F64), ("pos_confirmed_hi", F64),
+    ("n_raters", I64), ("fleiss", F64), ("alpha", F64),
+    ("n_a", I64), ("prev_a", F64), ("prev_a_lo", F64), ("prev_a_hi", F64),
+    ("n_b", I64), ("prev_b", F64), ("prev_b_lo", F64), ("prev_b_hi", F64),
+    ("rule", STR), ("note", STR),  # note: why a figure is missing (null + reason, never 0)
 )
 _table(
     "fingerprints", ("image_id",), "hashes, size and quality flags per image",
