@@ -89,3 +89,22 @@ def code_map(mapping: dict[str, tuple[float | None, str]]) -> str:
     return json.dumps(
         {k: {"value": v, "meaning": m} for k, (v, m) in mapping.items()}, sort_keys=True
     )
+
+
+def stop_if_strict(q: Quarantine, file: str, *, strict: bool, total: int) -> None:
+    """With ``strict``, raise an :class:`IngestError` naming the first bad row *in file order*.
+
+    Use with a non-strict :class:`Quarantine` that has seen every check, so the error names
+    the earliest bad row and the true number of bad rows (a strict ``Quarantine`` stops at
+    the first failing check, which may not hold the earliest row).
+    """
+    if not strict or not q.count(file):
+        return
+    bad = q.frame().filter(pl.col("file") == file).sort("row")
+    first = bad.row(0, named=True)
+    raise IngestError(
+        f"{file}: row {first['row']} of {total:,}: {first['reason']}"
+        + (f" ({first['item']})" if first["item"] else "")
+        + f"; {bad.height:,} bad rows in all. Stopped because of --strict (nothing written); "
+        "without it they go to the quarantine table and the rest is ingested."
+    )

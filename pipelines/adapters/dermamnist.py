@@ -17,7 +17,15 @@ import polars as pl
 from catalog import Catalog, FileReport, IngestResult, Quarantine, __version__, publish
 from catalog.ingestkit import root_versions, sha256_file
 from pipelines.adapters import Adapter
-from pipelines.adapters._csv import ROW, blank, dedupe, link_to_images, quarantine_where, read_csv
+from pipelines.adapters._csv import (
+    ROW,
+    blank,
+    dedupe,
+    link_to_images,
+    quarantine_where,
+    read_csv,
+    stop_if_strict,
+)
 
 DATASET = "ham10000"
 SCHEME = "dermamnist"
@@ -59,7 +67,7 @@ def ingest(
         ``(split, index)``, repeated image id, or an image not in ``dataset_id``.
     """
     file = path.name
-    q = Quarantine(dataset_id, strict=strict)
+    q = Quarantine(dataset_id)
     df = read_csv(path, COLUMNS)
     total = df.height
     df = df.with_columns(pl.col(c).str.strip_chars() for c in COLUMNS)
@@ -102,6 +110,7 @@ def ingest(
         f"split '{r['split']}': {r['n']:,} rows but positions run to {r['top']:,} (gaps)"
         for r in gaps.iter_rows(named=True)
     ]
+    stop_if_strict(q, file, strict=strict, total=total)
     report = FileReport(file, total, df.height, q.count(file))
     return publish(
         cat, adapter="dermamnist", dataset_id=dataset_id, partition=f"{dataset_id}--{scheme}",

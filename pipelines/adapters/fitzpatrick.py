@@ -35,6 +35,7 @@ from pipelines.adapters._csv import (
     link_to_images,
     quarantine_where,
     read_csv,
+    stop_if_strict,
 )
 
 DATASET = "fitzpatrick17k"
@@ -217,7 +218,7 @@ def ingest(
     """
     file = path.name
     skin = ["fitzpatrick_scale", "fitzpatrick_centaur"]
-    q = Quarantine(dataset_id, strict=strict)
+    q = Quarantine(dataset_id)
     df, total = _read(path, skin, q)
     if "url" not in df.columns:
         df = df.with_columns(pl.lit(None, pl.String).alias("url"))
@@ -237,6 +238,7 @@ def ingest(
     }
     tables["versions"] = _release_version(dataset_id=dataset_id, release=release, path=path, tables=tables)
     sites = images.group_by("site").len().sort("site", nulls_last=True)
+    stop_if_strict(q, file, strict=strict, total=total)
     report = FileReport(file, total, df.height, q.count(file))
     return publish(
         cat, adapter="fitzpatrick17k", dataset_id=dataset_id, partition=dataset_id,
@@ -285,11 +287,12 @@ def ingest_2021(
     """
     file = path.name
     skin = ["fitzpatrick"]
-    q = Quarantine(dataset_id, strict=strict)
+    q = Quarantine(dataset_id)
     df, total = _read(path, skin, q)
     df = link_to_images(cat, q, file, df, dataset_id=dataset_id, native_col="md5hash", total=total)
     tables = _labels(cat, df, dataset_id=dataset_id, file=file, skin_cols=skin, suffix=f"@{release}")
     tables["versions"] = _release_version(dataset_id=dataset_id, release=release, path=path, tables=tables)
+    stop_if_strict(q, file, strict=strict, total=total)
     report = FileReport(file, total, df.height, q.count(file))
     return publish(
         cat, adapter="fitzpatrick17k-2021", dataset_id=dataset_id,

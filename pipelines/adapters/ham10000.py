@@ -16,7 +16,15 @@ import polars as pl
 from catalog import Catalog, FileReport, IngestResult, Quarantine, publish
 from catalog.ingestkit import findings_rows
 from pipelines.adapters import Adapter
-from pipelines.adapters._csv import ROW, blank, code_map, dedupe, quarantine_where, read_csv
+from pipelines.adapters._csv import (
+    ROW,
+    blank,
+    code_map,
+    dedupe,
+    quarantine_where,
+    read_csv,
+    stop_if_strict,
+)
 
 DATASET = "ham10000"
 COLUMNS = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
@@ -80,7 +88,7 @@ def ingest(
         lesion id, unknown ``dx`` or ``dx_type`` code, unparseable age.
     """
     file = path.name
-    q = Quarantine(dataset_id, strict=strict)
+    q = Quarantine(dataset_id)
     df = read_csv(path, COLUMNS)
     total = df.height
     df = df.with_columns(
@@ -146,6 +154,7 @@ def ingest(
         "code_map": code_map({k: (None, v) for k, v in DX.items()}),
         "file": file,
     }]
+    stop_if_strict(q, file, strict=strict, total=total)
     report = FileReport(file, total, df.height, q.count(file))
     by_type = df.group_by("dx_type").len().sort("dx_type")
     return publish(

@@ -27,6 +27,7 @@ from pipelines.adapters._csv import (
     link_to_images,
     quarantine_where,
     read_csv,
+    stop_if_strict,
 )
 
 DATASET = "padchest"
@@ -95,7 +96,7 @@ def ingest_raw(
     file = path.name
     cols = {a: {f: f"{f}_{a}" for f in RAW_FINDINGS} for a in ANNOTATORS}
     notes = {a: f"Notes_{a}" for a in ANNOTATORS}
-    q = Quarantine(dataset_id, strict=strict)
+    q = Quarantine(dataset_id)
     df = read_csv(path, ["ImageID", *[c for a in ANNOTATORS for c in [*cols[a].values(), notes[a]]]])
     total = df.height
     df = df.with_columns(pl.col("ImageID").str.strip_chars())
@@ -130,6 +131,7 @@ def ingest_raw(
         "code_map": code_map({str(k): (k, m) for k, m in GRADES.items()}),
         "file": file,
     }]
+    stop_if_strict(q, file, strict=strict, total=total)
     report = FileReport(file, total, df.height, q.count(file))
     return publish(
         cat, adapter="tubes-raw", dataset_id=dataset_id, partition=f"{dataset_id}--tubes-raw",
@@ -175,7 +177,7 @@ def ingest_aggregated(
         1 / 0 / -1, or an image not in ``dataset_id``.
     """
     file = path.name
-    q = Quarantine(dataset_id, strict=strict)
+    q = Quarantine(dataset_id)
     df = read_csv(path, ["ImageID", *AGG_FINDINGS])
     total = df.height
     df = df.with_columns(pl.col(c).str.strip_chars() for c in ["ImageID", *AGG_FINDINGS])
@@ -210,6 +212,7 @@ def ingest_aggregated(
                        "(Annotations_aggregated.csv, chestxr-label-reliability)",
         "code_map": code_map(CONSENSUS), "file": file,
     }]
+    stop_if_strict(q, file, strict=strict, total=total)
     report = FileReport(file, total, df.height, q.count(file))
     return publish(
         cat, adapter="tubes-aggregated", dataset_id=dataset_id,
