@@ -259,9 +259,8 @@ def _check_rule(where: str, kind: str, p: dict[str, Any], labels: set[str]) -> N
             raise RecipeError(f"{where}: give 'above: SCORE' (outliers table) and/or 'list: FILE'")
         if p.get("above") is not None and not isinstance(p["above"], (int, float)):
             raise RecipeError(f"{where}: above must be a number, not {p['above']!r}")
-    if kind == "relabel":
-        if p.get("label") not in labels or not isinstance(p.get("source"), str):
-            raise RecipeError(f"{where}: needs 'label' (one of {sorted(labels)}) and 'source'")
+    if kind == "relabel" and (p.get("label") not in labels or not isinstance(p.get("source"), str)):
+        raise RecipeError(f"{where}: needs 'label' (one of {sorted(labels)}) and 'source'")
     if kind == "resplit":
         r = p.get("ratios")
         if (not isinstance(r, dict) or not r
