@@ -16,6 +16,8 @@ import polars as pl
 from catalog.errors import IngestError
 
 STAGE = "ingest"
+# code_map key describing the rows an implicit-negative source leaves out
+ABSENT = "(absent)"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,25 @@ log = logging.getLogger(__name__)
 
 # Views over tables. Later stages add theirs here (name -> SELECT over table views).
 VIEWS: dict[str, str] = {
+    # annotations with the rows that implicit-negative sources leave out made explicit:
+    # every covered image x every finding of the source's vocabulary; the value and meaning
+    # of an absent row come from the source's code_map entry "(absent)" (default 0 / negative)
+    "labels_dense": """
+        SELECT image_id, source_id, annotator, finding, value, category, raw_value, meaning,
+               is_invalid, false AS implicit
+        FROM annotations
+        UNION ALL
+        SELECT c.image_id, c.source_id, '' AS annotator, f.finding,
+               coalesce(TRY_CAST(json_extract_string(s.code_map, '$."(absent)".value') AS DOUBLE),
+                        CASE WHEN json_extract(s.code_map, '$."(absent)"') IS NULL THEN 0.0 END) AS value,
+               NULL AS category, NULL AS raw_value,
+               coalesce(json_extract_string(s.code_map, '$."(absent)".meaning'), 'negative') AS meaning,
+               false AS is_invalid, true AS implicit
+        FROM coverage c JOIN sources s USING (source_id) JOIN findings f USING (source_id)
+        WHERE s.negatives = 'implicit'
+          AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.image_id = c.image_id
+                          AND a.source_id = c.source_id AND a.finding = f.finding)
+    """,
     "quarantine_summary": """
         SELECT stage, dataset_id, file, reason, count(*) AS n_rows
         FROM quarantine GROUP BY ALL ORDER BY stage, dataset_id, file, n_rows DESC

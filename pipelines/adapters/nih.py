@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from catalog import Catalog, FileReport, IngestResult, Quarantine, publish
-from catalog.ingestkit import findings_rows
+from catalog.ingestkit import ABSENT, findings_rows
 from pipelines.adapters import Adapter
 from pipelines.adapters._csv import ROW, blank, code_map, dedupe, quarantine_where, read_csv
 
@@ -66,6 +66,7 @@ def ingest(
         "pixel_spacing_x": "OriginalImagePixelSpacing[x", "pixel_spacing_y": "y]",
     }
     present = {k: c for k, c in extra.items() if c in df.columns}
+    source_id = f"{dataset_id}:report_nlp"
     images = df.select(
         (pl.lit(dataset_id + ":") + pl.col("Image Index")).alias("image_id"),
         pl.lit(dataset_id).alias("dataset_id"),
@@ -80,32 +81,30 @@ def ingest(
         (pl.struct([pl.col(c).alias(k) for k, c in present.items()]).struct.json_encode()
          if present else pl.lit(None, pl.String)).alias("meta"),
     )
-    source_id = f"{dataset_id}:report_nlp"
+    # exhaustive over 15 names but stored sparsely: a covered image without a row for a
+    # finding is negative (sources.negatives = 'implicit'); the labels_dense view expands it
     ann = (
-        df.select(pl.col("Image Index"), pl.col("_labels"))
-        .with_columns(pl.lit(FINDINGS).alias("finding"))
+        df.select(pl.col("Image Index"), pl.col("_labels").alias("finding"))
         .explode("finding")
         .select(
             (pl.lit(dataset_id + ":") + pl.col("Image Index")).alias("image_id"),
             pl.lit(source_id).alias("source_id"),
             pl.lit("").alias("annotator"),
             pl.col("finding"),
-            pl.col("_labels").list.contains(pl.col("finding")).cast(pl.Float64).alias("value"),
-        )
-        .with_columns(
-            pl.when(pl.col("value") == 1).then(pl.lit("listed")).otherwise(pl.lit("not listed")).alias("raw_value"),
-            pl.when(pl.col("value") == 1).then(pl.lit("positive")).otherwise(pl.lit("negative")).alias("meaning"),
+            pl.lit(1.0).alias("value"),
+            pl.lit("listed").alias("raw_value"),
+            pl.lit("positive").alias("meaning"),
             pl.lit(False).alias("is_invalid"),
         )
     )
     sources = [{
         "source_id": source_id, "dataset_id": dataset_id, "name": "report_nlp",
-        "kind": "report_nlp", "exhaustive": True, "negatives": "explicit",
+        "kind": "report_nlp", "exhaustive": True, "negatives": "implicit",
         "value_type": "binary",
         "rule": "NLP-mined from radiology reports (NegBio/DNorm); a finding not listed in "
                 "'Finding Labels' is negative; 'No Finding' when none of the 14 is listed",
         "description": "NIH report-derived labels (Wang et al. 2017)",
-        "code_map": code_map({"listed": (1.0, "positive"), "not listed": (0.0, "negative")}),
+        "code_map": code_map({"listed": (1.0, "positive"), ABSENT: (0.0, "negative")}),
         "file": file,
     }]
     report = FileReport(file, total, df.height, q.count(file))
