@@ -5,7 +5,7 @@ the RSNA and STR: ``Target`` 1 when an opacity suggestive of pneumonia was boxed
 per box), 0 otherwise. Optional inputs:
 
 - ``headers=PATH``: the DICOM header dump (``..._dicom_headers.csv``, default: the sibling
-  file when present) adds age, sex, view and modality;
+  file when present) adds age, sex and view (DICOM modality and the rest go to ``images.meta``);
 - ``mapping=PATH``: a CSV ``rsna_id,nih_image`` linking RSNA ids to NIH image names (not
   public; users may have one). The NIH image goes to ``images.meta`` and, when that image is
   in the catalog, ``group_id`` becomes its NIH patient group (so leakage checks see one
@@ -138,7 +138,7 @@ def read_headers(
     out = df.select(
         pl.col("PatientID").alias("native_id"), pl.col("_age").alias("age"),
         pl.col("PatientSex").alias("sex"), pl.col("ViewPosition").alias("view"),
-        pl.col("Modality").alias("modality"),
+        pl.col("Modality").alias("_m_dicom_modality"),
         *[pl.col(c).alias(f"_m_{k}") for k, c in extra.items()],
     )
     return out, FileReport(file, total, df.height, q.count(file))
@@ -234,8 +234,7 @@ def ingest(
     if hpath is not None:
         hdr, rep = read_headers(q, hpath, known)
         reports.append(rep)
-        images = images.drop("modality").join(hdr, on="native_id", how="left", maintain_order="left")
-        images = images.with_columns(pl.col("modality").fill_null("CXR"))
+        images = images.join(hdr, on="native_id", how="left", maintain_order="left")
         meta.update({c[3:]: c for c in hdr.columns if c.startswith("_m_")})
         messages.append(f"DICOM headers from {hpath.name}: {hdr.height:,} images")
     mpath = _existing(options.get("mapping"), "mapping")

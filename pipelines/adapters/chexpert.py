@@ -1,0 +1,172 @@
+"""CheXpert v1.0 (small) training labels: ``train.csv``.
+
+223,414 chest X-rays of 64,540 patients (Stanford) labelled by the CheXpert labeler, a
+rule-based NLP tool run on the reports, for 14 observations. Each cell is 1.0 (positive),
+0.0 (negative), -1.0 (uncertain) or blank (not mentioned); all four are kept distinct:
+uncertain and not-mentioned rows have value null and say which in ``meaning``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from catalog import Catalog, FileReport, IngestResult, Quarantine, publish
+from catalog.ingestkit import findings_rows
+from pipelines.adapters import Adapter
+from pipelines.adapters._csv import ROW, blank, code_map, dedupe, quarantine_where, read_csv
+from pipelines.adapters.nih_linked import no_options
+
+DATASET = "chexpert"
+FINDINGS = [
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+    "Pleural Other", "Fracture", "Support Devices",
+]
+COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *FINDINGS]
+PATH_RE = r"(?:^|/)(patient\d+)/(study\d+)/(view\d+)_(frontal|lateral)\.\w+$"
+# raw cell text -> (value, meaning); blank cells are 'not_mentioned'
+CODES: dict[str, tuple[float | None, str]] = {
+    "1.0": (1.0, "positive"), "0.0": (0.0, "negative"), "-1.0": (None, "uncertain"),
+    "": (None, "not_mentioned"),
+}
+ALIASES = {"1": "1.0", "0": "0.0", "-1": "-1.0"}
+SEX = {"Male": "M", "Female": "F"}
+DATASET_ROW = {
+    "name": "CheXpert v1.0 (small), train",
+    "modality": "CXR",
+    "source": "Stanford ML Group; metadata via torchxrayvision 1.5.7",
+    "license": "Stanford University School of Medicine CheXpert Dataset Research Use "
+               "Agreement (not stated in source)",
+    "citation": "Irvin J. et al. CheXpert: A Large Chest Radiograph Dataset with Uncertainty "
+                "Labels and Expert Comparison. AAAI 2019.",
+    "description": "223,414 chest X-rays, 64,540 patients; 14 observations from the CheXpert "
+                   "report labeler (positive, negative, uncertain, not mentioned).",
+}
+
+
+def ingest(
+    cat: Catalog, path: Path, *, dataset_id: str = DATASET, strict: bool = False,
+    **options: Any,
+) -> IngestResult:
+    """Ingest CheXpert's ``train.csv``: images and dense report-NLP rows for 14 observations.
+
+    Parameters
+    ----------
+    cat
+        The catalog.
+    path
+        ``train.csv`` (plain or .gz).
+    dataset_id
+        Dataset id (default ``chexpert``).
+    strict
+        Raise at the first bad row instead of quarantining it.
+
+    Returns
+    -------
+    IngestResult
+        Partition ``<dataset_id>``: images (image id = the Path, group = patient), source
+        ``<dataset_id>:report_nlp`` with one row per image and observation.
+
+    Raises
+    ------
+    SchemaError
+        Missing columns. ``IngestError``: unreadable file, unknown option, ``strict`` and a
+        bad row.
+    """
+    no_options("chexpert", options)
+    file = path.name
+    q = Quarantine(dataset_id, strict=strict)
+    df = read_csv(path, COLUMNS)
+    total = df.height
+    df = df.with_columns(pl.col("Path").str.strip_chars())
+    df = quarantine_where(q, file, df, blank("Path"), "empty Path", ROW, total=total)
+    df = dedupe(q, file, df, "Path", total=total)
+    parts = pl.col("Path").str.extract_groups(PATH_RE)
+    df = df.with_columns(parts.struct.field("1").alias("_patient"),
+                         parts.struct.field("2").alias("_study"))
+    df = quarantine_where(
+        q, file, df, pl.col("_patient").is_null(),
+        "Path does not look like .../patientN/studyN/viewN_frontal|lateral.jpg", "Path",
+        total=total,
+    )
+    df = df.with_columns(
+        [pl.col(f).str.strip_chars().fill_null("").replace(ALIASES) for f in FINDINGS]
+        + [pl.col("Age").str.strip_chars().cast(pl.Float64, strict=False).alias("_age")]
+    )
+    bad = pl.any_horizontal([~pl.col(f).is_in(list(CODES)) for f in FINDINGS])
+    first_bad = pl.coalesce(
+        [pl.when(~pl.col(f).is_in(list(CODES))).then(pl.lit(f"{f}=") + pl.col(f)) for f in FINDINGS]
+    )
+    df = quarantine_where(
+        q, file, df, bad,
+        pl.lit("unparseable label (expected 1.0, 0.0, -1.0 or blank): ") + first_bad, "Path",
+        total=total,
+    )
+    df = quarantine_where(
+        q, file, df, pl.col("_age").is_null() & ~blank("Age"),
+        pl.lit("unparseable Age: ") + pl.col("Age"), "Path", total=total,
+    )
+    frontal = pl.col("Frontal/Lateral").str.strip_chars() == "Frontal"
+    images = df.select(
+        (pl.lit(dataset_id + ":") + pl.col("Path")).alias("image_id"),
+        pl.lit(dataset_id).alias("dataset_id"), pl.col("Path").alias("native_id"),
+        pl.col("Path").alias("path"),
+        (pl.lit(dataset_id + ":") + pl.col("_patient")).alias("group_id"),
+        pl.col("_patient").alias("patient_id"),
+        pl.concat_str("_patient", "_study", separator="/").alias("study_id"),
+        pl.when(frontal).then(pl.col("AP/PA")).otherwise(pl.lit("LATERAL")).alias("view"),
+        pl.col("Sex").replace_strict(SEX, default=None).alias("sex"),
+        pl.col("_age").alias("age"), pl.lit("CXR").alias("modality"),
+        pl.struct(pl.col("Frontal/Lateral").alias("frontal_lateral"),
+                  pl.col("AP/PA").alias("ap_pa"), pl.col("Sex").alias("sex_raw"))
+        .struct.json_encode().alias("meta"),
+    )
+    source_id = f"{dataset_id}:report_nlp"
+    codes = pl.DataFrame(
+        {"raw_value": list(CODES), "value": [v for v, _ in CODES.values()],
+         "meaning": [m for _, m in CODES.values()]},
+        schema={"raw_value": pl.String, "value": pl.Float64, "meaning": pl.String},
+    )
+    ann = (
+        df.select((pl.lit(dataset_id + ":") + pl.col("Path")).alias("image_id"), *FINDINGS)
+        .unpivot(FINDINGS, index="image_id", variable_name="finding", value_name="raw_value")
+        .join(codes, on="raw_value", how="left", maintain_order="left")
+        .select(
+            "image_id", pl.lit(source_id).alias("source_id"), pl.lit("").alias("annotator"),
+            "finding", "value", "raw_value", "meaning", pl.lit(False).alias("is_invalid"),
+        )
+    )
+    sources = [{
+        "source_id": source_id, "dataset_id": dataset_id, "name": "report_nlp",
+        "kind": "report_nlp", "exhaustive": True, "negatives": "explicit",
+        "value_type": "binary",
+        "rule": "CheXpert labeler (rule-based NLP on the radiology report): 1.0 positive, "
+                "0.0 negative, -1.0 uncertain (value null), blank = not mentioned (value null); "
+                "raw_value keeps the cell text ('' for blank)",
+        "description": "CheXpert report labels for 14 observations (Irvin et al. 2019)",
+        "code_map": code_map(CODES), "file": file,
+    }]
+    report = FileReport(file, total, df.height, q.count(file))
+    return publish(
+        cat, adapter="chexpert", dataset_id=dataset_id, partition=dataset_id,
+        tables={
+            "datasets": [{"dataset_id": dataset_id, **DATASET_ROW}],
+            "images": images, "sources": sources, "annotations": ann,
+            "coverage": images.select("image_id", pl.lit(source_id).alias("source_id")),
+            "findings": findings_rows(cat, source_id, FINDINGS, "binary"),
+        },
+        quarantine=q, files=[report],
+        messages=[f"{images['patient_id'].n_unique():,} patients"],
+    )
+
+
+ADAPTERS = [
+    Adapter(
+        name="chexpert", dataset_id=DATASET, run=ingest,
+        description="CheXpert v1.0 train.csv: images, patients, 14 report-NLP observations",
+        default_path="cxr/chexpert_train.csv.gz",
+    )
+]
