@@ -24,6 +24,7 @@ SYNONYMS: dict[str, str] = {
     "normal": "no_finding",
     "infiltration": "infiltration",
     "infiltrates": "infiltration",
+    "infiltrate": "infiltration",  # NIH bounding boxes
     "pneumothorax": "pneumothorax",
     "consolidation": "consolidation",
     "cardiomegaly": "cardiomegaly",
@@ -37,6 +38,7 @@ SYNONYMS: dict[str, str] = {
     "lung_opacity": "lung_opacity",
     "airspace_opacity": "airspace_opacity",
     "nodule_or_mass": "nodule_or_mass",
+    "nodule_mass": "nodule_or_mass",  # VinDr-CXR "Nodule/Mass"
     "fracture": "fracture",
     "edema": "edema",
     "pulmonary_edema": "edema",
