@@ -22,6 +22,7 @@ def run(
     catalog: Catalog,
     fmt: str,
     path: Path | str,
+    /,  # positional-only, so adapter options may be named 'path' (generic: -o path=COLUMN)
     *,
     dataset_id: str | None = None,
     strict: bool = False,

@@ -294,7 +294,7 @@ def _col(cfg: GenericConfig, key: str, dicom: str | None = None) -> pl.Expr:
 
 
 def ingest(
-    cat: Catalog, path: Path, *, dataset_id: str | None = None, strict: bool = False, **options: Any
+    cat: Catalog, path: Path, /, *, dataset_id: str | None = None, strict: bool = False, **options: Any
 ) -> IngestResult:
     """Ingest a user's image folder + manifest (see the module docstring for the config)."""
     cfg = load_config(path, options, dataset_id or None)
