@@ -1,0 +1,254 @@
+"""What the pages read, through :mod:`catalog`: paginated queries, images, versions, diffs.
+
+Every query pushes filtering, sorting and paging into DuckDB (``LIMIT``/``OFFSET``), so a
+page costs the same on 100 images and on 100k. Tables that a stage has not written yet
+read as empty with their declared columns; pages then say what to run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from PIL import Image
+
+from catalog import Catalog, CatalogError
+
+# what to run when a page's table does not exist yet
+HINTS: dict[str, str] = {
+    "datasets": "medlake ingest FORMAT PATH (or medlake demo)",
+    "images": "medlake ingest FORMAT PATH",
+    "sources": "medlake ingest FORMAT PATH",
+    "versions": "medlake ingest FORMAT PATH (roots) and medlake materialize RECIPE",
+    "lineage": "medlake materialize RECIPE",
+    "agreement": "medlake agreement",
+    "pairs": "medlake fingerprint, medlake embed, then medlake duplicates",
+    "clusters": "medlake duplicates",
+    "outliers": "medlake outliers",
+    "fingerprints": "medlake fingerprint",
+    "leakage": "medlake leakage",
+    "splits": "medlake ingest FORMAT PATH",
+    "annotations": "medlake ingest FORMAT PATH",
+}
+
+
+class ImagePathError(CatalogError):
+    """An image whose stored path would leave the workspace, or that has no file."""
+
+
+def lit(value: Any) -> str:
+    """A SQL string literal (for values picked in widgets from table contents)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def has(cat: Catalog, table: str) -> bool:
+    """Whether any stage has written ``table``."""
+    return cat.tables.exists(table)
+
+
+def columns(cat: Catalog, table: str) -> list[str]:
+    """Columns present in the table's files (columns may grow; read defensively)."""
+    con = cat.connect()
+    try:
+        return [r[0] for r in con.sql(f'DESCRIBE "{table}"').fetchall()]
+    finally:
+        con.close()
+
+
+def q(cat: Catalog, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
+    """Trusted SQL (built by the pages, values quoted with :func:`lit` or params)."""
+    return cat.query(sql, params)
+
+
+def count(cat: Catalog, table: str, where: str = "true") -> int:
+    return int(q(cat, f'SELECT count(*) AS n FROM "{table}" WHERE {where}')["n"][0])
+
+
+# --- images -----------------------------------------------------------------------------------
+def image_path(cat: Catalog, image_id: str) -> Path:
+    """The file of ``image_id``, guaranteed to lie inside the workspace.
+
+    Raises
+    ------
+    ImagePathError
+        Unknown image, no path recorded, or a path (via ``..``, an absolute path or a
+        symlink) that resolves outside the workspace or the dataset's images root.
+    """
+    from catalog.imageio import ImageReadError, resolve_inside
+
+    df = q(cat, "SELECT i.path, d.images_root FROM images i LEFT JOIN datasets d "
+                "USING (dataset_id) WHERE i.image_id = ? LIMIT 1", [image_id])
+    if df.height == 0:
+        raise ImagePathError(f"image '{image_id}' is not in the images table")
+    rel, root = df["path"][0], df["images_root"][0]
+    if not rel:
+        raise ImagePathError(
+            f"image '{image_id}' has no file recorded; attach its folder with "
+            "'medlake attach-images DATASET FOLDER'"
+        )
+    try:
+        base = resolve_inside(cat.ws.root, root or ".")
+        return resolve_inside(base, rel)
+    except ImageReadError as e:
+        raise ImagePathError(
+            f"image '{image_id}': refusing to read {rel!r} under images_root {root!r}: {e}. "
+            "Images are only served from inside the workspace"
+        ) from e
+
+
+def load_image(cat: Catalog, image_id: str, *, max_side: int | None = None) -> Image.Image:
+    """``image_id`` as 8-bit RGB, shrunk to ``max_side`` (None: full resolution)."""
+    from catalog.imageio import ImageReadError, load_rgb
+
+    p = image_path(cat, image_id)
+    if not p.is_file():
+        raise ImagePathError(f"image '{image_id}': file {cat.ws.relpath(p)} is missing")
+    try:
+        im = load_rgb(p)
+    except ImageReadError as e:
+        raise ImagePathError(f"image '{image_id}': {e}") from e
+    if max_side:
+        im.thumbnail((max_side, max_side))
+    return im
+
+
+def blend(a: Image.Image, b: Image.Image, mode: str) -> Image.Image:
+    """``b`` resized onto ``a``: a 50 % blend or the absolute difference."""
+    from PIL import ImageChops
+
+    b2 = b.resize(a.size)
+    if mode == "difference":
+        return ImageChops.difference(a, b2)
+    return Image.blend(a, b2, 0.5)
+
+
+def image_info(cat: Catalog, image_ids: list[str], scheme: str | None = None) -> dict[str, dict]:
+    """Group, split (of ``scheme``, else any) and positive labels of each image."""
+    if not image_ids:
+        return {}
+    ids = ", ".join(lit(i) for i in image_ids)
+    sch = f"AND s.scheme = {lit(scheme)}" if scheme else ""
+    info = q(cat, f"""
+        SELECT i.image_id, any_value(i.group_id) AS group_id,
+               string_agg(DISTINCT s.split, '/') AS split
+        FROM images i LEFT JOIN splits s ON s.image_id = i.image_id {sch}
+        WHERE i.image_id IN ({ids}) GROUP BY i.image_id""")
+    labels = q(cat, f"""
+        SELECT image_id, string_agg(DISTINCT finding || ' (' || split_part(source_id, ':', 2)
+               || ')', ', ' ORDER BY finding || ' (' || split_part(source_id, ':', 2) || ')')
+               AS labels
+        FROM annotations WHERE image_id IN ({ids}) AND value > 0 GROUP BY image_id""")
+    out = {r["image_id"]: {**r, "labels": ""} for r in info.iter_rows(named=True)}
+    for r in labels.iter_rows(named=True):
+        out.setdefault(r["image_id"], {"image_id": r["image_id"]})["labels"] = r["labels"]
+    return out
+
+
+# --- duplicates ------------------------------------------------------------------------------
+def pairs_page(cat: Catalog, *, offset: int, limit: int, method: str | None = None,
+               verified: bool | None = None, min_score: float = 0.0,
+               cross_only: bool = False, scheme: str | None = None) -> tuple[pl.DataFrame, int]:
+    """One page of candidate pairs, best score first, and the number of pairs matching."""
+    conds = [f"p.score >= {float(min_score)}"]
+    if method:
+        conds.append(f"p.method = {lit(method)}")
+    if verified is not None:
+        conds.append(f"p.verified = {'true' if verified else 'false'}")
+    sch = f"AND scheme = {lit(scheme)}" if scheme else ""
+    base = f"""
+        WITH s AS (SELECT image_id, any_value(split) AS split FROM splits WHERE true {sch}
+                   GROUP BY image_id),
+        x AS (SELECT p.*, sa.split AS split_a, sb.split AS split_b,
+                     coalesce(sa.split <> sb.split, false) AS crosses_splits
+              FROM pairs p LEFT JOIN s sa ON sa.image_id = p.image_a
+              LEFT JOIN s sb ON sb.image_id = p.image_b WHERE {' AND '.join(conds)})
+        SELECT * FROM x {'WHERE crosses_splits' if cross_only else ''}"""
+    total = int(q(cat, f"SELECT count(*) AS n FROM ({base})")["n"][0])
+    page = q(cat, f"{base} ORDER BY score DESC, image_a, image_b LIMIT {int(limit)} "
+                  f"OFFSET {int(offset)}")
+    return page, total
+
+
+def score_histogram(cat: Catalog, bins: int = 40) -> pl.DataFrame:
+    """Counts of pair scores in ``bins`` equal bins (computed in DuckDB)."""
+    return q(cat, f"""
+        WITH r AS (SELECT min(score) lo, max(score) hi FROM pairs)
+        SELECT method, least(floor((score - r.lo) / nullif(r.hi - r.lo, 0) * {bins}),
+                              {bins - 1}) AS bin,
+               any_value(r.lo + (r.hi - r.lo) * (least(floor((score - r.lo)
+                   / nullif(r.hi - r.lo, 0) * {bins}), {bins - 1}) + 0.5) / {bins}) AS score,
+               count(*) AS n
+        FROM pairs, r WHERE score IS NOT NULL GROUP BY ALL ORDER BY bin""")
+
+
+# --- versions ---------------------------------------------------------------------------------
+def versions(cat: Catalog) -> pl.DataFrame:
+    return cat.read("versions").sort("name")
+
+
+def version_dot(vs: pl.DataFrame) -> str:
+    """Graphviz DOT text of the parent -> child graph, each node with its image count."""
+    lines = ["digraph versions {", "rankdir=LR; node [shape=box, style=rounded];"]
+    for r in vs.iter_rows(named=True):
+        n = r.get("n_images")
+        label = f"{r['name']}\\n{n:,} images" if n is not None else r["name"]
+        lines.append(f'"{r["name"]}" [label="{label}"];')
+        if r.get("parent"):
+            lines.append(f'"{r["parent"]}" -> "{r["name"]}";')
+    return "\n".join(lines + ["}"])
+
+
+def split_counts(vs: pl.DataFrame) -> pl.DataFrame:
+    """``version, split, n`` from each version's ``counts`` JSON."""
+    rows = []
+    for r in vs.iter_rows(named=True):
+        try:
+            c = json.loads(r.get("counts") or "{}").get("split", {})
+        except (json.JSONDecodeError, AttributeError):
+            c = {}
+        rows += [{"version": r["name"], "split": k, "n": int(v)} for k, v in c.items()]
+    return pl.DataFrame(rows, schema={"version": pl.String, "split": pl.String, "n": pl.Int64})
+
+
+def version_dir(cat: Catalog, name: str) -> Path | None:
+    from catalog.tables import safe_name
+
+    d = cat.ws.versions_dir / safe_name(name)
+    return d if d.is_dir() else None
+
+
+def datasheet(cat: Catalog, name: str) -> str | None:
+    d = version_dir(cat, name)
+    p = d / "DATASHEET.md" if d else None
+    return p.read_text() if p and p.is_file() else None
+
+
+def version_images(cat: Catalog, name: str) -> pl.DataFrame:
+    """``image_id, split`` of a version: its manifest, else (roots) the ingest splits."""
+    d = version_dir(cat, name)
+    if d and (d / "manifest.parquet").is_file():
+        m = pl.read_parquet(d / "manifest.parquet")
+        if "split" not in m.columns:
+            m = m.with_columns(pl.lit(None, pl.String).alias("split"))
+        return m.select("image_id", "split")
+    v = q(cat, "SELECT dataset_id, scheme FROM versions WHERE name = ?", [name])
+    if v.height == 0 or v["scheme"][0] is None:
+        return pl.DataFrame(schema={"image_id": pl.String, "split": pl.String})
+    return q(cat, "SELECT image_id, split FROM splits WHERE dataset_id = ? AND scheme = ?",
+             [v["dataset_id"][0], v["scheme"][0]])
+
+
+def diff(cat: Catalog, a: str, b: str) -> tuple[dict[str, int], pl.DataFrame]:
+    """Images added, removed and moved between versions ``a`` and ``b``, with the list."""
+    ia, ib = version_images(cat, a), version_images(cat, b)
+    j = ia.join(ib, on="image_id", how="full", suffix="_b", coalesce=True)
+    j = j.with_columns(
+        pl.when(pl.col("split").is_null()).then(pl.lit("added"))
+        .when(pl.col("split_b").is_null()).then(pl.lit("removed"))
+        .when(pl.col("split") != pl.col("split_b")).then(pl.lit("moved"))
+        .otherwise(pl.lit("same")).alias("change")
+    ).rename({"split": f"split in {a}", "split_b": f"split in {b}"})
+    counts = {k: int((j["change"] == k).sum()) for k in ("added", "removed", "moved", "same")}
+    return counts, j.filter(pl.col("change") != "same").sort("change", "image_id")

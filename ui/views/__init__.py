@@ -1,0 +1,3 @@
+"""One module per page; each exposes ``TITLE`` and ``render(cat)``."""
+
+from __future__ import annotations

@@ -1,0 +1,87 @@
+"""Catalog: datasets, sources, versions as a graph; a version's datasheet, lineage and diff."""
+
+from __future__ import annotations
+
+import altair as alt
+import streamlit as st
+
+from catalog import Catalog
+from ui import data
+from ui.views.common import need
+
+TITLE = "Catalog"
+
+
+def render(cat: Catalog) -> None:
+    st.header("Catalog")
+    if not need(cat, "datasets"):
+        return
+    ds = data.q(cat, """
+        SELECT d.dataset_id, d.name, d.modality, d.license,
+               (SELECT count(*) FROM images i WHERE i.dataset_id = d.dataset_id) AS images
+        FROM datasets d ORDER BY d.dataset_id""")
+    st.subheader(f"Datasets ({ds.height:,})")
+    st.dataframe(ds, hide_index=True, key="datasets-table")
+    if need(cat, "sources"):
+        src = data.q(cat, """
+            SELECT source_id, kind, CASE WHEN exhaustive THEN 'exhaustive' ELSE 'positive-only'
+                   END AS coverage, negatives, value_type, rule, description FROM sources
+            ORDER BY source_id""")
+        st.subheader(f"Sources ({src.height:,})")
+        st.dataframe(src, hide_index=True, key="sources-table")
+    st.subheader("Versions")
+    if not need(cat, "versions"):
+        return
+    vs = data.versions(cat)
+    st.caption(f"{vs.height:,} versions")
+    st.graphviz_chart(data.version_dot(vs))
+    sc = data.split_counts(vs)
+    if sc.height:
+        st.altair_chart(alt.Chart(sc.to_pandas()).mark_bar().encode(
+            x=alt.X("n:Q", title="images"), y=alt.Y("version:N", title=None),
+            color="split:N", tooltip=["version", "split", "n"]), key="split-bars")
+    names = vs["name"].to_list()
+    name = st.selectbox("version", names, key="version")
+    if not name:
+        return
+    row = vs.filter(vs["name"] == name).row(0, named=True)
+    tab_sheet, tab_lin, tab_diff = st.tabs(["Datasheet", "Lineage", "Diff"])
+    with tab_sheet:
+        sheet = data.datasheet(cat, name)
+        if sheet:
+            st.markdown(sheet)
+        else:
+            st.info(f"no DATASHEET.md for {name} (roots have none; `medlake materialize "
+                    "RECIPE` writes one per corrected version)")
+    with tab_lin:
+        _lineage(cat, name)
+    with tab_diff:
+        others = [n for n in names if n != name]
+        if not others:
+            st.info("only one version: nothing to compare with")
+        else:
+            parent = row.get("parent")
+            idx = others.index(parent) if parent in others else 0
+            other = st.selectbox("compare with", others, index=idx, key="diff-other")
+            counts, changes = data.diff(cat, other, name)
+            st.write(f"from **{other}** to **{name}**: " + ", ".join(
+                f"{v:,} {k}" for k, v in counts.items()))
+            st.dataframe(changes.head(1000), hide_index=True, key="diff-table")
+
+
+def _lineage(cat: Catalog, name: str) -> None:
+    if not need(cat, "lineage"):
+        return
+    lv = data.lit(name)
+    opts = data.q(cat, f"SELECT DISTINCT action, rule FROM lineage WHERE version = {lv}")
+    actions = st.multiselect("action", sorted(set(opts["action"].drop_nulls())), key="lin-action")
+    rules = st.multiselect("rule", sorted(set(opts["rule"].drop_nulls())), key="lin-rule")
+    cond = f"version = {lv}"
+    if actions:
+        cond += f" AND action IN ({', '.join(data.lit(a) for a in actions)})"
+    if rules:
+        cond += f" AND rule IN ({', '.join(data.lit(r) for r in rules)})"
+    n = data.count(cat, "lineage", cond)
+    st.caption(f"{n:,} lineage rows (first 1,000 shown)")
+    st.dataframe(data.q(cat, f"SELECT * FROM lineage WHERE {cond} ORDER BY image_id LIMIT 1000"),
+                 hide_index=True, key="lineage-table")

@@ -1,0 +1,77 @@
+"""Label discrepancies: kappa per finding and source pair; the images two sources disagree on."""
+
+from __future__ import annotations
+
+import altair as alt
+import polars as pl
+import streamlit as st
+
+from catalog import Catalog
+from ui import data
+from ui.views.common import gallery, need, pager
+
+TITLE = "Label discrepancies"
+PER_PAGE = 12
+
+
+def render(cat: Catalog) -> None:
+    st.header("Label discrepancies")
+    if not need(cat, "agreement"):
+        return
+    ag = cat.read("agreement").with_columns(
+        pl.col("subgroup").fill_null(""), pl.col("subgroup_value").fill_null(""),
+        (pl.col("source_a") + pl.lit(" vs ") + pl.col("source_b")).alias("pair"))
+    subs = sorted(set(zip(ag["subgroup"].to_list(), ag["subgroup_value"].to_list())))
+    sub = st.selectbox("subgroup", subs, key="disc-subgroup",
+                       format_func=lambda s: "all images" if s == ("", "") else f"{s[0]} = {s[1]}")
+    cells = ag.filter((pl.col("subgroup") == sub[0]) & (pl.col("subgroup_value") == sub[1]))
+    st.caption(f"{cells.height:,} (source pair, finding) cells; the number is n shared")
+    base = alt.Chart(cells.select("pair", "finding", "kappa", "n_shared").to_pandas()).encode(
+        x=alt.X("finding:N"), y=alt.Y("pair:N", title=None))
+    heat = base.mark_rect().encode(
+        color=alt.Color("kappa:Q", scale=alt.Scale(domain=[-1, 1], scheme="redblue")),
+        tooltip=["pair", "finding", "kappa", "n_shared"])
+    st.altair_chart(heat + base.mark_text().encode(text="n_shared:Q"), key="disc-heat")
+    pairs = sorted(cells["pair"].unique().to_list())
+    if not pairs:
+        return
+    c1, c2 = st.columns(2)
+    pair = c1.selectbox("source pair (heatmap row)", pairs, key="disc-pair")
+    finds = sorted(cells.filter(pl.col("pair") == pair)["finding"].unique().to_list())
+    finding = c2.selectbox("finding (heatmap column)", finds, key="disc-finding")
+    cell = cells.filter((pl.col("pair") == pair) & (pl.col("finding") == finding)).row(0, named=True)
+    st.write(f"kappa {cell['kappa']:.3f} on {cell['n_shared']:,} shared images")
+    _images(cat, cell["source_a"], cell["source_b"], finding, sub)
+
+
+def _images(cat: Catalog, sa: str, sb: str, finding: str, sub: tuple[str, str]) -> None:
+    if not need(cat, "annotations"):
+        return
+    img_cols = set(data.columns(cat, "images"))
+    cond = "true"
+    if sub[0] in img_cols:
+        cond = f'CAST(i."{sub[0]}" AS VARCHAR) = {data.lit(sub[1])}'
+    elif sub[0]:
+        cond = f"json_extract_string(i.meta, {data.lit('$.' + sub[0])}) = {data.lit(sub[1])}"
+    body = f"""
+        WITH v AS (
+          SELECT a.image_id, a.source_id, max(a.value) AS value
+          FROM annotations a LEFT JOIN findings f USING (source_id, finding)
+          WHERE a.source_id IN ({data.lit(sa)}, {data.lit(sb)}) AND NOT coalesce(a.is_invalid, false)
+            AND (a.finding = {data.lit(finding)} OR f.shared_finding = {data.lit(finding)})
+          GROUP BY ALL)
+        SELECT x.image_id, x.value AS value_a, y.value AS value_b
+        FROM v x JOIN v y ON x.image_id = y.image_id AND x.source_id = {data.lit(sa)}
+             AND y.source_id = {data.lit(sb)}
+        JOIN images i ON i.image_id = x.image_id
+        WHERE (x.value > 0) <> (y.value > 0) AND {cond}"""
+    total = int(data.q(cat, f"SELECT count(*) AS n FROM ({body})")["n"][0])
+    st.subheader(f"{total:,} images where the two sources disagree")
+    if not total:
+        return
+    offset = pager("disc", total, PER_PAGE)
+    page = data.q(cat, f"{body} ORDER BY x.image_id LIMIT {PER_PAGE} OFFSET {offset}")
+    st.dataframe(page, hide_index=True, key="disc-table")
+    caps = [f"{r['image_id']}\n{sa}: {r['value_a']:g} · {sb}: {r['value_b']:g}"
+            for r in page.iter_rows(named=True)]
+    gallery(cat, page["image_id"].to_list(), caps, per_row=4, max_side=256)

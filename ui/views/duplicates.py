@@ -1,0 +1,105 @@
+"""Duplicates: candidate pairs side by side at full resolution, verdicts, cluster galleries."""
+
+from __future__ import annotations
+
+import altair as alt
+import streamlit as st
+
+from catalog import Catalog, CatalogError
+from catalog import reviews as rv
+from ui import data
+from ui.views.common import gallery, last_verdict_note, need, pager, show_image, verdict_buttons
+
+TITLE = "Duplicates"
+PER_PAGE = 4  # pairs per page: at most this many pairs of full-size images are loaded
+
+
+def render(cat: Catalog) -> None:
+    st.header("Duplicates")
+    if not need(cat, "pairs"):
+        return
+    last_verdict_note()
+    methods = data.q(cat, "SELECT DISTINCT method FROM pairs ORDER BY 1")["method"].to_list()
+    schemes = data.q(cat, "SELECT DISTINCT scheme FROM splits ORDER BY 1")["scheme"].to_list()
+    c1, c2, c3, c4 = st.columns(4)
+    method = c1.selectbox("method", ["all", *methods], key="dup-method")
+    ver = c2.selectbox("verified", ["all", "verified", "not verified"], key="dup-verified")
+    min_score = c3.number_input("minimum score", value=0.0, step=0.01, key="dup-min")
+    scheme = c4.selectbox("split scheme", schemes or [None], key="dup-scheme")
+    cross = st.checkbox("only pairs that cross splits", key="dup-cross")
+    view = st.radio("third panel", ["blend", "difference"], horizontal=True, key="dup-view")
+    filters = {"method": None if method == "all" else method,
+                   "verified": None if ver == "all" else ver == "verified", "min_score": min_score,
+                   "cross_only": cross, "scheme": scheme}
+    _, total = data.pairs_page(cat, offset=0, limit=0, **filters)
+    st.metric("pairs", f"{total:,}")
+    offset = pager("dup", total, PER_PAGE)
+    page, _ = data.pairs_page(cat, offset=offset, limit=PER_PAGE, **filters)
+    ids = sorted(set(page["image_a"].to_list()) | set(page["image_b"].to_list()))
+    info = data.image_info(cat, ids, scheme)
+    done = rv.latest(cat, kind="pair", per_reviewer=False)
+    verdict_of = dict(zip(done["item"].to_list(), done["verdict"].to_list()))
+    for i, r in enumerate(page.iter_rows(named=True)):
+        _pair(cat, r, info, verdict_of, view, offset + i)
+    _histogram(cat)
+    _clusters(cat)
+
+
+def _caption(info: dict, iid: str) -> str:
+    d = info.get(iid, {})
+    return (f"{iid} · group {d.get('group_id') or '—'} · split {d.get('split') or '—'} · "
+            f"labels: {d.get('labels') or 'none'}")
+
+
+def _pair(cat: Catalog, r: dict, info: dict, verdict_of: dict, view: str, n: int) -> None:
+    a, b = r["image_a"], r["image_b"]
+    item = rv.pair_item(a, b)
+    st.divider()
+    cross = " · **crosses splits**" if r.get("crosses_splits") else ""
+    st.markdown(f"**#{n + 1}** score {r['score']:.4f} · method {r['method']} · verified "
+                f"{r.get('verified')}{cross} · verdict so far: {verdict_of.get(item, '—')}")
+    ca, cb, cc = st.columns(3)
+    with ca:
+        show_image(cat, a, caption=_caption(info, a))
+    with cb:
+        show_image(cat, b, caption=_caption(info, b))
+    with cc:
+        try:
+            st.image(data.blend(data.load_image(cat, a), data.load_image(cat, b), view),
+                     caption=view)
+        except CatalogError as e:
+            st.caption(str(e))
+    verdict_buttons(cat, lambda v: rv.pair_verdict(a, b, v, "", rule="visual"),
+                    rv.VERDICTS["pair"], key=f"pair-{n}")
+
+
+def _histogram(cat: Catalog) -> None:
+    st.subheader("Similarity scores")
+    h = data.score_histogram(cat).to_pandas()
+    if h.empty:
+        return
+    chart = alt.Chart(h).mark_bar().encode(x=alt.X("score:Q"), y="n:Q", color="method:N")
+    thr = cat.ws.param("duplicates.threshold")
+    if isinstance(thr, (int, float)):
+        import pandas as pd
+
+        rule = alt.Chart(pd.DataFrame({"threshold": [thr]})).mark_rule(color="red").encode(
+            x="threshold:Q")
+        chart = chart + rule
+        st.caption(f"red line: duplicates.threshold = {thr} (params.yaml)")
+    st.altair_chart(chart, key="dup-hist")
+
+
+def _clusters(cat: Catalog) -> None:
+    st.subheader("Clusters")
+    if not need(cat, "clusters"):
+        return
+    sizes = data.q(cat, "SELECT cluster_id, count(*) AS images FROM clusters GROUP BY 1 "
+                        "ORDER BY images DESC, cluster_id LIMIT 200")
+    st.caption(f"{data.count(cat, 'clusters'):,} images in clusters (largest 200 listed)")
+    cid = st.selectbox("cluster", sizes["cluster_id"].to_list(), key="dup-cluster",
+                       format_func=lambda c: f"{c} ({sizes.filter(sizes['cluster_id'] == c)['images'][0]} images)")
+    if cid:
+        ids = data.q(cat, "SELECT image_id FROM clusters WHERE cluster_id = ? ORDER BY 1 LIMIT 60",
+                     [cid])["image_id"].to_list()
+        gallery(cat, ids)

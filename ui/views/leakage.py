@@ -1,0 +1,46 @@
+"""Leakage: patient/lesion groups whose images sit in more than one split."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from catalog import Catalog
+from ui import data
+from ui.views.common import gallery, need, pager
+
+TITLE = "Leakage"
+PER_PAGE = 50
+
+
+def render(cat: Catalog) -> None:
+    st.header("Leakage")
+    if data.has(cat, "leakage"):
+        st.subheader("Leakage table")
+        st.dataframe(data.q(cat, "SELECT * FROM leakage ORDER BY ALL"), hide_index=True,
+                     key="leak-table")
+    else:
+        need(cat, "leakage")
+    if not (need(cat, "splits") and need(cat, "images")):
+        return
+    schemes = data.q(cat, "SELECT DISTINCT scheme FROM splits ORDER BY 1")["scheme"].to_list()
+    scheme = st.selectbox("split scheme", schemes, key="leak-scheme")
+    body = f"""
+        SELECT i.group_id, count(DISTINCT s.split) AS n_splits,
+               string_agg(DISTINCT s.split, ', ' ORDER BY s.split) AS splits,
+               count(*) AS images
+        FROM splits s JOIN images i USING (image_id)
+        WHERE s.scheme = {data.lit(scheme)} AND i.group_id IS NOT NULL
+        GROUP BY i.group_id HAVING count(DISTINCT s.split) > 1"""
+    total = int(data.q(cat, f"SELECT count(*) AS n FROM ({body})")["n"][0])
+    st.metric("groups spanning splits", f"{total:,}")
+    if not total:
+        return
+    offset = pager("leak", total, PER_PAGE)
+    groups = data.q(cat, f"{body} ORDER BY images DESC, group_id LIMIT {PER_PAGE} OFFSET {offset}")
+    st.dataframe(groups, hide_index=True, key="leak-groups")
+    gid = st.selectbox("group", groups["group_id"].to_list(), key="leak-group")
+    imgs = data.q(cat, """SELECT s.image_id, s.split FROM splits s JOIN images i USING (image_id)
+                          WHERE i.group_id = ? AND s.scheme = ? ORDER BY s.split, s.image_id
+                          LIMIT 60""", [gid, scheme])
+    gallery(cat, imgs["image_id"].to_list(),
+            [f"{r['image_id']} · {r['split']}" for r in imgs.iter_rows(named=True)])

@@ -1,0 +1,45 @@
+"""Outliers and quality flags: ranked galleries."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from catalog import Catalog
+from ui import data
+from ui.views.common import gallery, need, pager
+
+TITLE = "Outliers and quality"
+PER_PAGE = 24
+
+
+def render(cat: Catalog) -> None:
+    st.header("Outliers and quality flags")
+    st.subheader("Outliers, most unusual first")
+    if need(cat, "outliers"):
+        total = data.count(cat, "outliers")
+        st.metric("images scored", f"{total:,}")
+        offset = pager("out", total, PER_PAGE)
+        page = data.q(cat, f"SELECT image_id, score, rank FROM outliers ORDER BY score DESC, "
+                           f"image_id LIMIT {PER_PAGE} OFFSET {offset}")
+        gallery(cat, page["image_id"].to_list(),
+                [f"#{r['rank']} {r['image_id']} · {r['score']:.3f}"
+                 for r in page.iter_rows(named=True)])
+    st.subheader("Quality flags")
+    if not need(cat, "fingerprints"):
+        return
+    con = cat.connect()
+    try:
+        flags = [r[0] for r in con.sql('DESCRIBE "fingerprints"').fetchall()
+                 if r[1] == "BOOLEAN"]
+    finally:
+        con.close()
+    if not flags:
+        st.info("the fingerprints table has no flag columns (boolean columns) yet")
+        return
+    counts = data.q(cat, "SELECT " + ", ".join(
+        f'count(*) FILTER (WHERE "{f}") AS "{f}"' for f in flags) + " FROM fingerprints")
+    st.dataframe(counts, hide_index=True, key="flag-counts")
+    flag = st.selectbox("flag", flags, key="flag")
+    ids = data.q(cat, f'SELECT image_id FROM fingerprints WHERE "{flag}" ORDER BY image_id '
+                      f"LIMIT {PER_PAGE}")["image_id"].to_list()
+    gallery(cat, ids)
