@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import tempfile
 from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
@@ -17,6 +18,8 @@ from urllib.parse import urlparse
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from catalog import Catalog, CatalogError, IngestError, SchemaError, Workspace
 from cli.main import main
@@ -248,6 +251,30 @@ def test_ham10000_bad_rows_are_quarantined(catalog, tmp_path):
     assert ok["sex"] is None and ok["site"] is None and ok["age"] is None
     with pytest.raises(IngestError, match=r"meta.csv: row 2 of 7: duplicate id"):
         ingest.run(catalog, "ham10000", tmp_path / "meta.csv", strict=True)
+
+
+BREAK = {  # how to spoil one HAM10000 row (None: leave it good)
+    "dup": lambda r: {**r, "image_id": "ISIC_0"}, "dx": lambda r: {**r, "dx": "melanoma"},
+    "dx_type": lambda r: {**r, "dx_type": "biopsy"}, "age": lambda r: {**r, "age": "n/a"},
+    "lesion": lambda r: {**r, "lesion_id": " "}, None: lambda r: r,
+}
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.sampled_from(list(BREAK)), min_size=1, max_size=25))
+def test_ham10000_rows_in_equal_rows_out_plus_quarantined(kinds):
+    rows = [{"lesion_id": "HAM_0", "image_id": "ISIC_0", "dx": "nv", "dx_type": "histo",
+             "age": "50.0", "sex": "male", "localization": "back"}]
+    rows += [BREAK[k]({**rows[0], "lesion_id": f"HAM_{i % 3}", "image_id": f"ISIC_{i}"})
+             for i, k in enumerate(kinds, start=1)]
+    with tempfile.TemporaryDirectory() as d:
+        cat = _lake(Path(d) / "ws")
+        p = _csv(Path(d), "m.csv", [HAM_HEAD] + [",".join(r.values()) for r in rows])
+        res = ingest.run(cat, "ham10000", p)
+        bad = [i for i, k in enumerate(kinds, start=2) if k is not None]
+        assert (res.rows_read, res.rows_quarantined) == (len(rows), len(bad))
+        assert sorted(cat.read("quarantine")["row"].to_list()) == bad
+        assert cat.read("images").height == cat.read("annotations").height == len(rows) - len(bad)
 
 
 def test_missing_columns_name_file_found_and_expected(catalog, tmp_path):
