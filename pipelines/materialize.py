@@ -58,6 +58,9 @@ class MaterializeResult:
 def load_label(catalog: Catalog, dataset_id: str, spec: LabelSpec) -> pl.DataFrame:
     """``image_id, <spec.name>`` (text: category, else value) from one source and finding.
 
+    The frame's column ``<spec.name>`` is named after the label; :func:`label_finding` gives
+    the finding used when the spec names none.
+
     Raises
     ------
     RecipeError
@@ -90,6 +93,15 @@ def load_label(catalog: Catalog, dataset_id: str, spec: LabelSpec) -> pl.DataFra
     text = (pl.when(pl.col("meaning") == "unknown").then(None)
             .otherwise(pl.coalesce(pl.col("category"), val)))
     return ann.select("image_id", text.alias(spec.name))
+
+
+def label_finding(catalog: Catalog, spec: LabelSpec) -> str:
+    """``source/finding`` of a label spec (the source's only finding when none is named)."""
+    if spec.finding:
+        return f"{spec.source}/{spec.finding}"
+    esc = spec.source.replace("'", "''")
+    f = catalog.query(f"SELECT DISTINCT finding FROM annotations WHERE source_id = '{esc}'")
+    return f"{spec.source}/{f['finding'][0]}" if f.height == 1 else spec.source
 
 
 def parent_frame(catalog: Catalog, recipe: Recipe) -> tuple[pl.DataFrame, dict[str, Any]]:
@@ -248,7 +260,7 @@ def run(catalog: Catalog, recipe: str | Path, *, processes: int = 1) -> Material
             export.write_npz(manifest, out=tmp, name=rec.name, label=rec.export.npz,
                              sizes=rec.export.sizes)
         at = manifest.drop("path").to_arrow()
-        srcs = {s.name: f"{s.source}/{s.finding or ''}".rstrip("/") for s in rec.labels}
+        srcs = {s.name: label_finding(catalog, s) for s in rec.labels}
         write_parquet_atomic(at.replace_schema_metadata(manifest_metadata(rec.name, srcs)),
                              tmp / "manifest.parquet")
         write_parquet_atomic(lin, tmp / "lineage.parquet")
