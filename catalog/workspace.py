@@ -29,7 +29,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "real_data": "../shared/data",
 }
 
-GITIGNORE_LINES = ["/data/*", "!/data/.gitkeep", "/lake/", "/.venv/", "__pycache__/"]
+GITIGNORE_LINES = ["/data/", "/lake/", "/.venv/", "__pycache__/"]
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,6 @@ class Workspace:
         ws = cls(root)
         for d in (ws.data_dir, ws.lake, ws.recipes_dir):
             d.mkdir(exist_ok=True)
-        (ws.data_dir / ".gitkeep").touch()
         if not ws.params_file.exists():
             ws.params_file.write_text(yaml.safe_dump(DEFAULT_PARAMS, sort_keys=False))
         if not (root / "dvc.yaml").exists():
