@@ -243,11 +243,8 @@ def run(
     with catalog.transaction() as tx:
         for (ds, sch), part in out.group_by("dataset_id", "scheme", maintain_order=True):
             tx.write("leakage", part, stage=STAGE, partition=f"{ds}--{sch}")
-        for ds, q in qs.items():
-            if q.count():
-                tx.write("quarantine", q.frame(), stage=STAGE, partition=ds)
-            else:
-                tx.delete("quarantine", stage=STAGE, partition=ds)
+        for ds, q in qs.items():  # always written (possibly empty): a dvc.yaml output
+            tx.write("quarantine", q.frame(), stage=STAGE, partition=ds)
     return out
 
 

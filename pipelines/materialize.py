@@ -288,10 +288,8 @@ def run(catalog: Catalog, recipe: str | Path, *, processes: int = 1) -> Material
     with catalog.transaction() as tx:
         tx.write("lineage", lin, stage=STAGE, partition=rec.name)
         tx.write("versions", [row], stage=STAGE, partition=rec.name)
-        if q.count():
-            tx.write("quarantine", q.frame(), stage=STAGE, partition=rec.name)
-        else:
-            tx.delete("quarantine", stage=STAGE, partition=rec.name)
+        # always written (possibly empty): dvc.yaml declares it as an output
+        tx.write("quarantine", q.frame(), stage=STAGE, partition=rec.name)
     actions = pl.from_arrow(lin.select(["action"])).group_by("action").len()
     return MaterializeResult(
         name=rec.name, path=final, n_parent=st["parent"].height, n_kept=manifest.height,
