@@ -1,0 +1,200 @@
+"""Agreement statistics per group of pair rows, in a few vectorised passes.
+
+A group is (rater pair, finding, subgroup). Pair rows become count tables with one
+``group_by`` and :func:`catalog.stats.confusion_tables`; every statistic is then computed for
+all groups at once. Undefined figures are null with a ``note`` saying why.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from catalog import stats
+from pipelines._agreement_pairs import PAIR_KEYS
+
+KEYS = [*PAIR_KEYS, "subgroup", "subgroup_value"]
+POS_ONLY = ("kappa not computed: {a} is positive-only (negatives 'none'), so a missing label "
+            "means 'not judged', not negative; pos_confirmed = share of its positives that "
+            "{b} also calls positive")
+
+
+def _nan_to_null(a: np.ndarray) -> pl.Series:
+    return pl.Series(np.where(np.isfinite(a), a, np.nan)).fill_nan(None)
+
+
+def _weighted(cells: pl.DataFrame, a: str, b: str, n_groups: int, k: int) -> np.ndarray:
+    idx = (cells["gid"].to_numpy().astype(np.int64) * k + cells[a].to_numpy()) * k + cells[b].to_numpy()
+    return np.bincount(idx, weights=cells["len"].to_numpy().astype(float),
+                       minlength=n_groups * k * k).reshape(n_groups, k, k)
+
+
+def group_stats(rows: pl.DataFrame, *, references: set[tuple[str, str]]) -> pl.DataFrame:
+    """Kappa (+CI), weighted kappas, off-by-one, positives, PPV/NPV/sens/spec per group.
+
+    Parameters
+    ----------
+    rows
+        Pair rows with :data:`KEYS`, ``negatives_a, negatives_b, ca, cb, oa, ob``.
+    references
+        ``{(test source, reference source)}`` pairs from ``params.yaml``.
+    """
+    if rows.height == 0:
+        return pl.DataFrame()
+    cells = rows.group_by([*KEYS, "ca", "cb"]).agg(
+        pl.len(), pl.col("negatives_a").first(), pl.col("negatives_b").first())
+    groups = cells.group_by(KEYS).agg(
+        pl.col("len").filter(pl.col("ca").is_null()).sum().alias("n_excluded_a"),
+        pl.col("len").filter(pl.col("cb").is_null()).sum().alias("n_excluded_b"),
+        pl.col("negatives_a").first(), pl.col("negatives_b").first(),
+    ).sort(KEYS)
+    ocells = rows.filter(pl.col("oa").is_not_null() & pl.col("ob").is_not_null()).group_by(
+        [*KEYS, "oa", "ob"]).len()
+    out = []
+    for fam in sorted(groups["family"].unique().to_list()):
+        g = groups.filter(pl.col("family") == fam).with_row_index("gid")
+        c = cells.filter((pl.col("family") == fam) & pl.col("ca").is_not_null()
+                         & pl.col("cb").is_not_null()).join(g.select([*KEYS, "gid"]), on=KEYS)
+        k = max(3, int(max(c["ca"].max() or 0, c["cb"].max() or 0)) + 1)  # type: ignore[arg-type]
+        t = _weighted(c, "ca", "cb", g.height, k)
+        out.append(_family_frame(g, t, fam, ocells, references))
+    return pl.concat(out, how="diagonal_relaxed")
+
+
+def _family_frame(
+    g: pl.DataFrame, t: np.ndarray, fam: str, ocells: pl.DataFrame, refs: set[tuple[str, str]]
+) -> pl.DataFrame:
+    kap = stats.kappa_from_tables(t)
+    notes = stats.kappa_note(kap)
+    pos_only = (g["negatives_a"] == "none").to_numpy()
+    cols: dict[str, object] = {
+        "n_shared": kap.n.astype(np.int64), "observed": _nan_to_null(kap.observed),
+        "expected": _nan_to_null(kap.expected),
+    }
+    for name, arr in (("kappa", kap.kappa), ("kappa_se", kap.se), ("kappa_lo", kap.lo),
+                      ("kappa_hi", kap.hi)):
+        cols[name] = _nan_to_null(np.where(pos_only, np.nan, arr))
+    src_a, src_b = g["source_a"].to_list(), g["source_b"].to_list()
+    ref_side = [("b" if (a, b) in refs else "a" if (b, a) in refs else None)
+                for a, b in zip(src_a, src_b)]
+    if fam == "binary":
+        t2 = t[:, :2, :2]
+        cols["pos_a"] = t[:, 1, :].sum(1).astype(np.int64)
+        cols["pos_b"] = t[:, :, 1].sum(1).astype(np.int64)
+        cols["both_pos"] = t[:, 1, 1].astype(np.int64)
+        p, lo, hi = stats.wilson(t[:, 1, 1], t[:, 1, 0] + t[:, 1, 1])
+        for name, arr in (("pos_confirmed", p), ("pos_confirmed_lo", lo), ("pos_confirmed_hi", hi)):
+            cols[name] = _nan_to_null(np.where(pos_only, arr, np.nan))
+        d_b, d_a = stats.diagnostic(t2, reference="b"), stats.diagnostic(t2, reference="a")
+        use_b = np.array([r == "b" for r in ref_side])
+        use_a = np.array([r == "a" for r in ref_side]) & ~pos_only
+        for name in d_b:
+            cols[name] = _nan_to_null(np.where(use_b & ~pos_only, d_b[name],
+                                               np.where(use_a, d_a[name], np.nan)))
+        cols["reference"] = [(b if r == "b" else a if r == "a" else None) if not po else None
+                             for r, a, b, po in zip(ref_side, src_a, src_b, pos_only)]
+    oc = ocells.join(g.select([*KEYS, "gid"]), on=KEYS)
+    if oc.height:
+        ko = int(max(oc["oa"].max(), oc["ob"].max())) + 1  # type: ignore[arg-type]
+        to = _weighted(oc, "oa", "ob", g.height, ko)
+        cols["kappa_linear"] = _nan_to_null(stats.kappa_from_tables(to, weights="linear").kappa)
+        cols["kappa_quadratic"] = _nan_to_null(stats.kappa_from_tables(to, weights="quadratic").kappa)
+        cols["off_by_one"] = _nan_to_null(stats.off_by_one(to))
+    kind = np.where(pos_only, "positive_only",
+                    np.where(g["source_a"] == g["source_b"], "annotators", "pair"))
+    full = []
+    for i, n in enumerate(notes):
+        parts = [POS_ONLY.format(a=src_a[i], b=src_b[i])] if pos_only[i] else ([n] if n else [])
+        if fam == "binary" and ref_side[i] and not pos_only[i]:
+            for name, why in (("ppv", "no test positives"), ("sens", "no reference positives"),
+                              ("npv", "no test negatives"), ("spec", "no reference negatives")):
+                if cols[name][i] is None:  # type: ignore[index]
+                    parts.append(f"{name} undefined: {why}")
+        full.append("; ".join(parts) or None)
+    return g.drop("gid", "negatives_a", "negatives_b", "family").with_columns(
+        pl.Series("kind", kind), pl.lit(fam).alias("value_type"),
+        *[pl.Series(k, v) for k, v in cols.items()], pl.Series("note", full, dtype=pl.String),
+    )
+
+
+def multi_stats(items: pl.DataFrame) -> pl.DataFrame:
+    """Fleiss' kappa and Krippendorff's alpha over all annotators of a source, per group.
+
+    ``items``: one row per (source_id, finding, image_id, subgroup, subgroup_value) with the
+    annotators' codes in list column ``c`` and ``family``, ``finding_own``, ``n_raters``.
+    """
+    if items.height == 0:
+        return pl.DataFrame()
+    keys = ["source_id", "finding", "finding_own", "family", "subgroup", "subgroup_value"]
+    out = []
+    for fam in sorted(items["family"].unique().to_list()):
+        it = items.filter(pl.col("family") == fam)
+        g = it.group_by(keys).agg(pl.col("n_raters").max(), pl.col("n_raters").min().alias("_min"),
+                                  ).sort(keys).with_row_index("gid")
+        it = it.join(g.select([*keys, "gid"]), on=keys).with_row_index("item")
+        ex = it.select("item", "gid", "c").explode("c").drop_nulls("c")
+        k = max(2, int(ex["c"].max() or 0) + 1)  # type: ignore[arg-type]
+        counts = np.bincount(ex["item"].to_numpy().astype(np.int64) * k + ex["c"].to_numpy(),
+                             minlength=it.height * k).reshape(it.height, k)
+        gid = it["gid"].to_numpy()
+        fl = stats.fleiss_kappa(gid, counts, g.height)
+        al = stats.krippendorff_alpha(gid, counts, g.height,
+                                      metric="ordinal" if fam == "ordinal" else "nominal")
+        n_items = np.bincount(gid[counts.sum(1) >= 2], minlength=g.height)
+        notes = []
+        for i in range(g.height):
+            parts = []
+            if np.isnan(fl[i]):
+                parts.append("fleiss/alpha undefined: no item with two usable ratings or a "
+                             "single value throughout")
+            if g["_min"][i] != g["n_raters"][i]:
+                parts.append(f"raters per item vary ({g['_min'][i]}-{g['n_raters'][i]}); "
+                             "Fleiss' kappa uses each item's own count")
+            notes.append("; ".join(parts) or None)
+        out.append(g.select(
+            pl.lit("raters").alias("kind"), pl.lit(fam).alias("value_type"),
+            pl.col("source_id").alias("source_a"), pl.lit("*").alias("annotator_a"),
+            pl.col("source_id").alias("source_b"), pl.lit("*").alias("annotator_b"),
+            "finding", pl.col("finding_own").alias("finding_a"),
+            pl.col("finding_own").alias("finding_b"), "subgroup", "subgroup_value",
+            pl.col("n_raters").cast(pl.Int64),
+        ).with_columns(
+            pl.Series("n_shared", n_items.astype(np.int64)), pl.Series("fleiss", _nan_to_null(fl)),
+            pl.Series("alpha", _nan_to_null(al)), pl.Series("note", notes, dtype=pl.String),
+        ))
+    return pl.concat(out, how="diagonal_relaxed")
+
+
+def prevalence_rows(
+    labels: pl.DataFrame, coverage: pl.DataFrame, no_overlap: list[tuple[str, str, list[str]]]
+) -> pl.DataFrame:
+    """Prevalence with Wilson intervals for source pairs that share findings but no image."""
+    rows = []
+    for a, b, common in no_overlap:
+        side = {}
+        for s in (a, b):
+            lab = labels.filter((pl.col("source_id") == s) & pl.col("finding").is_in(common))
+            implicit = lab["negatives"][0] == "implicit" if lab.height else False
+            n_cov = coverage.filter(pl.col("source_id") == s).height
+            agg = lab.group_by("finding").agg((pl.col("c") == 1).sum().alias("pos"),
+                                              pl.col("c").is_not_null().sum().alias("n"))
+            m = dict(zip(agg["finding"], zip(agg["pos"], agg["n"])))
+            side[s] = [(m.get(f, (0, 0))[0], n_cov if implicit else m.get(f, (0, 0))[1])
+                       for f in common]
+        pa_, pb_ = np.array(side[a], float), np.array(side[b], float)
+        wa, wb = stats.wilson(pa_[:, 0], pa_[:, 1]), stats.wilson(pb_[:, 0], pb_[:, 1])
+        for i, f in enumerate(common):
+            rows.append({
+                "kind": "prevalence", "value_type": "binary", "source_a": a, "annotator_a": "",
+                "source_b": b, "annotator_b": "", "finding": f, "subgroup": "",
+                "subgroup_value": "", "n_shared": 0, "n_a": int(pa_[i, 1]), "pos_a": int(pa_[i, 0]),
+                "prev_a": wa[0][i], "prev_a_lo": wa[1][i], "prev_a_hi": wa[2][i],
+                "n_b": int(pb_[i, 1]), "pos_b": int(pb_[i, 0]), "prev_b": wb[0][i],
+                "prev_b_lo": wb[1][i], "prev_b_hi": wb[2][i],
+                "note": "no shared images: compared by prevalence (Wilson 95% intervals), "
+                        "kappa needs images both sources judged",
+            })
+    df = pl.DataFrame(rows) if rows else pl.DataFrame()
+    if df.height:
+        df = df.with_columns(pl.col(c).fill_nan(None) for c in df.columns if df[c].dtype == pl.Float64)
+    return df
