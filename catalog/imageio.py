@@ -101,8 +101,9 @@ def inspect(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> ImageInfo:
     -------
     ImageInfo
         ``reason`` is None for a good file; otherwise one of: 'missing file', 'not a file',
-        'zero-byte file', 'not an image', 'decompression bomb', 'truncated or corrupt image',
-        'DICOM without pixel data', 'unreadable DICOM'.
+        'unreadable file', 'zero-byte file', 'not an image', 'decompression bomb',
+        'truncated or corrupt image', 'unreadable DICOM', 'DICOM without pixel data',
+        'undecodable DICOM pixel data' (truncated, or compressed without a decoder).
 
     Example
     -------
@@ -304,7 +305,8 @@ def _pixels(ds: Any, p: Path, max_pixels: int) -> np.ndarray:
     try:
         return ds.pixel_array
     except Exception as e:  # pydicom raises many types for short or undecodable pixel data
-        raise ImageReadError(p, "truncated or corrupt image", f"DICOM pixel data: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageReadError(p, "undecodable DICOM pixel data", detail) from e
 
 
 def _text(ds: Any, name: str) -> str | None:

@@ -163,12 +163,15 @@ def test_inspect_names_what_is_wrong(tmp_path):
     (tmp_path / "notes.png").write_text("not an image at all\n")
     bomb_png(tmp_path / "bomb.png")
     (tmp_path / "nopix.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 8)
+    write_dicom(tmp_path / "cut.dcm", phi=False, rows=64, cols=64)
+    (tmp_path / "cut.dcm").write_bytes((tmp_path / "cut.dcm").read_bytes()[:-3000])
     reasons = {p.name: inspect(p).reason for p in sorted(tmp_path.iterdir())}
     assert reasons == {
         "g.png": None, "trunc.png": "truncated or corrupt image", "zero.png": "zero-byte file",
         "notes.png": "not an image", "bomb.png": "decompression bomb",
-        "nopix.dcm": reasons["nopix.dcm"],
+        "nopix.dcm": reasons["nopix.dcm"], "cut.dcm": reasons["cut.dcm"],
     }
+    assert reasons["cut.dcm"] in ("unreadable DICOM", "undecodable DICOM pixel data")
     assert reasons["nopix.dcm"] in ("unreadable DICOM", "DICOM without pixel data")
     assert inspect(good, max_pixels=100).reason == "decompression bomb"
     assert inspect(tmp_path / "absent.png").reason == "missing file"
