@@ -26,6 +26,7 @@ from ui.views import (
     review,
     sql_page,
 )
+from ui.views.common import reviewer
 
 PAGES = {
     "catalog": catalog_page, "duplicates": duplicates, "discrepancies": discrepancies,
@@ -52,6 +53,7 @@ def main() -> None:
     if current not in PAGES:
         st.warning(f"no page '{current}'; pages are {', '.join(names)}")
         current = "catalog"
+    reviewer()  # the default name, before the sidebar field takes the key
     with st.sidebar:
         st.title("medlake")
         st.caption(cat.ws.root.name)

@@ -1,0 +1,189 @@
+"""Every page through Streamlit's AppTest on a small generated workspace."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from catalog import Catalog
+from catalog import reviews as rv
+from ui import data, sample
+
+APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    return sample.build(tmp_path_factory.mktemp("uiws") / "ws", n_images=60, n_pairs=20).root
+
+
+def open_page(root: Path, page: str, monkeypatch) -> AppTest:
+    monkeypatch.setenv("MEDLAKE_WORKSPACE", str(root))
+    monkeypatch.setenv("MEDLAKE_REVIEWER", "tester")
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["page"] = page
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+# plain st.dataframe elements carry no key in AppTest: tests address them by position
+
+def texts(at: AppTest) -> str:
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption]
+    parts += [h.value for h in at.subheader] + [str(m.value) for m in at.metric]
+    return "\n".join(parts)
+
+
+def test_catalog_page(ws, monkeypatch):
+    at = open_page(ws, "catalog", monkeypatch)
+    assert at.dataframe[0].value.shape[0] == 1
+    assert at.dataframe[1].value.shape[0] == 2
+    assert "2 versions" in texts(at)
+    at.selectbox(key="version").set_value(sample.FIXED_VERSION).run()
+    assert "Parent: demo-cxr@official" in texts(at)  # the datasheet
+    lin = at.dataframe[2].value
+    assert len(lin) == 60
+    at.multiselect(key="lin-action").set_value(["removed"]).run()
+    removed = at.dataframe[2].value
+    assert len(removed) == len(range(0, 60, 17)) and set(removed["action"]) == {"removed"}
+    counts, _ = data.diff(Catalog.open(ws), sample.ROOT_VERSION, sample.FIXED_VERSION)
+    assert f"{counts['removed']:,} removed" in texts(at) and counts["removed"] == 4
+
+
+def test_duplicates_page_and_verdict_click(ws, monkeypatch):
+    at = open_page(ws, "duplicates", monkeypatch)
+    cat = Catalog.open(ws)
+    n_pairs = cat.read("pairs").height
+    assert at.metric[0].value == f"{n_pairs:,}"
+    # one page of full-size images: 3 panels per pair, PER_PAGE pairs
+    from ui.views.duplicates import PER_PAGE
+
+    assert sum("score" in m.value for m in at.markdown) == PER_PAGE
+    assert len(at.image) == 3 * PER_PAGE + 3  # + the first cluster's 3 thumbnails
+    before = rv.read(cat).height
+    at.button(key="pair-0-different").click().run()
+    assert not at.exception
+    after = rv.read(cat)
+    assert after.height == before + 1
+    row = after.row(-1, named=True)
+    assert (row["kind"], row["verdict"], row["reviewer"]) == ("pair", "different", "tester")
+    best = cat.query("SELECT image_a, image_b FROM pairs ORDER BY score DESC, image_a, image_b "
+                     "LIMIT 1").row(0)
+    assert row["item"] == rv.pair_item(*best)
+    assert any("recorded: different" in s.value for s in at.success)
+    at.checkbox(key="dup-cross").check().run()
+    crossing = cat.query("""SELECT count(*) FROM pairs p JOIN splits a ON a.image_id = p.image_a
+                            JOIN splits b ON b.image_id = p.image_b WHERE a.split <> b.split""")
+    assert at.metric[0].value == f"{crossing.item():,}"
+
+
+def test_discrepancies_page_counts(ws, monkeypatch):
+    at = open_page(ws, "discrepancies", monkeypatch)
+    at.selectbox(key="disc-finding").set_value("Pneumothorax").run()
+    ann = Catalog.open(ws).read("annotations").filter(pl.col("finding") == "Pneumothorax")
+    a = ann.filter(pl.col("source_id") == sample.SOURCES[0]).select("image_id", "value")
+    b = ann.filter(pl.col("source_id") == sample.SOURCES[1]).select("image_id", "value")
+    n = a.join(b, on="image_id").filter((pl.col("value") > 0) != (pl.col("value_right") > 0)).height
+    assert n > 0
+    assert f"{n:,} images where the two sources disagree" in texts(at)
+    assert len(at.dataframe[0].value) == min(n, 12)
+
+
+def test_leakage_outliers_sql_pages(ws, monkeypatch):
+    cat = Catalog.open(ws)
+    leak = cat.query("""SELECT count(*) FROM (SELECT i.group_id FROM splits s JOIN images i
+                        USING (image_id) GROUP BY 1 HAVING count(DISTINCT s.split) > 1)""").item()
+    at = open_page(ws, "leakage", monkeypatch)
+    assert at.metric[0].value == f"{leak:,}"
+    assert len(at.dataframe[0].value) == 1
+    at = open_page(ws, "outliers", monkeypatch)
+    assert at.metric[0].value == "60"
+    assert len(at.image) == 24  # one page of the ranked gallery
+    at = open_page(ws, "sql", monkeypatch)
+    at.text_area(key="sql-query").input("SELECT split, count(*) AS n FROM splits GROUP BY 1").run()
+    at.button(key="sql-run").click().run()
+    assert len(at.dataframe[0].value) == 3
+    at.text_area(key="sql-query").input("SELECT * FROM read_csv('/etc/passwd')").run()
+    assert at.error and "lake" in at.error[0].value
+    at.text_area(key="sql-query").input("DROP VIEW images").run()
+    assert at.error and "only read queries" in at.error[0].value
+
+
+def test_review_page_records_label_verdict(ws, monkeypatch):
+    at = open_page(ws, "review", monkeypatch)
+    assert at.toggle(key="rev-shown").value is False  # label hidden by default
+    at.multiselect(key="rev-classes").set_value(["Effusion"]).run()
+    at.number_input(key="rev-n").set_value(5).run()
+    assert "0 of 5 sampled labels reviewed by tester" in at.get("progress")[0].proto.text
+    at.selectbox(key="rev-rule").set_value("permissive").run()
+    at.text_input(key="rev-note").input("rib shadow").run()
+    at.button(key="rev-wrong").click().run()
+    cat = Catalog.open(ws)
+    row = rv.read(cat, where="kind = 'label'").row(-1, named=True)
+    assert (row["verdict"], row["rule"], row["note"], row["label_shown"], row["finding"]) == (
+        "wrong", "permissive", "rib shadow", False, "Effusion")
+    assert "1 of 5 sampled labels reviewed" in at.get("progress")[0].proto.text
+    assert at.dataframe[0].value["n_wrong"].sum() >= 1
+
+
+def test_sample_is_seeded_and_per_class(ws):
+    from ui.views.review import sample as draw
+
+    cat = Catalog.open(ws)
+    s1 = draw(cat, sample.SOURCES[0], ["Effusion", "Cardiomegaly"], 4, seed=7)
+    s2 = draw(cat, sample.SOURCES[0], ["Effusion", "Cardiomegaly"], 4, seed=7)
+    s3 = draw(cat, sample.SOURCES[0], ["Effusion", "Cardiomegaly"], 4, seed=8)
+    assert s1.equals(s2) and not s1.equals(s3)
+    assert s1.group_by("finding").len()["len"].to_list() == [4, 4]
+    assert (s1["value"] > 0).all()
+
+
+def test_empty_workspace_says_what_to_run(tmp_path, monkeypatch):
+    (tmp_path / "empty" / ".dvc").mkdir(parents=True)
+    for page, hint in (("catalog", "medlake ingest"), ("duplicates", "medlake duplicates"),
+                       ("discrepancies", "medlake agreement"), ("outliers", "medlake outliers"),
+                       ("leakage", "medlake leakage"), ("review", "medlake ingest")):
+        at = open_page(tmp_path / "empty", page, monkeypatch)
+        assert any(hint in i.value for i in at.info), (page, [i.value for i in at.info])
+
+
+def test_image_paths_cannot_leave_the_workspace(tmp_path):
+    root = sample.build(tmp_path / "ws", n_images=6, n_pairs=2).root
+    secret = tmp_path / "secret.png"
+    secret.write_bytes((root / "data" / "sample" / "img000000.png").read_bytes())
+    (root / "data" / "sample" / "link.png").symlink_to(secret)
+    cat = Catalog.open(root)
+    images = cat.read("images").with_columns(
+        pl.when(pl.col("native_id") == "img000001").then(pl.lit("../../../secret.png"))
+        .when(pl.col("native_id") == "img000002").then(pl.lit(str(secret)))
+        .when(pl.col("native_id") == "img000003").then(pl.lit("link.png"))
+        .otherwise(pl.col("path")).alias("path"))
+    cat.write("images", images, stage="sample", partition=sample.DATASET)
+    assert data.load_image(cat, "demo-cxr:img000000").size == (96, 96)
+    for n in ("img000001", "img000002", "img000003"):
+        with pytest.raises(data.ImagePathError, match="outside|absolute"):
+            data.image_path(cat, f"demo-cxr:{n}")
+    ds = cat.read("datasets").with_columns(pl.lit("..").alias("images_root"))
+    cat.write("datasets", ds, stage="sample", partition=sample.DATASET)
+    with pytest.raises(data.ImagePathError, match="outside"):
+        data.image_path(cat, "demo-cxr:img000000")
+
+
+def test_ui_command_binds_localhost_without_stats():
+    from click.testing import CliRunner
+
+    from cli.commands.ui import streamlit_cmd
+    from cli.main import main
+
+    res = CliRunner().invoke(main, ["ui", "--help"])
+    assert res.exit_code == 0 and "127.0.0.1" in res.output
+    cmd = streamlit_cmd(Path("ws"), port=9999, host="127.0.0.1")
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--browser.gatherUsageStats") + 1] == "false"
+    assert cmd[cmd.index("--server.headless") + 1] == "true"
+    assert os.path.basename(cmd[cmd.index("run") + 1]) == "app.py"
