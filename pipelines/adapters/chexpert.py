@@ -17,7 +17,7 @@ from catalog import Catalog, FileReport, IngestResult, Quarantine, publish
 from catalog.ingestkit import findings_rows
 from pipelines.adapters import Adapter
 from pipelines.adapters._csv import ROW, blank, code_map, dedupe, quarantine_where, read_csv
-from pipelines.adapters.nih_linked import no_options
+from pipelines.adapters.nih_linked import no_options, raise_if_strict
 
 DATASET = "chexpert"
 FINDINGS = [
@@ -78,7 +78,7 @@ def ingest(
     """
     no_options("chexpert", options)
     file = path.name
-    q = Quarantine(dataset_id, strict=strict)
+    q = Quarantine(dataset_id)
     df = read_csv(path, COLUMNS)
     total = df.height
     df = df.with_columns(pl.col("Path").str.strip_chars())
@@ -150,6 +150,7 @@ def ingest(
         "code_map": code_map(CODES), "file": file,
     }]
     report = FileReport(file, total, df.height, q.count(file))
+    raise_if_strict(q, strict, [report])
     return publish(
         cat, adapter="chexpert", dataset_id=dataset_id, partition=dataset_id,
         tables={

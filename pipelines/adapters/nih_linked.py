@@ -49,6 +49,23 @@ def no_options(fmt: str, options: dict[str, Any]) -> None:
         )
 
 
+def raise_if_strict(q: Quarantine, strict: bool, reports: list[FileReport]) -> None:
+    """In strict mode, raise an :class:`IngestError` naming the first bad row in file order.
+
+    Adapters collect every bad row first (checks run column by column, not row by row) and
+    call this before publishing, so ``--strict`` names the earliest bad row of the file.
+    """
+    if not strict or not q.count():
+        return
+    bad = q.frame()
+    for rep in reports:
+        rows = bad.filter(pl.col("file") == rep.file)
+        if rows.height:
+            Quarantine(q.dataset_id, strict=True).add_frame(
+                rep.file, rows.drop("stage", "dataset_id", "file"), total=rep.rows_read
+            )
+
+
 def box_columns(file: str, columns: list[str]) -> list[str]:
     """The four box columns: the ones right after ``Finding Label``.
 
@@ -101,7 +118,7 @@ def ingest_bbox(
     """
     no_options("nih-bbox", options)
     file = path.name
-    q = Quarantine(dataset_id, strict=strict)
+    q = Quarantine(dataset_id)
     df = read_csv(path, BOX_COLUMNS)
     total = df.height
     cols = box_columns(file, [c for c in df.columns if c != ROW])
@@ -160,6 +177,7 @@ def ingest_bbox(
     }]
     findings = sorted(ann["finding"].unique().to_list())
     report = FileReport(file, total, df.height, q.count(file))
+    raise_if_strict(q, strict, [report])
     return publish(
         cat, adapter="nih-bbox", dataset_id=dataset_id, partition=f"{dataset_id}--bbox",
         tables={
@@ -209,7 +227,7 @@ def ingest_google(
     """
     no_options("google2019", options)
     file = path.name
-    q = Quarantine(dataset_id, strict=strict)
+    q = Quarantine(dataset_id)
     df = read_csv(path, GOOGLE_COLUMNS)
     total = df.height
     df = quarantine_where(q, file, df, blank("Image Index"), "empty Image Index", ROW, total=total)
@@ -260,6 +278,7 @@ def ingest_google(
         medlake_version=medlake_version,
     )
     report = FileReport(file, total, df.height, q.count(file))
+    raise_if_strict(q, strict, [report])
     return publish(
         cat, adapter="google2019", dataset_id=dataset_id, partition=f"{dataset_id}--google2019",
         tables={

@@ -28,7 +28,7 @@ from pipelines.adapters._csv import (
     quarantine_where,
     read_csv,
 )
-from pipelines.adapters.nih_linked import no_options
+from pipelines.adapters.nih_linked import no_options, raise_if_strict
 
 DATASET = "padchest"
 COLUMNS = [
@@ -117,7 +117,7 @@ def ingest(
     """
     no_options("padchest", options)
     file = path.name
-    q = Quarantine(dataset_id, strict=strict)
+    q = Quarantine(dataset_id)
     df = _read(path)
     total = df.height
     df = df.with_columns(pl.col("ImageID").str.strip_chars(), pl.col("PatientID").str.strip_chars())
@@ -199,6 +199,7 @@ def ingest(
             "images that no label source covers"
         )
     report = FileReport(file, total, df.height, q.count(file))
+    raise_if_strict(q, strict, [report])
     return publish(
         cat, adapter="padchest", dataset_id=dataset_id, partition=dataset_id,
         tables={

@@ -31,7 +31,7 @@ from pipelines.adapters._csv import (
     quarantine_where,
     read_csv,
 )
-from pipelines.adapters.nih_linked import boxes_json
+from pipelines.adapters.nih_linked import boxes_json, raise_if_strict
 
 DATASET = "rsna-pneumonia"
 NIH = "nih-cxr14"
@@ -177,7 +177,7 @@ def ingest(
     """
     check_options("rsna-pneumonia", options, ("headers", "mapping"))
     file = path.name
-    q = Quarantine(dataset_id, strict=strict)
+    q = Quarantine(dataset_id)
     df = read_csv(path, COLUMNS)
     total = df.height
     df = df.with_columns(pl.col("patientId").str.strip_chars(), pl.col("Target").str.strip_chars())
@@ -274,6 +274,7 @@ def ingest(
         "description": "RSNA Pneumonia Detection Challenge labels (Shih et al. 2019)",
         "code_map": code_map({"0": (0.0, "negative"), "1": (1.0, "positive")}), "file": file,
     }]
+    raise_if_strict(q, strict, reports)
     return publish(
         cat, adapter="rsna-pneumonia", dataset_id=dataset_id, partition=dataset_id,
         tables={

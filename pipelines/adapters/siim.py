@@ -29,6 +29,7 @@ from pipelines.adapters._csv import (
     quarantine_where,
     read_csv,
 )
+from pipelines.adapters.nih_linked import raise_if_strict
 from pipelines.adapters.rsna import NIH, _existing, check_options, read_mapping
 
 DATASET = "siim-acr-pneumothorax"
@@ -78,7 +79,7 @@ def ingest(
     """
     check_options("siim-acr", options, ("mapping",))
     file = path.name
-    q = Quarantine(dataset_id, strict=strict)
+    q = Quarantine(dataset_id)
     df = _read(path)
     total = df.height
     df = df.with_columns(pl.col(ID).str.strip_chars(), pl.col(RLE).str.strip_chars())
@@ -149,6 +150,7 @@ def ingest(
         "code_map": code_map({"-1": (0.0, "negative"), '{"masks": N}': (1.0, "positive")}),
         "file": file,
     }]
+    raise_if_strict(q, strict, reports)
     return publish(
         cat, adapter="siim-acr", dataset_id=dataset_id, partition=dataset_id,
         tables={
