@@ -31,9 +31,9 @@ def ham(shared_data: Path, tmp_path_factory) -> Catalog:
 def _reference(shared_data: Path, with_pairs: bool) -> tuple[int, int]:
     """Leaked groups computed straight from the CSV files with a plain union-find."""
     lesion = {r["image_id"]: r["lesion_id"] for r in csv.DictReader(
-        open(shared_data / "ham10000/HAM10000_metadata.csv"))}
+        (shared_data / "ham10000/HAM10000_metadata.csv").read_text().splitlines())}
     split = {r["image_id"]: r["split"] for r in csv.DictReader(
-        open(shared_data / "dermamnist/dermamnist_split_info.csv"))}
+        (shared_data / "dermamnist/dermamnist_split_info.csv").read_text().splitlines())}
     parent = {x: x for x in [*lesion, *set(lesion.values())]}
 
     def find(x):
@@ -45,7 +45,7 @@ def _reference(shared_data: Path, with_pairs: bool) -> tuple[int, int]:
     for img, les in lesion.items():
         parent[find(img)] = find(les)
     if with_pairs:
-        for r in csv.DictReader(open(shared_data / PAIRS)):
+        for r in csv.DictReader((shared_data / PAIRS).read_text().splitlines()):
             a, b = r["from_img"].rsplit(".", 1)[0], r["to_img"].rsplit(".", 1)[0]
             parent[find(a)] = find(b)
     by = {}
