@@ -1,0 +1,163 @@
+"""The UI in a real headless Chromium (Debian's, driven by Playwright), served by ``medlake ui``.
+
+Screenshots of each page go to the test's tmp folder. Without a browser the tests skip with
+the reason, except under CI (the ``CI`` variable set), where a missing browser fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from catalog import Catalog
+from catalog import reviews as rv
+from ui import sample
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+PAGES = {  # page -> text that shows the page rendered its table
+    "catalog": "Datasets (1)", "duplicates": "Similarity scores",
+    "discrepancies": "images where the two sources disagree", "leakage": "groups spanning splits",
+    "outliers": "Outliers, most unusual first", "review": "sampled labels reviewed",
+    "sql": "Read-only DuckDB SQL",
+}
+
+
+def chromium() -> str:
+    exe = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
+                                       else None)
+    if exe is None:
+        msg = ("no system Chromium: run `make browser` (apt-get install -y chromium); "
+               "medlake never downloads a browser")
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return exe
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ui(root: Path, port: int, log: Path) -> subprocess.Popen:
+    medlake = Path(sys.executable).parent / "medlake"
+    env = dict(os.environ, MEDLAKE_REVIEWER="browser", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
+    proc = subprocess.Popen([str(medlake), "ui", str(root), "--port", str(port)], env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/_stcore/health"
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise RuntimeError(f"medlake ui exited: {log.read_text()[-2000:]}")
+        try:
+            if urllib.request.urlopen(url, timeout=1).read() == b"ok":
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    stop(proc)
+    raise RuntimeError(f"medlake ui did not answer on {url}: {log.read_text()[-2000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop the server by its process group id (the group this test started)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[tuple[str, Path, Path]]:
+    exe = chromium()
+    tmp = tmp_path_factory.mktemp("browser")
+    root = sample.build(tmp / "ws", n_images=60, n_pairs=20).root
+    port = free_port()
+    proc = start_ui(root, port, tmp / "server.log")
+    try:
+        yield f"http://127.0.0.1:{port}", root, Path(exe)
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def browser(server, tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    _, _, exe = server
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            str(profile), executable_path=str(exe), headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1000})
+        try:
+            yield ctx
+        finally:
+            ctx.close()
+
+
+def test_server_binds_localhost_only(server):
+    url, _, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    addrs = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)} - {"127.0.0.1"}
+    for addr in addrs:
+        if ":" in addr:
+            continue
+        with socket.socket() as s:
+            s.settimeout(1)
+            assert s.connect_ex((addr, port)) != 0, f"UI reachable on {addr}"
+
+
+@pytest.mark.parametrize("page_name", list(PAGES))
+def test_every_page_renders(server, browser, tmp_path, page_name):
+    url, _, _ = server
+    page = browser.new_page()
+    try:
+        page.goto(f"{url}/?page={page_name}")
+        page.get_by_text(PAGES[page_name]).first.wait_for(timeout=60_000)
+        page.wait_for_load_state("networkidle")
+        assert page.locator("[data-testid='stException']").count() == 0
+        page.screenshot(path=str(tmp_path / f"{page_name}.png"), full_page=True)
+        assert (tmp_path / f"{page_name}.png").stat().st_size > 10_000
+    finally:
+        page.close()
+
+
+def test_verdict_click_writes_a_review_row(server, browser, tmp_path):
+    url, root, _ = server
+    cat = Catalog.open(root)
+    before = rv.read(cat).height
+    page = browser.new_page()
+    try:
+        page.goto(f"{url}/?page=duplicates")
+        page.get_by_role("button", name="Duplicate").first.click(timeout=60_000)
+        page.get_by_text("recorded: duplicate").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(tmp_path / "verdict.png"), full_page=True)
+    finally:
+        page.close()
+    df = rv.read(cat)
+    assert df.height == before + 1
+    row = df.row(-1, named=True)
+    assert (row["kind"], row["verdict"], row["reviewer"]) == ("pair", "duplicate", "browser")
+    # a browser refresh shows the stored verdict
+    page = browser.new_page()
+    try:
+        page.goto(f"{url}/?page=duplicates")
+        page.get_by_text("verdict so far: duplicate").first.wait_for(timeout=60_000)
+    finally:
+        page.close()
