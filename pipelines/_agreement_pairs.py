@@ -9,14 +9,24 @@ not ordered). Families keep apples with apples: ``binary`` (binary, graded, deri
 
 from __future__ import annotations
 
+import itertools
+import re
+
+import numpy as np
 import polars as pl
 
 from catalog.consensus import BinariseRule
 
 FAMILY = {"binary": "binary", "graded": "binary", "ordinal": "ordinal", "category": "category"}
-LABEL_COLS = ["source_id", "annotator", "image_id", "finding", "finding_own", "c", "o"]
 PAIR_KEYS = ["family", "source_a", "annotator_a", "source_b", "annotator_b", "finding",
              "finding_a", "finding_b"]
+ROW_COLS = ["key", "img", "ca", "cb", "oa", "ob"]
+
+
+def image_key(col: str = "image_id") -> pl.Expr:
+    """A 64-bit integer per image id: joins and group-bys on it are far cheaper than on text
+    (a collision among a million ids has a chance of about 3e-8)."""
+    return pl.col(col).hash(seed=0x6D65646C616B65).alias("img")
 
 
 def rater_labels(
@@ -24,72 +34,117 @@ def rater_labels(
 ) -> pl.DataFrame:
     """Codes of every annotation row of one dataset (see the module docstring).
 
-    Rows of sources whose findings are not in the ``findings`` table keep their own name,
-    normalised the way the vocabulary does it.
+    Returns ``source_id, annotator, img, finding, finding_own, c, o, family, negatives,
+    value``. Findings missing from the ``findings`` table keep their own name, normalised.
     """
-    s = sources.select("source_id", "negatives", "value_type")
-    df = (
-        ann.join(s, on="source_id", how="inner")
-        .join(findings.select("source_id", "finding", "shared_finding"),
-              on=["source_id", "finding"], how="left")
-        .with_columns(
-            pl.col("finding").alias("finding_own"),
-            pl.coalesce("shared_finding", pl.col("finding").str.to_lowercase()
-                        .str.replace_all(r"[^a-z0-9]+", "_").str.strip_chars("_")).alias("finding"),
-            pl.col("value_type").replace_strict(FAMILY, default="category").alias("family"),
-        )
-    )
+    meta = {r["source_id"]: r for r in sources.iter_rows(named=True)}
+    shared = {(r["source_id"], r["finding"]): r["shared_finding"]
+              for r in findings.iter_rows(named=True)}
+    parts = []
+    for sid in sorted(set(ann["source_id"].unique().to_list()) & set(meta)):
+        rows = ann.filter(pl.col("source_id") == sid)
+        own = rows["finding"].unique().to_list()
+        fmap = {f: shared.get((sid, f)) or re.sub(r"[^a-z0-9]+", "_", f.lower()).strip("_")
+                for f in own}
+        vt = meta[sid]["value_type"]
+        parts.append(rows.select(
+            "source_id", "annotator", image_key(), "value", "category",
+            pl.col("finding").replace_strict(fmap).alias("finding"),
+            pl.col("finding").alias("finding_own"), pl.lit(vt).alias("value_type"),
+            pl.lit(FAMILY.get(vt, "category")).alias("family"),
+            pl.lit(meta[sid]["negatives"]).alias("negatives"),
+        ))
+    if not parts:
+        return pl.DataFrame()
+    df = pl.concat(parts)
     graded = df.filter(pl.col("value_type") == "graded")["value"].drop_nulls().unique().sort()
     ordv = df.filter(pl.col("value_type") == "ordinal")["value"].drop_nulls()
     ord_min = float(ordv.min()) if ordv.len() else 0.0  # type: ignore[arg-type]
     cats = df.filter(pl.col("family") == "category")["category"].drop_nulls().unique().sort()
-    cat_idx = pl.DataFrame({"category": cats, "_ci": pl.int_range(cats.len(), eager=True)})
-    df = df.join(cat_idx, on="category", how="left")
-    v, vt = pl.col("value"), pl.col("value_type")
+    v, vt_ = pl.col("value"), pl.col("value_type")
     grade_idx = v.replace_strict(graded.to_list(), list(range(graded.len())), default=None)
     o = (
-        pl.when(vt == "ordinal").then((v - ord_min).round(0))
-        .when(vt == "graded").then(grade_idx).otherwise(None).cast(pl.Int32)
+        pl.when(vt_ == "ordinal").then((v - ord_min).round(0))
+        .when(vt_ == "graded").then(grade_idx).otherwise(None).cast(pl.Int32)
     )
+    cat_idx = pl.col("category").replace_strict(cats.to_list(), list(range(cats.len())),
+                                                default=None)
     c = (
-        pl.when(vt == "graded").then(binarise.expr(v).cast(pl.Int32))
-        .when(vt == "binary").then((v >= 0.5).cast(pl.Int32))
-        .when(vt == "ordinal").then(o)
-        .otherwise(pl.col("_ci").cast(pl.Int32))
+        pl.when(vt_ == "graded").then(binarise.expr(v).cast(pl.Int32))
+        .when(vt_ == "binary").then((v >= 0.5).cast(pl.Int32))
+        .when(vt_ == "ordinal").then(o)
+        .otherwise(cat_idx.cast(pl.Int32))
     )
     return df.with_columns(c.alias("c"), o.alias("o")).select(
-        [*LABEL_COLS, "negatives", "family", "value"]
-    )
+        "source_id", "annotator", "img", "finding", "finding_own", "c", "o", "family",
+        "negatives", "value")
 
 
-def _side(df: pl.DataFrame, side: str) -> pl.DataFrame:
-    return df.rename({"source_id": f"source_{side}", "annotator": f"annotator_{side}",
-                      "finding_own": f"finding_{side}", "c": f"c{side}", "o": f"o{side}"})
+class _Keys:
+    """Integer ids of raters and findings, so pair rows carry one int64 ``key``."""
+
+    def __init__(self, labels: pl.DataFrame, extra_findings: list[str]) -> None:
+        r = labels.select("source_id", "annotator").unique().sort(["source_id", "annotator"])
+        self.raters = {k: i for i, k in enumerate(r.iter_rows())}
+        names = sorted(set(labels["finding"].unique().to_list()) | set(extra_findings))
+        self.findings = {f: i for i, f in enumerate(names)}
+        self.nr, self.nf = len(self.raters) + 1, len(self.findings) + 1
+
+    def side(self, df: pl.DataFrame, s: str, source_id: str) -> pl.DataFrame:
+        amap = {ann: i for (src, ann), i in self.raters.items() if src == source_id}
+        return df.select(
+            pl.col("annotator").replace_strict(amap, return_dtype=pl.Int64).alias(f"r{s}"), "img",
+            pl.col("finding").replace_strict(self.findings, return_dtype=pl.Int64).alias("fi"),
+            pl.col("c").alias(f"c{s}"), pl.col("o").alias(f"o{s}"))
 
 
 def _dense(
     rows: pl.DataFrame, covered: pl.DataFrame, source_id: str, own: pl.DataFrame
 ) -> pl.DataFrame:
-    """An implicit-negative source's codes on the (image, finding) keys of ``covered``.
+    """An implicit-negative source's codes on the (img, finding) keys of ``covered``.
 
     ``own`` maps the source's shared finding names to its own (``finding, finding_own``).
     """
-    pos = rows.select("image_id", "finding", "annotator", "finding_own", "c", "o")
-    out = (
-        covered.select("image_id", "finding").unique()
+    pos = rows.select("img", "finding", "c", "o")
+    return (
+        covered.select("img", "finding").unique()
         .join(own, on="finding", how="inner")
-        .join(pos.drop("finding_own"), on=["image_id", "finding"], how="left")
-        .with_columns(
-            pl.lit(source_id).alias("source_id"), pl.col("annotator").fill_null(""),
-            pl.col("c").fill_null(0),  # covered and no row: negative
-        )
+        .join(pos, on=["img", "finding"], how="left")
+        .with_columns(pl.lit(source_id).alias("source_id"), pl.lit("").alias("annotator"),
+                      pl.col("c").fill_null(0))  # covered and no row: negative
     )
-    return out.select(LABEL_COLS)
+
+
+def _annotator_pairs(side: pl.DataFrame) -> pl.DataFrame:
+    """Every two annotators of one source on the same (image, finding), without a self-join:
+    sort by (finding, image, annotator) and pair each row with the rows 1..m-1 below it."""
+    d = side.sort(["fi", "img", "ra"])
+    fi, img, r = d["fi"].to_numpy(), d["img"].to_numpy(), d["ra"].to_numpy()
+    c = d["ca"].fill_null(-1).to_numpy()
+    o = d["oa"].fill_null(-1).to_numpy()
+    parts = []
+    for off in range(1, d.height):
+        same = (fi[:-off] == fi[off:]) & (img[:-off] == img[off:])
+        if not same.any():
+            break
+        ia = np.nonzero(same)[0]
+        ib = ia + off
+        parts.append(pl.DataFrame({
+            "ra": r[ia], "img": img[ia], "fi": fi[ia], "ca": c[ia], "oa": o[ia],
+            "rb": r[ib], "cb": c[ib], "ob": o[ib],
+        }))
+    if not parts:
+        return pl.DataFrame(schema={"ra": pl.Int64, "img": pl.UInt64, "fi": pl.Int64,
+                                    "ca": pl.Int32, "oa": pl.Int32, "rb": pl.Int64,
+                                    "cb": pl.Int32, "ob": pl.Int32})
+    out = pl.concat(parts)
+    return out.with_columns(pl.when(pl.col(x) >= 0).then(pl.col(x)).cast(pl.Int32)
+                            for x in ("ca", "cb", "oa", "ob"))
 
 
 def source_pairs(
     labels: pl.DataFrame, sources: pl.DataFrame, coverage: pl.DataFrame, findings: pl.DataFrame
-) -> tuple[pl.DataFrame, list[tuple[str, str, list[str]]]]:
+) -> tuple[pl.DataFrame, pl.DataFrame, list[tuple[str, str, list[str]]]]:
     """Pair rows (one per image, finding and rater pair) for every two sources of a dataset.
 
     An implicit-negative source's vocabulary comes from ``findings`` (a finding it never
@@ -97,89 +152,117 @@ def source_pairs(
 
     Returns
     -------
-    (pairs, no_overlap)
-        ``pairs`` has :data:`PAIR_KEYS`, ``negatives_a/_b``, ``image_id, ca, cb, oa, ob``;
-        ``no_overlap`` lists (source_a, source_b, findings) that share findings but no
-        image (they are compared by prevalence instead).
+    (rows, meta, no_overlap)
+        ``rows``: ``key, img, ca, cb, oa, ob``; ``meta``: one row per ``key`` with
+        :data:`PAIR_KEYS` and ``negatives_a, negatives_b``; ``no_overlap``: (source_a,
+        source_b, findings) that share findings but no image (compared by prevalence).
     """
     neg = dict(zip(sources["source_id"].to_list(), sources["negatives"].to_list()))
     ids = sorted(set(labels["source_id"].unique().to_list()))
     by_src = {s: labels.filter(pl.col("source_id") == s) for s in ids}
     fam = {s: by_src[s]["family"][0] for s in ids}
     vocab = {s: set(by_src[s]["finding"].unique().to_list()) for s in ids}
+    cov = {s: coverage.filter(pl.col("source_id") == s).select(image_key()) for s in ids}
     own = {}
     for s in ids:
         f = findings.filter(pl.col("source_id") == s).select(
             pl.col("shared_finding").alias("finding"), pl.col("finding").alias("finding_own"))
         own[s] = pl.concat([f, by_src[s].select("finding", "finding_own")]).unique(
-            subset="finding", keep="first")
+            subset="finding", keep="first", maintain_order=True)
         if neg[s] == "implicit":
             vocab[s] |= set(own[s]["finding"].to_list())
-    cov = {s: coverage.filter(pl.col("source_id") == s).select("image_id") for s in ids}
+    keys = _Keys(labels, [f for s in ids for f in vocab[s]])
     out: list[pl.DataFrame] = []
+    metas: list[pl.DataFrame] = []
     no_overlap: list[tuple[str, str, list[str]]] = []
     for i, a in enumerate(ids):
         for b in ids[i:]:
             common = sorted(vocab[a] & vocab[b])
-            if not common or fam[a] != fam[b]:
+            if not common or fam[a] != fam[b] or (neg[a] == "none" and neg[b] == "none"):
                 continue
-            la = by_src[a].filter(pl.col("finding").is_in(common)).select(LABEL_COLS)
-            lb = by_src[b].filter(pl.col("finding").is_in(common)).select(LABEL_COLS)
-            if a == b:
-                if la["annotator"].n_unique() < 2 or neg[a] != "explicit":
-                    continue
-                j = _side(la, "a").join(_side(lb, "b"), on=["image_id", "finding"])
-                j = j.filter(pl.col("annotator_a") < pl.col("annotator_b"))
-            else:
-                if neg[a] == "implicit" and neg[b] == "implicit":
-                    both = cov[a].join(cov[b], on="image_id", how="semi")
-                    if both.height == 0:
-                        no_overlap.append((a, b, common))
-                        continue
-                    keys = both.join(pl.DataFrame({"finding": common}), how="cross")
-                    la, lb = _dense(la, keys, a, own[a]), _dense(lb, keys, b, own[b])
-                elif neg[a] == "implicit":
-                    la = _dense(la, lb.join(cov[a], on="image_id", how="semi"), a, own[a])
-                elif neg[b] == "implicit":
-                    lb = _dense(lb, la.join(cov[b], on="image_id", how="semi"), b, own[b])
-                if neg[a] == "none" and neg[b] == "none":
-                    continue  # two positive-only sources: nothing valid to compare
-                if neg[b] == "none":  # the positive-only side always goes first
-                    a, b, la, lb = b, a, lb, la
-                j = _side(la, "a").join(_side(lb, "b"), on=["image_id", "finding"])
-                if j.height == 0 and neg[a] != "none":
+            la = by_src[a].filter(pl.col("finding").is_in(common))
+            lb = by_src[b].filter(pl.col("finding").is_in(common))
+            if a == b and (la["annotator"].n_unique() < 2 or neg[a] != "explicit"):
+                continue
+            if a != b and neg[a] == "implicit" and neg[b] == "implicit":
+                both = cov[a].join(cov[b], on="img", how="semi")
+                if both.height == 0:
                     no_overlap.append((a, b, common))
                     continue
-            out.append(j.with_columns(
-                pl.lit(fam[a]).alias("family"), pl.lit(neg[a]).alias("negatives_a"),
-                pl.lit(neg[b]).alias("negatives_b"),
-            ))
-    cols = [*PAIR_KEYS, "negatives_a", "negatives_b", "image_id", "ca", "cb", "oa", "ob"]
+                grid = both.join(pl.DataFrame({"finding": common}), how="cross")
+                la, lb = _dense(la, grid, a, own[a]), _dense(lb, grid, b, own[b])
+            elif a != b and neg[a] == "implicit":
+                la = _dense(la, lb.join(cov[a], on="img", how="semi"), a, own[a])
+            elif a != b and neg[b] == "implicit":
+                lb = _dense(lb, la.join(cov[b], on="img", how="semi"), b, own[b])
+            if neg[b] == "none":  # the positive-only side always goes first
+                a, b, la, lb = b, a, lb, la
+            if a == b:
+                j = _annotator_pairs(keys.side(la, "a", a))
+            else:
+                j = keys.side(la, "a", a).join(keys.side(lb, "b", b), on=["img", "fi"])
+            if j.height == 0 and a != b and neg[a] != "none":
+                no_overlap.append((a, b, common))
+                continue
+            j = j.with_columns(((pl.col("ra") * keys.nr + pl.col("rb")) * keys.nf + pl.col("fi"))
+                               .alias("key"))
+            out.append(j.select(ROW_COLS))
+            fa = dict(zip(own[a]["finding"], own[a]["finding_own"]))
+            fb = dict(zip(own[b]["finding"], own[b]["finding_own"]))
+            m = j.select("key", "ra", "rb", "fi").unique(subset="key")
+            inv_r = {v: k for k, v in keys.raters.items()}
+            inv_f = {v: k for k, v in keys.findings.items()}
+            ra, rb = [inv_r[x] for x in m["ra"]], [inv_r[x] for x in m["rb"]]
+            fi = [inv_f[x] for x in m["fi"]]
+            metas.append(pl.DataFrame({
+                "key": m["key"], "family": [fam[a]] * m.height,
+                "source_a": [r[0] for r in ra], "annotator_a": [r[1] for r in ra],
+                "source_b": [r[0] for r in rb], "annotator_b": [r[1] for r in rb],
+                "finding": fi, "finding_a": [fa.get(f) for f in fi],
+                "finding_b": [fb.get(f) for f in fi],
+                "negatives_a": [neg[a]] * m.height, "negatives_b": [neg[b]] * m.height,
+            }))
     if not out:
-        return pl.DataFrame(schema={c: (pl.Int32 if c in ("ca", "cb", "oa", "ob") else pl.String)
-                                    for c in cols}), no_overlap
-    return pl.concat([o.select(cols) for o in out], how="vertical_relaxed"), no_overlap
+        return (pl.DataFrame(schema={c: (pl.UInt64 if c == "img" else pl.Int64) for c in ROW_COLS}),
+                pl.DataFrame(), no_overlap)
+    return pl.concat(out, how="vertical_relaxed"), pl.concat(metas), no_overlap
 
 
-def multi_rater_items(labels: pl.DataFrame, sources: pl.DataFrame) -> pl.DataFrame:
-    """Per (source with 2+ annotators, finding, image): the annotators' codes as a list."""
+def multi_rater_items(
+    labels: pl.DataFrame, sources: pl.DataFrame
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Codes of sources with 2+ annotators (explicit negatives only).
+
+    Returns
+    -------
+    (rows, meta)
+        ``rows``: ``mk, img, c`` (one per annotator's answer; ``c`` null when excluded);
+        ``meta``: ``mk, source_id, finding, finding_own, family`` per (source, finding).
+    """
     explicit = sources.filter(pl.col("negatives") == "explicit")["source_id"]
-    multi = (labels.filter(pl.col("source_id").is_in(explicit.implode()))
-             .group_by("source_id").agg(pl.col("annotator").n_unique().alias("n"))
-             .filter(pl.col("n") >= 2))
-    return (
-        labels.join(multi, on="source_id", how="semi")
-        .group_by(["source_id", "finding", "image_id"])
-        .agg(pl.col("family").first(), pl.col("finding_own").first(), pl.col("c"),
-             pl.col("annotator").n_unique().alias("n_raters"))
-    )
+    lab = labels.filter(pl.col("source_id").is_in(explicit.implode()))
+    multi = sorted(s for s, n in lab.group_by("source_id").agg(pl.col("annotator").n_unique())
+                   .iter_rows() if n >= 2)
+    rows, metas = [], []
+    for si, sid in enumerate(multi):
+        r = lab.filter(pl.col("source_id") == sid)
+        m = r.select("finding", "finding_own", "family").unique(subset="finding").sort("finding")
+        m = m.with_columns(pl.int_range(m.height, dtype=pl.Int64).alias("fi"))
+        fmap = dict(zip(m["finding"], m["fi"]))
+        rows.append(r.select((si * 100_000 + pl.col("finding").replace_strict(
+            fmap, return_dtype=pl.Int64)).alias("mk"), "img", "c"))
+        metas.append(m.select((si * 100_000 + pl.col("fi")).alias("mk"),
+                              pl.lit(sid).alias("source_id"), "finding", "finding_own", "family"))
+    if not rows:
+        return pl.DataFrame(), pl.DataFrame()
+    return pl.concat(rows), pl.concat(metas)
 
 
 def subgroup_values(
     images: pl.DataFrame, ann_codes: pl.DataFrame, *, columns: list[str], bands: list[float],
     annotation_specs: list[dict[str, str]],
 ) -> pl.DataFrame:
-    """``image_id, subgroup, subgroup_value`` for every subgroup definition that applies.
+    """``img, subgroup, subgroup_value`` for every subgroup definition that applies.
 
     ``columns`` are images columns (``age_band`` bins ``age`` by ``bands``); each annotation
     spec ``{source, finding}`` splits images by that source's label (``yes``/``no``/meaning).
@@ -188,7 +271,7 @@ def subgroup_values(
     parts = []
     for col in columns:
         if col == "age_band" and "age" in images.columns:
-            labels = [f"{lo:g}-{hi:g}" for lo, hi in zip(bands[:-1], bands[1:])]
+            labels = [f"{lo:g}-{hi:g}" for lo, hi in itertools.pairwise(bands)]
             expr = pl.col("age").cut(bands[1:-1], labels=labels, left_closed=True).cast(pl.String)
             vals = images.select("image_id", expr.alias("subgroup_value"))
             vals = vals.filter(pl.col("subgroup_value").is_not_null() & pl.col("image_id").is_in(
@@ -210,6 +293,6 @@ def subgroup_values(
         if vals.height:
             parts.append(vals.with_columns(pl.lit(f"{sp['source']}/{sp['finding']}").alias("subgroup")))
     if not parts:
-        return pl.DataFrame(schema={"image_id": pl.String, "subgroup_value": pl.String,
-                                    "subgroup": pl.String})
-    return pl.concat([p.select("image_id", "subgroup_value", "subgroup") for p in parts])
+        return pl.DataFrame(schema={"img": pl.UInt64, "subgroup": pl.String,
+                                    "subgroup_value": pl.String})
+    return pl.concat([p.select(image_key(), "subgroup", "subgroup_value") for p in parts])

@@ -29,32 +29,38 @@ def _weighted(cells: pl.DataFrame, a: str, b: str, n_groups: int, k: int) -> np.
                        minlength=n_groups * k * k).reshape(n_groups, k, k)
 
 
-def group_stats(rows: pl.DataFrame, *, references: set[tuple[str, str]]) -> pl.DataFrame:
+def group_stats(
+    rows: pl.DataFrame, meta: pl.DataFrame, sgmeta: pl.DataFrame, *,
+    references: set[tuple[str, str]],
+) -> pl.DataFrame:
     """Kappa (+CI), weighted kappas, off-by-one, positives, PPV/NPV/sens/spec per group.
 
     Parameters
     ----------
     rows
-        Pair rows with :data:`KEYS`, ``negatives_a, negatives_b, ca, cb, oa, ob``.
+        Pair rows ``key, sg, ca, cb, oa, ob`` (integer keys: one group = ``(key, sg)``).
+    meta, sgmeta
+        ``key`` -> :data:`PAIR_KEYS` and ``negatives_a/_b``; ``sg`` -> ``subgroup,
+        subgroup_value``.
     references
         ``{(test source, reference source)}`` pairs from ``params.yaml``.
     """
     if rows.height == 0:
         return pl.DataFrame()
-    cells = rows.group_by([*KEYS, "ca", "cb"]).agg(
-        pl.len(), pl.col("negatives_a").first(), pl.col("negatives_b").first())
-    groups = cells.group_by(KEYS).agg(
-        pl.col("len").filter(pl.col("ca").is_null()).sum().alias("n_excluded_a"),
-        pl.col("len").filter(pl.col("cb").is_null()).sum().alias("n_excluded_b"),
-        pl.col("negatives_a").first(), pl.col("negatives_b").first(),
-    ).sort(KEYS)
+    cells = rows.group_by(["key", "sg", "ca", "cb"]).len()
+    groups = (
+        cells.group_by(["key", "sg"]).agg(
+            pl.col("len").filter(pl.col("ca").is_null()).sum().alias("n_excluded_a"),
+            pl.col("len").filter(pl.col("cb").is_null()).sum().alias("n_excluded_b"))
+        .join(meta, on="key").join(sgmeta, on="sg").sort(KEYS)
+    )
     ocells = rows.filter(pl.col("oa").is_not_null() & pl.col("ob").is_not_null()).group_by(
-        [*KEYS, "oa", "ob"]).len()
+        ["key", "sg", "oa", "ob"]).len()
     out = []
     for fam in sorted(groups["family"].unique().to_list()):
         g = groups.filter(pl.col("family") == fam).with_row_index("gid")
-        c = cells.filter((pl.col("family") == fam) & pl.col("ca").is_not_null()
-                         & pl.col("cb").is_not_null()).join(g.select([*KEYS, "gid"]), on=KEYS)
+        c = cells.filter(pl.col("ca").is_not_null() & pl.col("cb").is_not_null()).join(
+            g.select("key", "sg", "gid"), on=["key", "sg"])
         k = max(3, int(max(c["ca"].max() or 0, c["cb"].max() or 0)) + 1)  # type: ignore[arg-type]
         t = _weighted(c, "ca", "cb", g.height, k)
         out.append(_family_frame(g, t, fam, ocells, references))
@@ -93,7 +99,7 @@ def _family_frame(
                                                np.where(use_a, d_a[name], np.nan)))
         cols["reference"] = [(b if r == "b" else a if r == "a" else None) if not po else None
                              for r, a, b, po in zip(ref_side, src_a, src_b, pos_only)]
-    oc = ocells.join(g.select([*KEYS, "gid"]), on=KEYS)
+    oc = ocells.join(g.select("key", "sg", "gid"), on=["key", "sg"])
     if oc.height:
         ko = int(max(oc["oa"].max(), oc["ob"].max())) + 1  # type: ignore[arg-type]
         to = _weighted(oc, "oa", "ob", g.height, ko)
@@ -111,58 +117,70 @@ def _family_frame(
                 if cols[name][i] is None:  # type: ignore[index]
                     parts.append(f"{name} undefined: {why}")
         full.append("; ".join(parts) or None)
-    return g.drop("gid", "negatives_a", "negatives_b", "family").with_columns(
+    return g.drop("gid", "key", "sg", "negatives_a", "negatives_b", "family").with_columns(
         pl.Series("kind", kind), pl.lit(fam).alias("value_type"),
         *[pl.Series(k, v) for k, v in cols.items()], pl.Series("note", full, dtype=pl.String),
     )
 
 
-def multi_stats(items: pl.DataFrame) -> pl.DataFrame:
+def multi_stats(rows: pl.DataFrame, meta: pl.DataFrame, sgmeta: pl.DataFrame) -> pl.DataFrame:
     """Fleiss' kappa and Krippendorff's alpha over all annotators of a source, per group.
 
-    ``items``: one row per (source_id, finding, image_id, subgroup, subgroup_value) with the
-    annotators' codes in list column ``c`` and ``family``, ``finding_own``, ``n_raters``.
+    ``rows``: ``mk, sg, img, c`` (one per annotator answer); ``meta``: ``mk`` -> source_id,
+    finding, finding_own, family; ``sgmeta``: ``sg`` -> subgroup, subgroup_value.
     """
-    if items.height == 0:
+    if rows.height == 0:
         return pl.DataFrame()
-    keys = ["source_id", "finding", "finding_own", "family", "subgroup", "subgroup_value"]
-    out = []
-    for fam in sorted(items["family"].unique().to_list()):
-        it = items.filter(pl.col("family") == fam)
-        g = it.group_by(keys).agg(pl.col("n_raters").max(), pl.col("n_raters").min().alias("_min"),
-                                  ).sort(keys).with_row_index("gid")
-        it = it.join(g.select([*keys, "gid"]), on=keys).with_row_index("item")
-        ex = it.select("item", "gid", "c").explode("c").drop_nulls("c")
-        k = max(2, int(ex["c"].max() or 0) + 1)  # type: ignore[arg-type]
-        counts = np.bincount(ex["item"].to_numpy().astype(np.int64) * k + ex["c"].to_numpy(),
-                             minlength=it.height * k).reshape(it.height, k)
-        gid = it["gid"].to_numpy()
-        fl = stats.fleiss_kappa(gid, counts, g.height)
-        al = stats.krippendorff_alpha(gid, counts, g.height,
-                                      metric="ordinal" if fam == "ordinal" else "nominal")
-        n_items = np.bincount(gid[counts.sum(1) >= 2], minlength=g.height)
-        notes = []
-        for i in range(g.height):
-            parts = []
-            if np.isnan(fl[i]):
-                parts.append("fleiss/alpha undefined: no item with two usable ratings or a "
-                             "single value throughout")
-            if g["_min"][i] != g["n_raters"][i]:
-                parts.append(f"raters per item vary ({g['_min'][i]}-{g['n_raters'][i]}); "
-                             "Fleiss' kappa uses each item's own count")
-            notes.append("; ".join(parts) or None)
-        out.append(g.select(
-            pl.lit("raters").alias("kind"), pl.lit(fam).alias("value_type"),
-            pl.col("source_id").alias("source_a"), pl.lit("*").alias("annotator_a"),
-            pl.col("source_id").alias("source_b"), pl.lit("*").alias("annotator_b"),
-            "finding", pl.col("finding_own").alias("finding_a"),
-            pl.col("finding_own").alias("finding_b"), "subgroup", "subgroup_value",
-            pl.col("n_raters").cast(pl.Int64),
-        ).with_columns(
-            pl.Series("n_shared", n_items.astype(np.int64)), pl.Series("fleiss", _nan_to_null(fl)),
-            pl.Series("alpha", _nan_to_null(al)), pl.Series("note", notes, dtype=pl.String),
-        ))
-    return pl.concat(out, how="diagonal_relaxed")
+    d = rows.sort(["mk", "sg", "img"])
+    mk, sg, img = d["mk"].to_numpy(), d["sg"].to_numpy(), d["img"].to_numpy()
+    c = d["c"].fill_null(-1).to_numpy()
+    new_g = np.ones(len(mk), bool)
+    new_g[1:] = (mk[1:] != mk[:-1]) | (sg[1:] != sg[:-1])
+    new_i = new_g.copy()
+    new_i[1:] |= img[1:] != img[:-1]
+    row_gid = np.cumsum(new_g) - 1
+    row_item = np.cumsum(new_i) - 1
+    n_it = int(row_item[-1]) + 1
+    starts = np.nonzero(new_g)[0]
+    g = pl.DataFrame({"mk": mk[starts], "sg": sg[starts]})
+    fam_of = dict(zip(meta["mk"], meta["family"]))
+    m_item = np.bincount(row_item, minlength=n_it)
+    item_gid = row_gid[np.nonzero(new_i)[0]]
+    raters = pl.DataFrame({"gid": item_gid, "m": m_item}).group_by("gid").agg(
+        pl.col("m").max().alias("n_raters"), pl.col("m").min().alias("_min")).sort("gid")
+    ok = c >= 0
+    k = max(2, int(c.max()) + 1)
+    counts = np.bincount(row_item[ok] * k + c[ok], minlength=n_it * k).reshape(n_it, k)
+    gid = item_gid
+    fl = stats.fleiss_kappa(gid, counts, g.height)
+    fams = np.array([fam_of[m] for m in g["mk"]])
+    al = stats.krippendorff_alpha(gid, counts, g.height, metric="nominal")
+    if (fams == "ordinal").any():
+        al = np.where(fams == "ordinal",
+                      stats.krippendorff_alpha(gid, counts, g.height, metric="ordinal"), al)
+    n_items = np.bincount(gid[counts.sum(1) >= 2], minlength=g.height)
+    notes = []
+    for i, (lo, hi) in enumerate(zip(raters["_min"], raters["n_raters"])):
+        parts = []
+        if np.isnan(fl[i]):
+            parts.append("fleiss/alpha undefined: no item with two usable ratings or a single "
+                         "value throughout")
+        if lo != hi:
+            parts.append(f"raters per item vary ({lo}-{hi}); Fleiss' kappa uses each item's "
+                         "own count")
+        notes.append("; ".join(parts) or None)
+    return g.with_columns(
+        pl.Series("n_raters", raters["n_raters"].cast(pl.Int64)),
+        pl.Series("n_shared", n_items.astype(np.int64)), pl.Series("fleiss", _nan_to_null(fl)),
+        pl.Series("alpha", _nan_to_null(al)), pl.Series("note", notes, dtype=pl.String),
+    ).join(meta, on="mk").join(sgmeta, on="sg").select(
+        pl.lit("raters").alias("kind"), pl.col("family").alias("value_type"),
+        pl.col("source_id").alias("source_a"), pl.lit("*").alias("annotator_a"),
+        pl.col("source_id").alias("source_b"), pl.lit("*").alias("annotator_b"),
+        "finding", pl.col("finding_own").alias("finding_a"),
+        pl.col("finding_own").alias("finding_b"), "subgroup", "subgroup_value",
+        "n_raters", "n_shared", "fleiss", "alpha", "note",
+    )
 
 
 def prevalence_rows(

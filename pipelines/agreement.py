@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import polars as pl
 
@@ -104,7 +105,9 @@ def compute(
         fnd = pl.concat([fnd, dtabs["findings"]], how="diagonal_relaxed")
         cov = pl.concat([cov, dtabs["coverage"]], how="diagonal_relaxed")
     labels = ap.rater_labels(ann, src, fnd, br)
-    pairs, no_overlap = ap.source_pairs(labels, src, cov, fnd)
+    if labels.height == 0:
+        return pl.from_arrow(conform("agreement", [])), dtabs  # type: ignore[return-value]
+    rows, meta, no_overlap = ap.source_pairs(labels, src, cov, fnd)
     images = tables["images"].filter(pl.col("dataset_id") == dataset_id)
     ann_codes = ann.select("image_id", "source_id", pl.col("finding").alias("finding_own"),
                            "value", "meaning")
@@ -113,16 +116,22 @@ def compute(
         annotation_specs=[s for s in cfg["annotation_subgroups"]
                           if str(s.get("source", "")).startswith(dataset_id + ":")],
     )
+    sgmeta = pl.concat([
+        pl.DataFrame({"subgroup": [""], "subgroup_value": [""]}),
+        sub.select("subgroup", "subgroup_value").unique().sort(["subgroup", "subgroup_value"]),
+    ]).with_row_index("sg").with_columns(pl.col("sg").cast(pl.Int64))
+    sub = sub.join(sgmeta, on=["subgroup", "subgroup_value"]).select("img", "sg")
     refs = {(r["test"], r["reference"]) for r in cfg.get("references") or []}
+    mrows, mmeta = ap.multi_rater_items(labels, src)
     parts = [
-        group_stats(_with_subgroups(pairs, sub), references=refs),
-        multi_stats(_with_subgroups(ap.multi_rater_items(labels, src), sub)),
+        group_stats(_with_subgroups(rows, sub), meta, sgmeta, references=refs),
+        multi_stats(_with_subgroups(mrows, sub), mmeta, sgmeta) if mrows.height else pl.DataFrame(),
         prevalence_rows(labels, cov, no_overlap),
     ]
     out = pl.concat([p for p in parts if p.height], how="diagonal_relaxed") if any(
         p.height for p in parts) else pl.DataFrame()
     if out.height:
-        sizes = sub.group_by(["subgroup", "subgroup_value"]).agg(pl.len().alias("n_subgroup"))
+        sizes = sub.group_by("sg").agg(pl.len().alias("n_subgroup")).join(sgmeta, on="sg").drop("sg")
         out = out.join(sizes, on=["subgroup", "subgroup_value"], how="left").with_columns(
             pl.when(pl.col("subgroup") == "").then(pl.lit(images.height))
             .otherwise(pl.col("n_subgroup")).alias("n_subgroup"),
@@ -136,10 +145,11 @@ def compute(
 
 
 def _with_subgroups(rows: pl.DataFrame, sub: pl.DataFrame) -> pl.DataFrame:
-    base = rows.with_columns(pl.lit("").alias("subgroup"), pl.lit("").alias("subgroup_value"))
+    """The rows once for the whole set (``sg`` 0) and again for each subgroup they fall in."""
+    base = rows.with_columns(pl.lit(0, pl.Int64).alias("sg"))
     if sub.height == 0 or rows.height == 0:
         return base
-    return pl.concat([base, rows.join(sub, on="image_id", how="inner").select(base.columns)])
+    return pl.concat([base, rows.join(sub, on="img", how="inner").select(base.columns)])
 
 
 def run(
