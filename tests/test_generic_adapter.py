@@ -14,9 +14,11 @@ import pydicom
 import pytest
 import yaml
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from catalog import Catalog, IngestError, SchemaError
+from catalog import Catalog, IngestError, SchemaError, Workspace
 from catalog.imageio import inspect, inspect_many, load_rgb, render_8bit, window
 from cli.main import main
 from pipelines import ingest
@@ -326,3 +328,32 @@ def test_flags_configured_ingest_via_cli(catalog: Catalog, data, tmp_path):
     r = runner.invoke(main, ["ingest", "generic", str(tmp_path / "img"), "-w", str(catalog.ws.root),
                              "-o", "manifest=../m.csv", "-o", "id=image_id"])
     assert r.exit_code == 1 and "--dataset" in r.output
+
+
+# --- invariant: rows read = ingested + quarantined, against an independent model ---------------
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["", "k1", "k2", "k3", "k4", "k5"]),
+                          st.sampled_from(["", "40", "12.5", "old"]),
+                          st.sampled_from(["", "1", "0", "yes", "unknown", "maybe"])),
+                min_size=1, max_size=12))
+def test_rows_in_equal_rows_out_plus_quarantined(tmp_path_factory, rows):
+    tmp = tmp_path_factory.mktemp("inv")
+    (tmp / ".dvc").mkdir()
+    cat = Catalog(Workspace(tmp))
+    (tmp / "m.csv").write_text("id,age,pos\n" + "".join(f"{i},{a},{p}\n" for i, a, p in rows))
+    opts = {"manifest": "m.csv", "id": "id", "age": "age", "label": "pos:expert:binary", "unknown": "unknown"}
+    res = ingest.run(cat, "generic", tmp, dataset_id="inv", **opts)
+    seen, want, judged = set(), [], 0
+    for i, a, p in rows:
+        first = i and i not in seen
+        seen.add(i)
+        if first and a != "old" and p != "maybe":
+            want.append(i)
+            judged += p != ""  # a blank cell: not judged, no annotation row
+    assert res.rows_read == len(rows) == res.files[0].rows_ingested + res.rows_quarantined
+    assert sorted(cat.read("images")["native_id"].to_list()) == sorted(want)
+    assert cat.read("quarantine").height == len(rows) - len(want)
+    assert cat.read("annotations").height == judged
+    before = {p: p.read_bytes() for p in sorted(cat.ws.tables_dir.rglob("*.parquet"))}
+    ingest.run(cat, "generic", tmp, dataset_id="inv", **opts)
+    assert {p: p.read_bytes() for p in sorted(cat.ws.tables_dir.rglob("*.parquet"))} == before
