@@ -41,6 +41,33 @@ VIEWS: dict[str, str] = {
           AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.image_id = c.image_id
                           AND a.source_id = c.source_id AND a.finding = f.finding)
     """,
+    # one row per image and shared finding where raters (source or source/annotator) give
+    # different usable values; implicit-negative sources count as negative on images they
+    # cover; excluded values (unknown, invalid, uncertain: value and category null) are left out
+    "discrepancies": """
+        WITH lab AS (
+            SELECT a.image_id, f.shared_finding AS finding, a.source_id,
+                   a.source_id || CASE WHEN a.annotator = '' THEN '' ELSE '/' || a.annotator END
+                       AS rater,
+                   coalesce(CAST(a.value AS VARCHAR), a.category) AS label
+            FROM annotations a JOIN findings f USING (source_id, finding)
+            WHERE a.value IS NOT NULL OR a.category IS NOT NULL
+        ), implicit_neg AS (
+            SELECT k.image_id, k.finding, s.source_id, s.source_id AS rater, '0.0' AS label
+            FROM (SELECT DISTINCT image_id, finding FROM lab) k
+            JOIN coverage c ON c.image_id = k.image_id
+            JOIN sources s ON s.source_id = c.source_id AND s.negatives = 'implicit'
+            JOIN findings f ON f.source_id = s.source_id AND f.shared_finding = k.finding
+            ANTI JOIN lab l ON l.image_id = k.image_id AND l.finding = k.finding
+                            AND l.source_id = s.source_id
+        ), allrows AS (SELECT * FROM lab UNION ALL SELECT * FROM implicit_neg)
+        SELECT split_part(image_id, ':', 1) AS dataset_id, image_id, finding,
+               count(DISTINCT source_id) AS n_sources, count(*) AS n_raters,
+               string_agg(rater || '=' || label, '; ' ORDER BY rater) AS labels,
+               map(list(rater ORDER BY rater), list(label ORDER BY rater)) AS label_map
+        FROM allrows GROUP BY image_id, finding
+        HAVING count(DISTINCT rater) > 1 AND count(DISTINCT label) > 1
+    """,
     "quarantine_summary": """
         SELECT stage, dataset_id, file, reason, count(*) AS n_rows
         FROM quarantine GROUP BY ALL ORDER BY stage, dataset_id, file, n_rows DESC
