@@ -19,7 +19,7 @@ from typing import Any
 
 import polars as pl
 
-from catalog import Catalog, CatalogError, conform
+from catalog import Catalog, CatalogError, conform, spec
 from catalog.consensus import BinariseRule, derive_source
 from pipelines import _agreement_pairs as ap
 from pipelines._agreement_stats import group_stats, multi_stats, prevalence_rows
@@ -106,7 +106,7 @@ def compute(
         cov = pl.concat([cov, dtabs["coverage"]], how="diagonal_relaxed")
     labels = ap.rater_labels(ann, src, fnd, br)
     if labels.height == 0:
-        return pl.from_arrow(conform("agreement", [])), dtabs  # type: ignore[return-value]
+        return pl.from_arrow(spec("agreement").schema.empty_table()), dtabs  # type: ignore[return-value]
     rows, meta, no_overlap = ap.source_pairs(labels, src, cov, fnd)
     images = tables["images"].filter(pl.col("dataset_id") == dataset_id)
     ann_codes = ann.select("image_id", "source_id", pl.col("finding").alias("finding_own"),
@@ -183,13 +183,8 @@ def run(
     """
     t0 = time.perf_counter()
     cfg = settings(catalog, overrides)
-    names = ["sources", "annotations", "findings", "coverage", "images"]
     tables = {n: catalog.read(n, required=True, hint="run 'medlake ingest' first")
-              for n in names}
-    # derived sources are this stage's own output: recompute them, never read them back
-    old = tables["sources"].filter(pl.col("kind") == "derived")["source_id"].implode()
-    for n in ("sources", "annotations", "findings", "coverage"):
-        tables[n] = tables[n].filter(~pl.col("source_id").is_in(old))
+              for n in ("sources", "findings")}
     known = sorted(set(tables["sources"]["dataset_id"].to_list()))
     todo = [dataset_id] if dataset_id else (list(cfg["datasets"]) or known)
     for ds in todo:
@@ -197,6 +192,16 @@ def run(
             raise CatalogError(
                 f"dataset '{ds}' has no label sources in this workspace (known: "
                 f"{', '.join(known) or 'none'}); ingest it first with 'medlake ingest'")
+    ids = tables["sources"].filter(pl.col("dataset_id").is_in(todo))["source_id"].to_list()
+    in_ids = "source_id IN (" + ", ".join("'" + i.replace("'", "''") + "'" for i in ids) + ")"
+    for n in ("annotations", "coverage"):
+        tables[n] = catalog.read(n, where=in_ids if ids else "false")
+    in_ds = "dataset_id IN (" + ", ".join("'" + d.replace("'", "''") + "'" for d in todo) + ")"
+    tables["images"] = catalog.read("images", where=in_ds)
+    # derived sources are this stage's own output: recompute them, never read them back
+    old = tables["sources"].filter(pl.col("kind") == "derived")["source_id"].implode()
+    for n in ("sources", "annotations", "findings", "coverage"):
+        tables[n] = tables[n].filter(~pl.col("source_id").is_in(old))
     rows: dict[str, int] = {}
     derived: list[str] = []
     frames = []
@@ -215,6 +220,9 @@ def run(
         derived += dtabs["sources"]["source_id"].to_list() if "sources" in dtabs else []
         echo(f"[{i}/{len(todo)}] {ds}: {agr.height:,} agreement rows "
              f"({time.perf_counter() - t:.2f} s)")
+    for name in ("sources", "annotations", "coverage", "findings"):
+        if not catalog.tables.files(name, stage=STAGE):  # keep the DVC output folder present
+            catalog.write(name, spec(name).schema.empty_table(), stage=STAGE, partition="empty")
     out = None
     if plot:
         from pipelines._agreement_plot import plot_agreement
