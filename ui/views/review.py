@@ -67,8 +67,8 @@ def render(cat: Catalog) -> None:
         if shown:
             st.write(f"label: **{r['finding']}** = {r['raw_value'] or r['value']} ({source})")
         else:
-            st.caption("label hidden: judge the image first (class revealed after the verdict "
-                       "in the history below)")
+            st.caption("label hidden: the source's value is not shown; judge whether the "
+                       "image shows the class (blind check)")
             st.write(f"candidate class: **{r['finding']}**")
         show_image(cat, r["image_id"], caption=r["image_id"])
         st.text_input("note (optional)", key="rev-note")
