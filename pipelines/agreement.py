@@ -88,13 +88,13 @@ def compute(
     cov = tables["coverage"].filter(pl.col("source_id").is_in(ids))
     br = BinariseRule.from_params(cfg.get("binarise"))
     derived: dict[str, list[pl.DataFrame]] = {}
-    for spec in cfg.get("consensus") or []:
-        if not str(spec.get("source", "")).startswith(dataset_id + ":"):
+    for cons in cfg.get("consensus") or []:
+        if not str(cons.get("source", "")).startswith(dataset_id + ":"):
             continue
         d = derive_source(
-            src, ann, fnd, source_id=spec["source"], rule=spec.get("rule", "majority"),
-            binarise=BinariseRule.from_params(spec.get("binarise") or cfg.get("binarise")),
-            name=spec.get("name"),
+            src, ann, fnd, source_id=cons["source"], rule=cons.get("rule", "majority"),
+            binarise=BinariseRule.from_params(cons.get("binarise") or cfg.get("binarise")),
+            name=cons.get("name"),
         )
         for k, v in d.items():
             derived.setdefault(k, []).append(v)
