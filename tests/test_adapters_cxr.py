@@ -42,9 +42,18 @@ def rows(path: Path) -> tuple[list[str], list[list[str]]]:
         return header, list(r)
 
 
-def dicts(path: Path) -> list[dict[str, str]]:
-    header, data = rows(path)
-    return [dict(zip(header, r)) for r in data]
+def count_rows(path: Path) -> int:
+    with gzip.open(path, "rt", newline="") as fh:
+        return sum(1 for _ in csv.reader(fh)) - 1
+
+
+def dicts(path: Path, cols: list[str] | None = None) -> list[dict[str, str]]:
+    """Data rows as dicts (only ``cols`` when given, to keep the big files small in memory)."""
+    with gzip.open(path, "rt", newline="") as fh:
+        r = csv.reader(fh)
+        header = next(r)
+        keep = [(i, c) for i, c in enumerate(header) if cols is None or c in cols]
+        return [{c: row[i] for i, c in keep} for row in r]
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +81,9 @@ def files_bytes(cat: Catalog) -> dict[str, bytes]:
 def test_every_real_file_is_accounted_for(real):
     _, results, d = real
     for fmt, res in results.items():
-        _, data = rows(d / CXR[fmt])
-        assert res.files[0].rows_read == len(data), fmt
-        assert res.files[0].rows_ingested + res.files[0].rows_quarantined == len(data)
+        n = count_rows(d / CXR[fmt])
+        assert res.files[0].rows_read == n, fmt
+        assert res.files[0].rows_ingested + res.files[0].rows_quarantined == n
     # the real files are clean: nothing quarantined (PROVENANCE row counts)
     assert {f: r.rows_quarantined for f, r in results.items()} == dict.fromkeys(CXR, 0)
     assert results["padchest"].rows_read == 160_861
@@ -152,7 +161,7 @@ def test_siim_real(real):
 
 def test_padchest_real(real):
     cat, res, d = real
-    data = dicts(d / CXR["padchest"])
+    data = dicts(d / CXR["padchest"], ["PatientID", "MethodLabel", "Labels"])
     im = cat.read("images", where="dataset_id = 'padchest'")
     assert im.height == 160_861
     assert im["group_id"].n_unique() == len({r["PatientID"] for r in data}) == 67_625
@@ -184,7 +193,8 @@ def test_padchest_real(real):
 
 def test_chexpert_real(real):
     cat, _, d = real
-    data = dicts(d / CXR["chexpert"])
+    data = dicts(d / CXR["chexpert"], [
+        "Frontal/Lateral", "AP/PA", "Pneumothorax", "Pleural Effusion", "Support Devices"])
     im = cat.read("images", where="dataset_id = 'chexpert'")
     assert im.height == 223_414 and im["group_id"].n_unique() == 64_540
     a = ann(cat, "chexpert:report_nlp")
