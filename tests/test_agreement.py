@@ -1,0 +1,278 @@
+"""Stage ``agreement`` on a generated lake, checked against scikit-learn and statsmodels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+from sklearn.metrics import cohen_kappa_score
+from statsmodels.stats.inter_rater import cohens_kappa as sm_kappa
+from statsmodels.stats.proportion import proportion_confint
+
+from catalog import Catalog, CatalogError
+from catalog.consensus import BinariseRule, consensus
+from catalog.stats import agreement_summary
+from pipelines import agreement
+
+N = 300
+GRADES = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def _src(sid, negatives="explicit", value_type="binary", kind="expert"):
+    return {"source_id": sid, "dataset_id": "toy", "name": sid.split(":")[1], "kind": kind,
+            "exhaustive": negatives != "none", "negatives": negatives, "value_type": value_type,
+            "rule": f"rule of {sid}"}
+
+
+@pytest.fixture
+def toy(catalog: Catalog):
+    """A lake with every kind of source, random but seeded labels; returns (catalog, truth)."""
+    rng = np.random.default_rng(42)
+    img = [f"toy:{i:04d}" for i in range(N)]
+    a = (rng.random((N, 2)) < 0.3).astype(float)  # findings f1, f2 from source A
+    b = np.where(rng.random((N, 2)) < 0.85, a, 1 - a)  # source B mostly agrees
+    cov_c = rng.random(N) < 0.7  # implicit source C covers 70% of images
+    c = np.where(rng.random((N, 2)) < 0.8, a, 1 - a)
+    d_pos = (a[:, 0] == 1) & (rng.random(N) < 0.5)  # positive-only source D, finding f1
+    g1 = rng.choice(GRADES, N)
+    g2 = np.clip(g1 + rng.choice([-0.25, 0, 0.25], N), 0, 1)
+    s1 = rng.integers(1, 7, N).astype(float)
+    s2 = np.clip(s1 + rng.integers(-1, 2, N), 1, 6)
+    s1[:15] = np.nan  # unknown skin type (-1 in the source)
+    view = np.where(rng.random(N) < 0.5, "PA", "AP")
+    ann = []
+    for i in range(N):
+        for j, f in enumerate(["f1", "f2"]):
+            ann.append((img[i], "toy:A", "", f, a[i, j], None))
+            ann.append((img[i], "toy:B", "", f.upper(), b[i, j], None))
+            if cov_c[i] and c[i, j] == 1:
+                ann.append((img[i], "toy:C", "", f, 1.0, None))
+        ann.append((img[i], "toy:A", "", "f3", 0.0, None))  # no positives at all
+        ann.append((img[i], "toy:B", "", "F3", 0.0, None))
+        if d_pos[i]:
+            ann.append((img[i], "toy:D", "", "f1", 1.0, None))
+        ann.append((img[i], "toy:E", "a1", "tube", None if i == 7 else g1[i], "INVALID" if i == 7 else None))
+        ann.append((img[i], "toy:E", "a2", "tube", g2[i], None))
+        ann.append((img[i], "toy:S1", "", "skin", None if np.isnan(s1[i]) else s1[i], None))
+        ann.append((img[i], "toy:S2", "", "skin", s2[i], None))
+    annotations = pl.DataFrame(
+        ann, schema=["image_id", "source_id", "annotator", "finding", "value", "raw_value"],
+        orient="row",
+    ).with_columns(pl.col("value").cast(pl.Float64), pl.lit(False).alias("is_invalid"))
+    sources = [_src("toy:A"), _src("toy:B", kind="report_nlp"), _src("toy:C", "implicit"),
+               _src("toy:D", "none"), _src("toy:E", value_type="graded", kind="non_expert"),
+               _src("toy:S1", value_type="ordinal"), _src("toy:S2", value_type="ordinal")]
+    findings = [{"source_id": s, "finding": f, "shared_finding": f.lower(), "value_type": "binary"}
+                for s, fs in {"toy:A": ["f1", "f2", "f3"], "toy:B": ["F1", "F2", "F3"],
+                              "toy:C": ["f1", "f2"], "toy:D": ["f1"]}.items() for f in fs]
+    findings += [{"source_id": "toy:E", "finding": "tube", "shared_finding": "tube",
+                  "value_type": "graded"},
+                 {"source_id": "toy:S1", "finding": "skin", "shared_finding": "skin_type",
+                  "value_type": "ordinal"},
+                 {"source_id": "toy:S2", "finding": "skin", "shared_finding": "skin_type",
+                  "value_type": "ordinal"}]
+    with catalog.transaction() as tx:
+        tx.write("datasets", [{"dataset_id": "toy", "name": "toy"}], stage="ingest", partition="toy")
+        tx.write("images", pl.DataFrame({"image_id": img, "dataset_id": "toy", "view": view}),
+                 stage="ingest", partition="toy")
+        tx.write("sources", sources, stage="ingest", partition="toy")
+        tx.write("annotations", annotations, stage="ingest", partition="toy")
+        tx.write("findings", findings, stage="ingest", partition="toy")
+        tx.write("coverage", pl.DataFrame({"image_id": [x for x, k in zip(img, cov_c) if k],
+                                           "source_id": "toy:C"}), stage="ingest", partition="toy")
+    (catalog.ws.root / "params.yaml").write_text(
+        "agreement:\n"
+        "  references: [{test: 'toy:B', reference: 'toy:A'}]\n"
+        "  consensus: [{source: 'toy:E', rule: all_certain_agree, name: e_strict}]\n"
+        "  subgroups: [view]\n"
+    )
+    truth = {"a": a, "b": b, "c": c, "cov_c": cov_c, "d_pos": d_pos, "g1": g1, "g2": g2,
+             "s1": s1, "s2": s2, "view": view}
+    return catalog, truth
+
+
+def _row(df, a, b, finding, subgroup="", value="", aa="", ab=""):
+    r = df.filter((pl.col("source_a") == a) & (pl.col("source_b") == b)
+                  & (pl.col("annotator_a") == aa) & (pl.col("annotator_b") == ab)
+                  & (pl.col("finding") == finding) & (pl.col("subgroup") == subgroup)
+                  & (pl.col("subgroup_value") == value))
+    assert r.height == 1, (a, b, finding, subgroup, value, r)
+    return r.row(0, named=True)
+
+
+def test_binary_pair_kappa_ci_and_reference_statistics(toy):
+    cat, t = toy
+    res = agreement.run(cat, "toy")
+    df = cat.read("agreement")
+    assert res.rows["toy"] == df.height > 0
+    for j, f in enumerate(["f1", "f2"]):
+        r = _row(df, "toy:A", "toy:B", f)
+        a, b = t["a"][:, j], t["b"][:, j]
+        table = np.array([[np.sum((a == x) & (b == y)) for y in (0, 1)] for x in (0, 1)])
+        sm = sm_kappa(table)
+        assert r["kind"] == "pair" and r["n_shared"] == N
+        assert r["kappa"] == pytest.approx(cohen_kappa_score(a, b))
+        assert (r["kappa_lo"], r["kappa_hi"]) == pytest.approx((sm.kappa_low, sm.kappa_upp))
+        assert (r["pos_a"], r["pos_b"]) == (a.sum(), b.sum())
+        # B is the test, A the reference (params.yaml)
+        assert r["reference"] == "toy:A"
+        tp = int(((a == 1) & (b == 1)).sum())
+        lo, hi = proportion_confint(tp, int(b.sum()), method="wilson")
+        assert r["ppv"] == pytest.approx(tp / b.sum())
+        assert (r["ppv_lo"], r["ppv_hi"]) == pytest.approx((lo, hi))
+        assert r["sens"] == pytest.approx(tp / a.sum())
+
+
+def test_undefined_kappa_is_null_with_a_reason(toy):
+    cat, _ = toy
+    agreement.run(cat, "toy")
+    r = _row(cat.read("agreement"), "toy:A", "toy:B", "f3")
+    assert r["kappa"] is None and r["kappa_lo"] is None
+    assert r["observed"] == 1.0 and r["pos_a"] == 0
+    assert "kappa undefined" in r["note"] and "ppv undefined: no test positives" in r["note"]
+
+
+def test_implicit_negatives_are_densified_over_covered_images(toy):
+    cat, t = toy
+    agreement.run(cat, "toy")
+    r = _row(cat.read("agreement"), "toy:A", "toy:C", "f1")
+    cov = t["cov_c"]
+    a, c = t["a"][cov, 0], t["c"][cov, 0]
+    assert r["n_shared"] == cov.sum()
+    assert r["kappa"] == pytest.approx(cohen_kappa_score(a, c))
+
+
+def test_positive_only_source_gets_only_valid_statistics(toy):
+    cat, t = toy
+    agreement.run(cat, "toy")
+    df = cat.read("agreement")
+    r = _row(df, "toy:D", "toy:A", "f1")
+    assert r["kind"] == "positive_only"
+    assert r["kappa"] is None and r["ppv"] is None
+    assert "positive-only" in r["note"]
+    d = t["d_pos"]
+    assert r["n_shared"] == d.sum()
+    assert r["pos_confirmed"] == pytest.approx(t["a"][d, 0].mean())
+
+
+def test_graded_annotators_binarised_weighted_and_consensus(toy):
+    cat, t = toy
+    res = agreement.run(cat, "toy")
+    df = cat.read("agreement")
+    r = _row(df, "toy:E", "toy:E", "tube", aa="a1", ab="a2")
+    g1, g2 = t["g1"].copy(), t["g2"]
+    ok = (np.arange(N) != 7) & (g1 != 0.5) & (g2 != 0.5)  # invalid and middle excluded
+    assert r["n_shared"] == ok.sum()
+    assert r["n_excluded_a"] == int((np.arange(N) == 7).sum() + (g1[np.arange(N) != 7] == 0.5).sum())
+    assert r["kappa"] == pytest.approx(cohen_kappa_score(g1[ok] >= 0.5, g2[ok] >= 0.5))
+    keep = np.arange(N) != 7
+    lab = lambda g: np.searchsorted(GRADES, g)
+    for w in ("linear", "quadratic"):
+        ref = cohen_kappa_score(lab(g1[keep]), lab(g2[keep]), weights=w, labels=range(5))
+        assert r[f"kappa_{w}"] == pytest.approx(ref)
+    # the derived source: written, its rule recorded, one row per (image, finding), compared
+    assert res.derived == ("toy:e_strict",)
+    src = cat.read("sources").filter(pl.col("source_id") == "toy:e_strict").row(0, named=True)
+    assert src["kind"] == "derived" and json.loads(src["rule"])["consensus"] == "all_certain_agree"
+    ann = cat.read("annotations").filter(pl.col("source_id") == "toy:e_strict")
+    assert ann.height == N
+    both_pos = ((g1 >= 0.5) & (g1 != 0.5) & (g2 >= 0.5) & (g2 != 0.5) & keep).sum()
+    assert ann.filter(pl.col("value") == 1).height == both_pos
+    raters = _row(df, "toy:E", "toy:E", "tube", aa="*", ab="*")
+    assert raters["kind"] == "raters" and raters["n_raters"] == 2
+    assert raters["fleiss"] is not None
+
+
+def test_ordinal_sources_weighted_kappa_off_by_one_and_unknowns(toy):
+    cat, t = toy
+    agreement.run(cat, "toy")
+    r = _row(cat.read("agreement"), "toy:S1", "toy:S2", "skin_type")
+    ok = ~np.isnan(t["s1"])
+    s1, s2 = t["s1"][ok].astype(int), t["s2"][ok].astype(int)
+    assert r["n_shared"] == ok.sum() and r["n_excluded_a"] == 15
+    assert r["kappa"] == pytest.approx(cohen_kappa_score(s1, s2))
+    for w in ("linear", "quadratic"):
+        assert r[f"kappa_{w}"] == pytest.approx(
+            cohen_kappa_score(s1, s2, weights=w, labels=range(1, 7)))
+    assert r["off_by_one"] == pytest.approx(np.mean(np.abs(s1 - s2) <= 1))
+
+
+def test_subgroups_show_sizes_and_match_the_subset(toy):
+    cat, t = toy
+    agreement.run(cat, "toy")
+    df = cat.read("agreement")
+    for v in ("AP", "PA"):
+        m = t["view"] == v
+        r = _row(df, "toy:A", "toy:B", "f1", "view", v)
+        assert r["n_subgroup"] == m.sum() == r["n_shared"]
+        assert r["kappa"] == pytest.approx(cohen_kappa_score(t["a"][m, 0], t["b"][m, 0]))
+    assert _row(df, "toy:A", "toy:B", "f1")["n_subgroup"] == N
+
+
+def test_rerun_is_identical_and_summary_and_discrepancies(toy):
+    cat, t = toy
+    agreement.run(cat, "toy")
+    files = {p: p.read_bytes() for p in cat.tables.files("agreement")}
+    agreement.run(cat, "toy")
+    assert {p: p.read_bytes() for p in cat.tables.files("agreement")} == files
+    assert cat.read("sources").filter(pl.col("kind") == "derived").height == 1
+    s = agreement_summary(cat, "toy")
+    assert s.height == cat.read("agreement").filter(pl.col("subgroup") == "").height
+    dis = pl.from_arrow(cat.sql(
+        "SELECT * FROM discrepancies WHERE finding = 'f1' ORDER BY image_id"))
+    a, b = t["a"][:, 0], t["b"][:, 0]
+    c = np.where(t["cov_c"], t["c"][:, 0], np.nan)
+    d = np.where(t["d_pos"], 1.0, np.nan)
+    stacked = np.stack([a, b, c, d], 1)
+    expect = sum(len(set(x[~np.isnan(x)].tolist())) > 1 for x in stacked)
+    assert dis.height == expect
+    row = dis.row(0, named=True)
+    assert "toy:A=" in row["labels"] and "toy:B=" in row["labels"]
+
+
+def test_consensus_rules():
+    df = pl.DataFrame({"image_id": ["i"] * 3 + ["j"] * 3 + ["k"] * 2,
+                       "finding": ["f"] * 8, "annotator": ["a", "b", "c"] * 2 + ["a", "b"],
+                       "value": [1.0, 0.75, 0.25, 0.5, 0.0, 0.0, None, 1.0]})
+    maj = consensus(df, rule="majority").sort("image_id")["value"].to_list()
+    assert maj == [1.0, 0.0, 1.0]
+    strict = consensus(df, rule="all_certain_agree").sort("image_id")["value"].to_list()
+    assert strict == [None, None, None]
+    anyp = consensus(df, rule="any_positive", binarise=BinariseRule(middle_as="positive"))
+    assert anyp.sort("image_id")["value"].to_list() == [1.0, 1.0, 1.0]
+    unc = consensus(df, rule="majority", binarise=BinariseRule(middle_as="uncertain"))
+    assert unc.sort("image_id")["n_unc"].to_list() == [0, 1, 0]
+    with pytest.raises(CatalogError, match="unknown consensus rule"):
+        consensus(df, rule="vote")  # type: ignore[arg-type]
+    with pytest.raises(CatalogError, match="middle_as"):
+        BinariseRule(middle_as="maybe")  # type: ignore[arg-type]
+
+
+def test_bad_input_errors(toy, catalog):
+    cat, _ = toy
+    with pytest.raises(CatalogError, match="no label sources"):
+        agreement.run(cat, "nope")
+    (cat.ws.root / "params.yaml").write_text("agreement:\n  refrences: []\n")
+    with pytest.raises(CatalogError, match="unknown keys"):
+        agreement.run(cat, "toy")
+    (cat.ws.root / "params.yaml").write_text(
+        "agreement:\n  consensus: [{source: 'toy:missing', rule: majority}]\n")
+    with pytest.raises(CatalogError, match="not in the sources table"):
+        agreement.run(cat, "toy")
+
+
+def test_cli_writes_table_and_plot(toy, tmp_path):
+    from cli.main import main
+
+    cat, _ = toy
+    out = tmp_path / "agreement.png"
+    res = CliRunner().invoke(main, ["agreement", "toy", "--plot", str(out),
+                                    "--workspace", str(cat.ws.root)])
+    assert res.exit_code == 0, res.output
+    assert "toy: " in res.output and "agreement rows" in res.output
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
+    bad = CliRunner().invoke(main, ["agreement", "nope", "--workspace", str(cat.ws.root)])
+    assert bad.exit_code == 1 and "no label sources" in bad.output
