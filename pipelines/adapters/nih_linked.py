@@ -31,6 +31,7 @@ from pipelines.adapters._csv import (
     link_to_images,
     quarantine_where,
     read_csv,
+    stop_if_strict,
 )
 
 DATASET = "nih-cxr14"
@@ -53,17 +54,11 @@ def raise_if_strict(q: Quarantine, strict: bool, reports: list[FileReport]) -> N
     """In strict mode, raise an :class:`IngestError` naming the first bad row in file order.
 
     Adapters collect every bad row first (checks run column by column, not row by row) and
-    call this before publishing, so ``--strict`` names the earliest bad row of the file.
+    call this before publishing; files are checked in ``reports`` order (the labels file
+    before its helper files).
     """
-    if not strict or not q.count():
-        return
-    bad = q.frame()
     for rep in reports:
-        rows = bad.filter(pl.col("file") == rep.file)
-        if rows.height:
-            Quarantine(q.dataset_id, strict=True).add_frame(
-                rep.file, rows.drop("stage", "dataset_id", "file"), total=rep.rows_read
-            )
+        stop_if_strict(q, rep.file, strict=strict, total=rep.rows_read)
 
 
 def box_columns(file: str, columns: list[str]) -> list[str]:
