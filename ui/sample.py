@@ -159,9 +159,13 @@ def build(root: Path | str, *, n_images: int = 60, n_pairs: int = 20, n_files: i
                               "subgroup": sub, "subgroup_value": val,
                               "n_shared": int(mask.sum()), "kappa": 0.9 - 0.2 * f_i,
                               "kappa_lo": 0.8 - 0.2 * f_i, "kappa_hi": 0.95 - 0.2 * f_i})
+    # the best-scoring pairs (first pages) name images with files; the rest spread over all
     hi = max(1, min(n_files, n_images) - 1)
-    a = rng.integers(0, hi, n_pairs)
-    b = (a + rng.integers(1, 40, n_pairs)) % max(hi, 2)
+    with_files = np.arange(n_pairs) < max(200, n_pairs // 100)
+    a = np.where(with_files, rng.integers(0, hi, n_pairs),
+                 rng.integers(0, max(n_images - 41, 1), n_pairs))
+    b = np.where(with_files, (a + rng.integers(1, 40, n_pairs)) % max(hi, 2),
+                 (a + rng.integers(1, 40, n_pairs)) % n_images)
     b = np.where(a == b, (b + 1) % n_images, b)
     score = np.sort(rng.uniform(0.8, 1.0, n_pairs))[::-1]
     pairs = pl.DataFrame({
