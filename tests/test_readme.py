@@ -7,7 +7,7 @@ import re
 from click.testing import CliRunner
 
 from cli.main import main
-from tests.conftest import REPO
+from conftest import REPO
 
 README = (REPO / "README.md").read_text()
 
