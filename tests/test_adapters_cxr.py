@@ -223,6 +223,9 @@ def test_vindr_real(real):
     n_boxes = sum(len(json.loads(v)) for v in a.filter(
         (pl.col("value") == 1) & (pl.col("finding") != "No finding"))["raw_value"])
     assert n_boxes == sum(r["class_name"] != "No finding" for r in data)
+    f = cat.read("findings", where="source_id = 'vindr-cxr:radiologists'")
+    shared = dict(zip(f["finding"], f["shared_finding"]))
+    assert shared["Nodule/Mass"] == "nodule_or_mass" and shared["No finding"] == "no_finding"
 
 
 def test_reingest_is_byte_identical(real):
