@@ -189,14 +189,16 @@ def prevalence_rows(
     """Prevalence with Wilson intervals for source pairs that share findings but no image."""
     rows = []
     for a, b, common in no_overlap:
-        side = {}
+        side, own = {}, {}
         for s in (a, b):
             lab = labels.filter((pl.col("source_id") == s) & pl.col("finding").is_in(common))
             implicit = lab["negatives"][0] == "implicit" if lab.height else False
             n_cov = coverage.filter(pl.col("source_id") == s).height
             agg = lab.group_by("finding").agg((pl.col("c") == 1).sum().alias("pos"),
-                                              pl.col("c").is_not_null().sum().alias("n"))
+                                              pl.col("c").is_not_null().sum().alias("n"),
+                                              pl.col("finding_own").first())
             m = dict(zip(agg["finding"], zip(agg["pos"], agg["n"])))
+            own[s] = dict(zip(agg["finding"], agg["finding_own"]))
             side[s] = [(m.get(f, (0, 0))[0], n_cov if implicit else m.get(f, (0, 0))[1])
                        for f in common]
         pa_, pb_ = np.array(side[a], float), np.array(side[b], float)
@@ -204,7 +206,8 @@ def prevalence_rows(
         for i, f in enumerate(common):
             rows.append({
                 "kind": "prevalence", "value_type": "binary", "source_a": a, "annotator_a": "",
-                "source_b": b, "annotator_b": "", "finding": f, "subgroup": "",
+                "source_b": b, "annotator_b": "", "finding": f, "finding_a": own[a].get(f),
+                "finding_b": own[b].get(f), "subgroup": "",
                 "subgroup_value": "", "n_shared": 0, "n_a": int(pa_[i, 1]), "pos_a": int(pa_[i, 0]),
                 "prev_a": wa[0][i], "prev_a_lo": wa[1][i], "prev_a_hi": wa[2][i],
                 "n_b": int(pb_[i, 1]), "pos_b": int(pb_[i, 0]), "prev_b": wb[0][i],
