@@ -132,18 +132,27 @@ _table(
 _table(
     "fingerprints", ("image_id",), "hashes, size and quality flags per image",
     ("image_id", STR), ("sha256", STR), ("width", I32), ("height", I32), ("mode", STR),
+    ("dataset_id", STR), ("format", STR), ("bytes", I64),
+    ("phash", STR), ("dhash", STR), ("ahash", STR), ("whash", STR),  # imagehash, 64-bit hex
+    ("phash_sym", STR),  # pHash of the image averaged with its mirror: same for mirrored copies
+    ("brightness", F64), ("contrast", F64), ("sharpness", F64), ("entropy", F64),
+    ("flags", STR),  # comma-separated quality flags ('' when none)
+    ("params", STR),  # JSON of the thresholds that produced the flags
 )
 _table(
     "pairs", ("image_a", "image_b", "method"), "candidate duplicate pairs",
     ("image_a", STR), ("image_b", STR), ("method", STR), ("score", F64), ("verified", BOOL),
+    ("hamming", I32), ("cosine", F64), ("inliers", I32), ("ncc", F64), ("transform", STR),
+    ("evidence", STR), ("params", STR),
 )
 _table(
     "clusters", ("image_id",), "duplicate clusters from confirmed pairs",
-    ("image_id", STR), ("cluster_id", STR),
+    ("image_id", STR), ("cluster_id", STR), ("size", I64), ("datasets", STR), ("params", STR),
 )
 _table(
     "outliers", ("image_id",), "outlier score per image",
     ("image_id", STR), ("score", F64), ("rank", I64),
+    ("dataset_id", STR), ("mean_sim", F64), ("model", STR), ("k", I64), ("params", STR),
 )
 _table(
     "leakage", ("dataset_id", "scheme", "grouping", "split_a", "split_b"),

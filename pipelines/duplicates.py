@@ -1,0 +1,192 @@
+"""Stage ``duplicates``: candidate pairs, geometric verification, ``pairs`` and ``clusters``.
+
+Candidates come from exact sha256 matches, perceptual-hash neighbours (pHash and the
+mirror-invariant pHash within ``hamming`` bits) and vector neighbours (the ``k`` nearest by
+cosine above ``cosine``, found with exact blocked matrix products, never the full N x N
+matrix), across every dataset of the workspace. Each candidate is verified: ORB features,
+matched against the other image and its mirror, a RANSAC similarity transform, then the
+normalised cross-correlation of fine detail after alignment. A copy shares its fine detail
+(noise, texture) with its source even when cropped, rotated, mirrored or relit; a repeat
+capture of the same lesion or patient has the same anatomy but different detail, so it fails
+the correlation check. Confirmed pairs become clusters (scipy connected components).
+External pair lists (CSV: image_a, image_b[, score]) import as their own method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from catalog import Catalog, CatalogError, conform, spec, to_json
+from catalog.embedders import DESCRIPTOR
+from catalog.vectors import VectorStore
+from pipelines import verify
+from pipelines.fingerprint import image_files
+
+STAGE = "duplicates"
+DEFAULTS: dict[str, Any] = {"hamming": 6, "k": 10, "cosine": 0.80, "min_inliers": 12,
+                            "ncc": 0.45, "model": DESCRIPTOR, "block": 4096}
+
+
+def knn_pairs(vecs: np.ndarray, *, k: int, threshold: float, block: int = 4096) -> np.ndarray:
+    """(i, j, cosine) with i < j for each row's ``k`` nearest rows above ``threshold``.
+
+    Exact: blocked matrix products, memory O(block x N), never the full N x N matrix.
+    """
+    n = len(vecs)
+    out = []
+    k = min(k, n - 1)
+    if k <= 0:
+        return np.zeros((0, 3))
+    for s in range(0, n, block):
+        sims = vecs[s:s + block] @ vecs.T
+        rows = np.arange(s, min(s + block, n))
+        sims[rows - s, rows] = -np.inf
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n else np.argsort(-sims, axis=1)
+        val = np.take_along_axis(sims, top, axis=1)
+        keep = val >= threshold
+        i = np.repeat(rows, top.shape[1])[keep.ravel()]
+        out.append(np.stack([i, top.ravel()[keep.ravel()], val.ravel()[keep.ravel()]], axis=1))
+    res = np.concatenate(out) if out else np.zeros((0, 3))
+    a, b = np.minimum(res[:, 0], res[:, 1]), np.maximum(res[:, 0], res[:, 1])
+    res = np.stack([a, b, res[:, 2]], axis=1)
+    _, first = np.unique(res[:, :2], axis=0, return_index=True)
+    return res[np.sort(first)]
+
+
+def hash_pairs(hashes: list[str], *, max_bits: int) -> np.ndarray:
+    """(i, j, hamming) for hex hashes within ``max_bits`` (blocked, vectorised popcount)."""
+    h = np.array([int(x, 16) for x in hashes], dtype=np.uint64)
+    out = []
+    for s in range(0, len(h), 2048):
+        x = h[s:s + 2048, None] ^ h[None, :]
+        d = np.bitwise_count(x)
+        i, j = np.nonzero(d <= max_bits)
+        keep = (i + s) < j
+        out.append(np.stack([i[keep] + s, j[keep], d[i[keep], j[keep]]], axis=1))
+    return np.concatenate(out) if out else np.zeros((0, 3), dtype=np.int64)
+
+
+def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any]) -> dict[tuple[int, int], dict]:
+    """Candidate pairs (index pairs into ``fp``) with the scores of every method that found them."""
+    cand: dict[tuple[int, int], dict] = {}
+
+    def add(i: int, j: int, method: str, **scores: Any) -> None:
+        c = cand.setdefault((min(i, j), max(i, j)), {"methods": []})
+        c["methods"].append(method)
+        c.update(scores)
+
+    groups = fp.with_row_index("i").group_by("sha256").agg(pl.col("i")).filter(pl.col("i").list.len() > 1)
+    for idx in groups["i"].to_list():
+        for a in range(len(idx)):
+            for b in range(a + 1, len(idx)):
+                add(idx[a], idx[b], "sha256", hamming=0)
+    for col in ("phash", "phash_sym"):
+        for i, j, d in hash_pairs(fp[col].to_list(), max_bits=int(p["hamming"])):
+            add(int(i), int(j), col, hamming=int(d))
+    if vecs is not None:
+        for i, j, c in knn_pairs(vecs, k=int(p["k"]), threshold=float(p["cosine"]), block=int(p["block"])):
+            add(int(i), int(j), "vector", cosine=float(c))
+    return cand
+
+
+def run(cat: Catalog, *, params: dict[str, Any] | None = None, external: Path | str | None = None,
+        echo: Any = None) -> dict[str, int]:
+    """Find, verify and cluster duplicate pairs across every dataset; write pairs, clusters.
+
+    Returns
+    -------
+    dict
+        ``candidates``, ``verified``, ``clusters`` (with 2+ images), ``external``.
+    """
+    p = {**DEFAULTS, **(params if params is not None else (cat.ws.param("duplicates") or {}))}
+    fp = cat.read("fingerprints", required=True, hint="run 'medlake fingerprint' first").sort("image_id")
+    files = dict(zip(*image_files(cat).select("image_id", "file").get_columns(), strict=True))
+    ids = fp["image_id"].to_list()
+    vecs = None
+    vs = VectorStore(cat.ws.vectors_dir)
+    if vs.has(p["model"]):
+        got, mat = vs.load(p["model"], ids)
+        if len(got) == len(ids):
+            vecs = mat
+        elif echo:
+            echo(f"{len(ids) - len(got):,} images have no {p['model']} vector; run 'medlake embed'")
+    cand = candidates(fp, vecs, p)
+    params_json = to_json(p)
+    rows = []
+    cache: dict[int, Any] = {}
+    for (i, j), c in sorted(cand.items()):
+        if "sha256" in c["methods"]:
+            res = {"verified": True, "inliers": None, "ncc": 1.0, "transform": "identical"}
+        else:
+            res = verify.verify(files[ids[i]], files[ids[j]], cache=cache, keys=(i, j), p=p)
+        rows.append({"image_a": ids[i], "image_b": ids[j], "method": "+".join(sorted(set(c["methods"]))),
+                     "score": res["ncc"], "verified": res["verified"], "hamming": c.get("hamming"),
+                     "cosine": c.get("cosine"), "inliers": res["inliers"], "ncc": res["ncc"],
+                     "transform": res["transform"], "evidence": to_json(res.get("evidence", {})),
+                     "params": params_json})
+    ext = import_external(cat, external, params_json) if external else []
+    pairs = conform("pairs", rows + ext) if rows or ext else spec("pairs").schema.empty_table()
+    clusters = cluster(pl.from_arrow(pairs), params_json)
+    with cat.transaction() as tx:
+        tx.write("pairs", pairs, stage=STAGE, partition="all")
+        tx.write("clusters", clusters, stage=STAGE, partition="all")
+    n_clu = clusters["cluster_id"].n_unique()
+    return {"candidates": len(rows), "verified": sum(r["verified"] for r in rows),
+            "clusters": n_clu, "external": len(ext)}
+
+
+def cluster(pairs: pl.DataFrame, params_json: str) -> pl.DataFrame:
+    """Connected components of verified pairs: one row per image in a cluster of 2+."""
+    ok = pairs.filter(pl.col("verified"))
+    ids = sorted(set(ok["image_a"].to_list()) | set(ok["image_b"].to_list()))
+    if not ids:
+        return pl.from_arrow(spec("clusters").schema.empty_table())
+    pos = {x: n for n, x in enumerate(ids)}
+    a = np.array([pos[x] for x in ok["image_a"]])
+    b = np.array([pos[x] for x in ok["image_b"]])
+    g = coo_matrix((np.ones(len(a)), (a, b)), shape=(len(ids), len(ids)))
+    _, label = connected_components(g, directed=False)
+    members: dict[int, list[str]] = {}
+    for x, lab in zip(ids, label, strict=True):
+        members.setdefault(int(lab), []).append(x)
+    rows = []
+    for m in members.values():
+        cid = "dup:" + min(m)  # stable: named after its smallest image id
+        ds = sorted({x.split(":", 1)[0] for x in m})
+        rows += [{"image_id": x, "cluster_id": cid, "size": len(m), "datasets": ",".join(ds),
+                  "params": params_json} for x in m]
+    return pl.DataFrame(rows).sort("image_id")
+
+
+def import_external(cat: Catalog, path: Path | str, params_json: str) -> list[dict[str, Any]]:
+    """Rows of an external pair list (CSV image_a, image_b[, score]) as method 'external:<file>'."""
+    path = Path(path)
+    try:
+        df = pl.read_csv(path, infer_schema_length=0)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise CatalogError(f"duplicates: cannot read external pair list {path} ({e})") from e
+    if not {"image_a", "image_b"} <= set(df.columns):
+        raise CatalogError(f"{path.name}: needs columns image_a, image_b (and optionally score); "
+                           f"it has {df.columns}")
+    known = set(cat.read("images", columns=["image_id"])["image_id"].to_list())
+    unknown = [x for x in df["image_a"].to_list() + df["image_b"].to_list() if x not in known]
+    if unknown:
+        raise CatalogError(f"{path.name}: {len(unknown)} image ids are not in the catalog "
+                           f"(first: '{unknown[0]}'); use ids of the form dataset:native_id")
+    score = df["score"].cast(pl.Float64).to_list() if "score" in df.columns else [None] * len(df)
+    return [{"image_a": min(a, b), "image_b": max(a, b), "method": f"external:{path.name}",
+             "score": s, "verified": True, "transform": "external", "evidence": "{}",
+             "params": params_json}
+            for a, b, s in zip(df["image_a"], df["image_b"], score, strict=True) if a != b]
+
+
+if __name__ == "__main__":
+    from cli.main import run_stage
+
+    run_stage("duplicates")

@@ -1,0 +1,157 @@
+"""Stage ``embed``: image vectors into LanceDB (``lake/vectors``), incremental and resumable.
+
+``params.yaml: embed`` names the ``model`` (``descriptor-v1``, weights-free, the default; or
+an open_clip model name) and ``pretrained`` (None or a local checkpoint file). Images whose
+(image_id, sha256) is already stored for the model are skipped; every batch is one LanceDB
+commit, so a run killed half way keeps what it finished and a re-run does the rest.
+Decoding runs in a torch DataLoader (worker processes) in parallel with the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from catalog import Catalog, CatalogError
+from catalog.embedders import DESCRIPTOR, make_embedder
+from catalog.imageio import ImageReadError, load_rgb
+from catalog.vectors import VectorStore
+from pipelines.fingerprint import image_files
+
+log = logging.getLogger(__name__)
+DEFAULTS: dict[str, Any] = {"model": DESCRIPTOR, "pretrained": None, "batch_size": 64,
+                            "workers": 2}
+
+
+class _Images:
+    """torch Dataset of (index, tensor or None); unreadable files give None (skipped later)."""
+
+    def __init__(self, files: list[str], prep: Any) -> None:
+        self.files, self.prep = files, prep
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        try:
+            return i, self.prep(load_rgb(self.files[i]))
+        except (ImageReadError, OSError):
+            return i, None
+
+
+def _collate(items: list[tuple[int, Any]]) -> tuple[list[int], Any]:
+    import torch
+
+    good = [(i, t) for i, t in items if t is not None]
+    if not good:
+        return [], None
+    if isinstance(good[0][1], np.ndarray):
+        return [i for i, _ in good], np.stack([t for _, t in good])
+    return [i for i, _ in good], torch.stack([t for _, t in good])
+
+
+def todo(cat: Catalog, model_name: str, vs: VectorStore) -> pl.DataFrame:
+    """Fingerprinted images not yet embedded with ``model_name`` (by image_id and sha256)."""
+    fp = cat.read("fingerprints", columns=["image_id", "sha256"], required=True,
+                  hint="run 'medlake fingerprint' first")
+    files = image_files(cat).select("image_id", "file")
+    df = fp.join(files, on="image_id", how="inner").sort("image_id")
+    done = vs.keys(model_name)
+    keep = [(i, s) not in done for i, s in zip(df["image_id"], df["sha256"], strict=True)]
+    return df.filter(pl.Series(keep, dtype=pl.Boolean))
+
+
+def run(cat: Catalog, *, model: str | None = None, pretrained: str | None = None,
+        batch_size: int | None = None, workers: int | None = None, limit: int | None = None,
+        echo: Any = None) -> dict[str, Any]:
+    """Embed every fingerprinted image that is not embedded yet with the configured model.
+
+    Parameters
+    ----------
+    model, pretrained, batch_size, workers
+        Override ``params.yaml: embed`` (see :data:`DEFAULTS`).
+    limit : int, optional
+        Stop after this many new images (the rest is done by the next run).
+
+    Returns
+    -------
+    dict
+        ``model`` (its full name), ``embedded`` (new), ``skipped`` (already there),
+        ``unreadable``, ``index`` (whether an ANN index was built).
+    """
+    p = {**DEFAULTS, **(cat.ws.param("embed") or {})}
+    for k, v in (("model", model), ("pretrained", pretrained), ("batch_size", batch_size),
+                 ("workers", workers)):
+        if v is not None:
+            p[k] = v
+    emb = make_embedder(p["model"], p["pretrained"])
+    vs = VectorStore(cat.ws.vectors_dir)
+    total = len(cat.read("fingerprints", columns=["image_id"]))
+    df = todo(cat, emb.name, vs)
+    if limit is not None:
+        df = df.head(limit)
+    ids, shas, files = df["image_id"].to_list(), df["sha256"].to_list(), df["file"].to_list()
+    out = {"model": emb.name, "embedded": 0, "skipped": total - len(ids) if limit is None else None,
+           "unreadable": 0, "index": False}
+    if ids:
+        import torch
+        from torch.utils.data import DataLoader
+
+        prep = emb.preprocess if hasattr(emb, "preprocess") else _DescriptorPrep()
+        loader = DataLoader(_Images(files, prep), batch_size=int(p["batch_size"]),
+                            num_workers=int(p["workers"]), collate_fn=_collate,
+                            pin_memory=torch.cuda.is_available())
+        for idx, batch in loader:
+            if idx:
+                vec = emb.forward(batch) if hasattr(emb, "forward") else batch
+                vs.add(emb.name, [ids[i] for i in idx], [shas[i] for i in idx], vec)
+            out["embedded"] += len(idx)
+            if echo:
+                echo(f"embedded {out['embedded']:,} of {len(ids):,}")
+        out["unreadable"] = len(ids) - out["embedded"]
+        out["index"] = vs.ensure_index(emb.name)
+    return out
+
+
+class _DescriptorPrep:
+    """The descriptor is computed in the loader's workers (it is the whole model)."""
+
+    def __call__(self, im: Any) -> np.ndarray:
+        from catalog.embedders import DescriptorEmbedder
+
+        return DescriptorEmbedder()._one(im)
+
+
+def similar(cat: Catalog, image_id: str, *, k: int = 10, model: str | None = None) -> list[tuple[str, float]]:
+    """The ``k`` images most similar to ``image_id`` (itself excluded): [(image_id, cosine)]."""
+    name = model or (cat.ws.param("embed.model") or DESCRIPTOR)
+    vs = VectorStore(cat.ws.vectors_dir)
+    stored = _stored_models(vs)
+    full = next((n for n in stored if n == name or n.startswith(f"openclip:{name}:")), None)
+    if full is None:
+        raise CatalogError(f"similar: no vectors for model '{name}' (stored: {stored or 'none'}); "
+                           "run 'medlake embed' first")
+    ids, mat = vs.load(full, [image_id])
+    if not ids:
+        raise CatalogError(f"similar: image '{image_id}' has no {full} vector; is the id right "
+                           "(dataset:native_id) and has 'medlake embed' run since it was ingested?")
+    hits = vs.search(full, mat[0], k + 1)
+    return [(i, s) for i, s in hits if i != image_id][:k]
+
+
+def _stored_models(vs: VectorStore) -> list[str]:
+    out = []
+    for t in vs.db.list_tables().tables:
+        if t.startswith("emb_"):
+            at = vs.db.open_table(t).search().select(["model"]).limit(1).to_arrow()
+            out += at["model"].to_pylist()
+    return out
+
+
+if __name__ == "__main__":
+    from cli.main import run_stage
+
+    run_stage("embed")

@@ -1,0 +1,169 @@
+"""Stage ``fingerprint``: sha256, perceptual hashes, size, mode and quality flags per image.
+
+Reads every image of the ``images`` table (all datasets), writes one ``fingerprints`` row per
+readable image and one ``quarantine`` row (stage ``fingerprint``, the decoder's error) per
+unreadable one, per dataset in one transaction: images in = fingerprints + quarantined.
+Quality flags follow cleanvision's checks: ``dark``, ``bright``, ``low_contrast``,
+``blurry``, ``low_information``, ``tiny``, ``extreme_aspect``, ``grey_as_colour`` and, for
+X-ray datasets, ``inverted_xray`` and ``rotated_xray``.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+import imagehash
+import numpy as np
+import polars as pl
+from PIL import Image
+
+from catalog import Catalog, CatalogError, spec, to_json
+from catalog.imageio import ImageReadError, load_rgb, open_image, sha256_bytes
+
+log = logging.getLogger(__name__)
+STAGE = "fingerprint"
+DEFAULTS: dict[str, Any] = {
+    "dark": 0.12, "bright": 0.90, "low_contrast": 0.05, "blurry": 15.0, "low_information": 3.0,
+    "tiny": 64, "extreme_aspect": 3.0, "grey_tolerance": 2.0,
+}
+
+
+def image_files(cat: Catalog, dataset_id: str | None = None) -> pl.DataFrame:
+    """``image_id, dataset_id, sha256, file`` (absolute path) of every image with a path."""
+    images = cat.read("images", columns=["image_id", "dataset_id", "path", "sha256", "modality"],
+                      required=True, hint="ingest a dataset first")
+    roots = cat.read("datasets", columns=["dataset_id", "images_root", "modality"])
+    df = images.join(roots.rename({"modality": "ds_modality"}), on="dataset_id", how="left")
+    if dataset_id:
+        df = df.filter(pl.col("dataset_id") == dataset_id)
+    df = df.filter(pl.col("path").is_not_null() & pl.col("images_root").is_not_null())
+    root = cat.ws.root
+    files = [str(Path(root / r) / p) for r, p in zip(df["images_root"], df["path"], strict=True)]
+    return df.with_columns(pl.Series("file", files),
+                           pl.coalesce("modality", "ds_modality").alias("modality")).sort("image_id")
+
+
+def quality(im: Image.Image, *, xray: bool, p: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
+    """Metrics (brightness, contrast, sharpness, entropy; 0..1 or raw) and the flags they raise."""
+    rgb = np.asarray(im.convert("RGB"))
+    h, w = rgb.shape[:2]
+    small = cv2.resize(rgb, (min(w, 256), min(h, 256)), interpolation=cv2.INTER_AREA)
+    grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+    g = grey.astype(np.float64) / 255
+    hist = np.bincount(grey.ravel(), minlength=256) / grey.size
+    nz = hist[hist > 0]
+    m = {"brightness": float(np.percentile(g, 50)), "contrast": float(g.std()),
+         "sharpness": float(cv2.Laplacian(grey, cv2.CV_64F).var()),
+         "entropy": float(-(nz * np.log2(nz)).sum())}
+    flags = []
+    if m["brightness"] < p["dark"]:
+        flags.append("dark")
+    if m["brightness"] > p["bright"]:
+        flags.append("bright")
+    if m["contrast"] < p["low_contrast"]:
+        flags.append("low_contrast")
+    if m["sharpness"] < p["blurry"]:
+        flags.append("blurry")
+    if m["entropy"] < p["low_information"]:
+        flags.append("low_information")
+    if min(w, h) < p["tiny"]:
+        flags.append("tiny")
+    if max(w, h) / max(min(w, h), 1) > p["extreme_aspect"]:
+        flags.append("extreme_aspect")
+    if im.mode not in ("L", "LA", "I", "I;16", "F", "1") and \
+            np.abs(small.astype(np.int16) - small[..., :1]).max() <= p["grey_tolerance"]:
+        flags.append("grey_as_colour")
+    if xray:
+        bw = max(2, min(g.shape) // 10)
+        border = np.concatenate([g[:bw].ravel(), g[-bw:].ravel(), g[:, :bw].ravel(), g[:, -bw:].ravel()])
+        centre = g[g.shape[0] // 4: 3 * g.shape[0] // 4, g.shape[1] // 4: 3 * g.shape[1] // 4]
+        if border.mean() > centre.mean() + 0.1:  # air (borders) should be dark
+            flags.append("inverted_xray")
+        col, row = g.mean(axis=0), g.mean(axis=1)  # the spine is a vertical bright band
+        def peak(prof: np.ndarray) -> float:
+            n = prof.size
+            return float(prof[n // 3: 2 * n // 3].max() - np.median(prof))
+        if peak(row) > 1.5 * peak(col) + 0.02:
+            flags.append("rotated_xray")
+    return m, flags
+
+
+def _one(row: dict[str, Any], p: dict[str, Any], root: Path) -> dict[str, Any]:
+    try:
+        path = Path(row["file"])
+        data = path.read_bytes() if path.is_file() else b""
+        if not path.is_file():
+            raise ImageReadError(row["file"], "missing file")
+        im = open_image(path)
+        rgb = load_rgb(path)
+    except (ImageReadError, OSError) as e:
+        return {"error": getattr(e, "reason", "unreadable file"), "detail": str(e)}
+    sym = Image.fromarray(((np.asarray(rgb, np.uint16) + np.asarray(rgb)[:, ::-1]) // 2).astype(np.uint8))
+    xray = str(row.get("modality") or "").lower() in ("cxr", "xr", "dx", "cr", "x-ray", "xray")
+    metrics, flags = quality(im, xray=xray, p=p)
+    return {
+        "image_id": row["image_id"], "dataset_id": row["dataset_id"], "sha256": sha256_bytes(data),
+        "width": rgb.width, "height": rgb.height, "mode": im.mode, "format": im.format or "",
+        "bytes": len(data), "phash": str(imagehash.phash(rgb)), "dhash": str(imagehash.dhash(rgb)),
+        "ahash": str(imagehash.average_hash(rgb)), "whash": str(imagehash.whash(rgb)),
+        "phash_sym": str(imagehash.phash(sym)), **metrics, "flags": ",".join(flags),
+        "params": to_json(p),
+    }
+
+
+def run(cat: Catalog, *, dataset_id: str | None = None, params: dict[str, Any] | None = None,
+        workers: int = 2, echo: Any = None) -> dict[str, int]:
+    """Fingerprint every image (of one dataset, or all) and publish per dataset.
+
+    Parameters
+    ----------
+    cat : Catalog
+    dataset_id : str, optional
+        Only this dataset (default: every dataset with images).
+    params : dict, optional
+        Thresholds; default ``params.yaml: fingerprint`` over :data:`DEFAULTS`.
+    workers : int
+        Threads decoding in parallel (Pillow and numpy release the GIL).
+
+    Returns
+    -------
+    dict
+        ``{"images": n, "fingerprinted": n, "quarantined": n}``.
+    """
+    p = {**DEFAULTS, **(params if params is not None else (cat.ws.param("fingerprint") or {}))}
+    files = image_files(cat, dataset_id)
+    if dataset_id and files.is_empty():
+        raise CatalogError(f"fingerprint: dataset '{dataset_id}' has no images with a path")
+    rows = files.to_dicts()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(lambda r: _one(r, p, cat.ws.root), rows))
+    counts = {"images": len(rows), "fingerprinted": 0, "quarantined": 0}
+    by_ds: dict[str, tuple[list, list]] = {}
+    for r, res in zip(rows, results, strict=True):
+        good, bad = by_ds.setdefault(r["dataset_id"], ([], []))
+        if "error" in res:
+            bad.append({"stage": STAGE, "dataset_id": r["dataset_id"], "file": r["path"], "row": 0,
+                        "item": r["image_id"], "reason": res["error"], "detail": res["detail"]})
+        else:
+            good.append(res)
+    with cat.transaction() as tx:
+        for ds, (good, bad) in sorted(by_ds.items()):
+            tx.write("fingerprints", good or spec("fingerprints").schema.empty_table(), stage=STAGE, partition=ds)
+            tx.write("quarantine", bad or spec("quarantine").schema.empty_table(), stage=STAGE, partition=ds)
+            counts["fingerprinted"] += len(good)
+            counts["quarantined"] += len(bad)
+            if echo:
+                echo(f"{ds}: {len(good):,} fingerprinted, {len(bad):,} quarantined")
+    if counts["fingerprinted"] + counts["quarantined"] != counts["images"]:
+        raise CatalogError("fingerprint: rows in != rows out + quarantined (a bug; please report)")
+    return counts
+
+
+if __name__ == "__main__":
+    from cli.main import run_stage
+
+    run_stage("fingerprint")
