@@ -48,6 +48,11 @@ def conform(table: str | TableSpec, data: Any, *, check_key: bool = True) -> pa.
         a value cannot be cast, or (``check_key``) two rows share a key.
     """
     ts = spec(table) if isinstance(table, str) else table
+    key_checked = False
+    if isinstance(data, pl.DataFrame) and check_key and data.height:
+        if all(k in data.columns for k in ts.key):
+            _check_key(ts, data.select(list(ts.key)))  # in Polars: no round trip via Arrow
+            key_checked = True
     at = _to_arrow(data)
     extra = [c for c in at.column_names if c not in ts.schema.names]
     if extra:
@@ -74,8 +79,10 @@ def conform(table: str | TableSpec, data: Any, *, check_key: bool = True) -> pa.
             col = pa.nulls(at.num_rows, field.type)
         cols.append(col)
     out = pa.Table.from_arrays(cols, schema=ts.schema)
-    if check_key and out.num_rows:
-        _check_key(ts, out)
+    if check_key and out.num_rows and not key_checked:
+        df = pl.from_arrow(out.select(list(ts.key)))
+        assert isinstance(df, pl.DataFrame)
+        _check_key(ts, df)
     return out
 
 
@@ -94,9 +101,7 @@ def _to_arrow(data: Any) -> pa.Table:
         raise SchemaError(f"cannot store an object of type {type(data).__name__} as a table") from e
 
 
-def _check_key(ts: TableSpec, at: pa.Table) -> None:
-    df = pl.from_arrow(at.select(list(ts.key)))
-    assert isinstance(df, pl.DataFrame)
+def _check_key(ts: TableSpec, df: pl.DataFrame) -> None:
     nulls = df.null_count().row(0)
     for k, n in zip(ts.key, nulls):
         if n:

@@ -70,6 +70,11 @@ def ann(cat: Catalog, source_id: str) -> pl.DataFrame:
     return cat.read("annotations", where=f"source_id = '{source_id}'")
 
 
+def dense(cat: Catalog, source_id: str) -> pl.DataFrame:
+    """Stored rows plus the implicit ones (labels_dense view)."""
+    return cat.query("SELECT * FROM labels_dense WHERE source_id = $1", [source_id])
+
+
 def files_bytes(cat: Catalog) -> dict[str, bytes]:
     return {
         str(p.relative_to(cat.ws.tables_dir)): p.read_bytes()
@@ -197,7 +202,9 @@ def test_chexpert_real(real):
         "Frontal/Lateral", "AP/PA", "Pneumothorax", "Pleural Effusion", "Support Devices"])
     im = cat.read("images", where="dataset_id = 'chexpert'")
     assert im.height == 223_414 and im["group_id"].n_unique() == 64_540
-    a = ann(cat, "chexpert:report_nlp")
+    stored = ann(cat, "chexpert:report_nlp")
+    assert stored["raw_value"].is_in([""]).sum() == 0  # blanks are implicit, not stored
+    a = dense(cat, "chexpert:report_nlp")
     assert a.height == 14 * len(data)
     for f in ["Pneumothorax", "Pleural Effusion", "Support Devices"]:
         g = a.filter(pl.col("finding") == f)
@@ -464,7 +471,7 @@ not-a-chexpert-path.jpg,Male,60,Frontal,AP,{blank14}
     assert why[("train.csv", 4)] == (
         "unparseable label (expected 1.0, 0.0, -1.0 or blank): No Finding=2.0")
     assert why[("train.csv", 5)].startswith("Path does not look like")
-    a = ann(catalog, "chexpert:report_nlp")
+    a = dense(catalog, "chexpert:report_nlp")
     assert a.height == 28
     first = a.filter(pl.col("image_id").str.contains("study1"))
     m = dict(zip(first["finding"], first["meaning"]))

@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 
 from catalog import Catalog, FileReport, IngestResult, Quarantine, publish
-from catalog.ingestkit import findings_rows
+from catalog.ingestkit import ABSENT, findings_rows
 from pipelines.adapters import Adapter
 from pipelines.adapters._csv import ROW, blank, code_map, dedupe, quarantine_where, read_csv
 from pipelines.adapters.nih_linked import no_options, raise_if_strict
@@ -30,7 +30,9 @@ PATH_RE = r"(?:^|/)(patient\d+)/(study\d+)/(view\d+)_(frontal|lateral)\.\w+$"
 # raw cell text -> (value, meaning); blank cells are 'not_mentioned'
 CODES: dict[str, tuple[float | None, str]] = {
     "1.0": (1.0, "positive"), "0.0": (0.0, "negative"), "-1.0": (None, "uncertain"),
-    "": (None, "not_mentioned"),
+    # blank cells are not stored (negatives 'implicit'): a covered image without a row for
+    # an observation was not mentioned; the labels_dense view shows those rows
+    ABSENT: (None, "not_mentioned"),
 }
 ALIASES = {"1": "1.0", "0": "0.0", "-1": "-1.0"}
 SEX = {"Male": "M", "Female": "F"}
@@ -96,9 +98,9 @@ def ingest(
         [pl.col(f).str.strip_chars().fill_null("").replace(ALIASES) for f in FINDINGS]
         + [pl.col("Age").str.strip_chars().cast(pl.Float64, strict=False).alias("_age")]
     )
-    bad = pl.any_horizontal([~pl.col(f).is_in(list(CODES)) for f in FINDINGS])
+    bad = pl.any_horizontal([~pl.col(f).is_in([*CODES, ""]) for f in FINDINGS])
     first_bad = pl.coalesce(
-        [pl.when(~pl.col(f).is_in(list(CODES))).then(pl.lit(f"{f}=") + pl.col(f)) for f in FINDINGS]
+        [pl.when(~pl.col(f).is_in([*CODES, ""])).then(pl.lit(f"{f}=") + pl.col(f)) for f in FINDINGS]
     )
     df = quarantine_where(
         q, file, df, bad,
@@ -133,6 +135,7 @@ def ingest(
     ann = (
         df.select((pl.lit(dataset_id + ":") + pl.col("Path")).alias("image_id"), *FINDINGS)
         .unpivot(FINDINGS, index="image_id", variable_name="finding", value_name="raw_value")
+        .filter(pl.col("raw_value") != "")
         .join(codes, on="raw_value", how="left", maintain_order="left")
         .select(
             "image_id", pl.lit(source_id).alias("source_id"), pl.lit("").alias("annotator"),
@@ -141,11 +144,11 @@ def ingest(
     )
     sources = [{
         "source_id": source_id, "dataset_id": dataset_id, "name": "report_nlp",
-        "kind": "report_nlp", "exhaustive": True, "negatives": "explicit",
+        "kind": "report_nlp", "exhaustive": True, "negatives": "implicit",
         "value_type": "binary",
         "rule": "CheXpert labeler (rule-based NLP on the radiology report): 1.0 positive, "
-                "0.0 negative, -1.0 uncertain (value null), blank = not mentioned (value null); "
-                "raw_value keeps the cell text ('' for blank)",
+                "0.0 negative, -1.0 uncertain (value null); blank = not mentioned: no row is "
+                "stored (value null, meaning not_mentioned in the labels_dense view)",
         "description": "CheXpert report labels for 14 observations (Irvin et al. 2019)",
         "code_map": code_map(CODES), "file": file,
     }]
