@@ -1,0 +1,113 @@
+"""Stage ``outliers``: images least like their nearest neighbours, ranked.
+
+For each image with a vector (``params.yaml: embed.model``, the weights-free descriptor by
+default), the mean cosine similarity to its ``k`` nearest other images (``params.yaml:
+outliers.k``, default 10), found by exact blocked matrix products over every dataset of the
+workspace (memory O(block x N), never the full N x N matrix). ``score = 1 - mean_sim``;
+``rank`` 1 is the most outlying image. Non-medical pictures in a medical set, wrong
+modalities and broken renders rank near the top.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from catalog import Catalog, CatalogError, to_json
+from catalog.embedders import DESCRIPTOR
+from catalog.vectors import VectorStore
+
+STAGE = "outliers"
+DEFAULTS: dict[str, Any] = {"k": 10, "model": None, "block": 4096}
+
+
+def knn_mean(vecs: np.ndarray, *, k: int, block: int = 4096) -> np.ndarray:
+    """Mean cosine similarity of each row to its ``k`` nearest other rows (exact, blocked).
+
+    Parameters
+    ----------
+    vecs : numpy.ndarray
+        (n, d) L2-normalised rows.
+    k : int
+        Neighbours per row (capped at n - 1).
+    block : int
+        Rows per matrix product.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n,) float64 means.
+    """
+    n = len(vecs)
+    if n < 2:
+        raise CatalogError(f"outliers: need at least 2 images with vectors, found {n}")
+    k = max(1, min(int(k), n - 1))
+    out = np.empty(n, dtype=np.float64)
+    for s in range(0, n, block):
+        sims = vecs[s:s + block] @ vecs.T
+        rows = np.arange(s, min(s + block, n))
+        sims[rows - s, rows] = -np.inf  # not its own neighbour
+        top = np.partition(sims, n - k, axis=1)[:, n - k:] if k < n else sims
+        out[rows] = top.astype(np.float64).mean(axis=1)
+    return out
+
+
+def run(cat: Catalog, *, k: int | None = None, model: str | None = None,
+        params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score and rank every fingerprinted image with a vector; write the ``outliers`` table.
+
+    Parameters
+    ----------
+    cat : Catalog
+    k : int, optional
+        Neighbours (default ``params.yaml: outliers.k``, else 10).
+    model : str, optional
+        Vector model (default ``outliers.model``, else ``embed.model``, else descriptor-v1).
+    params : dict, optional
+        Replaces ``params.yaml: outliers``.
+
+    Returns
+    -------
+    dict
+        ``images`` (ranked), ``missing`` (fingerprinted but without a vector), ``k``,
+        ``model``, ``top`` (the 20 highest-ranked rows as dicts).
+    """
+    p = {**DEFAULTS, **(params if params is not None else (cat.ws.param("outliers") or {}))}
+    if k is not None:
+        p["k"] = k
+    if int(p["k"]) < 1:
+        raise CatalogError(f"outliers: k must be at least 1 (got {p['k']}); set outliers.k "
+                           "in params.yaml")
+    name = model or p.get("model") or cat.ws.param("embed.model") or DESCRIPTOR
+    p["model"] = name
+    fp = cat.read("fingerprints", columns=["image_id", "dataset_id"], required=True,
+                  hint="run 'medlake fingerprint' and 'medlake embed' first").sort("image_id")
+    vs = VectorStore(cat.ws.vectors_dir)
+    if not vs.has(name):
+        raise CatalogError(f"outliers: no vectors of model '{name}' in {vs.path.name}; "
+                           "run 'medlake embed' first")
+    ids, vecs = vs.load(name, fp["image_id"].to_list())
+    if len(ids) < 2:
+        raise CatalogError(f"outliers: {len(ids)} fingerprinted images have a {name} vector; "
+                           "run 'medlake embed' first")
+    mean = knn_mean(vecs, k=int(p["k"]), block=int(p["block"]))
+    kk = min(int(p["k"]), len(ids) - 1)
+    df = (pl.DataFrame({"image_id": ids, "mean_sim": mean})
+          .join(fp, on="image_id", how="left")
+          .with_columns((1.0 - pl.col("mean_sim")).alias("score"))
+          .sort(["score", "image_id"], descending=[True, False])
+          .with_row_index("rank", offset=1)
+          .with_columns(pl.col("rank").cast(pl.Int64), pl.lit(name).alias("model"),
+                        pl.lit(kk, dtype=pl.Int64).alias("k"), pl.lit(to_json(p)).alias("params")))
+    with cat.transaction() as tx:
+        tx.write("outliers", df.sort("image_id"), stage=STAGE, partition="all")
+    return {"images": len(df), "missing": len(fp) - len(ids), "k": kk, "model": name,
+            "top": df.head(20).to_dicts()}
+
+
+if __name__ == "__main__":
+    from cli.main import run_stage
+
+    run_stage("outliers")

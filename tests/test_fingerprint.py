@@ -1,0 +1,158 @@
+"""Stage fingerprint: hashes against imagehash, quality flags, bad inputs, CLI."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+from images_helpers import _synth_lake  # noqa: F401  (session fixture synth_lake)
+from PIL import Image
+
+from catalog import Catalog, Workspace
+from cli.main import main
+from pipelines import fingerprint
+
+RNG = np.random.default_rng(0)
+
+
+def _noise(h: int = 128, w: int = 128) -> np.ndarray:
+    return RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _bomb_png() -> bytes:
+    """A valid 8x8 PNG whose IHDR declares 20000 x 20000 pixels (CRC fixed)."""
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytearray(data[12:29])  # 'IHDR' + 13 bytes
+    ihdr[4:12] = struct.pack(">II", 20000, 20000)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def _make_files(d: Path) -> dict[str, str]:
+    """Purpose-made images; returns name -> expected outcome ('ok' or a quarantine reason)."""
+    d.mkdir(parents=True)
+    Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(d / "black.png")
+    Image.fromarray(np.full((128, 128, 3), 255, np.uint8)).save(d / "white.png")
+    Image.fromarray(np.full((128, 128, 3), 128, np.uint8)).save(d / "flat.png")
+    import cv2
+    blur = cv2.GaussianBlur(_noise(), (0, 0), 8)
+    Image.fromarray(blur).save(d / "blurry.png")
+    Image.fromarray(_noise(32, 32)).save(d / "tiny.png")
+    Image.fromarray(_noise()).save(d / "sharp.png")
+    Image.fromarray(_noise(40, 200)).save(d / "wide.png")
+    g = RNG.integers(0, 256, (128, 128), dtype=np.uint8)
+    Image.fromarray(np.stack([g] * 3, -1)).save(d / "greyrgb.png")
+    Image.fromarray(g).save(d / "grey.png")
+    Image.fromarray(_noise()).convert("CMYK").save(d / "cmyk.jpg", quality=95)
+    Image.fromarray(g.astype(np.uint16) * 257).save(d / "sixteen.png")
+    Image.fromarray(_noise()).convert("P").save(d / "palette.png")
+    ex = Image.fromarray(_noise(60, 100))
+    exif = ex.getexif()
+    exif[0x0112] = 6  # rotate 90: stored 100 wide x 60 high, shown 60 x 100
+    ex.save(d / "exif.jpg", exif=exif, quality=95)
+    good = (d / "sharp.png").read_bytes()
+    (d / "truncated.png").write_bytes(good[: len(good) // 2])
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + RNG.bytes(500))
+    (d / "zero.png").write_bytes(b"")
+    (d / "text.jpg").write_bytes(b"this is not an image\n" * 20)
+    (d / "bomb.png").write_bytes(_bomb_png())
+    bad = {"truncated.png", "corrupt.png", "zero.png", "text.jpg", "bomb.png"}
+    return {p.name: ("bad" if p.name in bad else "ok") for p in sorted(d.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def bad_lake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Catalog, dict[str, str]]:
+    root = (tmp_path_factory.mktemp("fp") / "ws").resolve()
+    (root / ".dvc").mkdir(parents=True)
+    files = _make_files(root / "imgs")
+    cat = Catalog(Workspace(root))
+    images = [{"image_id": f"t:{n}", "dataset_id": "t", "native_id": n, "path": n} for n in files]
+    with cat.transaction() as tx:
+        tx.write("datasets", [{"dataset_id": "t", "name": "t", "modality": "derm",
+                               "images_root": "imgs"}], stage="ingest", partition="t")
+        tx.write("images", images, stage="ingest", partition="t")
+    return cat, files
+
+
+def test_bad_inputs_processed_or_quarantined(bad_lake):
+    cat, files = bad_lake
+    res = fingerprint.run(cat)
+    fp = cat.read("fingerprints")
+    q = cat.read("quarantine").filter(pl.col("stage") == "fingerprint")
+    assert res == {"images": len(files), "fingerprinted": len(fp), "quarantined": len(q)}
+    assert len(fp) + len(q) == len(files)
+    assert set(fp["image_id"]) | set(q["item"]) == {f"t:{n}" for n in files}
+    bad = {f"t:{n}" for n, v in files.items() if v == "bad"}
+    assert set(q["item"]) == bad
+    reasons = dict(zip(q["item"], q["reason"], strict=True))
+    assert reasons["t:zero.png"] == "zero-byte file"
+    assert reasons["t:bomb.png"] == "decompression bomb"
+    assert reasons["t:text.jpg"] == "not an image"
+    assert all(r for r in reasons.values())
+    rows = {r["image_id"]: r for r in fp.to_dicts()}
+    assert rows["t:cmyk.jpg"]["mode"] == "CMYK"
+    assert rows["t:sixteen.png"]["mode"].startswith("I")
+    assert rows["t:palette.png"]["mode"] == "P"
+    assert rows["t:grey.png"]["mode"] == "L"
+    assert (rows["t:exif.jpg"]["width"], rows["t:exif.jpg"]["height"]) == (60, 100)
+
+
+def test_quality_flags(bad_lake):
+    cat, _ = bad_lake
+    fingerprint.run(cat)
+    flags = {r["image_id"][2:]: set(filter(None, r["flags"].split(",")))
+             for r in cat.read("fingerprints").to_dicts()}
+    assert {"dark", "low_contrast", "low_information"} <= flags["black.png"]
+    assert "bright" in flags["white.png"]
+    assert {"low_contrast", "blurry"} <= flags["flat.png"]
+    assert "blurry" in flags["blurry.png"]
+    assert "tiny" in flags["tiny.png"]
+    assert "extreme_aspect" in flags["wide.png"]
+    assert "grey_as_colour" in flags["greyrgb.png"]
+    assert "grey_as_colour" not in flags["grey.png"]  # stored as greyscale: nothing to flag
+    assert flags["sharp.png"] == set()
+
+
+def test_hashes_match_imagehash(synth_lake):
+    cat = synth_lake
+    fp = cat.read("fingerprints").sort("image_id")
+    files = dict(zip(*fingerprint.image_files(cat).select("image_id", "file").get_columns(), strict=True))
+    for r in fp.head(25).to_dicts():
+        raw = Path(files[r["image_id"]]).read_bytes()
+        im = Image.open(io.BytesIO(raw)).convert("RGB")
+        assert r["phash"] == str(imagehash.phash(im))
+        assert r["dhash"] == str(imagehash.dhash(im))
+        assert r["ahash"] == str(imagehash.average_hash(im))
+        assert r["whash"] == str(imagehash.whash(im))
+        import hashlib
+        assert r["sha256"] == hashlib.sha256(raw).hexdigest()
+        assert (r["width"], r["height"]) == im.size
+        mirror = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        sym = Image.fromarray(((np.asarray(mirror, np.uint16) + np.asarray(im)) // 2).astype(np.uint8))
+        assert r["phash_sym"] == str(imagehash.phash(sym))
+
+
+def test_images_in_equal_out_on_synthetic(synth_lake):
+    cat = synth_lake
+    n = len(fingerprint.image_files(cat))
+    q = cat.read("quarantine").filter(pl.col("stage") == "fingerprint")
+    assert len(cat.read("fingerprints")) + len(q) == n > 100
+
+
+def test_cli(bad_lake):
+    cat, files = bad_lake
+    r = CliRunner().invoke(main, ["fingerprint", "-w", str(cat.ws.root)])
+    assert r.exit_code == 0, r.output
+    assert f"{len(files)} images, {len(files) - 5} fingerprinted, 5 quarantined" in r.output
+    r = CliRunner().invoke(main, ["fingerprint", "-w", str(cat.ws.root), "--dataset", "nope"])
+    assert r.exit_code != 0 and "nope" in r.output
