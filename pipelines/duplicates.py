@@ -30,7 +30,7 @@ from pipelines.fingerprint import image_files
 
 STAGE = "duplicates"
 DEFAULTS: dict[str, Any] = {"hamming": 6, "k": 10, "cosine": 0.80, "min_inliers": 12,
-                            "ncc": 0.45, "model": DESCRIPTOR, "block": 4096}
+                            "ncc": 0.75, "model": DESCRIPTOR, "block": 4096}
 
 
 def knn_pairs(vecs: np.ndarray, *, k: int, threshold: float, block: int = 4096) -> np.ndarray:

@@ -1,0 +1,93 @@
+"""Stage duplicates: recall/precision against the generator's truth, external lists, clusters, CLI."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+from images_helpers import _synth_lake, truth  # noqa: F401  (session fixture synth_lake)
+
+from catalog import CatalogError
+from cli.main import main
+from pipelines import duplicates
+
+
+@pytest.fixture(scope="module")
+def dup_run(synth_lake):
+    return synth_lake, duplicates.run(synth_lake)
+
+
+def _sets(cat):
+    files, pairs = truth(cat)
+    known = set(cat.read("fingerprints")["image_id"])
+    tp = pairs.filter(pl.col("id_a").is_in(known) & pl.col("id_b").is_in(known))
+    p = cat.read("pairs").filter(pl.col("verified") & ~pl.col("method").str.starts_with("external"))
+    return files, tp, set(zip(p["image_a"], p["image_b"], strict=True))
+
+
+def test_recall_precision_vs_truth(dup_run):
+    cat, res = dup_run
+    files, tp, got = _sets(cat)
+    true = set(zip(tp["id_a"], tp["id_b"], strict=True))
+    assert res["verified"] == len(got) and res["candidates"] >= res["verified"]
+    recall = len(got & true) / len(true)
+    precision = len(got & true) / max(len(got), 1)
+    assert len(true) >= 25
+    assert recall >= 0.85, (recall, sorted(true - got))
+    assert precision >= 0.85, (precision, sorted(got - true)[:10])
+    for kind in ("exact", "mirrored", "rotated", "reencoded", "resized"):
+        s = tp.filter(pl.col("kind") == kind)
+        t = set(zip(s["id_a"], s["id_b"], strict=True))
+        assert t and t <= got, (kind, sorted(t - got))
+    # repeat captures of one patient/lesion are not duplicates
+    pid = dict(zip(files["id"], files["patient_id"], strict=True))
+    same_patient = {(a, b) for a, b in got - true if pid.get(a) and pid.get(a) == pid.get(b)}
+    assert len(same_patient) <= 1, sorted(same_patient)
+
+
+def test_pairs_record_evidence_and_params(dup_run):
+    cat, _ = dup_run
+    p = cat.read("pairs")
+    assert (p["image_a"] < p["image_b"]).all()
+    assert p["params"].str.contains('"ncc"').all()
+    ok = p.filter(pl.col("verified") & (pl.col("transform") != "identical"))
+    assert (ok["ncc"] >= 0.75).all() and (ok["inliers"] >= 12).all()
+
+
+def test_clusters_connected_and_deterministic(dup_run):
+    cat, _ = dup_run
+    c1 = cat.read("clusters").sort("image_id")
+    ok = cat.read("pairs").filter("verified")
+    lab = dict(zip(c1["image_id"], c1["cluster_id"], strict=True))
+    assert all(lab[a] == lab[b] for a, b in zip(ok["image_a"], ok["image_b"], strict=True))
+    sizes = c1.group_by("cluster_id").len()
+    assert dict(zip(sizes["cluster_id"], sizes["len"], strict=True)) == \
+        dict(zip(c1["cluster_id"], c1["size"], strict=True))
+    assert all(cid == "dup:" + min(c1.filter(pl.col("cluster_id") == cid)["image_id"])
+               for cid in c1["cluster_id"].unique())
+    again = duplicates.cluster(cat.read("pairs"), "{}")
+    assert again.select("image_id", "cluster_id").equals(c1.select("image_id", "cluster_id"))
+
+
+def test_external_list_joins_clusters(dup_run, tmp_path):
+    cat, _ = dup_run
+    c = cat.read("clusters")
+    big = c.group_by("cluster_id").agg(pl.col("image_id").min()).sort("cluster_id")
+    a, b = big["image_id"][0], big["image_id"][1]
+    lone = min(set(cat.read("fingerprints")["image_id"]) - set(c["image_id"]))
+    csv = tmp_path / "known.csv"
+    csv.write_text(f"image_a,image_b,score\n{a},{b},0.97\n{lone},{a},\n")
+    res = duplicates.run(cat, external=csv)
+    assert res["external"] == 2
+    c2 = cat.read("clusters")
+    lab = dict(zip(c2["image_id"], c2["cluster_id"], strict=True))
+    assert lab[a] == lab[b] == lab[lone] == "dup:" + min(a, b, lone)
+    ext = cat.read("pairs").filter(pl.col("method") == "external:known.csv")
+    assert len(ext) == 2 and ext["verified"].all()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image_a,image_b\nnope:1,nope:2\n")
+    with pytest.raises(CatalogError, match="not in the catalog"):
+        duplicates.run(cat, external=bad)
+    r = CliRunner().invoke(main, ["duplicates", "-w", str(cat.ws.root)])
+    assert r.exit_code == 0, r.output
+    assert "0 external" in r.output and "verified" in r.output
