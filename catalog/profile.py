@@ -67,8 +67,21 @@ def _table(df: pl.DataFrame, rows: int = 40) -> str:
     return out
 
 
-# Other stages add sections here: name -> function(catalog, dataset_id) -> frame (or None).
-SECTIONS: dict[str, Callable[[Catalog, str], pl.DataFrame | None]] = {}
+def _agreement(catalog: Catalog, dataset_id: str) -> pl.DataFrame | None:
+    from catalog.stats import agreement_summary
+
+    df = agreement_summary(catalog, dataset_id)
+    if df is None or not df.height:
+        return None
+    keep = [c for c in ("finding", "source_a", "annotator_a", "source_b", "annotator_b",
+                        "n_shared", "kappa", "kappa_lo", "kappa_hi", "ppv", "note") if c in df.columns]
+    return df.select(keep).head(30)
+
+
+# Sections from later stages: name -> function(catalog, dataset_id) -> frame (or None).
+SECTIONS: dict[str, Callable[[Catalog, str], pl.DataFrame | None]] = {
+    "agreement between sources (medlake agreement)": _agreement,
+}
 
 
 def profile(catalog: Catalog, dataset_id: str, *, max_findings: int = 25) -> Profile:
