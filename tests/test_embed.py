@@ -1,0 +1,86 @@
+"""Stage embed: incremental, resume after kill, open_clip (random weights), missing weights, similar, CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from images_helpers import _synth_lake  # noqa: F401  (session fixture synth_lake)
+
+from catalog import Catalog, CatalogError, Workspace
+from catalog.embedders import EmbedderError
+from catalog.vectors import VectorStore, table_name
+from cli.main import main
+from pipelines import embed, fingerprint, ingest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_second_run_embeds_nothing(synth_lake):
+    res = embed.run(synth_lake, workers=0)
+    assert res["embedded"] == 0 and res["skipped"] == len(synth_lake.read("fingerprints"))
+    r = CliRunner().invoke(main, ["embed", "-w", str(synth_lake.ws.root), "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert "0 embedded" in r.output and "already embedded" in r.output
+
+
+def test_vectors_unit_and_similar(synth_lake):
+    vs = VectorStore(synth_lake.ws.vectors_dir)
+    ids, mat = vs.load("descriptor-v1")
+    assert len(ids) == len(set(ids)) == len(synth_lake.read("fingerprints"))
+    np.testing.assert_allclose(np.linalg.norm(mat, axis=1), 1.0, atol=1e-5)
+    q = ids[0]
+    hits = embed.similar(synth_lake, q, k=5)
+    ref = np.argsort(-(mat @ mat[0]))[1:6]
+    assert [h for h, _ in hits] == [ids[i] for i in ref]
+    np.testing.assert_allclose([s for _, s in hits], (mat @ mat[0])[ref], atol=1e-4)
+    r = CliRunner().invoke(main, ["similar", q, "-k", "3", "-w", str(synth_lake.ws.root)])
+    assert r.exit_code == 0 and r.output.count("\n") == 3 and ids[ref[0]] in r.output
+    r = CliRunner().invoke(main, ["similar", "nope:1", "-w", str(synth_lake.ws.root)])
+    assert r.exit_code != 0 and "nope:1" in r.output
+
+
+def test_open_clip_random_weights_and_missing_checkpoint(synth_lake, tmp_path):
+    res = embed.run(synth_lake, model="ViT-B-32", pretrained=None, limit=4, batch_size=4, workers=0)
+    assert res["model"] == "openclip:ViT-B-32:random" and res["embedded"] == 4
+    ids, mat = VectorStore(synth_lake.ws.vectors_dir).load(res["model"])
+    assert len(ids) == 4 and mat.shape == (4, 512)
+    np.testing.assert_allclose(np.linalg.norm(mat, axis=1), 1.0, atol=1e-4)
+    missing = tmp_path / "ViT-B-32-weights.pt"
+    with pytest.raises(EmbedderError, match="ViT-B-32-weights.pt.*not available locally"):
+        embed.run(synth_lake, model="ViT-B-32", pretrained=str(missing), limit=1)
+    with pytest.raises(CatalogError, match="no model"):
+        embed.run(synth_lake, model="no-such-net", limit=1)
+
+
+def test_resume_after_kill(tmp_path):
+    from pipelines.synthetic import generate
+
+    root = (tmp_path / "ws").resolve()
+    (root / ".dvc").mkdir(parents=True)
+    generate(root / "syn", n_captures=24, seed=3, modalities=("derm",))
+    cat = Catalog(Workspace(root))
+    ingest.run(cat, "generic", root / "syn" / "derm.yaml")
+    n = fingerprint.run(cat)["fingerprinted"]
+    code = ("from pathlib import Path; from catalog import Catalog, Workspace; from pipelines import embed; "
+            f"embed.run(Catalog(Workspace(Path({str(root)!r}))), batch_size=4, workers=0, "
+            "echo=lambda m: print(m, flush=True))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    first = proc.stdout.readline()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.startswith("embedded 4 of"), first
+    vs = VectorStore(cat.ws.vectors_dir)
+    done = len(vs.db.open_table(table_name("descriptor-v1")).to_arrow())
+    assert 4 <= done < n, (done, n)
+    res = embed.run(cat, batch_size=4, workers=0)
+    assert res["embedded"] == n - done
+    ids = vs.db.open_table(table_name("descriptor-v1")).to_arrow()["image_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == n
