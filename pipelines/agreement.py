@@ -141,6 +141,8 @@ def compute(
             ).alias("rule"),
         ).sort(["finding", "kind", "source_a", "annotator_a", "source_b", "annotator_b",
                 "subgroup", "subgroup_value"])
+    if not out.height:  # e.g. only category-valued sources: nothing comparable
+        return pl.from_arrow(spec("agreement").schema.empty_table()), dtabs  # type: ignore[return-value]
     return pl.from_arrow(conform("agreement", out)), dtabs  # type: ignore[return-value]
 
 

@@ -276,3 +276,23 @@ def test_cli_writes_table_and_plot(toy, tmp_path):
     assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
     bad = CliRunner().invoke(main, ["agreement", "nope", "--workspace", str(cat.ws.root)])
     assert bad.exit_code == 1 and "no label sources" in bad.output
+
+
+def test_dataset_with_only_category_sources_gives_empty_table(catalog):
+    """Nothing comparable (category labels only): an empty table, not a crash."""
+    import polars as pl
+
+    from pipelines import agreement as stage
+
+    with catalog.transaction() as tx:
+        tx.write("datasets", [{"dataset_id": "c"}], stage="ingest", partition="c")
+        tx.write("images", pl.DataFrame({"image_id": ["c:1", "c:2"], "dataset_id": ["c", "c"]}),
+                 stage="ingest", partition="c")
+        tx.write("sources", [{"source_id": "c:dx", "dataset_id": "c", "kind": "expert",
+                              "value_type": "category", "negatives": "none"}],
+                 stage="ingest", partition="c")
+        tx.write("annotations", pl.DataFrame({
+            "image_id": ["c:1", "c:2"], "source_id": ["c:dx"] * 2, "annotator": ["", ""],
+            "finding": ["dx", "dx"], "category": ["nevus", "melanoma"]}), stage="ingest", partition="c")
+    stage.run(catalog, "c")
+    assert catalog.read("agreement").height == 0
