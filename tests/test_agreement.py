@@ -294,5 +294,9 @@ def test_dataset_with_only_category_sources_gives_empty_table(catalog):
         tx.write("annotations", pl.DataFrame({
             "image_id": ["c:1", "c:2"], "source_id": ["c:dx"] * 2, "annotator": ["", ""],
             "finding": ["dx", "dx"], "category": ["nevus", "melanoma"]}), stage="ingest", partition="c")
+        tx.write("findings", [{"source_id": "c:dx", "finding": "dx", "shared_finding": "diagnosis",
+                               "value_type": "category"}], stage="ingest", partition="c")
+        tx.write("coverage", pl.DataFrame({"image_id": ["c:1", "c:2"], "source_id": ["c:dx"] * 2}),
+                 stage="ingest", partition="c")
     stage.run(catalog, "c")
     assert catalog.read("agreement").height == 0
