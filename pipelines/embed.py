@@ -23,7 +23,7 @@ from pipelines.fingerprint import image_files
 
 log = logging.getLogger(__name__)
 DEFAULTS: dict[str, Any] = {"model": DESCRIPTOR, "pretrained": None, "batch_size": 64,
-                            "workers": 2}
+                            "workers": 0}
 
 
 class _Images:
