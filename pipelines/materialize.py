@@ -233,6 +233,9 @@ def run(catalog: Catalog, recipe: str | Path, *, processes: int = 1) -> Material
     """
     ws = catalog.ws
     rec = load_recipe(recipe_path(ws.root, recipe))
+    if rec.dataset not in catalog.dataset_ids():
+        return _skip(catalog, rec.name, rec.dataset, f"dataset '{rec.dataset}' is not ingested in this "
+                     "workspace (its public metadata was not found at params.yaml real_data)")
     st = apply_rules(catalog, rec)
     kept, lineage = st["df"], st["lineage"]
     labels = rec.label_names()
@@ -296,6 +299,36 @@ def run(catalog: Catalog, recipe: str | Path, *, processes: int = 1) -> Material
     return MaterializeResult(
         name=rec.name, path=final, n_parent=st["parent"].height, n_kept=manifest.height,
         counts=counts, actions=dict(actions.iter_rows()), files=fstats, quarantined=q.count())
+
+
+def _skip(catalog: Catalog, name: str, dataset_id: str, why: str) -> MaterializeResult:
+    """Write an explicit 'skipped' version (DVC needs every declared output) and say why.
+
+    The folder holds only SKIPPED.md; the lineage and versions partitions are empty, and the
+    quarantine partition carries one row with the reason, so nothing is silently missing.
+    """
+    import shutil
+    import tempfile
+
+    dest = catalog.ws.versions_dir / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
+    (tmp / "SKIPPED.md").write_text(f"# {name}: not materialised\n\n{why}.\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    with catalog.transaction() as tx:
+        tx.write("lineage", pl.DataFrame(schema={"version": pl.String, "image_id": pl.String,
+                                                  "rule": pl.String}),
+                 stage="materialize", partition=name)
+        tx.write("versions", pl.DataFrame(schema={"name": pl.String}), stage="materialize",
+                 partition=name)
+        tx.write("quarantine", [{"stage": "materialize", "dataset_id": dataset_id, "file": f"{name}.yaml",
+                                 "row": 0, "item": name, "reason": f"skipped: {why}"}],
+                 stage="materialize", partition=name)
+    log.warning("recipe %s skipped: %s", name, why)
+    return MaterializeResult(name=name, path=dest, n_parent=0, n_kept=0, counts={},
+                             actions={"skipped": 1}, files={}, quarantined=1)
 
 
 def run_all(catalog: Catalog, *, processes: int = 1) -> list[MaterializeResult]:

@@ -187,3 +187,19 @@ def test_units_join_groups_and_duplicates() -> None:
     links = pl.DataFrame({"image_a": ["b"], "image_b": ["d"]})
     u = units(f, links)
     assert u.group_by("unit").len().sort("len")["len"].to_list() == [1, 3]
+
+
+def test_recipe_for_absent_dataset_is_skipped_explicitly(catalog):
+    """Without the public metadata, a real-data recipe writes a SKIPPED version and a
+    quarantine row saying why (dvc repro then still runs the rest of the pipeline)."""
+    from pipelines import materialize
+
+    catalog.ws.recipes_dir.mkdir(parents=True, exist_ok=True)
+    (catalog.ws.recipes_dir / "absent.yaml").write_text(
+        "name: absent\ndataset: not-ingested\nparent: not-ingested@x\nrules: []\n")
+    res = materialize.run(catalog, "absent")
+    assert res.actions == {"skipped": 1} and res.n_kept == 0
+    assert "not ingested" in (catalog.ws.versions_dir / "absent" / "SKIPPED.md").read_text()
+    q = catalog.read("quarantine", where="stage = 'materialize'")
+    assert q.height == 1 and q["reason"][0].startswith("skipped: dataset 'not-ingested'")
+    assert catalog.read("lineage").height == 0
