@@ -233,8 +233,8 @@ def run(catalog: Catalog, recipe: str | Path, *, processes: int = 1) -> Material
     """
     ws = catalog.ws
     rec = load_recipe(recipe_path(ws.root, recipe))
-    if rec.dataset not in catalog.dataset_ids():
-        return _skip(catalog, rec.name, rec.dataset, f"dataset '{rec.dataset}' is not ingested in this "
+    if not catalog.image_ids(rec.dataset).height:
+        return _skip(catalog, rec.name, rec.dataset, f"dataset '{rec.dataset}' has no images in this "
                      "workspace (its public metadata was not found at params.yaml real_data)")
     st = apply_rules(catalog, rec)
     kept, lineage = st["df"], st["lineage"]

@@ -199,7 +199,7 @@ def test_recipe_for_absent_dataset_is_skipped_explicitly(catalog):
         "name: absent\ndataset: not-ingested\nparent: not-ingested@x\nrules: []\n")
     res = materialize.run(catalog, "absent")
     assert res.actions == {"skipped": 1} and res.n_kept == 0
-    assert "not ingested" in (catalog.ws.versions_dir / "absent" / "SKIPPED.md").read_text()
+    assert "no images" in (catalog.ws.versions_dir / "absent" / "SKIPPED.md").read_text()
     q = catalog.read("quarantine", where="stage = 'materialize'")
-    assert q.height == 1 and q["reason"][0].startswith("skipped: dataset 'not-ingested'")
+    assert q.height == 1 and q["reason"][0].startswith("skipped: dataset 'not-ingested' has no images")
     assert catalog.read("lineage").height == 0
