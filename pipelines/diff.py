@@ -84,15 +84,10 @@ def load_side(catalog: Catalog, ref: str) -> Side:
 
 def _root(catalog: Catalog, row: dict) -> Side:
     from catalog.recipes import LabelSpec
-    from pipelines.materialize import load_label
+    from pipelines.materialize import load_label, root_members
 
     ds = row["dataset_id"].replace("'", "''")
-    if row["scheme"]:
-        f = catalog.read("splits", where=f"dataset_id = '{ds}' AND scheme = '{row['scheme']}'",
-                         columns=["image_id", "split"])
-    else:
-        f = catalog.read("images", where=f"dataset_id = '{ds}'", columns=["image_id"]).with_columns(
-            pl.lit(None, pl.String).alias("split"))
+    f = root_members(catalog, row)
     params = json.loads(row["params"]) if row.get("params") else {}
     sources = params.get("sources")
     if not sources:  # every single-reader source of the dataset that is not release-tagged

@@ -104,10 +104,21 @@ def label_finding(catalog: Catalog, spec: LabelSpec) -> str:
     return f"{spec.source}/{f['finding'][0]}" if f.height == 1 else spec.source
 
 
+def root_members(catalog: Catalog, row: dict[str, Any]) -> pl.DataFrame:
+    """``image_id, split`` of a root version: its split scheme's rows, or (a release without
+    a scheme) every image of the dataset with a null split."""
+    ds = row["dataset_id"].replace("'", "''")
+    if row["scheme"]:
+        scheme = row["scheme"].replace("'", "''")
+        return catalog.read("splits", where=f"dataset_id = '{ds}' AND scheme = '{scheme}'",
+                            columns=["image_id", "split"])
+    return catalog.read("images", where=f"dataset_id = '{ds}'", columns=["image_id"]).with_columns(
+        pl.lit(None, pl.String).alias("split"))
+
+
 def parent_frame(catalog: Catalog, recipe: Recipe) -> tuple[pl.DataFrame, dict[str, Any]]:
     """The parent version's images: ``image_id, split`` (+ label columns of a derived parent)."""
     v = catalog.read("versions", where=f"name = '{recipe.parent.replace(chr(39), '')}'")
-    ds = recipe.dataset.replace("'", "''")
     if not v.height:
         names = catalog.read("versions", columns=["name"])["name"].to_list()
         raise RecipeError(f"{recipe.file}: parent '{recipe.parent}' is not a version of this "
@@ -117,12 +128,7 @@ def parent_frame(catalog: Catalog, recipe: Recipe) -> tuple[pl.DataFrame, dict[s
         raise RecipeError(f"{recipe.file}: parent '{recipe.parent}' is a version of "
                           f"'{row['dataset_id']}', not of '{recipe.dataset}'")
     if row["kind"] == "root":
-        if row["scheme"]:
-            f = catalog.read("splits", where=f"dataset_id = '{ds}' AND scheme = '{row['scheme']}'",
-                             columns=["image_id", "split"])
-        else:
-            f = catalog.read("images", where=f"dataset_id = '{ds}'", columns=["image_id"]).with_columns(
-                pl.lit(None, pl.String).alias("split"))
+        f = root_members(catalog, row)
     else:
         from catalog.versions import load_version
 
@@ -307,16 +313,9 @@ def _skip(catalog: Catalog, name: str, dataset_id: str, why: str) -> Materialize
     The folder holds only SKIPPED.md; the lineage and versions partitions are empty, and the
     quarantine partition carries one row with the reason, so nothing is silently missing.
     """
-    import shutil
-    import tempfile
-
     dest = catalog.ws.versions_dir / name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
-    (tmp / "SKIPPED.md").write_text(f"# {name}: not materialised\n\n{why}.\n")
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
+    with export.atomic_dir(dest) as tmp:
+        (tmp / "SKIPPED.md").write_text(f"# {name}: not materialised\n\n{why}.\n")
     with catalog.transaction() as tx:
         tx.write("lineage", pl.DataFrame(schema={"version": pl.String, "image_id": pl.String,
                                                   "rule": pl.String}),
