@@ -7,13 +7,15 @@ split schemes; quarantined rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import polars as pl
 
 from catalog.core import Catalog
 from catalog.errors import CatalogError
+from catalog.sql import render
 
 THRESHOLDS = (1, 5, 10, 50, 100)
 
@@ -36,9 +38,9 @@ class Profile:
         """Plain-text report for the terminal."""
         s = self.summary
         lines = [
-            f"dataset {self.dataset_id}: {s['images']:,} images, {s['groups']:,} groups "
-            f"(patients/lesions), {s['studies']:,} studies, {s['sources']} label sources, "
-            f"{s['quarantined']:,} quarantined rows",
+            (f"dataset {self.dataset_id}: {s['images']:,} images, {s['groups']:,} groups "
+             f"(patients/lesions), {s['studies']:,} studies, {s['sources']} label sources, "
+             f"{s['quarantined']:,} quarantined rows"),
             "",
             "groups with more than N images (and the images they hold):",
             _table(self.group_sizes),
@@ -57,14 +59,7 @@ class Profile:
 
 
 def _table(df: pl.DataFrame, rows: int = 40) -> str:
-    with pl.Config(
-        tbl_rows=rows, tbl_cols=-1, tbl_hide_dataframe_shape=True, tbl_formatting="ASCII_MARKDOWN",
-        tbl_hide_column_data_types=True, fmt_str_lengths=50, tbl_width_chars=160,
-    ):
-        out = str(df)
-    if df.height > rows:
-        out += f"\n({df.height:,} rows, {rows} shown; query them with medlake sql)"
-    return out
+    return render(df, "table", max_rows=rows, more="query them with medlake sql")
 
 
 def _agreement(catalog: Catalog, dataset_id: str) -> pl.DataFrame | None:

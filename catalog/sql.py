@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import duckdb
 import pyarrow as pa
@@ -175,11 +175,17 @@ def run_query(tables_dir: Path, query: str, *, limit: int | None = None) -> pa.T
 Format = Literal["table", "csv", "json"]
 
 
-def render(at: pa.Table, fmt: Format = "table", *, max_rows: int = 50) -> str:
-    """Text for an Arrow table: an aligned table, CSV or JSON lines."""
+def render(
+    at: pa.Table | Any, fmt: Format = "table", *, max_rows: int = 50,
+    more: str = "use --format csv for all",
+) -> str:
+    """Text for an Arrow table or Polars frame: an aligned table, CSV or JSON lines.
+
+    ``more`` is the hint shown when a table has more than ``max_rows`` rows.
+    """
     import polars as pl
 
-    df = pl.from_arrow(at)
+    df = at if isinstance(at, pl.DataFrame) else pl.from_arrow(at)
     assert isinstance(df, pl.DataFrame)
     if fmt == "csv":
         return df.write_csv()
@@ -191,5 +197,5 @@ def render(at: pa.Table, fmt: Format = "table", *, max_rows: int = 50) -> str:
     ):
         out = str(df)
     if df.height > max_rows:
-        out += f"\n({df.height:,} rows, {max_rows} shown; use --format csv for all)"
+        out += f"\n({df.height:,} rows, {max_rows} shown; {more})"
     return out
