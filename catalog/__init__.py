@@ -21,13 +21,34 @@ from catalog.schema import SCHEMA_VERSION, TABLES, spec
 from catalog.sql import VIEWS, render
 from catalog.tables import Transaction, conform, write_parquet_atomic
 from catalog.vocab import normalise, shared_name
-from catalog.workspace import Workspace
+from catalog.workspace import Workspace, run_dvc
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Catalog", "CatalogError", "FileReport", "IngestError", "IngestResult", "MissingTableError",
-    "Quarantine", "SCHEMA_VERSION", "SQLError", "SchemaError", "TABLES", "Transaction", "VIEWS",
-    "Workspace", "WorkspaceError", "conform", "normalise", "publish", "render", "shared_name",
-    "spec", "to_json", "write_parquet_atomic", "__version__",
+    "SCHEMA_VERSION",
+    "TABLES",
+    "VIEWS",
+    "Catalog",
+    "CatalogError",
+    "FileReport",
+    "IngestError",
+    "IngestResult",
+    "MissingTableError",
+    "Quarantine",
+    "SQLError",
+    "SchemaError",
+    "Transaction",
+    "Workspace",
+    "WorkspaceError",
+    "__version__",
+    "conform",
+    "normalise",
+    "publish",
+    "render",
+    "run_dvc",
+    "shared_name",
+    "spec",
+    "to_json",
+    "write_parquet_atomic",
 ]

@@ -116,7 +116,7 @@ class Workspace:
 
     # --- finding and creating ---------------------------------------------------------------
     @classmethod
-    def find(cls, start: Path | str | None = None) -> "Workspace":
+    def find(cls, start: Path | str | None = None) -> Workspace:
         """The nearest folder at or above ``start`` (default: cwd) that holds ``.dvc/``.
 
         Raises
@@ -134,7 +134,7 @@ class Workspace:
         )
 
     @classmethod
-    def init(cls, root: Path | str, *, remote: str | None = None) -> "Workspace":
+    def init(cls, root: Path | str, *, remote: str | None = None) -> Workspace:
         """Create a workspace at ``root`` or complete an existing one without destroying anything.
 
         Runs ``git init`` and ``dvc init`` where they are missing, adds a default local DVC
@@ -200,11 +200,19 @@ def _dvc_has_remote(root: Path) -> bool:
     return bool(out.stdout.strip())
 
 
-def _run(cmd: list[str], cwd: Path) -> str:
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise WorkspaceError(
-            f"'{' '.join(Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd))}' failed in {cwd}: "
-            f"{(res.stderr or res.stdout).strip()}"
+            f"'{' '.join(Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd))}' failed "
+            f"(exit {res.returncode}) in {cwd}:\n{(res.stdout + res.stderr).strip()[-4000:]}"
         )
     return res.stdout
+
+
+def run_dvc(args: list[str], cwd: Path, *, env: dict[str, str] | None = None) -> str:
+    """Run this environment's ``dvc ARGS`` in ``cwd``; :class:`WorkspaceError` with its output."""
+    exe = _dvc_exe()
+    if not exe:
+        raise WorkspaceError("'dvc' is not installed in this environment (it comes with medlake)")
+    return _run([*exe, *args], cwd, env)

@@ -9,12 +9,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from catalog import Catalog, CatalogError, render
+from catalog import Catalog, render, run_dvc
 
 SAMPLE_SQL = """\
 SELECT s.source_id, s.kind, s.negatives, count(DISTINCT a.image_id) AS images,
@@ -42,19 +41,6 @@ def env_with_venv() -> dict[str, str]:
     return env
 
 
-def dvc(args: list[str], cwd: Path, *, echo: Callable[[str], None] = print) -> str:
-    """Run ``dvc ARGS`` from this environment; raise :class:`CatalogError` with its output."""
-    exe = Path(sys.executable).parent / "dvc"
-    cmd = [str(exe) if exe.exists() else "dvc", *args]
-    res = subprocess.run(cmd, cwd=cwd, env=env_with_venv(), capture_output=True, text=True)
-    if res.returncode != 0:
-        raise CatalogError(
-            f"'dvc {' '.join(args)}' failed (exit {res.returncode}):\n"
-            f"{(res.stdout + res.stderr).strip()[-4000:]}"
-        )
-    return res.stdout
-
-
 def generate_data(catalog: Catalog, *, echo: Callable[[str], None] = print) -> Path:
     """Write the synthetic demo images under ``data/synthetic`` (idempotent, deterministic)."""
     from pipelines import synthetic
@@ -70,7 +56,7 @@ def run(catalog: Catalog, *, repro: bool = True, echo: Callable[[str], None] = p
     generate_data(catalog, echo=echo)
     if repro:
         echo("dvc repro ...")
-        out = dvc(["repro"], catalog.ws.root, echo=echo)
+        out = run_dvc(["repro"], catalog.ws.root, env=env_with_venv())
         echo("\n".join(ln for ln in out.splitlines() if ln.strip())[-3000:])
     from catalog.profile import profile
 
