@@ -119,6 +119,9 @@ _table(
     ("pos_a", I64), ("pos_b", I64), ("both_pos", I64), ("observed", F64), ("expected", F64),
     ("kappa", F64), ("kappa_se", F64), ("kappa_lo", F64), ("kappa_hi", F64),
     ("kappa_linear", F64), ("kappa_quadratic", F64), ("off_by_one", F64),
+    ("kappa_linear_lo", F64), ("kappa_linear_hi", F64),  # asymptotic 95% CI (statsmodels)
+    ("kappa_quadratic_lo", F64), ("kappa_quadratic_hi", F64),
+    ("confusion", STR),  # category pairs: the most frequent disagreements 'a->b: n; ...'
     ("reference", STR),  # the source taken as truth for ppv/npv/sens/spec (params.yaml)
     ("ppv", F64), ("ppv_lo", F64), ("ppv_hi", F64), ("npv", F64), ("npv_lo", F64),
     ("npv_hi", F64), ("sens", F64), ("sens_lo", F64), ("sens_hi", F64), ("spec", F64),
