@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from catalog.errors import CatalogError
+from catalog.reviews import VERDICTS
 
 RULES: dict[str, dict[str, Any]] = {
     # rule kind -> allowed parameters and their defaults (None: optional, no default)
@@ -41,15 +42,26 @@ RULES: dict[str, dict[str, Any]] = {
         "ratios": {"train": 0.7, "val": 0.1, "test": 0.2}, "seed": 0, "stratify": None,
         "grouping": "duplicates",
     },
+    "drop_quality": {"flags": None},
+    "relabel_from_reviews": {"label": None, "source": None, "finding": None,
+                             "verdict": "wrong", "action": "drop", "value": None},
 }
+# rules whose parameters may be given as a bare list: the list becomes this parameter
+LIST_PARAM = {"drop_quality": "flags"}
+# the fingerprint stage's quality flags (pipelines/fingerprint.py, fingerprints.flags)
+QUALITY_FLAGS = ("dark", "bright", "low_contrast", "blurry", "low_information", "tiny",
+                 "extreme_aspect", "grey_as_colour", "inverted_xray", "rotated_xray")
 CHOICES = {
     ("fix_leakage", "to"): ("train", "majority", "drop"),
     ("fix_leakage", "grouping"): ("group_id", "duplicates"),
     ("resplit", "grouping"): ("group_id", "duplicates"),
     ("duplicates", "mode"): ("keep_one", "keep_all"),
+    ("relabel_from_reviews", "action"): ("drop", "flip", "set"),
+    ("relabel_from_reviews", "verdict"): VERDICTS["label"],
 }
 TOP_KEYS = ("name", "dataset", "parent", "description", "labels", "duplicates", "rules", "export")
-EXPORT_KEYS = ("images", "sizes", "npz", "layout")
+EXPORT_KEYS = ("images", "sizes", "npz", "layout", "pack", "shard_mb")
+DUP_KEYS = ("clusters", "pairs", "exclude_verdict")
 
 
 class RecipeError(CatalogError):
@@ -84,6 +96,8 @@ class Export:
     sizes: tuple[int, ...] = ()
     npz: str | None = None  # label column for the .npz arrays, or None
     layout: str = "split/label"
+    pack: str | None = None  # "shards": image folders as tar shards + index (catalog.shards)
+    shard_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,7 @@ class Recipe:
     description: str
     content: dict[str, Any]
     hash: str
+    exclude_verdicts: tuple[str, ...] = ()  # pair verdicts (reviews) that cut duplicate links
 
     def label_names(self) -> list[str]:
         return [lab.name for lab in self.labels]
@@ -167,8 +182,13 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", default_name: str = "vers
     labels = _labels(where, data.get("labels") or {})
     dup = data.get("duplicates") or {}
     if not isinstance(dup, dict):
-        raise RecipeError(f"{where}: 'duplicates' must be a mapping with keys clusters, pairs")
-    _no_unknown(f"{where}: duplicates", dup, ("clusters", "pairs"))
+        raise RecipeError(f"{where}: 'duplicates' must be a mapping with keys {list(DUP_KEYS)}")
+    _no_unknown(f"{where}: duplicates", dup, DUP_KEYS)
+    excl = dup.get("exclude_verdict") or []
+    excl = [excl] if isinstance(excl, str) else excl
+    if not isinstance(excl, list) or not set(excl) <= {"different", "unclear"}:
+        raise RecipeError(f"{where}: duplicates.exclude_verdict must be 'different' and/or "
+                          f"'unclear' (review verdicts on pairs), not {excl!r}")
     pairs = dup.get("pairs") or []
     if isinstance(pairs, str):
         pairs = [pairs]
@@ -182,7 +202,7 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", default_name: str = "vers
         name=name, file=file, dataset=data["dataset"], parent=data["parent"], labels=labels,
         pairs=tuple(pairs), use_clusters=bool(dup.get("clusters", True)), rules=rules,
         export=export, description=str(data.get("description") or ""), content=content,
-        hash=digest,
+        hash=digest, exclude_verdicts=tuple(sorted(set(excl))),
     )
 
 
@@ -225,6 +245,8 @@ def _rules(where: str, raw: Any, labels: set[str]) -> tuple[Rule, ...]:
         if kind not in RULES:
             raise RecipeError(f"{where}: rule {i}: unknown rule '{kind}'; known: {sorted(RULES)}")
         params = params or {}
+        if isinstance(params, list) and kind in LIST_PARAM:
+            params = {LIST_PARAM[kind]: params}
         if not isinstance(params, dict):
             raise RecipeError(f"{where}: rule {i} ({kind}): parameters must be a mapping")
         _no_unknown(f"{where}: rule {i} ({kind})", params, tuple(RULES[kind]))
@@ -261,6 +283,22 @@ def _check_rule(where: str, kind: str, p: dict[str, Any], labels: set[str]) -> N
             raise RecipeError(f"{where}: above must be a number, not {p['above']!r}")
     if kind == "relabel" and (p.get("label") not in labels or not isinstance(p.get("source"), str)):
         raise RecipeError(f"{where}: needs 'label' (one of {sorted(labels)}) and 'source'")
+    if kind == "drop_quality":
+        flags = p.get("flags")
+        flags = p["flags"] = [flags] if isinstance(flags, str) else flags
+        if not flags or not isinstance(flags, list) or not set(flags) <= set(QUALITY_FLAGS):
+            bad = [f for f in flags or [] if f not in QUALITY_FLAGS] if isinstance(flags, list) else flags
+            raise RecipeError(f"{where}: flags must list fingerprint quality flags, e.g. "
+                              f"drop_quality: [dark, blurry]; unknown: {bad!r}; known: "
+                              f"{list(QUALITY_FLAGS)}")
+    if kind == "relabel_from_reviews":
+        if p.get("label") is None and len(labels) == 1:
+            p["label"] = next(iter(labels))
+        if p.get("label") not in labels:
+            raise RecipeError(f"{where}: label must name the label column the reviews are "
+                              f"about (one of {sorted(labels)})")
+        if p["action"] == "set" and p.get("value") is None:
+            raise RecipeError(f"{where}: action 'set' needs 'value' (the label to give)")
     if kind == "resplit":
         r = p.get("ratios")
         if (not isinstance(r, dict) or not r
@@ -291,7 +329,15 @@ def _export(where: str, raw: Any, labels: set[str]) -> Export:
     layout = raw.get("layout", "split/label")
     if layout not in ("split/label", "split"):
         raise RecipeError(f"{where}: export.layout must be 'split/label' or 'split'")
-    return Export(bool(raw.get("images", True)), tuple(sorted(set(sizes))), npz, layout)
+    pack = raw.get("pack")
+    if pack not in (None, False, "shards"):
+        raise RecipeError(f"{where}: export.pack must be 'shards' (tar shards + index) or "
+                          f"absent (plain files), not {pack!r}")
+    shard_mb = raw.get("shard_mb", 256)
+    if not isinstance(shard_mb, int) or isinstance(shard_mb, bool) or shard_mb < 1:
+        raise RecipeError(f"{where}: export.shard_mb must be a whole number of MiB (>= 1)")
+    return Export(bool(raw.get("images", True)), tuple(sorted(set(sizes))), npz, layout,
+                  pack or None, shard_mb)
 
 
 def resolve_path(raw: str, *, ws_root: Path, real_data: Path | None) -> Path:

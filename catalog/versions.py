@@ -9,6 +9,8 @@ A version folder (``lake/versions/<name>/``, or wherever ``dvc pull`` put it) ho
     DATASHEET.md          what it is, counts, changes and why, licences and citations
     images/<split>/<label>/...       original files (hardlinked where possible)
     images_<size>/<split>/<label>/   bicubic resizes from the originals (PNG)
+    shards/                          instead of the image folders with ``pack: shards``:
+                                     tar shards + index.parquet (see :mod:`catalog.shards`)
     <name>_<size>.npz                MedMNIST-style arrays (optional)
 
 Nothing here needs the CLI or a workspace: ``load_version(path)`` reads the manifest.
@@ -16,6 +18,7 @@ Nothing here needs the CLI or a workspace: ``load_version(path)`` reads the mani
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Any
 import polars as pl
 import pyarrow.parquet as pq
 
+from catalog import shards
 from catalog.errors import CatalogError
 
 MANIFEST_SCHEMA_VERSION = 1
@@ -146,6 +150,8 @@ class VersionDataset:
         self.targets = [index.get(v, -1) for v in rows[label].to_list()]
         self.image_ids = rows["image_id"].to_list()
         self.transform = transform
+        # a packed version (export pack: shards) is read straight from its tar shards
+        self._index = shards.index(self.root) if shards.is_packed(self.root) else None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -153,7 +159,12 @@ class VersionDataset:
     def __getitem__(self, i: int) -> tuple[Any, int]:
         from PIL import Image
 
-        with Image.open(self.root / self.files[i]) as im:
+        f = self.files[i]
+        if self._index is not None and not (self.root / f).is_file():
+            src: Any = io.BytesIO(shards.read_bytes(self.root, f, self._index))
+        else:
+            src = self.root / f
+        with Image.open(src) as im:
             img = im.convert("RGB")
         if self.transform is not None:
             return self.transform(img), self.targets[i]

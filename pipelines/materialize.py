@@ -20,7 +20,15 @@ from typing import Any
 
 import polars as pl
 
-from catalog import Catalog, CatalogError, Quarantine, __version__, conform, write_parquet_atomic
+from catalog import (
+    Catalog,
+    CatalogError,
+    Quarantine,
+    __version__,
+    conform,
+    shards,
+    write_parquet_atomic,
+)
 from catalog.ingestkit import sha256_file
 from catalog.recipes import LabelSpec, Recipe, RecipeError, load_recipe, recipe_path, resolve_path
 from catalog.versions import MANIFEST_SCHEMA_VERSION, manifest_metadata
@@ -28,6 +36,7 @@ from pipelines import export
 from pipelines.datasheet import datasheet_info
 from pipelines.leakage import duplicate_links, leakage_rows, units
 from pipelines.rules import RULE_FUNCS, Context
+from pipelines.rules_reviews import exclude_pairs
 
 log = logging.getLogger(__name__)
 STAGE = "materialize"
@@ -51,8 +60,13 @@ class MaterializeResult:
         acts = ", ".join(f"{k} {v:,}" for k, v in sorted(self.actions.items()))
         sp = ", ".join(f"{k} {v:,}" for k, v in self.counts.items())
         return (f"version '{self.name}': {self.n_parent:,} parent images -> {self.n_kept:,} kept "
-                f"({sp}); lineage: {acts}" + (f"; {self.quarantined:,} list entries quarantined"
+                f"({sp}); lineage: {acts}" + (f"; {_rows(self.quarantined)} quarantined "
+                                              "(see the quarantine table)"
                                               if self.quarantined else ""))
+
+
+def _rows(n: int) -> str:
+    return f"{n:,} row" + ("" if n == 1 else "s")
 
 
 def load_label(catalog: Catalog, dataset_id: str, spec: LabelSpec) -> pl.DataFrame:
@@ -139,10 +153,12 @@ def parent_frame(catalog: Catalog, recipe: Recipe) -> tuple[pl.DataFrame, dict[s
     return f.sort("image_id"), row
 
 
-def fingerprints(catalog: Catalog, files: dict[str, Path]) -> dict[str, str]:
-    """sha256 of every input: recipe files and the Parquet files of the tables read."""
+def fingerprints(catalog: Catalog, files: dict[str, Path],
+                 extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every input: recipe files and the Parquet files of the tables read
+    (``extra``: tables only some recipes read, such as reviews and fingerprints)."""
     out = {f"file:{raw}": sha256_file(p) for raw, p in sorted(files.items())}
-    for t in INPUT_TABLES:
+    for t in (*INPUT_TABLES, *extra):
         h = hashlib.sha256()
         for f in catalog.tables.files(t):
             if f.parent.name == STAGE:  # our own outputs (other versions' rows) are not inputs
@@ -180,12 +196,13 @@ def apply_rules(catalog: Catalog, recipe: Recipe) -> dict[str, Any]:
     q = Quarantine(recipe.dataset, stage=STAGE)
     links = duplicate_links(catalog, recipe.dataset, [files[p] for p in recipe.pairs],
                             use_clusters=recipe.use_clusters, q=q)
+    links, lineage = exclude_pairs(catalog, recipe.dataset, links, recipe.exclude_verdicts,
+                                   use_clusters=recipe.use_clusters)
     ctx = Context(catalog, recipe, links, q, files,
                   load_label=lambda s: load_label(catalog, recipe.dataset, s))
     df = df.with_columns(pl.lit(False).alias("removed"))
     has_splits = df["split"].drop_nulls().len() > 0
     before = _leak(df, links) if has_splits else None
-    lineage: list[dict[str, Any]] = []
     for rule in recipe.rules:
         df, rows = RULE_FUNCS[rule.kind](df, rule, ctx)
         lineage += rows
@@ -251,7 +268,10 @@ def run(catalog: Catalog, recipe: str | Path, *, processes: int = 1) -> Material
     images_root = None
     if root and rec.export.images:
         images_root = Path(root) if Path(root).is_absolute() else ws.root / root
-    inputs = fingerprints(catalog, st["files"])
+    kinds = {r.kind for r in rec.rules}
+    extra = (("reviews",) if rec.exclude_verdicts or "relabel_from_reviews" in kinds else ()) + (
+        ("fingerprints",) if "drop_quality" in kinds else ())
+    inputs = fingerprints(catalog, st["files"], extra)
     u = units(kept.select("image_id", "group_id"), st["links"]).select("image_id", "unit")
     manifest = (kept.join(u, on="image_id").with_columns(pl.lit(rec.dataset).alias("dataset_id"))
                 .select("image_id", "native_id", "dataset_id", "split", *labels, "group_id", "unit",
@@ -270,6 +290,10 @@ def run(catalog: Catalog, recipe: str | Path, *, processes: int = 1) -> Material
         if rec.export.npz and images_root:
             export.write_npz(manifest, out=tmp, name=rec.name, label=rec.export.npz,
                              sizes=rec.export.sizes)
+        if rec.export.pack and images_root:
+            packed = shards.pack(tmp, ["images", *[f"images_{s}" for s in rec.export.sizes]],
+                                 shard_mb=rec.export.shard_mb)
+            fstats = {**fstats, "packed": packed.files, "shards": packed.shards}
         at = manifest.drop("path").to_arrow()
         srcs = {s.name: label_finding(catalog, s) for s in rec.labels}
         write_parquet_atomic(at.replace_schema_metadata(manifest_metadata(rec.name, srcs)),

@@ -187,6 +187,31 @@ def drop_outliers(df: pl.DataFrame, rule: Rule, ctx: Context) -> tuple[pl.DataFr
     return df, rows
 
 
+def drop_quality(df: pl.DataFrame, rule: Rule, ctx: Context) -> tuple[pl.DataFrame, Lineage]:
+    """Drop images whose fingerprint carries any of ``flags`` (e.g. dark, blurry).
+
+    The reason is the first matching flag in the order the recipe lists them; the evidence
+    holds all the image's flags. Images without a fingerprint row are kept.
+    """
+    flags = list(rule.params["flags"])
+    ds = ctx.recipe.dataset.replace("'", "''")
+    fp = ctx.catalog.read("fingerprints", where=f"dataset_id = '{ds}'",
+                          columns=["image_id", "flags"], required=True,
+                          hint="run 'medlake fingerprint' first (drop_quality reads its flags)")
+    kept = df.filter(~pl.col("removed")).select("image_id", "split")
+    hit = kept.join(fp, on="image_id").filter(pl.col("flags").fill_null("") != "").sort("image_id")
+    rows: Lineage = []
+    for iid, sp, raw in hit.iter_rows():
+        have = raw.split(",")
+        first = next((f for f in flags if f in have), None)
+        if first is not None:
+            rows.append(_row(rule, iid, "removed", first, from_split=sp,
+                             evidence=_ev(flags=have, dropped_for=[f for f in flags if f in have])))
+    gone = [r["image_id"] for r in rows]
+    df = df.with_columns((pl.col("removed") | pl.col("image_id").is_in(gone)).alias("removed"))
+    return df, rows
+
+
 def drop_unknown(df: pl.DataFrame, rule: Rule, ctx: Context) -> tuple[pl.DataFrame, Lineage]:
     """Drop images whose label is unknown (null, or one of ``values`` such as '-1')."""
     labels = rule.params.get("labels") or ctx.recipe.label_names()
@@ -280,5 +305,12 @@ def resplit(df: pl.DataFrame, rule: Rule, ctx: Context) -> tuple[pl.DataFrame, L
     return df, rows
 
 
+def _review_rule(df: pl.DataFrame, rule: Rule, ctx: Context) -> tuple[pl.DataFrame, Lineage]:
+    from pipelines.rules_reviews import relabel_from_reviews
+
+    return relabel_from_reviews(df, rule, ctx)
+
+
 RULE_FUNCS = {"fix_leakage": fix_leakage, "duplicates": duplicates, "drop_outliers": drop_outliers,
-              "drop_unknown": drop_unknown, "relabel": relabel, "resplit": resplit}
+              "drop_unknown": drop_unknown, "relabel": relabel, "resplit": resplit,
+              "drop_quality": drop_quality, "relabel_from_reviews": _review_rule}

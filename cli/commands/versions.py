@@ -1,6 +1,8 @@
-"""``medlake versions``: list dataset versions (roots from ingest, derived from recipes)."""
+"""``medlake versions``: list dataset versions; ``medlake unpack``: unpack a packed version."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
@@ -29,4 +31,23 @@ def versions(dataset_id, fmt, workspace):
     click.echo(render(v.sort("dataset_id", "kind", "name").to_arrow(), fmt, max_rows=200).rstrip("\n"))
 
 
-COMMANDS = [versions]
+@click.command("unpack")
+@click.argument("version", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the files here (default: into the version folder itself).")
+@click.option("--overwrite", is_flag=True, help="Replace existing files whose content differs.")
+@command
+def unpack(version, out, overwrite):
+    """Unpack a packed version's image shards (export pack: shards) into plain files.
+
+    VERSION is the version folder (e.g. lake/versions/NAME after 'dvc pull'). Every file is
+    checked against the shard index (size, sha256). Unpacking into a DVC-tracked folder
+    changes that output: use --out elsewhere to keep 'dvc status' clean.
+    """
+    from catalog.shards import unpack as run_unpack
+
+    n = run_unpack(version, out, overwrite=overwrite)
+    click.echo(f"{n:,} files written under {out or version}")
+
+
+COMMANDS = [versions, unpack]
