@@ -1,83 +1,22 @@
-"""Label codes and pair rows for the agreement stage (pure functions on Polars frames).
+"""Pair rows for the agreement stage (pure functions on Polars frames).
 
-Every rater is a (source, annotator). Its labels become integer codes per (image, shared
-finding): ``c`` (nominal code for kappa: 0/1, 2 = uncertain, the ordinal step or the category
-index; null = excluded) and ``o`` (ordinal step for weighted kappa; null when the scale is
-not ordered). Families keep apples with apples: ``binary`` (binary, graded, derived),
-``ordinal`` and ``category`` sources are only compared within their family.
+The labels come from :mod:`pipelines._agreement_labels` (integer codes per rater, image and
+shared finding). A pair row holds two raters' codes on one (image, finding); its ``key``
+(one int64) names the rater pair and finding, so every statistic is a group-by on integers.
 """
 
 from __future__ import annotations
 
 import itertools
-import re
 
 import numpy as np
 import polars as pl
 
-from catalog.consensus import BinariseRule
+from pipelines._agreement_labels import image_key
 
-FAMILY = {"binary": "binary", "graded": "binary", "ordinal": "ordinal", "category": "category"}
 PAIR_KEYS = ["family", "source_a", "annotator_a", "source_b", "annotator_b", "finding",
              "finding_a", "finding_b"]
 ROW_COLS = ["key", "img", "ca", "cb", "oa", "ob"]
-
-
-def image_key(col: str = "image_id") -> pl.Expr:
-    """A 64-bit integer per image id: joins and group-bys on it are far cheaper than on text
-    (a collision among a million ids has a chance of about 3e-8)."""
-    return pl.col(col).hash(seed=0x6D65646C616B65).alias("img")
-
-
-def rater_labels(
-    ann: pl.DataFrame, sources: pl.DataFrame, findings: pl.DataFrame, binarise: BinariseRule
-) -> pl.DataFrame:
-    """Codes of every annotation row of one dataset (see the module docstring).
-
-    Returns ``source_id, annotator, img, finding, finding_own, c, o, family, negatives,
-    value``. Findings missing from the ``findings`` table keep their own name, normalised.
-    """
-    meta = {r["source_id"]: r for r in sources.iter_rows(named=True)}
-    shared = {(r["source_id"], r["finding"]): r["shared_finding"]
-              for r in findings.iter_rows(named=True)}
-    parts = []
-    for sid in sorted(set(ann["source_id"].unique().to_list()) & set(meta)):
-        rows = ann.filter(pl.col("source_id") == sid)
-        own = rows["finding"].unique().to_list()
-        fmap = {f: shared.get((sid, f)) or re.sub(r"[^a-z0-9]+", "_", f.lower()).strip("_")
-                for f in own}
-        vt = meta[sid]["value_type"]
-        parts.append(rows.select(
-            "source_id", "annotator", image_key(), "value", "category",
-            pl.col("finding").replace_strict(fmap).alias("finding"),
-            pl.col("finding").alias("finding_own"), pl.lit(vt).alias("value_type"),
-            pl.lit(FAMILY.get(vt, "category")).alias("family"),
-            pl.lit(meta[sid]["negatives"]).alias("negatives"),
-        ))
-    if not parts:
-        return pl.DataFrame()
-    df = pl.concat(parts)
-    graded = df.filter(pl.col("value_type") == "graded")["value"].drop_nulls().unique().sort()
-    ordv = df.filter(pl.col("value_type") == "ordinal")["value"].drop_nulls()
-    ord_min = float(ordv.min()) if ordv.len() else 0.0  # type: ignore[arg-type]
-    cats = df.filter(pl.col("family") == "category")["category"].drop_nulls().unique().sort()
-    v, vt_ = pl.col("value"), pl.col("value_type")
-    grade_idx = v.replace_strict(graded.to_list(), list(range(graded.len())), default=None)
-    o = (
-        pl.when(vt_ == "ordinal").then((v - ord_min).round(0))
-        .when(vt_ == "graded").then(grade_idx).otherwise(None).cast(pl.Int32)
-    )
-    cat_idx = pl.col("category").replace_strict(cats.to_list(), list(range(cats.len())),
-                                                default=None)
-    c = (
-        pl.when(vt_ == "graded").then(binarise.expr(v).cast(pl.Int32))
-        .when(vt_ == "binary").then((v >= 0.5).cast(pl.Int32))
-        .when(vt_ == "ordinal").then(o)
-        .otherwise(cat_idx.cast(pl.Int32))
-    )
-    return df.with_columns(c.alias("c"), o.alias("o")).select(
-        "source_id", "annotator", "img", "finding", "finding_own", "c", "o", "family",
-        "negatives", "value")
 
 
 class _Keys:
@@ -99,11 +38,14 @@ class _Keys:
 
 
 def _dense(
-    rows: pl.DataFrame, covered: pl.DataFrame, source_id: str, own: pl.DataFrame
+    rows: pl.DataFrame, covered: pl.DataFrame, source_id: str, own: pl.DataFrame,
+    absent: int | None = 0,
 ) -> pl.DataFrame:
     """An implicit-negative source's codes on the (img, finding) keys of ``covered``.
 
-    ``own`` maps the source's shared finding names to its own (``finding, finding_own``).
+    ``own`` maps the source's shared finding names to its own (``finding, finding_own``);
+    a covered key without a row gets ``absent`` (the source's ``(absent)`` code: 0, or
+    None = excluded).
     """
     pos = rows.select("img", "finding", "c", "o")
     return (
@@ -111,19 +53,24 @@ def _dense(
         .join(own, on="finding", how="inner")
         .join(pos, on=["img", "finding"], how="left")
         .with_columns(pl.lit(source_id).alias("source_id"), pl.lit("").alias("annotator"),
-                      pl.col("c").fill_null(0))  # covered and no row: negative
+                      pl.col("c").fill_null(pl.lit(absent, pl.Int32)))
     )
 
 
 def _annotator_pairs(side: pl.DataFrame) -> pl.DataFrame:
     """Every two annotators of one source on the same (image, finding), without a self-join:
-    sort by (finding, image, annotator) and pair each row with the rows 1..m-1 below it."""
-    d = side.sort(["fi", "img", "ra"])
-    fi, img, r = d["fi"].to_numpy(), d["img"].to_numpy(), d["ra"].to_numpy()
-    c = d["ca"].fill_null(-1).to_numpy()
-    o = d["oa"].fill_null(-1).to_numpy()
+    order rows by (finding, image, annotator) with one integer sort and pair each row with the
+    rows 1..m-1 below it."""
+    fi0, img0 = side["fi"].to_numpy(), side["img"].to_numpy()
+    r0 = side["ra"].to_numpy()
+    _, item = np.unique(img0, return_inverse=True)
+    nr = int(r0.max()) + 1 if len(r0) else 1
+    order = np.argsort((fi0 * (int(item.max(initial=0)) + 1) + item) * nr + r0, kind="stable")
+    fi, img, r = fi0[order], img0[order], r0[order]
+    c = side["ca"].fill_null(-1).to_numpy()[order]
+    o = side["oa"].fill_null(-1).to_numpy()[order]
     parts = []
-    for off in range(1, d.height):
+    for off in range(1, len(order)):
         same = (fi[:-off] == fi[off:]) & (img[:-off] == img[off:])
         if not same.any():
             break
@@ -143,7 +90,8 @@ def _annotator_pairs(side: pl.DataFrame) -> pl.DataFrame:
 
 
 def source_pairs(
-    labels: pl.DataFrame, sources: pl.DataFrame, coverage: pl.DataFrame, findings: pl.DataFrame
+    labels: pl.DataFrame, sources: pl.DataFrame, coverage: pl.DataFrame, findings: pl.DataFrame,
+    absent: dict[str, int | None] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, list[tuple[str, str, list[str]]]]:
     """Pair rows (one per image, finding and rater pair) for every two sources of a dataset.
 
@@ -158,8 +106,9 @@ def source_pairs(
         source_b, findings) that share findings but no image (compared by prevalence).
     """
     neg = dict(zip(sources["source_id"].to_list(), sources["negatives"].to_list()))
+    ab = absent or {}
     ids = sorted(set(labels["source_id"].unique().to_list()))
-    by_src = {s: labels.filter(pl.col("source_id") == s) for s in ids}
+    by_src = {k[0]: v for k, v in labels.partition_by("source_id", as_dict=True).items()}
     fam = {s: by_src[s]["family"][0] for s in ids}
     vocab = {s: set(by_src[s]["finding"].unique().to_list()) for s in ids}
     cov = {s: coverage.filter(pl.col("source_id") == s).select(image_key()) for s in ids}
@@ -190,11 +139,12 @@ def source_pairs(
                     no_overlap.append((a, b, common))
                     continue
                 grid = both.join(pl.DataFrame({"finding": common}), how="cross")
-                la, lb = _dense(la, grid, a, own[a]), _dense(lb, grid, b, own[b])
+                la = _dense(la, grid, a, own[a], ab.get(a, 0))
+                lb = _dense(lb, grid, b, own[b], ab.get(b, 0))
             elif a != b and neg[a] == "implicit":
-                la = _dense(la, lb.join(cov[a], on="img", how="semi"), a, own[a])
+                la = _dense(la, lb.join(cov[a], on="img", how="semi"), a, own[a], ab.get(a, 0))
             elif a != b and neg[b] == "implicit":
-                lb = _dense(lb, la.join(cov[b], on="img", how="semi"), b, own[b])
+                lb = _dense(lb, la.join(cov[b], on="img", how="semi"), b, own[b], ab.get(b, 0))
             if neg[b] == "none":  # the positive-only side always goes first
                 a, b, la, lb = b, a, lb, la
             if a == b:
@@ -296,3 +246,12 @@ def subgroup_values(
         return pl.DataFrame(schema={"img": pl.UInt64, "subgroup": pl.String,
                                     "subgroup_value": pl.String})
     return pl.concat([p.select(image_key(), "subgroup", "subgroup_value") for p in parts])
+
+
+def with_subgroups(rows: pl.DataFrame, sub: pl.DataFrame) -> pl.DataFrame:
+    """The rows once for the whole set (``sg`` 0) and again for each subgroup they fall in
+    (``sub``: ``img, sg``)."""
+    base = rows.with_columns(pl.lit(0, pl.Int64).alias("sg"))
+    if sub.height == 0 or rows.height == 0:
+        return base
+    return pl.concat([base, rows.join(sub, on="img", how="inner").select(base.columns)])

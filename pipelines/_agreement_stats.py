@@ -11,7 +11,8 @@ import numpy as np
 import polars as pl
 
 from catalog import stats
-from pipelines._agreement_pairs import PAIR_KEYS
+from pipelines._agreement_labels import image_key
+from pipelines._agreement_pairs import PAIR_KEYS, with_subgroups
 
 KEYS = [*PAIR_KEYS, "subgroup", "subgroup_value"]
 POS_ONLY = ("kappa not computed: {a} is positive-only (negatives 'none'), so a missing label "
@@ -31,9 +32,10 @@ def _weighted(cells: pl.DataFrame, a: str, b: str, n_groups: int, k: int) -> np.
 
 def group_stats(
     rows: pl.DataFrame, meta: pl.DataFrame, sgmeta: pl.DataFrame, *,
-    references: set[tuple[str, str]],
+    references: set[tuple[str, str]], categories: list[str] | None = None,
 ) -> pl.DataFrame:
-    """Kappa (+CI), weighted kappas, off-by-one, positives, PPV/NPV/sens/spec per group.
+    """Kappa (+CI), weighted kappas (+CI), off-by-one, positives, PPV/NPV/sens/spec and, for
+    category pairs, the most frequent confusions, per group.
 
     Parameters
     ----------
@@ -44,6 +46,8 @@ def group_stats(
         subgroup_value``.
     references
         ``{(test source, reference source)}`` pairs from ``params.yaml``.
+    categories
+        The category name of each code (category-family rows), for ``confusion``.
     """
     if rows.height == 0:
         return pl.DataFrame()
@@ -63,12 +67,31 @@ def group_stats(
             g.select("key", "sg", "gid"), on=["key", "sg"])
         k = max(3, int(max(c["ca"].max() or 0, c["cb"].max() or 0)) + 1)  # type: ignore[arg-type]
         t = _weighted(c, "ca", "cb", g.height, k)
-        out.append(_family_frame(g, t, fam, ocells, references))
+        out.append(_family_frame(g, t, fam, ocells, references, categories or []))
     return pl.concat(out, how="diagonal_relaxed")
 
 
+def _confusions(t: np.ndarray, names: list[str], top: int = 5) -> list[str | None]:
+    """The ``top`` most frequent disagreements per table: ``'a -> b: n; ...'``."""
+    out: list[str | None] = []
+    k = t.shape[1]
+    off = ~np.eye(k, dtype=bool)
+    for tab in t:
+        cells = np.argwhere((tab > 0) & off)
+        if not len(cells):
+            out.append(None)
+            continue
+        n = tab[cells[:, 0], cells[:, 1]]
+        best = cells[np.lexsort((cells[:, 1], cells[:, 0], -n))[:top]]
+        out.append("; ".join(
+            f"{names[i] if i < len(names) else i} -> {names[j] if j < len(names) else j}: "
+            f"{int(tab[i, j])}" for i, j in best))
+    return out
+
+
 def _family_frame(
-    g: pl.DataFrame, t: np.ndarray, fam: str, ocells: pl.DataFrame, refs: set[tuple[str, str]]
+    g: pl.DataFrame, t: np.ndarray, fam: str, ocells: pl.DataFrame, refs: set[tuple[str, str]],
+    categories: list[str],
 ) -> pl.DataFrame:
     kap = stats.kappa_from_tables(t)
     notes = stats.kappa_note(kap)
@@ -103,9 +126,13 @@ def _family_frame(
     if oc.height:
         ko = int(max(oc["oa"].max(), oc["ob"].max())) + 1  # type: ignore[arg-type]
         to = _weighted(oc, "oa", "ob", g.height, ko)
-        cols["kappa_linear"] = _nan_to_null(stats.kappa_from_tables(to, weights="linear").kappa)
-        cols["kappa_quadratic"] = _nan_to_null(stats.kappa_from_tables(to, weights="quadratic").kappa)
+        for w in ("linear", "quadratic"):
+            kw = stats.kappa_from_tables(to, weights=w)
+            cols[f"kappa_{w}"] = _nan_to_null(kw.kappa)
+            cols[f"kappa_{w}_lo"], cols[f"kappa_{w}_hi"] = _nan_to_null(kw.lo), _nan_to_null(kw.hi)
         cols["off_by_one"] = _nan_to_null(stats.off_by_one(to))
+    if fam == "category":
+        cols["confusion"] = pl.Series(_confusions(t, categories), dtype=pl.String)
     kind = np.where(pos_only, "positive_only",
                     np.where(g["source_a"] == g["source_b"], "annotators", "pair"))
     full = []
@@ -131,9 +158,13 @@ def multi_stats(rows: pl.DataFrame, meta: pl.DataFrame, sgmeta: pl.DataFrame) ->
     """
     if rows.height == 0:
         return pl.DataFrame()
-    d = rows.sort(["mk", "sg", "img"])
-    mk, sg, img = d["mk"].to_numpy(), d["sg"].to_numpy(), d["img"].to_numpy()
-    c = d["c"].fill_null(-1).to_numpy()
+    mk0, sg0, img0 = rows["mk"].to_numpy(), rows["sg"].to_numpy(), rows["img"].to_numpy()
+    _, mkd = np.unique(mk0, return_inverse=True)  # one integer sort instead of three keys
+    _, item0 = np.unique(img0, return_inverse=True)
+    n_sg, n_img = int(sg0.max()) + 1, int(item0.max()) + 1
+    order = np.argsort((mkd * n_sg + sg0) * n_img + item0, kind="stable")
+    mk, sg, img = mk0[order], sg0[order], img0[order]
+    c = rows["c"].fill_null(-1).to_numpy()[order]
     new_g = np.ones(len(mk), bool)
     new_g[1:] = (mk[1:] != mk[:-1]) | (sg[1:] != sg[:-1])
     new_i = new_g.copy()
@@ -184,38 +215,53 @@ def multi_stats(rows: pl.DataFrame, meta: pl.DataFrame, sgmeta: pl.DataFrame) ->
 
 
 def prevalence_rows(
-    labels: pl.DataFrame, coverage: pl.DataFrame, no_overlap: list[tuple[str, str, list[str]]]
+    labels: pl.DataFrame, coverage: pl.DataFrame, no_overlap: list[tuple[str, str, list[str]]],
+    sub: pl.DataFrame, sgmeta: pl.DataFrame,
 ) -> pl.DataFrame:
-    """Prevalence with Wilson intervals for source pairs that share findings but no image."""
-    rows = []
+    """Prevalence with Wilson intervals for source pairs that share findings but no image.
+
+    One row per (pair, finding, subgroup): each side's images judged (``n_a``, ``n_b``; an
+    implicit-negative source's covered images) and positives in the subgroup.
+    ``sub``: ``img, sg``; ``sgmeta``: ``sg`` -> subgroup, subgroup_value.
+    """
+    frames = []
     for a, b, common in no_overlap:
-        side, own = {}, {}
+        side = []
         for s in (a, b):
             lab = labels.filter((pl.col("source_id") == s) & pl.col("finding").is_in(common))
-            implicit = lab["negatives"][0] == "implicit" if lab.height else False
-            n_cov = coverage.filter(pl.col("source_id") == s).height
-            agg = lab.group_by("finding").agg((pl.col("c") == 1).sum().alias("pos"),
-                                              pl.col("c").is_not_null().sum().alias("n"),
-                                              pl.col("finding_own").first())
-            m = dict(zip(agg["finding"], zip(agg["pos"], agg["n"])))
-            own[s] = dict(zip(agg["finding"], agg["finding_own"]))
-            side[s] = [(m.get(f, (0, 0))[0], n_cov if implicit else m.get(f, (0, 0))[1])
-                       for f in common]
-        pa_, pb_ = np.array(side[a], float), np.array(side[b], float)
-        wa, wb = stats.wilson(pa_[:, 0], pa_[:, 1]), stats.wilson(pb_[:, 0], pb_[:, 1])
-        for i, f in enumerate(common):
-            rows.append({
-                "kind": "prevalence", "value_type": "binary", "source_a": a, "annotator_a": "",
-                "source_b": b, "annotator_b": "", "finding": f, "finding_a": own[a].get(f),
-                "finding_b": own[b].get(f), "subgroup": "",
-                "subgroup_value": "", "n_shared": 0, "n_a": int(pa_[i, 1]), "pos_a": int(pa_[i, 0]),
-                "prev_a": wa[0][i], "prev_a_lo": wa[1][i], "prev_a_hi": wa[2][i],
-                "n_b": int(pb_[i, 1]), "pos_b": int(pb_[i, 0]), "prev_b": wb[0][i],
-                "prev_b_lo": wb[1][i], "prev_b_hi": wb[2][i],
-                "note": "no shared images: compared by prevalence (Wilson 95% intervals), "
-                        "kappa needs images both sources judged",
-            })
-    df = pl.DataFrame(rows) if rows else pl.DataFrame()
-    if df.height:
-        df = df.with_columns(pl.col(c).fill_nan(None) for c in df.columns if df[c].dtype == pl.Float64)
-    return df
+            implicit = lab.height > 0 and lab["negatives"][0] == "implicit"
+            agg = with_subgroups(lab.select("img", "finding", "c", "finding_own"), sub).group_by(
+                "finding", "sg").agg((pl.col("c") == 1).sum().alias("pos"),
+                                     pl.col("c").is_not_null().sum().alias("n"),
+                                     pl.col("finding_own").first().alias("own"))
+            if implicit:  # every covered image was judged: n = covered images in the subgroup
+                cov = with_subgroups(coverage.filter(pl.col("source_id") == s).select(
+                    image_key()), sub).group_by("sg").agg(pl.len().alias("n_cov"))
+                agg = cov.join(pl.DataFrame({"finding": common}), how="cross").join(
+                    agg.drop("n"), on=["finding", "sg"], how="left").select(
+                    "finding", "sg", pl.col("pos").fill_null(0), pl.col("n_cov").alias("n"), "own")
+            side.append(agg)
+        m = side[0].join(side[1], on=["finding", "sg"], how="full", coalesce=True, suffix="_b")
+        m = m.with_columns(pl.col(x).fill_null(0) for x in ("pos", "n", "pos_b", "n_b"))
+        m = m.join(sgmeta, on="sg")
+        wa = stats.wilson(m["pos"].to_numpy(), m["n"].to_numpy())
+        wb = stats.wilson(m["pos_b"].to_numpy(), m["n_b"].to_numpy())
+        own_a = dict(side[0].select("finding", "own").drop_nulls().iter_rows())
+        own_b = dict(side[1].select("finding", "own").drop_nulls().iter_rows())
+        frames.append(m.select(
+            pl.lit("prevalence").alias("kind"), pl.lit("binary").alias("value_type"),
+            pl.lit(a).alias("source_a"), pl.lit("").alias("annotator_a"),
+            pl.lit(b).alias("source_b"), pl.lit("").alias("annotator_b"), "finding",
+            pl.col("finding").replace_strict(own_a, default=None).alias("finding_a"),
+            pl.col("finding").replace_strict(own_b, default=None).alias("finding_b"),
+            "subgroup", "subgroup_value", pl.lit(0, pl.Int64).alias("n_shared"),
+            pl.col("n").cast(pl.Int64).alias("n_a"), pl.col("pos").cast(pl.Int64).alias("pos_a"),
+            _nan_to_null(wa[0]).alias("prev_a"), _nan_to_null(wa[1]).alias("prev_a_lo"),
+            _nan_to_null(wa[2]).alias("prev_a_hi"),
+            pl.col("n_b").cast(pl.Int64), pl.col("pos_b").cast(pl.Int64).alias("pos_b"),
+            _nan_to_null(wb[0]).alias("prev_b"), _nan_to_null(wb[1]).alias("prev_b_lo"),
+            _nan_to_null(wb[2]).alias("prev_b_hi"),
+            pl.lit("no shared images: compared by prevalence (Wilson 95% intervals), kappa "
+                   "needs images both sources judged").alias("note"),
+        ))
+    return pl.concat(frames) if frames else pl.DataFrame()

@@ -21,6 +21,7 @@ import polars as pl
 
 from catalog import Catalog, CatalogError, conform, spec
 from catalog.consensus import BinariseRule, derive_source
+from pipelines import _agreement_labels as al
 from pipelines import _agreement_pairs as ap
 from pipelines._agreement_stats import group_stats, multi_stats, prevalence_rows
 
@@ -30,7 +31,9 @@ DEFAULTS: dict[str, Any] = {
     "datasets": [], "references": [], "binarise": {}, "consensus": [],
     "subgroups": ["view", "sex", "age_band", "site"], "annotation_subgroups": [],
     "age_bands": [0, 20, 40, 60, 80, 200],
+    "combined": [{"finding": "nodule_or_mass", "of": ["nodule", "mass"]}],
 }
+ANN_COLS = ["image_id", "source_id", "annotator", "finding", "value", "category", "meaning"]
 
 
 @dataclass(frozen=True)
@@ -104,10 +107,17 @@ def compute(
         ann = pl.concat([ann, dtabs["annotations"]], how="diagonal_relaxed")
         fnd = pl.concat([fnd, dtabs["findings"]], how="diagonal_relaxed")
         cov = pl.concat([cov, dtabs["coverage"]], how="diagonal_relaxed")
-    labels = ap.rater_labels(ann, src, fnd, br)
+    labels = al.rater_labels(ann, src, fnd, br)
     if labels.height == 0:
         return pl.from_arrow(spec("agreement").schema.empty_table()), dtabs  # type: ignore[return-value]
-    rows, meta, no_overlap = ap.source_pairs(labels, src, cov, fnd)
+    absent = al.absent_codes(src)
+    labels, fnd = al.combine_findings(labels, fnd, al.parse_combined(cfg.get("combined")), absent)
+    labels, made = al.densify_annotators(labels, cov, fnd, absent)
+    if made:  # several readers, implicit negatives: now explicit rows
+        src = src.with_columns(pl.when(pl.col("source_id").is_in(list(made)))
+                               .then(pl.lit("explicit")).otherwise(pl.col("negatives"))
+                               .alias("negatives"))
+    rows, meta, no_overlap = ap.source_pairs(labels, src, cov, fnd, absent)
     images = tables["images"].filter(pl.col("dataset_id") == dataset_id)
     ann_codes = ann.select("image_id", "source_id", pl.col("finding").alias("finding_own"),
                            "value", "meaning")
@@ -124,9 +134,10 @@ def compute(
     refs = {(r["test"], r["reference"]) for r in cfg.get("references") or []}
     mrows, mmeta = ap.multi_rater_items(labels, src)
     parts = [
-        group_stats(_with_subgroups(rows, sub), meta, sgmeta, references=refs),
-        multi_stats(_with_subgroups(mrows, sub), mmeta, sgmeta) if mrows.height else pl.DataFrame(),
-        prevalence_rows(labels, cov, no_overlap),
+        group_stats(ap.with_subgroups(rows, sub), meta, sgmeta, references=refs,
+                    categories=al.category_names(labels)),
+        multi_stats(ap.with_subgroups(mrows, sub), mmeta, sgmeta) if mrows.height else pl.DataFrame(),
+        prevalence_rows(labels, cov, no_overlap, sub, sgmeta),
     ]
     out = pl.concat([p for p in parts if p.height], how="diagonal_relaxed") if any(
         p.height for p in parts) else pl.DataFrame()
@@ -144,14 +155,6 @@ def compute(
     if not out.height:  # e.g. only category-valued sources: nothing comparable
         return pl.from_arrow(spec("agreement").schema.empty_table()), dtabs  # type: ignore[return-value]
     return pl.from_arrow(conform("agreement", out)), dtabs  # type: ignore[return-value]
-
-
-def _with_subgroups(rows: pl.DataFrame, sub: pl.DataFrame) -> pl.DataFrame:
-    """The rows once for the whole set (``sg`` 0) and again for each subgroup they fall in."""
-    base = rows.with_columns(pl.lit(0, pl.Int64).alias("sg"))
-    if sub.height == 0 or rows.height == 0:
-        return base
-    return pl.concat([base, rows.join(sub, on="img", how="inner").select(base.columns)])
 
 
 def run(
@@ -196,10 +199,12 @@ def run(
                 f"{', '.join(known) or 'none'}); ingest it first with 'medlake ingest'")
     ids = tables["sources"].filter(pl.col("dataset_id").is_in(todo))["source_id"].to_list()
     in_ids = "source_id IN (" + ", ".join("'" + i.replace("'", "''") + "'" for i in ids) + ")"
-    for n in ("annotations", "coverage"):
-        tables[n] = catalog.read(n, where=in_ids if ids else "false")
+    where = in_ids if ids else "false"
+    tables["annotations"] = catalog.read("annotations", where=where, columns=ANN_COLS)
+    tables["coverage"] = catalog.read("coverage", where=where)
     in_ds = "dataset_id IN (" + ", ".join("'" + d.replace("'", "''") + "'" for d in todo) + ")"
-    tables["images"] = catalog.read("images", where=in_ds)
+    img_cols = {"image_id", "dataset_id", "age", *cfg["subgroups"]} & set(spec("images").schema.names)
+    tables["images"] = catalog.read("images", where=in_ds, columns=sorted(img_cols))
     # derived sources are this stage's own output: recompute them, never read them back
     old = tables["sources"].filter(pl.col("kind") == "derived")["source_id"].implode()
     for n in ("sources", "annotations", "findings", "coverage"):
