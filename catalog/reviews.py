@@ -100,6 +100,11 @@ def label_verdict(
                    finding=finding, **kw)
 
 
+def image_verdict(image_id: str, verdict: str, reviewer: str, **kw: Any) -> Verdict:
+    """A verdict on one image as a whole (ok, outlier or unsure), e.g. from the outliers page."""
+    return Verdict("image", image_id, verdict, reviewer, image_id=image_id, **kw)
+
+
 def _check(v: Verdict) -> None:
     if v.kind not in VERDICTS:
         raise ReviewError(f"unknown review kind '{v.kind}'; use one of {sorted(VERDICTS)}")

@@ -187,3 +187,64 @@ def test_ui_command_binds_localhost_without_stats():
     assert cmd[cmd.index("--browser.gatherUsageStats") + 1] == "false"
     assert cmd[cmd.index("--server.headless") + 1] == "true"
     assert os.path.basename(cmd[cmd.index("run") + 1]) == "app.py"
+
+
+def test_version_graph_click_opens_the_version(ws, monkeypatch):
+    at = open_page(ws, "catalog", monkeypatch)
+    assert at.selectbox(key="version").value == sample.FIXED_VERSION  # sorted: "fixed" first
+    at.selectbox(key="version").set_value(sample.ROOT_VERSION).run()
+    assert "no DATASHEET.md" in "\n".join(i.value for i in at.info)
+    # a click on the child's node (what the browser sends) opens it: datasheet, lineage, diff
+    at.session_state["version-graph"] = {"selection": {"version": [
+        {"name": sample.FIXED_VERSION}]}}
+    at.run()
+    assert not at.exception
+    assert at.selectbox(key="version").value == sample.FIXED_VERSION
+    assert "Parent: demo-cxr@official" in texts(at)
+    assert at.selectbox(key="diff-other").value == sample.ROOT_VERSION  # diff against parent
+    nodes, edges = data.version_graph(data.versions(Catalog.open(ws)))
+    assert nodes["n_images"].to_list() == [56, 60]
+    assert edges.select("parent", "name").rows() == [(sample.ROOT_VERSION, sample.FIXED_VERSION)]
+
+
+def _disagree(root: Path, finding: str) -> list[str]:
+    ann = Catalog.open(root).read("annotations").filter(pl.col("finding") == finding)
+    a = ann.filter(pl.col("source_id") == sample.SOURCES[0]).select("image_id", "value")
+    b = ann.filter(pl.col("source_id") == sample.SOURCES[1]).select("image_id", "value")
+    return sorted(a.join(b, on="image_id").filter(
+        (pl.col("value") > 0) != (pl.col("value_right") > 0))["image_id"].to_list())
+
+
+def test_heatmap_click_shows_the_cell_and_records_label_verdicts(ws, monkeypatch):
+    at = open_page(ws, "discrepancies", monkeypatch)
+    pair = f"{sample.SOURCES[0]} vs {sample.SOURCES[1]}"
+    at.session_state["disc-heat"] = {"selection": {"cell": [
+        {"pair": pair, "finding": "Cardiomegaly"}]}}
+    at.run()
+    assert not at.exception
+    assert at.selectbox(key="disc-finding").value == "Cardiomegaly"
+    ids = _disagree(ws, "Cardiomegaly")
+    assert f"{len(ids):,} images where the two sources disagree" in texts(at)
+    assert at.dataframe[0].value["image_id"].to_list() == ids[:12]
+    at.selectbox(key="disc-judge").set_value(sample.SOURCES[1]).run()
+    cat = Catalog.open(ws)
+    before = rv.read(cat).height
+    at.button(key=f"disc-{ids[0]}-wrong").click().run()
+    assert not at.exception
+    hist = rv.read(cat)
+    assert hist.height == before + 1
+    row = hist.row(-1, named=True)
+    assert (row["kind"], row["item"], row["verdict"], row["label_shown"]) == (
+        "label", f"{ids[0]}|{sample.SOURCES[1]}|Cardiomegaly", "wrong", True)
+
+
+def test_outlier_image_verdict(ws, monkeypatch):
+    at = open_page(ws, "outliers", monkeypatch)
+    cat = Catalog.open(ws)
+    top = cat.query("SELECT image_id FROM outliers ORDER BY score DESC, image_id LIMIT 1").item()
+    at.button(key=f"img-{top}-outlier").click().run()
+    assert not at.exception
+    row = rv.latest(cat, kind="image").row(-1, named=True)
+    assert (row["item"], row["verdict"], row["reviewer"]) == (top, "outlier", "tester")
+    caps = [c for i in at.image for c in i.captions]
+    assert any(c.startswith(f"#1 {top}") and c.endswith("verdict: outlier") for c in caps), caps

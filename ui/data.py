@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import streamlit as st
 from PIL import Image
 
 from catalog import Catalog, CatalogError
+from ui import cache
 
 # what to run when a page's table does not exist yet
 HINTS: dict[str, str] = {
@@ -48,18 +50,23 @@ def has(cat: Catalog, table: str) -> bool:
     return cat.tables.exists(table)
 
 
+def column_types(cat: Catalog, table: str) -> dict[str, str]:
+    """Column name -> DuckDB type of the table's files (columns may grow; read defensively)."""
+    d = q(cat, f'DESCRIBE "{table}"')
+    return dict(zip(d["column_name"].to_list(), d["column_type"].to_list()))
+
+
 def columns(cat: Catalog, table: str) -> list[str]:
-    """Columns present in the table's files (columns may grow; read defensively)."""
-    con = cat.connect()
-    try:
-        return [r[0] for r in con.sql(f'DESCRIBE "{table}"').fetchall()]
-    finally:
-        con.close()
+    """Columns present in the table's files."""
+    return list(column_types(cat, table))
 
 
 def q(cat: Catalog, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
-    """Trusted SQL (built by the pages, values quoted with :func:`lit` or params)."""
-    return cat.query(sql, params)
+    """Trusted SQL (built by the pages, values quoted with :func:`lit` or params).
+
+    Runs on the shared connection and is cached per lake state (:mod:`ui.cache`).
+    """
+    return cache.query(cat, sql, params or ())
 
 
 def count(cat: Catalog, table: str, where: str = "true") -> int:
@@ -67,6 +74,41 @@ def count(cat: Catalog, table: str, where: str = "true") -> int:
 
 
 # --- images -----------------------------------------------------------------------------------
+def image_paths(cat: Catalog, image_ids: list[str]) -> dict[str, Path | ImagePathError]:
+    """The file of each image (one query for all), or why it cannot be served.
+
+    A path is only returned when it lies inside the workspace and the dataset's images
+    root; ``..``, absolute paths and symlinks that leave it give an :class:`ImagePathError`.
+    """
+    from catalog.imageio import ImageReadError, resolve_inside
+
+    if not image_ids:
+        return {}
+    df = q(cat, "SELECT i.image_id, any_value(i.path) AS path, any_value(d.images_root) AS root "
+                "FROM images i LEFT JOIN datasets d USING (dataset_id) "
+                f"WHERE i.image_id IN ({', '.join(lit(i) for i in image_ids)}) GROUP BY 1")
+    found = {r["image_id"]: r for r in df.iter_rows(named=True)}
+    out: dict[str, Path | ImagePathError] = {}
+    for iid in image_ids:
+        r = found.get(iid)
+        if r is None:
+            out[iid] = ImagePathError(f"image '{iid}' is not in the images table")
+            continue
+        rel, root = r["path"], r["root"]
+        if not rel:
+            out[iid] = ImagePathError(
+                f"image '{iid}' has no file recorded; attach its folder with "
+                "'medlake attach-images DATASET FOLDER'")
+            continue
+        try:
+            out[iid] = resolve_inside(resolve_inside(cat.ws.root, root or "."), rel)
+        except ImageReadError as e:
+            out[iid] = ImagePathError(
+                f"image '{iid}': refusing to read {rel!r} under images_root {root!r}: {e}. "
+                "Images are only served from inside the workspace")
+    return out
+
+
 def image_path(cat: Catalog, image_id: str) -> Path:
     """The file of ``image_id``, guaranteed to lie inside the workspace.
 
@@ -76,35 +118,23 @@ def image_path(cat: Catalog, image_id: str) -> Path:
         Unknown image, no path recorded, or a path (via ``..``, an absolute path or a
         symlink) that resolves outside the workspace or the dataset's images root.
     """
-    from catalog.imageio import ImageReadError, resolve_inside
-
-    df = q(cat, "SELECT i.path, d.images_root FROM images i LEFT JOIN datasets d "
-                "USING (dataset_id) WHERE i.image_id = ? LIMIT 1", [image_id])
-    if df.height == 0:
-        raise ImagePathError(f"image '{image_id}' is not in the images table")
-    rel, root = df["path"][0], df["images_root"][0]
-    if not rel:
-        raise ImagePathError(
-            f"image '{image_id}' has no file recorded; attach its folder with "
-            "'medlake attach-images DATASET FOLDER'"
-        )
-    try:
-        base = resolve_inside(cat.ws.root, root or ".")
-        return resolve_inside(base, rel)
-    except ImageReadError as e:
-        raise ImagePathError(
-            f"image '{image_id}': refusing to read {rel!r} under images_root {root!r}: {e}. "
-            "Images are only served from inside the workspace"
-        ) from e
+    p = image_paths(cat, [image_id])[image_id]
+    if isinstance(p, ImagePathError):
+        raise p
+    return p
 
 
 def load_image(cat: Catalog, image_id: str, *, max_side: int | None = None) -> Image.Image:
     """``image_id`` as 8-bit RGB, shrunk to ``max_side`` (None: full resolution)."""
+    return open_rgb(image_path(cat, image_id), image_id, max_side=max_side)
+
+
+def open_rgb(p: Path, image_id: str, *, max_side: int | None = None) -> Image.Image:
+    """The file ``p`` (of ``image_id``, for messages) as 8-bit RGB, shrunk to ``max_side``."""
     from catalog.imageio import ImageReadError, load_rgb
 
-    p = image_path(cat, image_id)
     if not p.is_file():
-        raise ImagePathError(f"image '{image_id}': file {cat.ws.relpath(p)} is missing")
+        raise ImagePathError(f"image '{image_id}': file {p.name} is missing under its images root")
     try:
         im = load_rgb(p)
     except ImageReadError as e:
@@ -185,19 +215,46 @@ def score_histogram(cat: Catalog, bins: int = 40) -> pl.DataFrame:
 
 # --- versions ---------------------------------------------------------------------------------
 def versions(cat: Catalog) -> pl.DataFrame:
-    return cat.read("versions").sort("name")
+    return q(cat, "SELECT * FROM versions ORDER BY name")
 
 
-def version_dot(vs: pl.DataFrame) -> str:
-    """Graphviz DOT text of the parent -> child graph, each node with its image count."""
-    lines = ["digraph versions {", "rankdir=LR; node [shape=box, style=rounded];"]
-    for r in vs.iter_rows(named=True):
-        n = r.get("n_images")
-        label = f"{r['name']}\\n{n:,} images" if n is not None else r["name"]
-        lines.append(f'"{r["name"]}" [label="{label}"];')
-        if r.get("parent"):
-            lines.append(f'"{r["parent"]}" -> "{r["name"]}";')
-    return "\n".join(lines + ["}"])
+def version_graph(vs: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Nodes and edges of the parent -> child graph, laid out left to right by generation.
+
+    Returns
+    -------
+    nodes
+        ``name, n_images, kind, x, y, label`` (x = generation, y = row within it).
+    edges
+        ``parent, name, x, y, x2, y2``, one per version that has a parent in ``vs``.
+    """
+    rows = {r["name"]: r for r in vs.iter_rows(named=True)}
+
+    def depth(name: str) -> int:
+        seen: set[str] = set()
+        d = 0
+        while (parent := rows[name].get("parent")) in rows and parent not in seen:
+            seen.add(name)
+            name, d = parent, d + 1
+        return d
+
+    per_gen: dict[int, int] = {}
+    nodes = []
+    for name in sorted(rows):
+        x = depth(name)
+        y = per_gen[x] = per_gen.get(x, -1) + 1
+        n = rows[name].get("n_images")
+        nodes.append({"name": name, "n_images": n, "kind": rows[name].get("kind"), "x": x,
+                      "y": y, "label": f"{name} ({n:,} images)" if n is not None else name})
+    pos = {n["name"]: (n["x"], n["y"]) for n in nodes}
+    edges = [{"parent": r["parent"], "name": name, "x": pos[r["parent"]][0],
+              "y": pos[r["parent"]][1], "x2": pos[name][0], "y2": pos[name][1]}
+             for name, r in rows.items() if r.get("parent") in pos]
+    node_schema = {"name": pl.String, "n_images": pl.Int64, "kind": pl.String, "x": pl.Int64,
+                   "y": pl.Int64, "label": pl.String}
+    edge_schema = {"parent": pl.String, "name": pl.String, "x": pl.Int64, "y": pl.Int64,
+                   "x2": pl.Int64, "y2": pl.Int64}
+    return pl.DataFrame(nodes, schema=node_schema), pl.DataFrame(edges, schema=edge_schema)
 
 
 def split_counts(vs: pl.DataFrame) -> pl.DataFrame:
@@ -241,7 +298,16 @@ def version_images(cat: Catalog, name: str) -> pl.DataFrame:
 
 
 def diff(cat: Catalog, a: str, b: str) -> tuple[dict[str, int], pl.DataFrame]:
-    """Images added, removed and moved between versions ``a`` and ``b``, with the list."""
+    """Images added, removed and moved between versions ``a`` and ``b``, with the list.
+
+    Cached per lake state (a materialised version also rewrites the versions table).
+    """
+    return _diff(str(cat.ws.root), cache.signature(cat.ws.tables_dir), a, b)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _diff(root: str, sig: tuple, a: str, b: str) -> tuple[dict[str, int], pl.DataFrame]:
+    cat = Catalog.open(root)
     ia, ib = version_images(cat, a), version_images(cat, b)
     j = ia.join(ib, on="image_id", how="full", suffix="_b", coalesce=True)
     j = j.with_columns(

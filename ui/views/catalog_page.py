@@ -7,7 +7,7 @@ import streamlit as st
 
 from catalog import Catalog
 from ui import data
-from ui.views.common import need
+from ui.views.common import chart_pick, need
 
 TITLE = "Catalog"
 
@@ -34,14 +34,17 @@ def render(cat: Catalog) -> None:
         return
     vs = data.versions(cat)
     st.caption(f"{vs.height:,} versions")
-    st.graphviz_chart(data.version_dot(vs))
+    names = vs["name"].to_list()
+    picked = chart_pick(_graph(vs), "version-graph", "version", ("name",))
+    if picked and picked[0] in names:  # a click on a node opens that version below
+        st.session_state["version"] = picked[0]
     sc = data.split_counts(vs)
     if sc.height:
         st.altair_chart(alt.Chart(sc.to_pandas()).mark_bar().encode(
             x=alt.X("n:Q", title="images"), y=alt.Y("version:N", title=None),
             color="split:N", tooltip=["version", "split", "n"]), key="split-bars")
-    names = vs["name"].to_list()
-    name = st.selectbox("version", names, key="version")
+    name = st.selectbox("version", names, key="version",
+                        help="or click a version in the graph above")
     if not name:
         return
     row = vs.filter(vs["name"] == name).row(0, named=True)
@@ -85,3 +88,22 @@ def _lineage(cat: Catalog, name: str) -> None:
     st.caption(f"{n:,} lineage rows (first 1,000 shown)")
     st.dataframe(data.q(cat, f"SELECT * FROM lineage WHERE {cond} ORDER BY image_id LIMIT 1000"),
                  hide_index=True, key="lineage-table")
+
+
+def _graph(vs) -> alt.LayerChart:
+    """The parent -> child graph: a node per version (click to open it), labelled with counts."""
+    nodes, edges = data.version_graph(vs)
+    pick = alt.selection_point(name="version", fields=["name"], on="click", clear=False)
+    x = alt.X("x:Q", axis=None, scale=alt.Scale(domain=[-0.3, int(nodes["x"].max()) + 0.7]))
+    y = alt.Y("y:Q", axis=None, scale=alt.Scale(domain=[int(nodes["y"].max()) + 0.6, -0.6]))
+    dots = alt.Chart(nodes.to_pandas()).mark_square(size=900, cursor="pointer").encode(
+        x=x, y=y, color=alt.Color("kind:N", title="kind"),
+        opacity=alt.condition(pick, alt.value(1.0), alt.value(0.5)),
+        tooltip=["name", "kind", "n_images"]).add_params(pick)
+    text = alt.Chart(nodes.to_pandas()).mark_text(dy=-26, fontSize=13).encode(
+        x=x, y=y, text="label:N")
+    layers = [dots, text]
+    if edges.height:
+        layers.insert(0, alt.Chart(edges.to_pandas()).mark_rule(strokeWidth=2, color="gray")
+                      .encode(x=x, y=y, x2="x2:Q", y2="y2:Q"))
+    return alt.layer(*layers).properties(height=100 + 70 * int(nodes["y"].max()))

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import getpass
-import io
 import os
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import streamlit as st
+from PIL import Image
 
 from catalog import Catalog, CatalogError
 from catalog import reviews as rv
-from ui import data
+from ui import cache, data
 
 
 def need(cat: Catalog, table: str) -> bool:
@@ -24,40 +26,79 @@ def need(cat: Catalog, table: str) -> bool:
     return False
 
 
-@st.cache_data(max_entries=4000, show_spinner=False)
-def _image_png(root: str, image_id: str, max_side: int | None, mtime: float) -> bytes:
-    im = data.load_image(Catalog.open(root), image_id, max_side=max_side)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
+BROWSER_FORMATS = {"PNG", "JPEG", "GIF", "WEBP"}
+BROWSER_MODES = {"L", "RGB", "RGBA", "P", "LA"}
 
 
-def image_bytes(cat: Catalog, image_id: str, max_side: int | None = None) -> bytes:
-    """PNG bytes of an image (thumbnails are cached; the key includes the file's mtime)."""
-    p = data.image_path(cat, image_id)
-    mtime = p.stat().st_mtime if p.is_file() else 0.0
-    return _image_png(str(cat.ws.root), image_id, max_side, mtime)
+def _browser_native(p: Path) -> bool:
+    """Whether a browser shows ``p`` as it is (8-bit PNG/JPEG/...): served without decoding."""
+    try:
+        with Image.open(p) as im:
+            return im.format in BROWSER_FORMATS and im.mode in BROWSER_MODES
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def image_file(cat: Catalog, image_id: str, max_side: int | None = None, *,
+               path: Path | None = None) -> Path:
+    """A file the browser can show for ``image_id``.
+
+    Full size (``max_side=None``): the original when the browser can show it, else an 8-bit
+    PNG rendering. Thumbnails: a PNG at most ``max_side`` pixels wide and high. Renderings
+    are stored once under ``lake/cache/ui`` (keyed by the file's path, size and mtime).
+
+    Raises
+    ------
+    catalog.CatalogError
+        The image has no file, its path leaves the workspace, or it cannot be decoded.
+    """
+    p = path or data.image_path(cat, image_id)
+    if not p.is_file():
+        raise data.ImagePathError(f"image '{image_id}': file {cat.ws.relpath(p)} is missing")
+    if max_side is None and _browser_native(p):
+        return p
+    return cache.cached_file(cat, cache.file_key("image", p, max_side),
+                             lambda: data.open_rgb(p, image_id, max_side=max_side))
+
+
+def blend_file(cat: Catalog, a: str, b: str, mode: str) -> Path:
+    """The cached blend or difference of two images at full size (see :func:`data.blend`)."""
+    pa_, pb = data.image_path(cat, a), data.image_path(cat, b)
+    for iid, p in ((a, pa_), (b, pb)):
+        if not p.is_file():
+            raise data.ImagePathError(f"image '{iid}': file {cat.ws.relpath(p)} is missing")
+    return cache.cached_file(cat, cache.file_key("blend", pa_, pb, mode), lambda: data.blend(
+        data.open_rgb(pa_, a), data.open_rgb(pb, b), mode))
 
 
 def show_image(cat: Catalog, image_id: str, *, max_side: int | None = None,
-               caption: str | None = None) -> None:
+               caption: str | None = None, path: Path | data.ImagePathError | None = None) -> None:
     """Show an image, or why it cannot be shown (never a file outside the workspace)."""
     try:
-        st.image(image_bytes(cat, image_id, max_side), caption=caption or image_id)
+        if isinstance(path, data.ImagePathError):
+            raise path
+        st.image(str(image_file(cat, image_id, max_side, path=path)), caption=caption or image_id)
     except CatalogError as e:
         st.warning(str(e))
 
 
 def gallery(cat: Catalog, image_ids: list[str], captions: list[str] | None = None, *,
-            per_row: int = 6, max_side: int = 160) -> None:
-    """Thumbnails in a grid."""
+            per_row: int = 6, max_side: int = 160,
+            below: Callable[[str], None] | None = None) -> None:
+    """Thumbnails in a grid (paths looked up in one query; thumbnails cached on disk).
+
+    ``below(image_id)`` draws widgets under each image (e.g. verdict buttons).
+    """
     caps = captions or image_ids
+    paths = data.image_paths(cat, image_ids)
     for start in range(0, len(image_ids), per_row):
         cols = st.columns(per_row)
         for col, iid, cap in zip(cols, image_ids[start:start + per_row],
                                  caps[start:start + per_row]):
             with col:
-                show_image(cat, iid, max_side=max_side, caption=cap)
+                show_image(cat, iid, max_side=max_side, caption=cap, path=paths[iid])
+                if below is not None:
+                    below(iid)
 
 
 def pager(key: str, total: int, per_page: int) -> int:
@@ -69,6 +110,22 @@ def pager(key: str, total: int, per_page: int) -> int:
                            help=f"{pages:,} pages of {per_page}")
     st.caption(f"page {int(page)} of {pages:,}")
     return (int(page) - 1) * per_page
+
+
+def chart_pick(chart: Any, key: str, param: str, fields: tuple[str, ...]) -> tuple | None:
+    """Show an Altair chart whose point selection ``param`` reruns the page on a click.
+
+    Returns the clicked point's ``fields`` when the selection changed since the last rerun,
+    else None, so a page can copy a click into its selectboxes (which stay usable too).
+    """
+    ev = st.altair_chart(chart, on_select="rerun", selection_mode=param, key=key)
+    points = (ev.get("selection") or {}).get(param) or [] if ev else []
+    first = points[0] if isinstance(points, list) and points else None
+    pick = tuple(first.get(f) for f in fields) if isinstance(first, dict) else None
+    last_key = f"{key}-last-pick"
+    changed = pick is not None and pick != st.session_state.get(last_key)
+    st.session_state[last_key] = pick
+    return pick if changed else None
 
 
 def reviewer() -> str:

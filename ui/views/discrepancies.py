@@ -7,8 +7,9 @@ import polars as pl
 import streamlit as st
 
 from catalog import Catalog
+from catalog import reviews as rv
 from ui import data
-from ui.views.common import gallery, need, pager
+from ui.views.common import chart_pick, gallery, last_verdict_note, need, pager, verdict_buttons
 
 TITLE = "Label discrepancies"
 PER_PAGE = 12
@@ -16,22 +17,32 @@ PER_PAGE = 12
 
 def render(cat: Catalog) -> None:
     st.header("Label discrepancies")
+    last_verdict_note()
     if not need(cat, "agreement"):
         return
-    ag = cat.read("agreement").with_columns(
+    ag = data.q(cat, "SELECT * FROM agreement").with_columns(
         pl.col("subgroup").fill_null(""), pl.col("subgroup_value").fill_null(""),
         (pl.col("source_a") + pl.lit(" vs ") + pl.col("source_b")).alias("pair"))
     subs = sorted(set(zip(ag["subgroup"].to_list(), ag["subgroup_value"].to_list())))
     sub = st.selectbox("subgroup", subs, key="disc-subgroup",
                        format_func=lambda s: "all images" if s == ("", "") else f"{s[0]} = {s[1]}")
     cells = ag.filter((pl.col("subgroup") == sub[0]) & (pl.col("subgroup_value") == sub[1]))
-    st.caption(f"{cells.height:,} (source pair, finding) cells; the number is n shared")
+    st.caption(f"{cells.height:,} (source pair, finding) cells; the number is n shared; "
+               "click a cell to see the images the two sources disagree on")
+    if cells.height == 0:
+        return
+    pick = alt.selection_point(name="cell", fields=["pair", "finding"], on="click", clear=False)
     base = alt.Chart(cells.select("pair", "finding", "kappa", "n_shared").to_pandas()).encode(
         x=alt.X("finding:N"), y=alt.Y("pair:N", title=None))
-    heat = base.mark_rect().encode(
+    heat = base.mark_rect(cursor="pointer").encode(
         color=alt.Color("kappa:Q", scale=alt.Scale(domain=[-1, 1], scheme="redblue")),
-        tooltip=["pair", "finding", "kappa", "n_shared"])
-    st.altair_chart(heat + base.mark_text().encode(text="n_shared:Q"), key="disc-heat")
+        opacity=alt.condition(pick, alt.value(1.0), alt.value(0.6)),
+        tooltip=["pair", "finding", "kappa", "n_shared"]).add_params(pick)
+    labels = base.mark_text(fontSize=14).encode(text="n_shared:Q")
+    chart = alt.layer(heat, labels).properties(height=60 + 50 * cells["pair"].n_unique())
+    clicked = chart_pick(chart, "disc-heat", "cell", ("pair", "finding"))
+    if clicked:  # a click on a cell shows its images below
+        st.session_state["disc-pair"], st.session_state["disc-finding"] = clicked
     pairs = sorted(cells["pair"].unique().to_list())
     if not pairs:
         return
@@ -72,6 +83,20 @@ def _images(cat: Catalog, sa: str, sb: str, finding: str, sub: tuple[str, str]) 
     offset = pager("disc", total, PER_PAGE)
     page = data.q(cat, f"{body} ORDER BY x.image_id LIMIT {PER_PAGE} OFFSET {offset}")
     st.dataframe(page, hide_index=True, key="disc-table")
-    caps = [f"{r['image_id']}\n{sa}: {r['value_a']:g} · {sb}: {r['value_b']:g}"
+    c1, c2 = st.columns(2)
+    judged = c1.selectbox("judge the label of", [sa, sb], key="disc-judge",
+                          help="the verdict buttons under each image are about this source's label")
+    rule = c2.selectbox("rule", ["clinical", "permissive", "strict"], key="disc-rule",
+                        help="the reading rule your verdicts follow")
+    col = "value_a" if judged == sa else "value_b"
+    done = rv.latest(cat, kind="label", per_reviewer=False)
+    verdict_of = dict(zip(done["item"].to_list(), done["verdict"].to_list()))
+    value_of = {r["image_id"]: r[col] for r in page.iter_rows(named=True)}
+    caps = [f"{r['image_id']}\n{sa}: {r['value_a']:g} · {sb}: {r['value_b']:g} · verdict on "
+            f"{judged}: {verdict_of.get('|'.join((r['image_id'], judged, finding)), '—')}"
             for r in page.iter_rows(named=True)]
-    gallery(cat, page["image_id"].to_list(), caps, per_row=4, max_side=256)
+    gallery(cat, page["image_id"].to_list(), caps, per_row=4, max_side=256,
+            below=lambda iid: verdict_buttons(
+                cat, lambda v: rv.label_verdict(iid, judged, finding, v, "", rule=rule,
+                                                label=f"{value_of[iid]:g}", label_shown=True),
+                rv.VERDICTS["label"], key=f"disc-{iid}"))

@@ -8,7 +8,15 @@ import streamlit as st
 from catalog import Catalog, CatalogError
 from catalog import reviews as rv
 from ui import data
-from ui.views.common import gallery, last_verdict_note, need, pager, show_image, verdict_buttons
+from ui.views.common import (
+    blend_file,
+    gallery,
+    last_verdict_note,
+    need,
+    pager,
+    show_image,
+    verdict_buttons,
+)
 
 TITLE = "Duplicates"
 PER_PAGE = 4  # pairs per page: at most this many pairs of full-size images are loaded
@@ -65,8 +73,7 @@ def _pair(cat: Catalog, r: dict, info: dict, verdict_of: dict, view: str, n: int
         show_image(cat, b, caption=_caption(info, b))
     with cc:
         try:
-            st.image(data.blend(data.load_image(cat, a), data.load_image(cat, b), view),
-                     caption=view)
+            st.image(str(blend_file(cat, a, b, view)), caption=view)
         except CatalogError as e:
             st.caption(str(e))
     verdict_buttons(cat, lambda v: rv.pair_verdict(a, b, v, "", rule="visual"),

@@ -5,8 +5,9 @@ from __future__ import annotations
 import streamlit as st
 
 from catalog import Catalog
+from catalog import reviews as rv
 from ui import data
-from ui.views.common import gallery, need, pager
+from ui.views.common import gallery, last_verdict_note, need, pager, verdict_buttons
 
 TITLE = "Outliers and quality"
 PER_PAGE = 24
@@ -15,24 +16,25 @@ PER_PAGE = 24
 def render(cat: Catalog) -> None:
     st.header("Outliers and quality flags")
     st.subheader("Outliers, most unusual first")
+    last_verdict_note()
     if need(cat, "outliers"):
         total = data.count(cat, "outliers")
         st.metric("images scored", f"{total:,}")
         offset = pager("out", total, PER_PAGE)
         page = data.q(cat, f"SELECT image_id, score, rank FROM outliers ORDER BY score DESC, "
                            f"image_id LIMIT {PER_PAGE} OFFSET {offset}")
+        done = rv.latest(cat, kind="image", per_reviewer=False)
+        verdict_of = dict(zip(done["item"].to_list(), done["verdict"].to_list()))
         gallery(cat, page["image_id"].to_list(),
-                [f"#{r['rank']} {r['image_id']} · {r['score']:.3f}"
-                 for r in page.iter_rows(named=True)])
+                [f"#{r['rank']} {r['image_id']} · {r['score']:.3f} · verdict: "
+                 f"{verdict_of.get(r['image_id'], '—')}" for r in page.iter_rows(named=True)],
+                per_row=4, max_side=200, below=lambda iid: verdict_buttons(
+                    cat, lambda v: rv.image_verdict(iid, v, "", rule="outlier-review"),
+                    rv.VERDICTS["image"], key=f"img-{iid}"))
     st.subheader("Quality flags")
     if not need(cat, "fingerprints"):
         return
-    con = cat.connect()
-    try:
-        flags = [r[0] for r in con.sql('DESCRIBE "fingerprints"').fetchall()
-                 if r[1] == "BOOLEAN"]
-    finally:
-        con.close()
+    flags = [c for c, t in data.column_types(cat, "fingerprints").items() if t == "BOOLEAN"]
     if not flags:
         st.info("the fingerprints table has no flag columns (boolean columns) yet")
         return

@@ -1,0 +1,147 @@
+"""What makes pages open fast on a big lake: one DuckDB connection, cached results, thumbnails.
+
+* :func:`signature` is the state of the lake's tables: the modification times of every table
+  and stage folder (a stage publishes a partition by renaming a file into its stage folder,
+  which changes that folder's mtime). It is cheap (a few dozen ``stat`` calls) and is part
+  of every cache key below, so new stage output is seen on the next rerun.
+* :func:`connection` is one DuckDB connection with the table views per signature, shared by
+  every session (``st.cache_resource``); each query runs on its own cursor, so sessions in
+  different threads never share a cursor.
+* :func:`query` caches query results per (signature, SQL, parameters) (``st.cache_data``):
+  aggregates over 50k pairs or 600k labels run once per lake state, not once per rerun.
+* :func:`cached_file` writes rendered images (thumbnails, converted full-size images,
+  blends) once under ``lake/cache/ui/`` with an atomic rename, keyed by their inputs' paths,
+  sizes and mtimes, so a thumbnail is decoded once per file version, across restarts.
+
+The reviews table is not part of the signature (a verdict click must not invalidate every
+cache); verdicts are read fresh through :mod:`catalog.reviews`, and the cached connection
+has no ``reviews`` view, so a page cannot read stale verdicts by mistake.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+import streamlit as st
+from PIL import Image
+
+from catalog import Catalog
+
+UNCACHED_TABLES = ("reviews",)  # read fresh through catalog.reviews
+
+
+def signature(tables_dir: Path) -> tuple[tuple[str, int], ...]:
+    """``(folder, mtime_ns)`` of every table folder and stage folder under ``tables_dir``.
+
+    Parameters
+    ----------
+    tables_dir
+        The lake's ``lake/tables`` folder (may not exist yet: the signature is then empty).
+
+    Returns
+    -------
+    tuple
+        Sorted pairs; equal signatures mean no partition was added, replaced or removed.
+    """
+    out: list[tuple[str, int]] = []
+    try:
+        tables = sorted(os.scandir(tables_dir), key=lambda e: e.name)
+    except FileNotFoundError:
+        return ()
+    for t in tables:
+        if not t.is_dir() or t.name in UNCACHED_TABLES:
+            continue
+        out.append((t.name, t.stat().st_mtime_ns))
+        for s in sorted(os.scandir(t.path), key=lambda e: e.name):
+            if s.is_dir():
+                out.append((f"{t.name}/{s.name}", s.stat().st_mtime_ns))
+    return tuple(out)
+
+
+@st.cache_resource(max_entries=2, show_spinner=False)
+def connection(root: str, sig: tuple) -> duckdb.DuckDBPyConnection:
+    """The shared DuckDB connection of workspace ``root`` in lake state ``sig``."""
+    con = Catalog.open(root).connect()
+    for name in UNCACHED_TABLES:
+        con.execute(f'DROP VIEW IF EXISTS "{name}"')
+    return con
+
+
+@st.cache_data(max_entries=1024, show_spinner=False)
+def _query(root: str, sig: tuple, sql: str, params: tuple) -> pl.DataFrame:
+    cur = connection(root, sig).cursor()
+    try:
+        at = cur.sql(sql, params=list(params) or None).to_arrow_table()
+    finally:
+        cur.close()
+    df = pl.from_arrow(at)
+    assert isinstance(df, pl.DataFrame)
+    return df
+
+
+def query(cat: Catalog, sql: str, params: list[Any] | tuple = ()) -> pl.DataFrame:
+    """Run trusted SQL on the shared connection; results are cached per lake state.
+
+    Parameters
+    ----------
+    cat
+        The workspace's catalog.
+    sql
+        Trusted SQL built by the pages (values quoted or passed as ``params``).
+    params
+        Positional ``?`` parameters.
+
+    Returns
+    -------
+    polars.DataFrame
+        A copy: callers may change it freely.
+    """
+    root = str(cat.ws.root)
+    try:
+        return _query(root, signature(cat.ws.tables_dir), sql, tuple(params or ()))
+    except duckdb.IOException:
+        # a stage replaced a file between the signature and the scan: read the new state
+        return _query(root, signature(cat.ws.tables_dir), sql, tuple(params or ()))
+
+
+def cache_dir(cat: Catalog) -> Path:
+    """``lake/cache/ui``: rendered images (ignored by git, not a DVC output)."""
+    return cat.ws.lake / "cache" / "ui"
+
+
+def file_key(*parts: Any) -> str:
+    """A stable key of files and options: each file contributes path, size and mtime."""
+    h = hashlib.sha1()
+    for p in parts:
+        if isinstance(p, Path):
+            s = p.stat()
+            p = f"{p}|{s.st_size}|{s.st_mtime_ns}"
+        h.update(str(p).encode() + b"\0")
+    return h.hexdigest()
+
+
+def cached_file(cat: Catalog, key: str, make: Callable[[], Image.Image], *,
+                fmt: str = "PNG") -> Path:
+    """The cached rendering ``key`` (made with ``make()`` and stored on first use).
+
+    The file is written to a temporary name and renamed, so a reader never sees half an
+    image and two sessions rendering the same image at once both end with a whole file.
+    """
+    dest = cache_dir(cat) / key[:2] / f"{key}.{fmt.lower()}"
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    im = make()
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{id(im)}.tmp")
+    try:
+        im.save(tmp, format=fmt)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
