@@ -55,8 +55,11 @@ class MaterializeResult:
     actions: dict[str, int]
     files: dict[str, int]
     quarantined: int
+    skipped: str | None = None  # why the recipe was not materialised
 
     def summary(self) -> str:
+        if self.skipped:
+            return f"version '{self.name}' skipped: {self.skipped} (also in the quarantine table)"
         acts = ", ".join(f"{k} {v:,}" for k, v in sorted(self.actions.items()))
         sp = ", ".join(f"{k} {v:,}" for k, v in self.counts.items())
         return (f"version '{self.name}': {self.n_parent:,} parent images -> {self.n_kept:,} kept "
@@ -351,7 +354,7 @@ def _skip(catalog: Catalog, name: str, dataset_id: str, why: str) -> Materialize
                  stage="materialize", partition=name)
     log.warning("recipe %s skipped: %s", name, why)
     return MaterializeResult(name=name, path=dest, n_parent=0, n_kept=0, counts={},
-                             actions={"skipped": 1}, files={}, quarantined=1)
+                             actions={"skipped": 1}, files={}, quarantined=1, skipped=why)
 
 
 def run_all(catalog: Catalog, *, processes: int = 1) -> list[MaterializeResult]:

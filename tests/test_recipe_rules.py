@@ -143,6 +143,19 @@ def test_new_rule_errors_are_clear() -> None:
         parse_recipe({"dataset": "d", "parent": "p", "export": {"pack": "zip"}})
 
 
+def test_summary_wording(catalog: Catalog) -> None:
+    write_recipe(catalog, "absent", "dataset: nope\nparent: nope@x\n")
+    text = materialize.run(catalog, "absent").summary()
+    assert text.startswith("version 'absent' skipped: dataset 'nope' has no images")
+    assert text.endswith("(also in the quarantine table)") and "list entries" not in text
+    build_toy(catalog, clusters=False)
+    (catalog.ws.root / "drop.txt").write_text("T001\nZZZ\nYYY\n")
+    write_recipe(catalog, "d", BASE + "export: {images: false}\n"
+                 "rules: [{drop_outliers: {list: drop.txt}}]\n")
+    text = materialize.run(catalog, "d").summary()
+    assert text.endswith("; 2 rows quarantined (see the quarantine table)")
+
+
 def test_no_reviews_table_is_fine(catalog: Catalog) -> None:
     build_toy(catalog)
     write_recipe(catalog, "r", BASE + "duplicates: {exclude_verdict: different}\n"
