@@ -248,3 +248,38 @@ def test_outlier_image_verdict(ws, monkeypatch):
     assert (row["item"], row["verdict"], row["reviewer"]) == (top, "outlier", "tester")
     caps = [c for i in at.image for c in i.captions]
     assert any(c.startswith(f"#1 {top}") and c.endswith("verdict: outlier") for c in caps), caps
+
+
+def test_demo_ui_step_prints_a_working_url(tmp_path):
+    """The demo's last step (pipelines.demo.launch_ui) on a small built workspace."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from pipelines.demo import free_port
+
+    root = sample.build(tmp_path / "ws", n_images=6, n_pairs=2).root
+    port = free_port(preferred=0)
+    code = ("import sys; from catalog import Catalog; from pipelines.demo import launch_ui; "
+            "sys.exit(launch_ui(Catalog.open(sys.argv[1]), port=int(sys.argv[2])))")
+    log = tmp_path / "ui.log"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root), str(port)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    try:
+        url = None
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            m = re.search(r"medlake UI for .*: (http://\S+)", log.read_text())
+            url = m.group(1) if m else time.sleep(0.2)
+        assert url == f"http://127.0.0.1:{port}", log.read_text()[-2000:]
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=10) as r:
+            assert (r.status, r.read()) == (200, b"ok")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the group this test started
+            proc.wait(20)
+    assert proc.returncode is not None

@@ -23,11 +23,7 @@ def demo(no_repro, no_ui, workspace):
     cat = open_catalog(workspace)
     stage.run(cat, repro=not no_repro, echo=click.echo)
     if not no_ui and os.environ.get("MEDLAKE_NO_UI", "") in ("", "0"):
-        try:
-            from cli.commands.ui import serve  # added with the UI
-        except ImportError:
-            return
-        serve(cat.ws.root)
+        stage.launch_ui(cat)  # prints the URL once the UI answers; Ctrl+C stops it
 
 
 COMMANDS = [demo]

@@ -24,13 +24,42 @@ def streamlit_cmd(root: Path, *, port: int, host: str) -> list[str]:
     ]
 
 
-def serve(root: Path, *, port: int = 8501, host: str = "127.0.0.1") -> int:
-    """Start the UI on ``root`` in the foreground and print its URL; returns the exit code."""
+def health_url(host: str, port: int) -> str:
+    """Streamlit's health endpoint (answers ``ok`` once the app server is up)."""
+    return f"http://{host}:{port}/_stcore/health"
+
+
+def serve(root: Path, *, port: int = 8501, host: str = "127.0.0.1",
+          wait_s: float = 120.0) -> int:
+    """Serve the UI on ``root`` in the foreground; print its URL once it answers.
+
+    Returns the server's exit code (0 after Ctrl+C). If the server does not answer on
+    ``/_stcore/health`` within ``wait_s`` seconds, the URL is printed with a warning.
+    """
+    import time
+    import urllib.request
+
     env = dict(os.environ, MEDLAKE_WORKSPACE=str(root), STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
-    click.echo(f"medlake UI for {root}: http://{host}:{port}  (Ctrl+C stops it)")
+    proc = subprocess.Popen(streamlit_cmd(root, port=port, host=host), env=env)
+    url, health = f"http://{host}:{port}", health_url(host, port)
     try:
-        return subprocess.call(streamlit_cmd(root, port=port, host=host), env=env)
+        deadline = time.monotonic() + wait_s
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if urllib.request.urlopen(health, timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            if proc.poll() is not None:
+                return proc.returncode
+            click.echo(f"warning: the UI did not answer on {health} within {wait_s:.0f} s",
+                       err=True)
+        click.echo(f"medlake UI for {root}: {url}  (Ctrl+C stops it)")
+        return proc.wait()
     except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(10)
         return 0
 
 
