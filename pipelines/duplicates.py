@@ -24,7 +24,7 @@ from scipy.sparse.csgraph import connected_components
 
 from catalog import Catalog, CatalogError, conform, spec, to_json
 from catalog.embedders import DESCRIPTOR
-from catalog.vectors import VectorStore
+from catalog.vectors import VectorStore, near_pairs
 from pipelines import verify
 from pipelines.fingerprint import image_files
 
@@ -36,27 +36,10 @@ DEFAULTS: dict[str, Any] = {"hamming": 6, "k": 10, "cosine": 0.80, "min_inliers"
 def knn_pairs(vecs: np.ndarray, *, k: int, threshold: float, block: int = 4096) -> np.ndarray:
     """(i, j, cosine) with i < j for each row's ``k`` nearest rows above ``threshold``.
 
-    Exact: blocked matrix products, memory O(block x N), never the full N x N matrix.
+    Exact: blocked matrix products, memory O(block x N), never the full N x N matrix
+    (:func:`catalog.vectors.near_pairs`: bfloat16 screening where native, float32 re-scoring).
     """
-    n = len(vecs)
-    out = []
-    k = min(k, n - 1)
-    if k <= 0:
-        return np.zeros((0, 3))
-    for s in range(0, n, block):
-        sims = vecs[s:s + block] @ vecs.T
-        rows = np.arange(s, min(s + block, n))
-        sims[rows - s, rows] = -np.inf
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n else np.argsort(-sims, axis=1)
-        val = np.take_along_axis(sims, top, axis=1)
-        keep = val >= threshold
-        i = np.repeat(rows, top.shape[1])[keep.ravel()]
-        out.append(np.stack([i, top.ravel()[keep.ravel()], val.ravel()[keep.ravel()]], axis=1))
-    res = np.concatenate(out) if out else np.zeros((0, 3))
-    a, b = np.minimum(res[:, 0], res[:, 1]), np.maximum(res[:, 0], res[:, 1])
-    res = np.stack([a, b, res[:, 2]], axis=1)
-    _, first = np.unique(res[:, :2], axis=0, return_index=True)
-    return res[np.sort(first)]
+    return near_pairs(vecs, threshold=threshold, k=k, block=block)
 
 
 def hash_pairs(hashes: list[str], *, max_bits: int) -> np.ndarray:

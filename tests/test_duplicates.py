@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from images_helpers import _synth_lake, truth  # noqa: F401  (session fixture synth_lake)
 
 from catalog import CatalogError
+from catalog.vectors import near_pairs
 from cli.main import main
 from pipelines import duplicates
 
@@ -91,3 +92,52 @@ def test_external_list_joins_clusters(dup_run, tmp_path):
     r = CliRunner().invoke(main, ["duplicates", "-w", str(cat.ws.root)])
     assert r.exit_code == 0, r.output
     assert "0 external" in r.output and "verified" in r.output
+
+
+def _brute_knn(v, k, thr):
+    """Reference: the full matrix, each row's k best above thr (k None: all), symmetrised."""
+    import numpy as np
+
+    sims = v.astype(np.float64) @ v.T.astype(np.float64)
+    np.fill_diagonal(sims, -np.inf)
+    out = set()
+    for i, row in enumerate(sims):
+        cols = np.nonzero(row >= thr)[0]
+        if k is not None:
+            cols = cols[np.argsort(-row[cols], kind="stable")[:k]]
+        out |= {(min(i, int(j)), max(i, int(j))) for j in cols}
+    return out, sims
+
+
+@pytest.mark.parametrize("kind", ["spread", "clustered", "dense", "boundary"])
+@pytest.mark.parametrize("k", [10, None])
+def test_knn_pairs_exact_against_full_matrix(kind, k):
+    """Blocked bfloat16-screened search == full float64 matrix: same pairs, same cosines."""
+    import numpy as np
+
+    rng = np.random.default_rng({"spread": 1, "clustered": 2, "dense": 3, "boundary": 4}[kind])
+    if kind == "spread":
+        v, thr = rng.standard_normal((1500, 64)), 0.35
+    elif kind == "clustered":  # rows with more than k partners above the threshold
+        v, thr = np.repeat(rng.standard_normal((40, 48)), 30, axis=0) + 0.35 * rng.standard_normal((1200, 48)), 0.8
+    elif kind == "dense":
+        v, thr = 1 + 0.4 * rng.standard_normal((800, 32)), 0.75
+    else:  # pairs within bfloat16's error of the threshold: screening alone would misjudge them
+        x = rng.standard_normal((600, 128))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        u = rng.standard_normal((600, 128))
+        u -= (u * x).sum(1, keepdims=True) * x
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        c = rng.uniform(0.8956, 0.9056, (600, 1))
+        v, thr = np.concatenate([x, c * x + np.sqrt(1 - c**2) * u]), 0.9006  # rounds up in bfloat16
+    v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+    if k is None:
+        got = near_pairs(v, threshold=thr, block=256)
+    else:
+        got = duplicates.knn_pairs(v, k=k, threshold=thr, block=256)
+    want, sims = _brute_knn(v, k, thr)
+    pairs = {(int(i), int(j)) for i, j, _ in got}
+    assert len(pairs) == len(got) and len(want) > 100
+    assert pairs == want
+    assert (got[:, 0] < got[:, 1]).all()
+    assert np.allclose(got[:, 2], sims[got[:, 0].astype(int), got[:, 1].astype(int)], atol=1e-5)
