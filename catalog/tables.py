@@ -12,8 +12,9 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Self
 
 import duckdb
 import polars as pl
@@ -49,10 +50,10 @@ def conform(table: str | TableSpec, data: Any, *, check_key: bool = True) -> pa.
     """
     ts = spec(table) if isinstance(table, str) else table
     key_checked = False
-    if isinstance(data, pl.DataFrame) and check_key and data.height:
-        if all(k in data.columns for k in ts.key):
-            _check_key(ts, data.select(list(ts.key)))  # in Polars: no round trip via Arrow
-            key_checked = True
+    if (isinstance(data, pl.DataFrame) and check_key and data.height
+            and all(k in data.columns for k in ts.key)):
+        _check_key(ts, data.select(list(ts.key)))  # in Polars: no round trip via Arrow
+        key_checked = True
     at = _to_arrow(data)
     extra = [c for c in at.column_names if c not in ts.schema.names]
     if extra:
@@ -92,7 +93,12 @@ def _to_arrow(data: Any) -> pa.Table:
     if isinstance(data, pl.DataFrame):
         return data.to_arrow()
     if isinstance(data, list):
-        return pa.Table.from_pylist(data) if data else pa.table({})
+        if not data:
+            return pa.table({})
+        try:  # Polars infers types without importing pandas (pyarrow's from_pylist does)
+            return pl.DataFrame(data, infer_schema_length=None).to_arrow()
+        except (TypeError, ValueError, pl.exceptions.PolarsError):
+            return pa.Table.from_pylist(data)
     if hasattr(data, "to_arrow"):
         return data.to_arrow()
     try:  # pandas
@@ -127,9 +133,18 @@ def write_parquet_atomic(at: pa.Table, dest: Path) -> Path:
     return dest
 
 
+# min/max statistics only where readers filter (keys, dataset, scheme): statistics on long
+# free-text columns (meta, raw_value, rule) cost write time and never prune a row group
+_STATS = frozenset({
+    "image_id", "dataset_id", "source_id", "finding", "annotator", "scheme", "split", "stage",
+    "kind", "name", "group_id",
+})
+
+
 def _write(at: pa.Table, path: Path) -> None:
+    stats = [f.name for f in at.schema if f.name in _STATS or not pa.types.is_string(f.type)]
     pq.write_table(
-        at, path, compression="zstd", row_group_size=256_000, write_statistics=True,
+        at, path, compression="zstd", row_group_size=1 << 20, write_statistics=stats,
         use_dictionary=True, store_schema=True,
     )
     with open(path, "rb") as fh:
@@ -193,6 +208,9 @@ class TableStore:
             empty = pl.from_arrow(ts.schema.empty_table())
             assert isinstance(empty, pl.DataFrame)
             return empty.select(list(columns)) if columns else empty
+        fast = _read_eq(ts, files, where, columns)
+        if fast is not None:
+            return fast
         cols = ", ".join(f'"{c}"' for c in columns) if columns else "*"
         sql = f"SELECT {cols} FROM {scan_sql(files)}"
         if where:
@@ -205,6 +223,36 @@ class TableStore:
         df = pl.from_arrow(at)
         assert isinstance(df, pl.DataFrame)
         return df
+
+
+_EQ = re.compile(r"^\s*(\w+)\s*=\s*'((?:[^']|'')*)'\s*$")
+
+
+def _read_eq(
+    ts: TableSpec, files: list[Path], where: str | None, columns: Iterable[str] | None
+) -> pl.DataFrame | None:
+    """``SELECT columns WHERE text_column = 'literal'`` through a Polars scan, or None.
+
+    The common lookup (e.g. one dataset's image ids) costs a fifth of a DuckDB query this
+    way (row groups are pruned by the ``dataset_id`` statistics). Anything else (another
+    filter, all columns, a file that does not match the declared schema) returns None and
+    the caller runs DuckDB, so results never differ.
+    """
+    m = _EQ.match(where or "")
+    cols = list(columns or [])
+    if m is None or not cols or not all(c in ts.schema.names for c in [m[1], *cols]):
+        return None
+    if not pa.types.is_string(ts.schema.field(m[1]).type):
+        return None
+    schema = pl.from_arrow(ts.schema.empty_table()).schema
+    try:
+        return (
+            pl.scan_parquet(files, schema=schema, missing_columns="insert",
+                            extra_columns="ignore", hive_partitioning=False)
+            .filter(pl.col(m[1]) == m[2].replace("''", "'")).select(cols).collect()
+        )
+    except (pl.exceptions.PolarsError, OSError):
+        return None
 
 
 def scan_sql(files: list[Path]) -> str:
@@ -240,7 +288,7 @@ class Transaction:
     def delete(self, table: str, *, stage: str, partition: str) -> None:
         self._deletes.append(self.store.path(table, stage, partition))
 
-    def __enter__(self) -> "Transaction":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -95,12 +95,13 @@ def ingest(
         total=total,
     )
     df = df.with_columns(
-        [pl.col(f).str.strip_chars().fill_null("").replace(ALIASES) for f in FINDINGS]
+        [pl.col(f).str.strip_chars().fill_null("") for f in FINDINGS]
         + [pl.col("Age").str.strip_chars().cast(pl.Float64, strict=False).alias("_age")]
     )
-    bad = pl.any_horizontal([~pl.col(f).is_in([*CODES, ""]) for f in FINDINGS])
+    known = [*CODES, *ALIASES, ""]
+    bad = pl.any_horizontal([~pl.col(f).is_in(known) for f in FINDINGS])
     first_bad = pl.coalesce(
-        [pl.when(~pl.col(f).is_in([*CODES, ""])).then(pl.lit(f"{f}=") + pl.col(f)) for f in FINDINGS]
+        [pl.when(~pl.col(f).is_in(known)).then(pl.lit(f"{f}=") + pl.col(f)) for f in FINDINGS]
     )
     df = quarantine_where(
         q, file, df, bad,
@@ -127,16 +128,20 @@ def ingest(
         .struct.json_encode().alias("meta"),
     )
     source_id = f"{dataset_id}:report_nlp"
+    # cell text (codes and their aliases '1', '0', '-1') -> raw_value (the code), value, meaning
+    cells = {**{k: k for k in CODES}, **ALIASES}
     codes = pl.DataFrame(
-        {"raw_value": list(CODES), "value": [v for v, _ in CODES.values()],
-         "meaning": [m for _, m in CODES.values()]},
-        schema={"raw_value": pl.String, "value": pl.Float64, "meaning": pl.String},
+        {"_cell": list(cells), "raw_value": list(cells.values()),
+         "value": [CODES[c][0] for c in cells.values()],
+         "meaning": [CODES[c][1] for c in cells.values()]},
+        schema={"_cell": pl.String, "raw_value": pl.String, "value": pl.Float64,
+                "meaning": pl.String},
     )
     ann = (
         df.select((pl.lit(dataset_id + ":") + pl.col("Path")).alias("image_id"), *FINDINGS)
-        .unpivot(FINDINGS, index="image_id", variable_name="finding", value_name="raw_value")
-        .filter(pl.col("raw_value") != "")
-        .join(codes, on="raw_value", how="left", maintain_order="left")
+        .unpivot(FINDINGS, index="image_id", variable_name="finding", value_name="_cell")
+        .filter(pl.col("_cell") != "")
+        .join(codes, on="_cell", how="left", maintain_order="left")
         .select(
             "image_id", pl.lit(source_id).alias("source_id"), pl.lit("").alias("annotator"),
             "finding", "value", "raw_value", "meaning", pl.lit(False).alias("is_invalid"),
