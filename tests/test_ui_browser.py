@@ -161,3 +161,48 @@ def test_verdict_click_writes_a_review_row(server, browser, tmp_path):
         page.get_by_text("verdict so far: duplicate").first.wait_for(timeout=60_000)
     finally:
         page.close()
+
+
+def _click_mark(page, chart_index: int, label_part: str) -> None:
+    """Click a Vega mark of a chart, near its corner (clear of any text drawn on top)."""
+    chart = page.locator("[data-testid='stVegaLiteChart']").nth(chart_index)
+    mark = chart.locator(f"path[role='graphics-symbol'][aria-label*='{label_part}']").first
+    mark.wait_for(timeout=60_000)
+    box = mark.bounding_box()
+    assert box is not None and box["width"] > 4 and box["height"] > 4, box
+    mark.click(position={"x": min(6, box["width"] / 4), "y": min(6, box["height"] / 4)})
+
+
+def test_clicking_the_version_graph_opens_the_version(server, browser, tmp_path):
+    url, _, _ = server
+    page = browser.new_page()
+    try:
+        page.goto(f"{url}/?page=catalog")
+        page.get_by_text("Parent: demo-cxr@official").first.wait_for(timeout=60_000)
+        _click_mark(page, 0, f"name: {sample.ROOT_VERSION}")
+        page.get_by_text(f"no DATASHEET.md for {sample.ROOT_VERSION}").first.wait_for(
+            timeout=60_000)
+        page.screenshot(path=str(tmp_path / "catalog-graph-click.png"), full_page=True)
+    finally:
+        page.close()
+
+
+def test_clicking_a_heatmap_cell_shows_its_disagreements(server, browser, tmp_path):
+    import polars as pl
+
+    url, root, _ = server
+    ann = Catalog.open(root).read("annotations").filter(pl.col("finding") == "Pneumothorax")
+    a = ann.filter(pl.col("source_id") == sample.SOURCES[0]).select("image_id", "value")
+    b = ann.filter(pl.col("source_id") == sample.SOURCES[1]).select("image_id", "value")
+    n = a.join(b, on="image_id").filter((pl.col("value") > 0) != (pl.col("value_right") > 0)).height
+    page = browser.new_page()
+    try:
+        page.goto(f"{url}/?page=discrepancies")
+        page.get_by_text("kappa 0.500 on 60 shared images").first.wait_for(timeout=60_000)
+        _click_mark(page, 0, "finding: Pneumothorax")  # kappa 0.7 in the sample
+        page.get_by_text("kappa 0.700 on 60 shared images").first.wait_for(timeout=60_000)
+        page.get_by_text(f"{n:,} images where the two sources disagree").first.wait_for(
+            timeout=60_000)
+        page.screenshot(path=str(tmp_path / "heatmap-click.png"), full_page=True)
+    finally:
+        page.close()

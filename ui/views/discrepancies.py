@@ -33,13 +33,14 @@ def render(cat: Catalog) -> None:
         return
     pick = alt.selection_point(name="cell", fields=["pair", "finding"], on="click", clear=False)
     base = alt.Chart(cells.select("pair", "finding", "kappa", "n_shared").to_pandas()).encode(
-        x=alt.X("finding:N"), y=alt.Y("pair:N", title=None))
+        x=alt.X("finding:N", axis=alt.Axis(labelAngle=0, orient="top")),
+        y=alt.Y("pair:N", title=None, axis=alt.Axis(labelLimit=400)))
     heat = base.mark_rect(cursor="pointer").encode(
         color=alt.Color("kappa:Q", scale=alt.Scale(domain=[-1, 1], scheme="redblue")),
         opacity=alt.condition(pick, alt.value(1.0), alt.value(0.6)),
         tooltip=["pair", "finding", "kappa", "n_shared"]).add_params(pick)
     labels = base.mark_text(fontSize=14).encode(text="n_shared:Q")
-    chart = alt.layer(heat, labels).properties(height=60 + 50 * cells["pair"].n_unique())
+    chart = alt.layer(heat, labels).properties(height=alt.Step(60))
     clicked = chart_pick(chart, "disc-heat", "cell", ("pair", "finding"))
     if clicked:  # a click on a cell shows its images below
         st.session_state["disc-pair"], st.session_state["disc-finding"] = clicked
