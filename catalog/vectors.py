@@ -126,7 +126,7 @@ def _low_precision(dev: Any) -> bool:
 
 
 def near_pairs(vecs: np.ndarray, *, threshold: float, k: int | None = None, block: int = 4096,
-               device: str | None = None) -> np.ndarray:
+               device: str | None = None, rows: tuple[int, int] | None = None) -> np.ndarray:
     """Pairs of rows with cosine (dot product) >= ``threshold``, exact, in blocks.
 
     Parameters
@@ -142,6 +142,10 @@ def near_pairs(vecs: np.ndarray, *, threshold: float, k: int | None = None, bloc
         Rows per matrix product: memory O(block x n), never the full n x n matrix.
     device : str, optional
         torch device; default CUDA when present, else the CPU.
+    rows : (int, int), optional
+        Search only from rows ``start <= i < stop`` (against all rows): one task's share of a
+        distributed search (``pipelines.ray_duplicates``). The union of the results over
+        slices that cover every row equals the result without ``rows``.
 
     Returns
     -------
@@ -162,9 +166,10 @@ def near_pairs(vecs: np.ndarray, *, threshold: float, k: int | None = None, bloc
     full = torch.from_numpy(v).to(dev)
     screen = full.to(torch.bfloat16) if low else full
     parts = []
+    r0, r1 = rows or (0, n)
     with torch.inference_mode():
-        for s in range(0, n, block):
-            sims = screen[s:s + block] @ screen.T
+        for s in range(r0, r1, block):
+            sims = screen[s:min(s + block, r1)] @ screen.T
             r = torch.arange(len(sims), device=dev)
             sims[r, r + s] = -torch.inf
             hit = sims >= threshold - margin
@@ -172,7 +177,7 @@ def near_pairs(vecs: np.ndarray, *, threshold: float, k: int | None = None, bloc
             ii, jj = (x.cpu().numpy() for x in torch.nonzero(hit, as_tuple=True))
             i, j = (ii, jj) if i is None else (np.concatenate([ii, i]), np.concatenate([jj, j]))
             parts.append(_rescore(v, i + s, j, threshold))
-    res = np.concatenate(parts)
+    res = np.concatenate(parts) if parts else np.zeros((0, 3))
     if k is not None:
         order = np.lexsort((res[:, 1], -res[:, 2], res[:, 0]))
         res = res[order]
