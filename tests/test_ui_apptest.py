@@ -91,7 +91,9 @@ def test_discrepancies_page_counts(ws, monkeypatch):
     n = a.join(b, on="image_id").filter((pl.col("value") > 0) != (pl.col("value_right") > 0)).height
     assert n > 0
     assert f"{n:,} images where the two sources disagree" in texts(at)
-    assert len(at.dataframe[0].value) == min(n, 12)
+    from ui.views.discrepancies import PER_PAGE
+
+    assert len(at.dataframe[0].value) == min(n, PER_PAGE)
 
 
 def test_leakage_outliers_sql_pages(ws, monkeypatch):
@@ -225,7 +227,9 @@ def test_heatmap_click_shows_the_cell_and_records_label_verdicts(ws, monkeypatch
     assert at.selectbox(key="disc-finding").value == "Cardiomegaly"
     ids = _disagree(ws, "Cardiomegaly")
     assert f"{len(ids):,} images where the two sources disagree" in texts(at)
-    assert at.dataframe[0].value["image_id"].to_list() == ids[:12]
+    from ui.views.discrepancies import PER_PAGE
+
+    assert at.dataframe[0].value["image_id"].to_list() == ids[:PER_PAGE]
     at.selectbox(key="disc-judge").set_value(sample.SOURCES[1]).run()
     cat = Catalog.open(ws)
     before = rv.read(cat).height

@@ -12,7 +12,7 @@ from ui import data
 from ui.views.common import chart_pick, gallery, last_verdict_note, need, pager, verdict_buttons
 
 TITLE = "Label discrepancies"
-PER_PAGE = 12
+PER_PAGE = 8  # images per page (each with three verdict buttons)
 
 
 def render(cat: Catalog) -> None:
