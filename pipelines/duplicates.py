@@ -14,6 +14,7 @@ External pair lists (CSV: image_a, image_b[, score]) import as their own method.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from scipy.sparse.csgraph import connected_components
 
 from catalog import Catalog, CatalogError, conform, spec, to_json
 from catalog.embedders import DESCRIPTOR
-from catalog.vectors import VectorStore, near_pairs
+from catalog.storage import open_vectors
+from catalog.vectors import near_pairs
 from pipelines import verify
 from pipelines.fingerprint import image_files
 
@@ -55,8 +57,12 @@ def hash_pairs(hashes: list[str], *, max_bits: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, 3), dtype=np.int64)
 
 
-def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any]) -> dict[tuple[int, int], dict]:
-    """Candidate pairs (index pairs into ``fp``) with the scores of every method that found them."""
+def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
+               knn: Callable[..., np.ndarray] | None = None) -> dict[tuple[int, int], dict]:
+    """Candidate pairs (index pairs into ``fp``) with the scores of every method that found them.
+
+    ``knn`` replaces :func:`knn_pairs` (same arguments and result), e.g. the Ray engine's.
+    """
     cand: dict[tuple[int, int], dict] = {}
 
     def add(i: int, j: int, method: str, **scores: Any) -> None:
@@ -73,14 +79,24 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any]) -> 
         for i, j, d in hash_pairs(fp[col].to_list(), max_bits=int(p["hamming"])):
             add(int(i), int(j), col, hamming=int(d))
     if vecs is not None:
-        for i, j, c in knn_pairs(vecs, k=int(p["k"]), threshold=float(p["cosine"]), block=int(p["block"])):
+        for i, j, c in (knn or knn_pairs)(vecs, k=int(p["k"]), threshold=float(p["cosine"]),
+                                          block=int(p["block"])):
             add(int(i), int(j), "vector", cosine=float(c))
     return cand
 
 
+def verify_pairs(jobs: list[tuple[str, str, int, int]], p: dict[str, Any]) -> list[dict[str, Any]]:
+    """:func:`pipelines.verify.verify` of each (file_a, file_b, i, j), features cached by index."""
+    cache: dict[int, Any] = {}
+    return [verify.verify(fa, fb, cache=cache, keys=(i, j), p=p) for fa, fb, i, j in jobs]
+
+
 def run(cat: Catalog, *, params: dict[str, Any] | None = None, external: Path | str | None = None,
-        echo: Any = None) -> dict[str, int]:
+        echo: Any = None, engine: str = "local", address: str | None = None) -> dict[str, int]:
     """Find, verify and cluster duplicate pairs across every dataset; write pairs, clusters.
+
+    ``engine="ray"`` runs the vector search and the verification as Ray tasks on the cluster
+    at ``address`` (:mod:`pipelines.ray_duplicates`); the result is the same.
 
     Returns
     -------
@@ -92,22 +108,27 @@ def run(cat: Catalog, *, params: dict[str, Any] | None = None, external: Path | 
     files = dict(zip(*image_files(cat).select("image_id", "file").get_columns(), strict=True))
     ids = fp["image_id"].to_list()
     vecs = None
-    vs = VectorStore(cat.ws.vectors_dir)
+    vs = open_vectors(cat.ws)
     if vs.has(p["model"]):
         got, mat = vs.load(p["model"], ids)
         if len(got) == len(ids):
             vecs = mat
         elif echo:
             echo(f"{len(ids) - len(got):,} images have no {p['model']} vector; run 'medlake embed'")
-    cand = candidates(fp, vecs, p)
+    knn, verifier = None, verify_pairs
+    if engine == "ray":
+        from pipelines import ray_duplicates
+
+        knn, verifier = ray_duplicates.engine(address)
+    cand = candidates(fp, vecs, p, knn=knn)
     params_json = to_json(p)
     rows = []
-    cache: dict[int, Any] = {}
+    todo = [(i, j) for (i, j), c in sorted(cand.items()) if "sha256" not in c["methods"]]
+    checked = dict(zip(todo, verifier([(files[ids[i]], files[ids[j]], i, j) for i, j in todo], p),
+                       strict=True))
     for (i, j), c in sorted(cand.items()):
-        if "sha256" in c["methods"]:
-            res = {"verified": True, "inliers": None, "ncc": 1.0, "transform": "identical"}
-        else:
-            res = verify.verify(files[ids[i]], files[ids[j]], cache=cache, keys=(i, j), p=p)
+        res = checked.get((i, j)) or {"verified": True, "inliers": None, "ncc": 1.0,
+                                      "transform": "identical"}
         rows.append({"image_a": ids[i], "image_b": ids[j], "method": "+".join(sorted(set(c["methods"]))),
                      "score": res["ncc"], "verified": res["verified"], "hamming": c.get("hamming"),
                      "cosine": c.get("cosine"), "inliers": res["inliers"], "ncc": res["ncc"],

@@ -18,6 +18,7 @@ import polars as pl
 from catalog import Catalog, CatalogError
 from catalog.embedders import DESCRIPTOR, make_embedder
 from catalog.imageio import ImageReadError, load_rgb
+from catalog.storage import open_vectors
 from catalog.vectors import VectorStore
 from pipelines.fingerprint import image_files
 
@@ -88,7 +89,7 @@ def run(cat: Catalog, *, model: str | None = None, pretrained: str | None = None
         if v is not None:
             p[k] = v
     emb = make_embedder(p["model"], p["pretrained"])
-    vs = VectorStore(cat.ws.vectors_dir)
+    vs = open_vectors(cat.ws)
     total = len(cat.read("fingerprints", columns=["image_id"]))
     df = todo(cat, emb.name, vs)
     if limit is not None:
@@ -128,7 +129,7 @@ class _DescriptorPrep:
 def similar(cat: Catalog, image_id: str, *, k: int = 10, model: str | None = None) -> list[tuple[str, float]]:
     """The ``k`` images most similar to ``image_id`` (itself excluded): [(image_id, cosine)]."""
     name = model or (cat.ws.param("embed.model") or DESCRIPTOR)
-    vs = VectorStore(cat.ws.vectors_dir)
+    vs = open_vectors(cat.ws)
     stored = _stored_models(vs)
     full = next((n for n in stored if n == name or n.startswith(f"openclip:{name}:")), None)
     if full is None:

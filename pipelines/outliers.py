@@ -17,7 +17,7 @@ import polars as pl
 
 from catalog import Catalog, CatalogError, to_json
 from catalog.embedders import DESCRIPTOR
-from catalog.vectors import VectorStore
+from catalog.storage import open_vectors
 
 STAGE = "outliers"
 DEFAULTS: dict[str, Any] = {"k": 10, "model": None, "block": 4096}
@@ -84,7 +84,7 @@ def run(cat: Catalog, *, k: int | None = None, model: str | None = None,
     p["model"] = name
     fp = cat.read("fingerprints", columns=["image_id", "dataset_id"], required=True,
                   hint="run 'medlake fingerprint' and 'medlake embed' first").sort("image_id")
-    vs = VectorStore(cat.ws.vectors_dir)
+    vs = open_vectors(cat.ws)
     if not vs.has(name):
         raise CatalogError(f"outliers: no vectors of model '{name}' in {vs.path.name}; "
                            "run 'medlake embed' first")
