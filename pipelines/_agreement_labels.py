@@ -69,15 +69,16 @@ def rater_labels(
     name, normalised.
     """
     meta = sources.select("source_id", "value_type", "negatives")
-    keys = ann.select("source_id", pl.col("finding").alias("finding_own")).unique().join(
-        findings.select("source_id", pl.col("finding").alias("finding_own"), "shared_finding"),
-        on=["source_id", "finding_own"], how="left",
-    ).select("source_id", "finding_own",
-             pl.coalesce("shared_finding", normalised("finding_own")).alias("finding"))
+    fmap = findings.select("source_id", pl.col("finding").alias("finding_own"),
+                           pl.col("shared_finding").alias("finding")).unique(
+        subset=["source_id", "finding_own"], keep="first")
     df = ann.select(
         "source_id", "annotator", image_key(), "value", "category",
         pl.col("finding").alias("finding_own"),
-    ).join(meta, on="source_id", how="inner").join(keys, on=["source_id", "finding_own"])
+    ).join(fmap, on=["source_id", "finding_own"], how="left")
+    if df["finding"].null_count():  # findings missing from the table: own name, normalised
+        df = df.with_columns(pl.coalesce("finding", normalised("finding_own")).alias("finding"))
+    df = df.join(meta, on="source_id", how="inner")
     if df.height == 0:
         return pl.DataFrame()
     vt = pl.col("value_type")
@@ -146,12 +147,14 @@ def combine_findings(
     """
     if not combos or labels.height == 0:
         return labels, findings
-    vocab = pl.concat([
-        findings.select("source_id", "finding", pl.col("shared_finding").alias("shared")),
-        labels.select("source_id", pl.col("finding_own").alias("finding"),
-                      pl.col("finding").alias("shared")).unique(),
-    ]).unique(subset=["source_id", "shared"], keep="first", maintain_order=True)
     binary = set(labels.filter(pl.col("family") == "binary")["source_id"].unique().to_list())
+    listed = set(findings["source_id"].to_list())
+    vocab = pl.concat([  # the findings table, and label rows of sources missing from it
+        findings.select("source_id", "finding", pl.col("shared_finding").alias("shared")),
+        labels.filter(pl.col("source_id").is_in(sorted(binary - listed))).select(
+            "source_id", pl.col("finding_own").alias("finding"),
+            pl.col("finding").alias("shared")).unique(),
+    ]).unique(subset=["source_id", "shared"], keep="first", maintain_order=True)
     new_labels, new_findings = [], []
     for name, parts in combos:
         for sid in sorted(binary):

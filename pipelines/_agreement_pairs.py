@@ -59,23 +59,23 @@ def _dense(
 
 def _annotator_pairs(side: pl.DataFrame) -> pl.DataFrame:
     """Every two annotators of one source on the same (image, finding), without a self-join:
-    order rows by (finding, image, annotator) with one integer sort and pair each row with the
-    rows 1..m-1 below it."""
-    fi0, img0 = side["fi"].to_numpy(), side["img"].to_numpy()
-    r0 = side["ra"].to_numpy()
-    _, item = np.unique(img0, return_inverse=True)
-    nr = int(r0.max()) + 1 if len(r0) else 1
-    order = np.argsort((fi0 * (int(item.max(initial=0)) + 1) + item) * nr + r0, kind="stable")
-    fi, img, r = fi0[order], img0[order], r0[order]
+    one 64-bit sort (the image hash mixed with the finding) brings each (image, finding)
+    together; each row is paired with the rows 1..m-1 below it, the lower rater first."""
+    key = side["img"].to_numpy() ^ (side["fi"].to_numpy().astype(np.uint64)
+                                    * np.uint64(0x9E3779B97F4A7C15))
+    order = np.argsort(key)
+    key = key[order]
+    fi, img, r = side["fi"].to_numpy()[order], side["img"].to_numpy()[order], side["ra"].to_numpy()[order]
     c = side["ca"].fill_null(-1).to_numpy()[order]
     o = side["oa"].fill_null(-1).to_numpy()[order]
     parts = []
     for off in range(1, len(order)):
-        same = (fi[:-off] == fi[off:]) & (img[:-off] == img[off:])
+        same = key[:-off] == key[off:]
         if not same.any():
             break
-        ia = np.nonzero(same)[0]
-        ib = ia + off
+        i0 = np.nonzero(same)[0]
+        swap = r[i0] > r[i0 + off]
+        ia, ib = np.where(swap, i0 + off, i0), np.where(swap, i0, i0 + off)
         parts.append(pl.DataFrame({
             "ra": r[ia], "img": img[ia], "fi": fi[ia], "ca": c[ia], "oa": o[ia],
             "rb": r[ib], "cb": c[ib], "ob": o[ib],
@@ -87,6 +87,20 @@ def _annotator_pairs(side: pl.DataFrame) -> pl.DataFrame:
     out = pl.concat(parts)
     return out.with_columns(pl.when(pl.col(x) >= 0).then(pl.col(x)).cast(pl.Int32)
                             for x in ("ca", "cb", "oa", "ob"))
+
+
+def _pair_keys(key: np.ndarray, keys: _Keys) -> pl.DataFrame:
+    """The distinct ``key`` values of pair rows with their ``ra, rb, fi`` (decoded, not
+    de-duplicated row by row: a bincount over the key range, or a sort when it is huge)."""
+    span = keys.nr * keys.nr * keys.nf
+    if span <= 20_000_000:
+        u = np.nonzero(np.bincount(key, minlength=1))[0]
+    else:
+        u = np.unique(key)
+    fi = u % keys.nf
+    rb = (u // keys.nf) % keys.nr
+    return pl.DataFrame({"key": u.astype(np.int64), "ra": u // keys.nf // keys.nr, "rb": rb,
+                         "fi": fi})
 
 
 def source_pairs(
@@ -124,8 +138,9 @@ def source_pairs(
     out: list[pl.DataFrame] = []
     metas: list[pl.DataFrame] = []
     no_overlap: list[tuple[str, str, list[str]]] = []
-    for i, a in enumerate(ids):
-        for b in ids[i:]:
+    for i, first in enumerate(ids):
+        for second in ids[i:]:
+            a, b = first, second  # swapped below when b is positive-only (not the loop names)
             common = sorted(vocab[a] & vocab[b])
             if not common or fam[a] != fam[b] or (neg[a] == "none" and neg[b] == "none"):
                 continue
@@ -159,7 +174,7 @@ def source_pairs(
             out.append(j.select(ROW_COLS))
             fa = dict(zip(own[a]["finding"], own[a]["finding_own"]))
             fb = dict(zip(own[b]["finding"], own[b]["finding_own"]))
-            m = j.select("key", "ra", "rb", "fi").unique(subset="key")
+            m = _pair_keys(j["key"].to_numpy(), keys)
             inv_r = {v: k for k, v in keys.raters.items()}
             inv_f = {v: k for k, v in keys.findings.items()}
             ra, rb = [inv_r[x] for x in m["ra"]], [inv_r[x] for x in m["rb"]]
@@ -194,15 +209,17 @@ def multi_rater_items(
     multi = sorted(s for s, n in lab.group_by("source_id").agg(pl.col("annotator").n_unique())
                    .iter_rows() if n >= 2)
     rows, metas = [], []
-    for si, sid in enumerate(multi):
+    base = 0  # mk = base + finding index: dense over all sources
+    for sid in multi:
         r = lab.filter(pl.col("source_id") == sid)
         m = r.select("finding", "finding_own", "family").unique(subset="finding").sort("finding")
         m = m.with_columns(pl.int_range(m.height, dtype=pl.Int64).alias("fi"))
         fmap = dict(zip(m["finding"], m["fi"]))
-        rows.append(r.select((si * 100_000 + pl.col("finding").replace_strict(
+        rows.append(r.select((base + pl.col("finding").replace_strict(
             fmap, return_dtype=pl.Int64)).alias("mk"), "img", "c"))
-        metas.append(m.select((si * 100_000 + pl.col("fi")).alias("mk"),
+        metas.append(m.select((base + pl.col("fi")).alias("mk"),
                               pl.lit(sid).alias("source_id"), "finding", "finding_own", "family"))
+        base += m.height
     if not rows:
         return pl.DataFrame(), pl.DataFrame()
     return pl.concat(rows), pl.concat(metas)

@@ -15,6 +15,7 @@ from pipelines._agreement_labels import image_key
 from pipelines._agreement_pairs import PAIR_KEYS, with_subgroups
 
 KEYS = [*PAIR_KEYS, "subgroup", "subgroup_value"]
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: spreads a small id over 64 bits
 POS_ONLY = ("kappa not computed: {a} is positive-only (negatives 'none'), so a missing label "
             "means 'not judged', not negative; pos_confirmed = share of its positives that "
             "{b} also calls positive")
@@ -158,25 +159,25 @@ def multi_stats(rows: pl.DataFrame, meta: pl.DataFrame, sgmeta: pl.DataFrame) ->
     """
     if rows.height == 0:
         return pl.DataFrame()
-    mk0, sg0, img0 = rows["mk"].to_numpy(), rows["sg"].to_numpy(), rows["img"].to_numpy()
-    _, mkd = np.unique(mk0, return_inverse=True)  # one integer sort instead of three keys
-    _, item0 = np.unique(img0, return_inverse=True)
-    n_sg, n_img = int(sg0.max()) + 1, int(item0.max()) + 1
-    order = np.argsort((mkd * n_sg + sg0) * n_img + item0, kind="stable")
-    mk, sg, img = mk0[order], sg0[order], img0[order]
+    mk0, sg0 = rows["mk"].to_numpy().astype(np.int64), rows["sg"].to_numpy().astype(np.int64)
+    n_sg = int(sg0.max()) + 1
+    gfull = mk0 * n_sg + sg0  # mk is dense (0..M-1), so this stays small
+    present = np.bincount(gfull) > 0
+    ug = np.nonzero(present)[0]
+    # one 64-bit sort brings each (group, image) together: the image hash mixed with the group
+    ikey = rows["img"].to_numpy() ^ (gfull.astype(np.uint64) * _MIX)
+    order = np.argsort(ikey)
+    ikey = ikey[order]
+    row_gid = (np.cumsum(present) - 1)[gfull[order]]
     c = rows["c"].fill_null(-1).to_numpy()[order]
-    new_g = np.ones(len(mk), bool)
-    new_g[1:] = (mk[1:] != mk[:-1]) | (sg[1:] != sg[:-1])
-    new_i = new_g.copy()
-    new_i[1:] |= img[1:] != img[:-1]
-    row_gid = np.cumsum(new_g) - 1
+    new_i = np.ones(len(ikey), bool)
+    new_i[1:] = ikey[1:] != ikey[:-1]
     row_item = np.cumsum(new_i) - 1
     n_it = int(row_item[-1]) + 1
-    starts = np.nonzero(new_g)[0]
-    g = pl.DataFrame({"mk": mk[starts], "sg": sg[starts]})
+    g = pl.DataFrame({"mk": ug // n_sg, "sg": ug % n_sg})
     fam_of = dict(zip(meta["mk"], meta["family"]))
     m_item = np.bincount(row_item, minlength=n_it)
-    item_gid = row_gid[np.nonzero(new_i)[0]]
+    item_gid = row_gid[new_i]
     raters = pl.DataFrame({"gid": item_gid, "m": m_item}).group_by("gid").agg(
         pl.col("m").max().alias("n_raters"), pl.col("m").min().alias("_min")).sort("gid")
     ok = c >= 0

@@ -157,6 +157,22 @@ def compute(
     return pl.from_arrow(conform("agreement", out)), dtabs  # type: ignore[return-value]
 
 
+def _read(
+    catalog: Catalog, table: str, column: str, values: list[str], columns: list[str] | None = None,
+) -> pl.DataFrame:
+    """Rows of ``table`` whose ``column`` is in ``values``: one Polars scan of its Parquet
+    files with the filter and the columns pushed down (several times cheaper than a DuckDB
+    round trip to Arrow for the 675k VinDr reader rows)."""
+    files = catalog.tables.files(table)
+    if not files or not values:
+        empty = pl.from_arrow(spec(table).schema.empty_table())
+        assert isinstance(empty, pl.DataFrame)
+        return empty.select(columns) if columns else empty
+    lf = pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore")
+    lf = lf.filter(pl.col(column).is_in(values))
+    return (lf.select(columns) if columns else lf).collect()
+
+
 def run(
     catalog: Catalog, dataset_id: str | None = None, *, plot: Path | str | None = None,
     echo: Callable[[str], None] = log.info, **overrides: Any,
@@ -197,23 +213,20 @@ def run(
             raise CatalogError(
                 f"dataset '{ds}' has no label sources in this workspace (known: "
                 f"{', '.join(known) or 'none'}); ingest it first with 'medlake ingest'")
-    ids = tables["sources"].filter(pl.col("dataset_id").is_in(todo))["source_id"].to_list()
-    in_ids = "source_id IN (" + ", ".join("'" + i.replace("'", "''") + "'" for i in ids) + ")"
-    where = in_ids if ids else "false"
-    tables["annotations"] = catalog.read("annotations", where=where, columns=ANN_COLS)
-    tables["coverage"] = catalog.read("coverage", where=where)
-    in_ds = "dataset_id IN (" + ", ".join("'" + d.replace("'", "''") + "'" for d in todo) + ")"
-    img_cols = {"image_id", "dataset_id", "age", *cfg["subgroups"]} & set(spec("images").schema.names)
-    tables["images"] = catalog.read("images", where=in_ds, columns=sorted(img_cols))
     # derived sources are this stage's own output: recompute them, never read them back
-    old = tables["sources"].filter(pl.col("kind") == "derived")["source_id"].implode()
-    for n in ("sources", "annotations", "findings", "coverage"):
-        tables[n] = tables[n].filter(~pl.col("source_id").is_in(old))
+    derived_ids = tables["sources"].filter(pl.col("kind") == "derived")["source_id"].implode()
+    for n in ("sources", "findings"):
+        tables[n] = tables[n].filter(~pl.col("source_id").is_in(derived_ids))
+    img_cols = {"image_id", "dataset_id", "age", *cfg["subgroups"]} & set(spec("images").schema.names)
     rows: dict[str, int] = {}
     derived: list[str] = []
     frames = []
     for i, ds in enumerate(todo, 1):
         t = time.perf_counter()
+        ids = tables["sources"].filter(pl.col("dataset_id") == ds)["source_id"].to_list()
+        tables["annotations"] = _read(catalog, "annotations", "source_id", ids, ANN_COLS)
+        tables["coverage"] = _read(catalog, "coverage", "source_id", ids)
+        tables["images"] = _read(catalog, "images", "dataset_id", [ds], sorted(img_cols))
         agr, dtabs = compute(tables, ds, cfg)
         with catalog.transaction() as tx:
             tx.write("agreement", agr, stage=STAGE, partition=ds)

@@ -8,6 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from polars.testing import assert_frame_equal
 from sklearn.metrics import cohen_kappa_score
 from statsmodels.stats.inter_rater import cohens_kappa as sm_kappa
 from statsmodels.stats.proportion import proportion_confint
@@ -300,3 +301,127 @@ def test_dataset_with_only_category_sources_gives_empty_table(catalog):
                  stage="ingest", partition="c")
     stage.run(catalog, "c")
     assert catalog.read("agreement").height == 0
+
+
+def _add_sources(cat: Catalog, partition: str, sources, annotations, findings, coverage=None):
+    """Extra label sources for the toy dataset, in their own ingest partition."""
+    with cat.transaction() as tx:
+        tx.write("sources", sources, stage="ingest", partition=partition)
+        tx.write("annotations", pl.DataFrame(annotations), stage="ingest", partition=partition)
+        tx.write("findings", findings, stage="ingest", partition=partition)
+        if coverage is not None:
+            tx.write("coverage", pl.DataFrame(coverage), stage="ingest", partition=partition)
+
+
+def test_combined_finding_is_the_or_of_its_parts(toy):
+    """A source labelling 'f1 or f2' once is compared with the OR of the others' f1 and f2."""
+    cat, t = toy
+    rng = np.random.default_rng(3)
+    union = np.maximum(t["a"][:, 0], t["a"][:, 1])
+    g = np.where(rng.random(N) < 0.9, union, 1 - union)
+    img = [f"toy:{i:04d}" for i in range(N)]
+    _add_sources(cat, "toy--g", [_src("toy:G")],
+                 {"image_id": img, "source_id": ["toy:G"] * N, "annotator": [""] * N,
+                  "finding": ["f1 or f2"] * N, "value": g},
+                 [{"source_id": "toy:G", "finding": "f1 or f2", "shared_finding": "f1_or_f2",
+                   "value_type": "binary"}])
+    agreement.run(cat, "toy", combined=[{"finding": "f1_or_f2", "of": ["f1", "f2"]}])
+    df = cat.read("agreement")
+    r = _row(df, "toy:A", "toy:G", "f1_or_f2")
+    assert r["finding_a"] == "f1 OR f2" and r["finding_b"] == "f1 or f2"
+    assert r["n_shared"] == N and r["kappa"] == pytest.approx(cohen_kappa_score(union, g))
+    # the implicit source C: OR over its covered images (a missing part is negative)
+    cov = t["cov_c"]
+    c_union = np.maximum(t["c"][cov, 0], t["c"][cov, 1])
+    rc = _row(df, "toy:C", "toy:G", "f1_or_f2")
+    assert rc["n_shared"] == cov.sum() and rc["pos_a"] == c_union.sum()
+    assert rc["kappa"] == pytest.approx(cohen_kappa_score(c_union, g[cov]))
+    # a source that has the combined finding itself is not given a second one
+    assert df.filter((pl.col("source_a") == "toy:G") & (pl.col("source_b") == "toy:G")).height == 0
+    with pytest.raises(CatalogError, match="agreement.combined"):
+        agreement.run(cat, "toy", combined=[{"finding": "x", "of": ["f1"]}])
+
+
+def test_weighted_kappa_intervals_match_statsmodels(toy):
+    cat, t = toy
+    agreement.run(cat, "toy")
+    r = _row(cat.read("agreement"), "toy:S1", "toy:S2", "skin_type")
+    ok = ~np.isnan(t["s1"])
+    s1, s2 = t["s1"][ok].astype(int), t["s2"][ok].astype(int)
+    table = np.array([[np.sum((s1 == i) & (s2 == j)) for j in range(1, 7)] for i in range(1, 7)])
+    for w in ("linear", "quadratic"):
+        sm = sm_kappa(table, wt=w)
+        assert r[f"kappa_{w}"] == pytest.approx(sm.kappa)
+        assert (r[f"kappa_{w}_lo"], r[f"kappa_{w}_hi"]) == pytest.approx(
+            (sm.kappa_low, sm.kappa_upp))
+
+
+def test_category_sources_multiclass_kappa_and_confusions(toy):
+    """Clinic vs histopathology diagnoses: unweighted multi-class kappa as scikit-learn."""
+    cat, _ = toy
+    rng = np.random.default_rng(5)
+    dx = np.array(["melanoma", "nevus", "bcc", "akiec"])
+    clinic = rng.choice(dx, N, p=[0.2, 0.5, 0.2, 0.1]).astype(object)
+    histo = np.where(rng.random(N) < 0.75, clinic, rng.choice(dx, N))
+    histo[:10] = "nevus"
+    clinic[:10] = "melanoma"  # the most frequent confusion: melanoma -> nevus
+    clinic[10] = None  # not judged: excluded and counted
+    img = [f"toy:{i:04d}" for i in range(N)]
+    ann = {"image_id": img * 2, "source_id": ["toy:clinic"] * N + ["toy:histo"] * N,
+           "annotator": [""] * (2 * N), "finding": ["dx"] * (2 * N),
+           "category": list(clinic) + list(histo)}
+    _add_sources(cat, "toy--dx", [_src("toy:clinic", value_type="category"),
+                                  _src("toy:histo", value_type="category")], ann,
+                 [{"source_id": s, "finding": "dx", "shared_finding": "diagnosis",
+                   "value_type": "category"} for s in ("toy:clinic", "toy:histo")])
+    agreement.run(cat, "toy")
+    r = _row(cat.read("agreement"), "toy:clinic", "toy:histo", "diagnosis")
+    ok = np.array([c is not None for c in clinic])
+    assert r["value_type"] == "category" and r["n_shared"] == ok.sum()
+    assert r["n_excluded_a"] == 1
+    assert r["kappa"] == pytest.approx(cohen_kappa_score(clinic[ok], histo[ok]))
+    assert r["observed"] == pytest.approx(np.mean(clinic[ok] == histo[ok]))
+    pairs = {}
+    for a, b in zip(clinic[ok], histo[ok]):
+        if a != b:
+            pairs[(a, b)] = pairs.get((a, b), 0) + 1
+    (top_a, top_b), n = max(pairs.items(), key=lambda kv: kv[1])
+    assert r["confusion"].startswith(f"{top_a} -> {top_b}: {n}")
+    assert r["kappa_linear"] is None  # categories have no order: no weighted kappa
+
+
+def test_implicit_storage_of_several_readers_gives_identical_figures(catalog):
+    """Readers stored dense (explicit) or as positives + coverage (implicit) agree exactly."""
+    rng = np.random.default_rng(11)
+    n, readers, finds = 120, ["r1", "r2", "r3"], ["x", "y"]
+    truth = rng.random((n, 2)) < 0.3
+    labels = {r: np.where(rng.random((n, 2)) < 0.85, truth, ~truth) for r in readers}
+    results = {}
+    for ds, neg in (("d", "explicit"), ("i", "implicit")):
+        img = [f"{ds}:{k}" for k in range(n)]
+        rows = [(img[k], f"{ds}:rad", r, f, float(labels[r][k, j]))
+                for k in range(n) for r in readers for j, f in enumerate(finds)
+                if neg == "explicit" or labels[r][k, j] or (j == 0 and not labels[r][k].any())]
+        ann = pl.DataFrame(rows, schema=["image_id", "source_id", "annotator", "finding", "value"],
+                           orient="row")
+        if neg == "implicit":  # a reader with no positive on an image keeps one negative row
+            ann = ann.with_columns(pl.col("value").cast(pl.Float64))
+        with catalog.transaction() as tx:
+            tx.write("datasets", [{"dataset_id": ds}], stage="ingest", partition=ds)
+            tx.write("images", pl.DataFrame({"image_id": img, "dataset_id": ds}),
+                     stage="ingest", partition=ds)
+            tx.write("sources", [{"source_id": f"{ds}:rad", "dataset_id": ds, "kind": "expert",
+                                  "value_type": "binary", "negatives": neg}],
+                     stage="ingest", partition=ds)
+            tx.write("annotations", ann, stage="ingest", partition=ds)
+            tx.write("findings", [{"source_id": f"{ds}:rad", "finding": f, "shared_finding": f,
+                                   "value_type": "binary"} for f in finds],
+                     stage="ingest", partition=ds)
+            tx.write("coverage", pl.DataFrame({"image_id": img, "source_id": f"{ds}:rad"}),
+                     stage="ingest", partition=ds)
+        agreement.run(catalog, ds, subgroups=[])
+        results[ds] = catalog.read("agreement").filter(pl.col("dataset_id") == ds).sort(
+            "kind", "finding", "annotator_a", "annotator_b")
+    cols = ["kind", "finding", "annotator_a", "annotator_b", "n_shared", "kappa", "fleiss", "alpha"]
+    assert results["d"].height == 2 * 3 + 2  # 3 reader pairs and the 3 readers, per finding
+    assert_frame_equal(results["d"].select(cols), results["i"].select(cols), rel_tol=1e-12)

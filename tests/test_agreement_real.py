@@ -199,3 +199,79 @@ def test_profile_summary_and_discrepancies(lake):
     r = _row(df, "nih-cxr14:google2019_expert", "nih-cxr14:report_nlp", "pneumothorax")
     # every image where the two disagree is a discrepancy
     assert d["n"][0] >= round(r["n_shared"] * (1 - r["observed"]))
+
+
+def test_nih_nodule_or_mass_is_the_or_of_nodule_and_mass(lake, shared_data):
+    """Google's single "Nodule or mass" label against NIH's Nodule OR Mass report labels
+    (params.yaml agreement.combined), recomputed with pandas and scikit-learn."""
+    _, df, _ = lake
+    g = pd.read_csv(shared_data / FILES["google2019"])
+    n = pd.read_csv(shared_data / FILES["nih-cxr14"], usecols=["Image Index", "Finding Labels"])
+    m = g.merge(n, on="Image Index", suffixes=("_g", ""))
+    expert = (m["Nodule or mass"] == "YES").astype(int)
+    labels = m["Finding Labels"].str.split("|")
+    report = labels.apply(lambda x: "Nodule" in x or "Mass" in x).astype(int)
+    r = _row(df, "nih-cxr14:google2019_expert", "nih-cxr14:report_nlp", "nodule_or_mass")
+    assert r["finding_a"] == "Nodule or mass" and r["finding_b"] == "Nodule OR Mass"
+    assert r["n_shared"] == 4376 and (r["pos_a"], r["pos_b"]) == (expert.sum(), report.sum())
+    assert r["kappa"] == pytest.approx(cohen_kappa_score(expert, report))
+    sm = sm_kappa(pd.crosstab(expert, report).to_numpy())
+    assert (r["kappa_lo"], r["kappa_hi"]) == pytest.approx((sm.kappa_low, sm.kappa_upp))
+    tp = int(((expert == 1) & (report == 1)).sum())
+    assert r["ppv"] == pytest.approx(tp / report.sum())
+
+
+def test_fitzpatrick_weighted_kappa_intervals_match_statsmodels(lake, shared_data):
+    _, df, _ = lake
+    f = pd.read_csv(shared_data / FILES["fitzpatrick17k"])
+    ok = (f.fitzpatrick_scale > 0) & (f.fitzpatrick_centaur > 0)
+    table = pd.crosstab(f.fitzpatrick_centaur[ok], f.fitzpatrick_scale[ok]).reindex(
+        index=range(1, 7), columns=range(1, 7), fill_value=0).to_numpy()
+    r = _row(df, "fitzpatrick17k:fitzpatrick_centaur", "fitzpatrick17k:fitzpatrick_scale",
+             "skin_type")
+    for w in ("linear", "quadratic"):
+        sm = sm_kappa(table, wt=w)
+        assert r[f"kappa_{w}"] == pytest.approx(sm.kappa)
+        assert (r[f"kappa_{w}_lo"], r[f"kappa_{w}_hi"]) == pytest.approx(
+            (sm.kappa_low, sm.kappa_upp))
+        assert r[f"kappa_{w}_lo"] < r[f"kappa_{w}"] < r[f"kappa_{w}_hi"]
+
+
+def test_fitzpatrick_diagnosis_releases_compared_as_categories(lake, shared_data):
+    """The 2022 and 2021 releases' diagnosis labels: multi-class kappa vs scikit-learn."""
+    _, df, _ = lake
+    a = pd.read_csv(shared_data / FILES["fitzpatrick17k"])
+    b = pd.read_csv(shared_data / FILES["fitzpatrick17k-2021"])
+    m = a.merge(b, on="md5hash", suffixes=("", "_21"))
+    cat = df.filter((pl.col("value_type") == "category") & (pl.col("subgroup") == ""))
+    assert cat.height >= 3
+    for own in ("label", "nine_partition_label", "three_partition_label"):
+        r = cat.filter(pl.col("finding_a") == own).row(0, named=True)
+        ok = m[own].notna() & m[f"{own}_21"].notna()
+        assert r["n_shared"] == ok.sum()
+        assert r["observed"] == pytest.approx(float((m[own][ok] == m[f"{own}_21"][ok]).mean()))
+        assert r["kappa"] == pytest.approx(cohen_kappa_score(m[own][ok], m[f"{own}_21"][ok]))
+        assert r["confusion"] is None  # the releases agree on every image
+
+
+def test_physician_vs_rnn_prevalence_per_view(lake, shared_data):
+    _, df, _ = lake
+    pad = pd.read_csv(shared_data / FILES["padchest"],
+                      usecols=["ImageID", "Labels", "MethodLabel", "Projection"])
+    pad = pad.drop_duplicates("ImageID")
+    rows = df.filter((pl.col("kind") == "prevalence") & (pl.col("finding") == "pneumothorax")
+                     & (pl.col("source_a") == "padchest:physician")
+                     & (pl.col("subgroup") == "view"))
+    assert rows.height >= 2
+    for r in rows.iter_rows(named=True):
+        sub = pad[pad.Projection == r["subgroup_value"]]
+        assert r["n_subgroup"] >= r["n_a"] + r["n_b"]  # the two sources share no image
+        for side, method in (("a", "Physician"), ("b", "RNN_model")):
+            s = sub[sub.MethodLabel == method]
+            assert r[f"pos_{side}"] == int(_has(s.Labels, "pneumothorax").sum())
+            assert abs(r[f"n_{side}"] - len(s)) <= max(len(s) * 0.01, 2)
+            if r[f"n_{side}"]:
+                lo, hi = proportion_confint(r[f"pos_{side}"], r[f"n_{side}"], method="wilson")
+                assert (r[f"prev_{side}_lo"], r[f"prev_{side}_hi"]) == pytest.approx((lo, hi))
+    whole = _row(df, "padchest:physician", "padchest:rnn", "pneumothorax")
+    assert rows["pos_a"].sum() <= whole["pos_a"] and rows["n_a"].sum() <= whole["n_a"]
