@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog.errors import MissingTableError
 
@@ -80,24 +81,52 @@ class VectorStore:
 
     def search(self, model: str, vector: np.ndarray, k: int = 10) -> list[tuple[str, float]]:
         """The ``k`` nearest stored images by cosine similarity: [(image_id, similarity)]."""
+        at = self.search_many(model, np.asarray(vector, dtype=np.float32)[None, :], k)
+        return list(zip(at["image_id"].to_pylist(), at["similarity"].to_pylist(), strict=True))
+
+    def search_many(self, model: str, vectors: np.ndarray, k: int = 10, *,
+                    refine_factor: int | None = 10, nprobes: int | None = None) -> pa.Table:
+        """The ``k`` nearest stored images of each query row, in one batched LanceDB query.
+
+        Parameters
+        ----------
+        vectors : numpy.ndarray
+            (q, dim) queries.
+        refine_factor : int, optional
+            With an IVF_PQ index, re-rank ``k * refine_factor`` PQ candidates by their exact
+            distance (without it IVF_PQ loses about half the true neighbours); None: PQ only.
+        nprobes : int, optional
+            IVF partitions searched per query (LanceDB's default when None).
+
+        Returns
+        -------
+        pyarrow.Table
+            query (row of ``vectors``), image_id, similarity (1 - cosine distance).
+        """
         tbl = self.db.open_table(table_name(model))
-        q = tbl.search(np.asarray(vector, dtype=np.float32)).distance_type("cosine").limit(k)
+        q = tbl.search(np.asarray(vectors, dtype=np.float32)).distance_type("cosine").limit(k)
         if tbl.list_indices():
-            q = q.refine_factor(10)  # IVF_PQ alone loses about half the true neighbours
+            if refine_factor:
+                q = q.refine_factor(refine_factor)
+            if nprobes:
+                q = q.nprobes(nprobes)
         at = q.select(["image_id"]).to_arrow()
-        return [(i, 1.0 - float(d)) for i, d in
-                zip(at["image_id"].to_pylist(), at["_distance"].to_pylist(), strict=True)]
+        query = at["query_index"] if "query_index" in at.column_names else pa.array([0] * at.num_rows)
+        sim = pc.subtract(1.0, at["_distance"].cast(pa.float64()))
+        return pa.table({"query": query, "image_id": at["image_id"], "similarity": sim})
 
     def ensure_index(self, model: str, *, min_rows: int = INDEX_MIN_ROWS) -> bool:
         """Build an IVF_PQ cosine index once the table has ``min_rows`` rows; True if built."""
+        from lancedb.index import IvfPq
+
         tbl = self.db.open_table(table_name(model))
         n = tbl.count_rows()
         if n < min_rows or tbl.list_indices():
             return False
         dim = tbl.schema.field("vector").type.list_size
         sub = next(s for s in (16, 8, 4, 2, 1) if dim % s == 0)
-        tbl.create_index(metric="cosine", num_partitions=max(1, int(np.sqrt(n))),
-                         num_sub_vectors=sub)
+        tbl.create_index("vector", config=IvfPq(distance_type="cosine", num_sub_vectors=sub,
+                                                num_partitions=max(1, int(np.sqrt(n)))))
         return True
 
 

@@ -84,3 +84,29 @@ def test_resume_after_kill(tmp_path):
     assert res["embedded"] == n - done
     ids = vs.db.open_table(table_name("descriptor-v1")).to_arrow()["image_id"].to_pylist()
     assert len(ids) == len(set(ids)) == n
+
+
+def test_ivf_pq_index_batched_search_with_refine(tmp_path):
+    """ensure_index builds IVF_PQ once; search_many (refined) agrees with exact search."""
+    from catalog.vectors import near_pairs
+
+    rng = np.random.default_rng(5)
+    v = rng.standard_normal((1200, 32)).astype(np.float32)
+    v[600:] = v[:600] + 0.15 * rng.standard_normal((600, 32)).astype(np.float32)  # near copies
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    vs = VectorStore(tmp_path)
+    ids = [f"d:{i}" for i in range(len(v))]
+    vs.add("m", ids, ids, v)
+    assert not vs.ensure_index("m", min_rows=5000)
+    assert vs.ensure_index("m", min_rows=1000) and not vs.ensure_index("m", min_rows=1000)
+    at = vs.search_many("m", v[:600], k=2, refine_factor=10)
+    assert at.num_rows == 1200 and set(at["query"].to_pylist()) == set(range(600))
+    got = {(q, h) for q, h in zip(at["query"].to_pylist(), at["image_id"].to_pylist(), strict=True)}
+    exact = near_pairs(v, threshold=0.9)
+    want = {(int(i), f"d:{int(j)}") for i, j, _ in exact if i < 600 and j == i + 600}
+    assert len(want) > 500 and len(want & got) / len(want) >= 0.99
+    sims = dict(zip(zip(at["query"].to_pylist(), at["image_id"].to_pylist(), strict=True),
+                    at["similarity"].to_pylist(), strict=True))
+    i, j = next(iter(want))
+    assert abs(sims[(i, j)] - float(v[i] @ v[int(j[2:])])) < 1e-4
+    assert vs.search("m", v[0], k=1)[0][0] == "d:0"

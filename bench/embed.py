@@ -1,0 +1,183 @@
+"""Benchmark: the embed pipeline's images/s versus the model's forward pass alone.
+
+Builds a temporary workspace with the demo's synthetic images (``pipelines.synthetic``, both
+modalities; ingested and fingerprinted, not timed), then measures in one run, per model:
+
+- forward alone: the embedder on images decoded and preprocessed beforehand (open_clip:
+  ``OpenClipEmbedder.forward`` on the preprocessed tensors, batch by batch; descriptor: the
+  descriptor of each decoded image), images/s;
+- pipeline: ``pipelines.embed.run`` from files to LanceDB (decode + preprocess in the
+  DataLoader, model, one LanceDB commit per batch) with ``workers`` 0 and ``--workers``,
+  each in a fresh interpreter (imports warmed first) with a time limit (a DataLoader that
+  hangs is reported, not waited for); images/s of the whole ``run`` call, which includes
+  building the model (timed separately and reported).
+
+ratio = pipeline images/s / forward-alone images/s; >= 0.9 means loading is not the
+bottleneck. Runs on CUDA (mixed precision, as the embedder does there) with ``--device cuda``.
+
+    .venv/bin/python bench/embed.py [--n 300] [--device cpu|cuda] [--workers 2] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import REPO, machine, record
+
+from catalog import Catalog, Workspace
+from catalog.embedders import DESCRIPTOR, make_embedder
+from catalog.imageio import ImageReadError, load_rgb
+from pipelines.fingerprint import image_files
+
+CHILD = """
+import json, sys, time
+from pathlib import Path
+from catalog import Catalog, Workspace
+from catalog.embedders import make_embedder
+from pipelines import embed
+root, model, workers, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+import lancedb, torch, torch.utils.data  # noqa: E401,F401  imports warmed, not timed
+make_embedder(model)  # run() builds the model again (timed: build_s)
+t0 = time.perf_counter()
+make_embedder(model)
+build = time.perf_counter() - t0
+marks = []
+t0 = time.perf_counter()
+res = embed.run(Catalog(Workspace(Path(root))), model=model, workers=workers, batch_size=batch,
+                echo=lambda msg: marks.append(time.perf_counter()))
+total = time.perf_counter() - t0
+print(json.dumps({"total_s": total, "build_s": build, "embedded": res["embedded"], "unreadable": res["unreadable"],
+                  "first_batch_s": marks[0] - t0 if marks else None,
+                  "loop_s": marks[-1] - t0 if marks else None}))
+"""
+
+
+def workspace(tmp: Path, n: int) -> Catalog:
+    """Synthetic images (about ``n``), ingested and fingerprinted."""
+    from pipelines import fingerprint, ingest
+    from pipelines.synthetic import generate
+
+    root = tmp / "ws"
+    (root / ".dvc").mkdir(parents=True)
+    generate(root / "syn", n_captures=max(4, int(n / 1.5)), seed=0)
+    cat = Catalog(Workspace(root))
+    for m in ("derm", "cxr"):
+        ingest.run(cat, "generic", root / "syn" / f"{m}.yaml")
+    fingerprint.run(cat)
+    return cat
+
+
+def forward_alone(cat: Catalog, model: str, device: str, batch: int) -> dict:
+    """Images decoded and preprocessed first; then only the model is timed."""
+    import torch
+
+    t0 = time.perf_counter()
+    emb = make_embedder(model, None, device=device)
+    build_s = time.perf_counter() - t0
+    images = []
+    for f in image_files(cat)["file"].to_list():
+        try:
+            images.append(load_rgb(f))
+        except (ImageReadError, OSError):
+            continue
+    if model == DESCRIPTOR:
+        t0 = time.perf_counter()
+        for s in range(0, len(images), batch):
+            emb.embed(images[s:s + batch])
+        secs = time.perf_counter() - t0
+    else:
+        batches = [emb.tensors(images[s:s + batch]) for s in range(0, len(images), batch)]
+        emb.forward(batches[0][:2])  # warm-up (kernels, autocast caches)
+        if emb.device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for b in batches:
+            emb.forward(b)  # returns numpy: synchronises on CUDA
+        secs = time.perf_counter() - t0
+    return {"images": len(images), "secs": secs, "ips": len(images) / secs, "build_s": build_s}
+
+
+def pipeline(cat: Catalog, model: str, device: str, workers: int, batch: int,
+             timeout: int) -> dict:
+    """``embed.run`` in a fresh interpreter on an empty vector store; None fields if it hung."""
+    shutil.rmtree(cat.ws.vectors_dir, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        out = subprocess.run([sys.executable, "-c", CHILD, str(cat.ws.root), model, str(workers),
+                              str(batch)], check=False, capture_output=True, text=True, cwd=REPO,
+                             env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"workers": workers, "hung": True, "timeout_s": timeout}
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    # images/s of the whole run (files -> LanceDB), model construction included
+    res.update(workers=workers, hung=False, ips=res["embedded"] / res["total_s"])
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=300, help="about this many synthetic images")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers besides 0")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--models", default=f"ViT-B-32,{DESCRIPTOR}")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per pipeline run")
+    ap.add_argument("--record", action="store_true")
+    a = ap.parse_args()
+    if a.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    tmp = Path(tempfile.mkdtemp(prefix="medlake-bench-embed-"))
+    try:
+        cat = workspace(tmp, a.n)
+        rows = []
+        for model in a.models.split(","):
+            fwd = forward_alone(cat, model, a.device, a.batch)
+            runs = [pipeline(cat, model, a.device, w, a.batch, a.timeout)
+                    for w in sorted({0, a.workers})]
+            rows.append((model, fwd, runs))
+            print(json.dumps({"model": model, "forward": fwd, "pipeline": runs}), flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(rows, a)
+
+
+def report(rows: list, a: argparse.Namespace) -> None:
+    lines = [(f"- machine: {machine()}, device {a.device}"
+             f"{' (mixed precision)' if a.device == 'cuda' else ''}, shared with other "
+             "engineers' jobs (timings noisy); batch "
+             f"{a.batch}; synthetic images (demo generator, both modalities); open_clip with "
+             "pretrained=None (random weights)"),
+             "",
+             ("| model | images | forward alone (images/s) | pipeline workers | pipeline (images/s) "
+             "| ratio | model build (s, in pipeline time) |"),
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for model, fwd, runs in rows:
+        for r in runs:
+            if r["hung"]:
+                lines.append(f"| {model} | {fwd['images']} | {fwd['ips']:.1f} | {r['workers']} | "
+                             f"hung (killed after {r['timeout_s']} s) | - | - |")
+                continue
+            lines.append(f"| {model} | {r['embedded']} | {fwd['ips']:.1f} | {r['workers']} | "
+                         f"{r['ips']:.1f} | {r['ips'] / fwd['ips']:.2f} | {r['build_s']:.1f} |")
+    text = "\n".join(lines)
+    print(text)
+    if a.record:
+        record(f"embed throughput (bench/embed.py, issue #4, {a.device})", text)
+
+
+if __name__ == "__main__":
+    main()
