@@ -13,6 +13,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Self
 
@@ -225,6 +226,11 @@ class TableStore:
         return df
 
 
+# declared Arrow types -> Polars (built by hand: pyarrow's empty_table() imports pandas)
+_PL_TYPES: dict[pa.DataType, Any] = {
+    pa.string(): pl.String, pa.int32(): pl.Int32, pa.int64(): pl.Int64,
+    pa.float64(): pl.Float64, pa.bool_(): pl.Boolean, pa.timestamp("us", tz="UTC"): pl.Datetime("us", "UTC"),
+}
 _EQ = re.compile(r"^\s*(\w+)\s*=\s*'((?:[^']|'')*)'\s*$")
 
 
@@ -244,7 +250,9 @@ def _read_eq(
         return None
     if not pa.types.is_string(ts.schema.field(m[1]).type):
         return None
-    schema = pl.from_arrow(ts.schema.empty_table()).schema
+    schema = {f.name: _PL_TYPES.get(f.type) for f in ts.schema}
+    if None in schema.values():
+        return None
     try:
         return (
             pl.scan_parquet(files, schema=schema, missing_columns="insert",
@@ -264,6 +272,11 @@ def scan_sql(files: list[Path]) -> str:
 class Transaction:
     """Stage several partitions and publish them together.
 
+    ``write`` checks the data against the schema at once (a :class:`SchemaError` is raised
+    there) and encodes and syncs the temporary file on a background thread, so the caller
+    prepares the next table meanwhile and the files' fsyncs overlap; leaving the ``with``
+    block waits for every file, then renames them all (or, on any error, none).
+
     Example
     -------
     >>> with Transaction(store) as tx:  # doctest: +SKIP
@@ -275,14 +288,15 @@ class Transaction:
         self.store = store
         self._pending: list[tuple[Path, Path]] = []
         self._deletes: list[Path] = []
+        self._jobs: list[Future[None]] = []
 
     def write(self, table: str, data: Any, *, stage: str, partition: str = "all") -> Path:
         at = conform(table, data)
         dest = self.store.path(table, stage, partition)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-        _write(at, tmp)
         self._pending.append((tmp, dest))
+        self._jobs.append(_writer().submit(_write, at, tmp))
         return dest
 
     def delete(self, table: str, *, stage: str, partition: str) -> None:
@@ -292,11 +306,28 @@ class Transaction:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            for tmp, dest in self._pending:
-                os.replace(tmp, dest)
-            for p in self._deletes:
-                p.unlink(missing_ok=True)
-        for tmp, _ in self._pending:
-            tmp.unlink(missing_ok=True)
-        self._pending.clear()
+        try:
+            wait(self._jobs)
+            if exc_type is None:
+                for job in self._jobs:
+                    job.result()  # re-raises a failed write: nothing is renamed
+                for tmp, dest in self._pending:
+                    os.replace(tmp, dest)
+                for p in self._deletes:
+                    p.unlink(missing_ok=True)
+        finally:
+            for tmp, _ in self._pending:
+                tmp.unlink(missing_ok=True)
+            self._pending.clear()
+            self._jobs.clear()
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _writer() -> ThreadPoolExecutor:
+    """The threads that encode and fsync transaction files (Arrow releases the GIL)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="medlake-write")
+    return _POOL
