@@ -14,9 +14,12 @@ from cli.common import command, open_catalog, workspace_option
 @click.option("--batch-size", type=int, default=None, help="Images per batch (one LanceDB commit).")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
 @click.option("--limit", type=int, default=None, help="Stop after this many new images.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine; ray: a Ray Data pipeline on a cluster (medlake[scale]).")
+@click.option("--address", default=None, help="Ray head HOST:PORT (default: RAY_ADDRESS).")
 @workspace_option
 @command
-def embed(model, pretrained, batch_size, workers, limit, workspace):
+def embed(model, pretrained, batch_size, workers, limit, engine, address, workspace):
     """Embed every fingerprinted image not yet embedded with the configured model.
 
     Vectors go to lake/vectors (LanceDB), keyed by image id, sha256 and model; a re-run embeds
@@ -25,8 +28,14 @@ def embed(model, pretrained, batch_size, workers, limit, workspace):
     from pipelines import embed as stage
 
     cat = open_catalog(workspace)
-    res = stage.run(cat, model=model, pretrained=pretrained, batch_size=batch_size,
-                    workers=workers, limit=limit)
+    if engine == "ray":
+        from pipelines import ray_embed
+
+        res = ray_embed.run(cat, address=address, model=model, pretrained=pretrained,
+                            batch_size=batch_size, limit=limit)
+    else:
+        res = stage.run(cat, model=model, pretrained=pretrained, batch_size=batch_size,
+                        workers=workers, limit=limit)
     skipped = "" if res["skipped"] is None else f", {res['skipped']:,} already embedded"
     click.echo(f"embed ({res['model']}): {res['embedded']:,} embedded{skipped}, "
                f"{res['unreadable']:,} unreadable" + (", ANN index built" if res["index"] else ""))

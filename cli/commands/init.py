@@ -12,14 +12,23 @@ from cli.common import command
 @click.command("init")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=".")
 @click.option("--remote", help="DVC remote URL or folder (default: a folder beside the workspace).")
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint of an s3:// remote "
+              "(credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, never the config).")
 @command
-def init(directory, remote):
+def init(directory, remote, endpoint_url):
     """Create a medlake workspace in DIRECTORY: git + DVC, a local DVC remote, dvc.yaml,
     params.yaml, findings.yaml, data/, lake/ and recipes/. Running it again on an existing
     workspace only adds what is missing."""
     from catalog import Workspace
 
+    if endpoint_url and not (remote or "").startswith("s3://"):
+        raise click.UsageError("--endpoint-url needs --remote s3://bucket/path")
     ws = Workspace.init(directory, remote=remote)
+    if endpoint_url:
+        from catalog.storage import configure_remote_endpoint
+
+        name = configure_remote_endpoint(ws.root, endpoint_url)
+        click.echo(f"DVC remote '{name}' uses endpoint {endpoint_url}")
     click.echo(f"workspace ready at {ws.root}")
     click.echo("next: medlake ingest --list   (formats you can ingest)")
 

@@ -1,0 +1,114 @@
+"""The ``embed`` stage on Ray Data: one model per actor, vectors written through lance-ray.
+
+The images still to embed (the same :func:`pipelines.embed.todo` as the local engine: an
+(image_id, sha256) already stored for the model is skipped) become a Ray Dataset; a
+class-based ``map_batches`` step holds one embedder per actor (one GPU per actor when the
+cluster has GPUs, else one CPU) and returns an Arrow table whose ``vector`` column is a
+``fixed_size_list<float32>`` (not Ray's tensor extension type, which LanceDB cannot search).
+``lance_ray.write_lance(..., stream=True)`` appends to the workspace's LanceDB table (local
+or ``s3://``, see :mod:`catalog.storage`) and commits every ``commit_rows`` rows, so a run
+killed half way keeps its finished commits and the next run does the rest.
+
+Image files must be readable at the same path on every node (a shared file system).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from catalog import Catalog
+from catalog.embedders import make_embedder
+from catalog.storage import open_vectors, storage_options, table_uri
+from pipelines import embed as local
+from pipelines.ray_engine import cluster_cpus, cluster_gpus, connect
+
+
+class EmbedActor:
+    """Ray Data map step: holds one embedder; Arrow batches of files in, vectors out."""
+
+    def __init__(self, model: str, pretrained: str | None) -> None:
+        self.emb = make_embedder(model, pretrained)
+        self.prep = self.emb.preprocess if hasattr(self.emb, "preprocess") else local._DescriptorPrep()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids, shas = batch["image_id"].to_pylist(), batch["sha256"].to_pylist()
+        images = local._Images(batch["file"].to_pylist(), self.prep)
+        idx, stacked = local._collate([images[i] for i in range(len(images))])
+        if not idx:  # every file of the batch unreadable
+            return vector_table(self.emb.name, [], [], np.zeros((0, 1), np.float32))
+        vec = self.emb.forward(stacked) if hasattr(self.emb, "forward") else stacked
+        return vector_table(self.emb.name, [ids[i] for i in idx], [shas[i] for i in idx], vec)
+
+
+def vector_table(model: str, image_ids: list[str], sha256: list[str], vectors: np.ndarray) -> pa.Table:
+    """The LanceDB table layout (image_id, sha256, model, vector as fixed_size_list<float32>)."""
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    return pa.table({
+        "image_id": pa.array(image_ids, pa.string()), "sha256": pa.array(sha256, pa.string()),
+        "model": pa.array([model] * len(image_ids), pa.string()),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1]),
+    })
+
+
+def run(cat: Catalog, *, address: str | None = None, model: str | None = None,
+        pretrained: str | None = None, batch_size: int | None = None, limit: int | None = None,
+        actors: int | None = None, commit_rows: int = 1024, echo: Any = None) -> dict[str, Any]:
+    """Embed every fingerprinted image not embedded yet, on the Ray cluster at ``address``.
+
+    Parameters
+    ----------
+    address : str, optional
+        ``HOST:PORT`` of the Ray head (default ``RAY_ADDRESS``, else a local Ray instance).
+    model, pretrained, batch_size, limit
+        As :func:`pipelines.embed.run` (``params.yaml: embed``).
+    actors : int, optional
+        Model replicas (default: one per GPU of the cluster, else one per CPU).
+    commit_rows : int
+        Rows per LanceDB commit (the unit a killed run keeps).
+
+    Returns
+    -------
+    dict
+        As :func:`pipelines.embed.run`, plus ``engine`` = ``'ray'`` and ``actors``.
+    """
+    p = {**local.DEFAULTS, **(cat.ws.param("embed") or {})}
+    for key, val in (("model", model), ("pretrained", pretrained), ("batch_size", batch_size)):
+        if val is not None:
+            p[key] = val
+    name = make_embedder(p["model"], p["pretrained"]).name  # fails early on missing weights
+    vs = open_vectors(cat.ws)
+    total = len(cat.read("fingerprints", columns=["image_id"]))
+    df = local.todo(cat, name, vs)
+    if limit is not None:
+        df = df.head(limit)
+    out = {"model": name, "embedded": 0, "skipped": total - len(df) if limit is None else None,
+           "unreadable": 0, "index": False, "engine": "ray", "actors": 0}
+    if df.height == 0:
+        return out
+    ray = connect(address)
+    import lance_ray
+    import ray.data as rdata
+
+    ctx = rdata.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    gpus = cluster_gpus(ray)
+    n_act = actors or (gpus or cluster_cpus(ray))
+    out["actors"] = n_act
+    ds = rdata.from_arrow(df.select("image_id", "sha256", "file").to_arrow())
+    ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={"model": p["model"],
+                                                           "pretrained": p["pretrained"]},
+                        batch_size=int(p["batch_size"]), batch_format="pyarrow",
+                        concurrency=n_act, **({"num_gpus": 1} if gpus else {"num_cpus": 1}))
+    uri = table_uri(cat.ws, name)
+    lance_ray.write_lance(ds, uri, mode="append" if vs.has(name) else "create", stream=True,
+                          batch_size=commit_rows, storage_options=storage_options(uri))
+    left = local.todo(cat, name, open_vectors(cat.ws)).join(df.select("image_id"), on="image_id")
+    out["embedded"] = len(df) - len(left)
+    out["unreadable"] = len(df) - out["embedded"]
+    out["index"] = open_vectors(cat.ws).ensure_index(name)
+    if echo:
+        echo(f"embedded {out['embedded']:,} of {len(df):,} on {n_act} Ray actor(s)")
+    return out
