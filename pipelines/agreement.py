@@ -238,8 +238,11 @@ def run(
         rows[ds] = agr.height
         frames.append(agr)
         derived += dtabs["sources"]["source_id"].to_list() if "sources" in dtabs else []
+        why = "" if agr.height else (
+            f"; {len(ids)} label source, nothing to compare" if len(ids) < 2 else
+            "; no two sources share a finding of the same value type")
         echo(f"[{i}/{len(todo)}] {ds}: {agr.height:,} agreement rows "
-             f"({time.perf_counter() - t:.2f} s)")
+             f"({time.perf_counter() - t:.2f} s{why})")
     for name in ("sources", "annotations", "coverage", "findings"):
         if not catalog.tables.files(name, stage=STAGE):  # keep the DVC output folder present
             catalog.write(name, spec(name).schema.empty_table(), stage=STAGE, partition="empty")

@@ -8,6 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 from sklearn.metrics import cohen_kappa_score
 from statsmodels.stats.inter_rater import cohens_kappa as sm_kappa
@@ -425,3 +427,28 @@ def test_implicit_storage_of_several_readers_gives_identical_figures(catalog):
     cols = ["kind", "finding", "annotator_a", "annotator_b", "n_shared", "kappa", "fleiss", "alpha"]
     assert results["d"].height == 2 * 3 + 2  # 3 reader pairs and the 3 readers, per finding
     assert_frame_equal(results["d"].select(cols), results["i"].select(cols), rel_tol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 1, None]), st.sampled_from([0, 1, None])),
+                min_size=1, max_size=30))
+def test_combined_codes_are_the_or_of_the_parts(parts):
+    """Positive if any part is, negative only if every part is a usable negative."""
+    from pipelines._agreement_labels import combine_findings
+
+    n = len(parts)
+    img = pl.Series(list(range(n)) * 2, dtype=pl.UInt64)
+    c = pl.Series([p[0] for p in parts] + [p[1] for p in parts], dtype=pl.Int32)
+    labels = pl.DataFrame({
+        "source_id": "s", "annotator": "", "img": img, "finding": ["x"] * n + ["y"] * n,
+        "finding_own": ["X"] * n + ["Y"] * n, "c": c, "o": pl.Series([None] * 2 * n, dtype=pl.Int32),
+        "family": "binary", "negatives": "explicit", "value": c.cast(pl.Float64),
+        "category": pl.Series([None] * 2 * n, dtype=pl.String)})
+    fnd = pl.DataFrame({"source_id": ["s", "s"], "finding": ["X", "Y"], "shared_finding": ["x", "y"],
+                        "value_type": ["binary"] * 2})
+    out, f2 = combine_findings(labels, fnd, [("x_or_y", ["x", "y"])], {})
+    got = dict(out.filter(pl.col("finding") == "x_or_y").select("img", "c").iter_rows())
+    for i, (x, y) in enumerate(parts):
+        want = 1 if 1 in (x, y) else 0 if (x, y) == (0, 0) else None
+        assert got[i] == want
+    assert f2.filter(pl.col("shared_finding") == "x_or_y")["finding"].to_list() == ["X OR Y"]

@@ -182,3 +182,18 @@ def test_cohen_kappa_convenience_and_bad_input():
         cohen_kappa([1, 0], [1])
     with pytest.raises(ValueError, match="weights must be"):
         kappa_from_tables(np.ones((1, 2, 2)), weights="cubic")  # type: ignore[arg-type]
+
+
+def test_multiclass_category_kappa_matches_sklearn_and_statsmodels():
+    """Unweighted kappa over text categories (e.g. two sources' diagnoses)."""
+    rng = np.random.default_rng(23)
+    dx = np.array(["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"])
+    a = rng.choice(dx, 500)
+    b = np.where(rng.random(500) < 0.6, a, rng.choice(dx, 500))
+    r = cohen_kappa(a, b)
+    assert r["kappa"] == pytest.approx(cohen_kappa_score(a, b), abs=1e-12)
+    assert r["observed"] == pytest.approx(float(np.mean(a == b)))
+    table = np.array([[np.sum((a == x) & (b == y)) for y in dx] for x in dx])
+    sm = sm_kappa(table)
+    assert (r["se"], r["lo"], r["hi"]) == pytest.approx(
+        (sm.std_kappa, sm.kappa_low, sm.kappa_upp), abs=1e-12)
