@@ -55,6 +55,12 @@ def main() -> None:
         (f"embed descriptor-v1, {s['embed_images']} images (s)", f"{s['embed_ray_s']:.1f}",
          f"{s['embed_local_s']:.1f}", f"{s['embed_ray_s'] / s['embed_local_s']:.2f}"),
     ]
+    rows += [("ViT-B-32 CPU forward, batch 32, this process (images/s)",
+              f"{s['vit_b32_images_per_s_local']:.1f}", "", ""),
+             ("lake tables per image (bytes, synthetic derm)", f"{s['table_bytes_per_image']:.0f}",
+              "", ""),
+             ("LanceDB on S3 per image, descriptor-v1 (bytes)",
+              f"{s['s3_vector_bytes_per_image']:.0f}", "", "")]
     table = ["| figure | Ray 2 nodes x 1 CPU | local engine | ratio (Ray / local) |",
              "|---|---|---|---|", *[f"| {a_} | {b} | {c} | {d} |" for a_, b, c, d in rows]]
     checks = (f"pair sets equal: {s['knn_equal']} ({s['knn_pairs']:,} pairs); embed vectors max "

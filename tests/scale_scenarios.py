@@ -199,7 +199,27 @@ def bench(cl: Any, work: Path) -> dict[str, Any]:
     out["embed_images"] = emb["n_local"]
     out["embed_local_s"], out["embed_ray_s"] = emb["local_s"], emb["ray_s"]
     out["embed_max_abs_diff"] = emb["max_abs_diff"]
+    tables = sum(f.stat().st_size for f in (cat.ws.root / "lake/tables").rglob("*.parquet"))
+    out["table_bytes_per_image"] = tables / emb["n_local"]
+    out["s3_vector_bytes_per_image"] = _s3_bytes(cl, "vectors/ws") / emb["n_local"]
+    from catalog.embedders import make_embedder
+    from catalog.imageio import load_rgb
+    from pipelines.fingerprint import image_files
+
+    files = image_files(cat)["file"].to_list()[:32]
+    vit = make_embedder("ViT-B-32", None)
+    batch = vit.tensors([load_rgb(f) for f in files])
+    t = time.time()
+    vit.forward(batch)
+    out["vit_b32_images_per_s_local"] = len(files) / (time.time() - t)
     return out
+
+
+def _s3_bytes(cl: Any, prefix: str) -> int:
+    import s3fs
+    from scale_harness import KEY, SECRET
+
+    return int(s3fs.S3FileSystem(endpoint_url=cl.endpoint, key=KEY, secret=SECRET).du(prefix))
 
 
 SCENARIOS = {"test": test, "bench": bench}
