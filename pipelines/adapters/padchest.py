@@ -63,7 +63,7 @@ DATASET_ROW = {
 
 def _null_if_missing(col: str) -> pl.Expr:
     c = pl.col(col).str.strip_chars()
-    return pl.when(c.is_in(MISSING) | c.is_null()).then(None).otherwise(c)
+    return pl.when(~c.is_in(MISSING)).then(c)  # null stays null
 
 
 def parse_labels(df: pl.DataFrame) -> pl.DataFrame:
@@ -74,12 +74,12 @@ def parse_labels(df: pl.DataFrame) -> pl.DataFrame:
     dropped; repeated names are kept once.
     """
     lab = pl.col("Labels").str.strip_chars()
+    item = pl.element().str.slice(1, pl.element().str.len_chars() - 2).str.strip_chars()
     return df.with_columns(
         lab.str.contains(LIST_RE).fill_null(False).alias("_ok"),
         (lab.is_in(MISSING) | lab.is_null()).alias("_missing"),
         lab.str.extract_all(ITEM)
-        .list.eval(pl.element().str.slice(1, pl.element().str.len_chars() - 2).str.strip_chars())
-        .list.eval(pl.element().filter(pl.element() != ""))
+        .list.eval(item.filter(item != ""))
         .list.unique(maintain_order=True)
         .alias("_labels"),
     )
