@@ -22,11 +22,10 @@ ROW_COLS = ["key", "img", "ca", "cb", "oa", "ob"]
 class _Keys:
     """Integer ids of raters and findings, so pair rows carry one int64 ``key``."""
 
-    def __init__(self, labels: pl.DataFrame, extra_findings: list[str]) -> None:
-        r = labels.select("source_id", "annotator").unique().sort(["source_id", "annotator"])
-        self.raters = {k: i for i, k in enumerate(r.iter_rows())}
-        names = sorted(set(labels["finding"].unique().to_list()) | set(extra_findings))
-        self.findings = {f: i for i, f in enumerate(names)}
+    def __init__(self, annotators: dict[str, list[str]], findings: set[str]) -> None:
+        pairs = sorted((s, a) for s, anns in annotators.items() for a in anns)
+        self.raters = {k: i for i, k in enumerate(pairs)}
+        self.findings = {f: i for i, f in enumerate(sorted(findings))}
         self.nr, self.nf = len(self.raters) + 1, len(self.findings) + 1
 
     def side(self, df: pl.DataFrame, s: str, source_id: str) -> pl.DataFrame:
@@ -125,16 +124,20 @@ def source_pairs(
     by_src = {k[0]: v for k, v in labels.partition_by("source_id", as_dict=True).items()}
     fam = {s: by_src[s]["family"][0] for s in ids}
     vocab = {s: set(by_src[s]["finding"].unique().to_list()) for s in ids}
+    annotators = {s: by_src[s]["annotator"].unique().to_list() for s in ids}
     cov = {s: coverage.filter(pl.col("source_id") == s).select(image_key()) for s in ids}
     own = {}
-    for s in ids:
+    for s in ids:  # shared -> own names: the findings table, then label rows it lacks
         f = findings.filter(pl.col("source_id") == s).select(
             pl.col("shared_finding").alias("finding"), pl.col("finding").alias("finding_own"))
-        own[s] = pl.concat([f, by_src[s].select("finding", "finding_own")]).unique(
-            subset="finding", keep="first", maintain_order=True)
+        lacking = sorted(vocab[s] - set(f["finding"].to_list()))
+        if lacking:
+            f = pl.concat([f, by_src[s].filter(pl.col("finding").is_in(lacking)).select(
+                "finding", "finding_own")])
+        own[s] = f.unique(subset="finding", keep="first", maintain_order=True)
         if neg[s] == "implicit":
             vocab[s] |= set(own[s]["finding"].to_list())
-    keys = _Keys(labels, [f for s in ids for f in vocab[s]])
+    keys = _Keys(annotators, {f for s in ids for f in vocab[s]})
     out: list[pl.DataFrame] = []
     metas: list[pl.DataFrame] = []
     no_overlap: list[tuple[str, str, list[str]]] = []
@@ -146,7 +149,7 @@ def source_pairs(
                 continue
             la = by_src[a].filter(pl.col("finding").is_in(common))
             lb = by_src[b].filter(pl.col("finding").is_in(common))
-            if a == b and (la["annotator"].n_unique() < 2 or neg[a] != "explicit"):
+            if a == b and (len(annotators[a]) < 2 or neg[a] != "explicit"):
                 continue
             if a != b and neg[a] == "implicit" and neg[b] == "implicit":
                 both = cov[a].join(cov[b], on="img", how="semi")

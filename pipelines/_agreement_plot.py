@@ -22,9 +22,13 @@ def plot_agreement(df: pl.DataFrame, out: Path, *, max_findings: int = 6) -> Pat
     import matplotlib.pyplot as plt
 
     base = df.filter((pl.col("subgroup") == "") & pl.col("kind").is_in(["pair", "annotators"]))
-    counts = base.group_by("finding").agg(pl.len().alias("n"), pl.col("n_shared").sum())
-    top = counts.filter(pl.col("n") >= 1).sort(["n", "n_shared"], descending=True).head(max_findings)
-    findings = top["finding"].to_list()
+    # one heatmap per (dataset, finding): raters of different datasets never share an image
+    counts = base.group_by("dataset_id", "finding").agg(pl.len().alias("n"), pl.col("n_shared").sum())
+    top = (counts.sort(["n", "n_shared", "dataset_id", "finding"], descending=[True, True, False, False])
+           .with_columns(pl.int_range(pl.len()).over("dataset_id").alias("rank"))  # each dataset first
+           .sort(["rank", "n", "n_shared", "dataset_id", "finding"],
+                 descending=[False, True, True, False, False]).head(max_findings))
+    findings = list(top.select("dataset_id", "finding").iter_rows())
     forest = df.filter(pl.col("subgroup") == "").with_columns(
         pl.coalesce("ppv", "pos_confirmed").alias("p"),
         pl.coalesce("ppv_lo", "pos_confirmed_lo").alias("lo"),
@@ -33,9 +37,9 @@ def plot_agreement(df: pl.DataFrame, out: Path, *, max_findings: int = 6) -> Pat
     ncol = max(1, min(3, len(findings)))
     nrow = (len(findings) + ncol - 1) // ncol + 1
     fig = plt.figure(figsize=(6 * ncol, 5 * nrow))
-    for i, f in enumerate(findings):
+    for i, (ds, f) in enumerate(findings):
         ax = fig.add_subplot(nrow, ncol, i + 1)
-        sub = base.filter(pl.col("finding") == f)
+        sub = base.filter((pl.col("finding") == f) & (pl.col("dataset_id") == ds))
         names = sorted({_rater(s, a) for s, a in zip(sub["source_a"], sub["annotator_a"])}
                        | {_rater(s, a) for s, a in zip(sub["source_b"], sub["annotator_b"])})[:12]
         idx = {n: j for j, n in enumerate(names)}
@@ -51,7 +55,7 @@ def plot_agreement(df: pl.DataFrame, out: Path, *, max_findings: int = 6) -> Pat
         im = ax.imshow(grid, vmin=-1, vmax=1, cmap="RdYlGn")
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_title(f"kappa: {f}", fontsize=9)
+        ax.set_title(f"kappa: {f} ({ds})", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.7)
     ax = fig.add_subplot(nrow, 1, nrow)
     if forest.height:
