@@ -46,12 +46,17 @@ def test_catalog_page(ws, monkeypatch):
     assert "2 versions" in texts(at)
     at.selectbox(key="version").set_value(sample.FIXED_VERSION).run()
     assert "Parent: demo-cxr@official" in texts(at)  # the datasheet
+    assert len(at.dataframe) == 2  # closed tabs (lineage, diff) are not run
+    at.session_state["version-tab"] = "Lineage"
+    at.run()
     lin = at.dataframe[2].value
     assert len(lin) == 60
     at.multiselect(key="lin-action").set_value(["removed"]).run()
     removed = at.dataframe[2].value
     assert len(removed) == len(range(0, 60, 17)) and set(removed["action"]) == {"removed"}
     counts, _ = data.diff(Catalog.open(ws), sample.ROOT_VERSION, sample.FIXED_VERSION)
+    at.session_state["version-tab"] = "Diff"
+    at.run()
     assert f"{counts['removed']:,} removed" in texts(at) and counts["removed"] == 4
 
 
@@ -203,6 +208,8 @@ def test_version_graph_click_opens_the_version(ws, monkeypatch):
     assert not at.exception
     assert at.selectbox(key="version").value == sample.FIXED_VERSION
     assert "Parent: demo-cxr@official" in texts(at)
+    at.session_state["version-tab"] = "Diff"
+    at.run()
     assert at.selectbox(key="diff-other").value == sample.ROOT_VERSION  # diff against parent
     nodes, edges = data.version_graph(data.versions(Catalog.open(ws)))
     assert nodes["n_images"].to_list() == [56, 60]
@@ -287,3 +294,39 @@ def test_demo_ui_step_prints_a_working_url(tmp_path):
             os.killpg(proc.pid, signal.SIGTERM)  # the group this test started
             proc.wait(20)
     assert proc.returncode is not None
+
+
+def test_warm_up_renders_every_page_outside_a_session(tmp_path):
+    """ui.warm.run_pages in a thread without a session: every page runs, thumbnails land on
+    disk, and the pages' queries are cached (a cached answer survives its file's removal)."""
+    import threading
+
+    from ui import cache, warm
+    from ui.views import pages
+
+    root = sample.build(tmp_path / "ws", n_images=30, n_pairs=8).root
+    cat = Catalog.open(root)
+    result: dict = {}
+    th = threading.Thread(target=lambda: result.update(warm.run_pages(str(root), pages())))
+    th.start()
+    th.join(120)
+    assert set(result) == set(pages())
+    assert all(isinstance(v, float) for v in result.values()), result
+    assert len(list(cache.cache_dir(cat).rglob("*.png"))) >= 12  # thumbnails and blends
+    # the outliers page's count query was answered during the warm-up: hide the table's file
+    # (keeping the folders' mtimes, i.e. the lake's signature) and the cached answer remains
+    sql = 'SELECT count(*) AS n FROM "outliers" WHERE true'
+    files = list((cat.ws.tables_dir / "outliers").rglob("*.parquet"))
+    folders = {d: d.stat().st_mtime_ns for d in {f.parent for f in files}}
+    for f in files:
+        f.rename(f.with_suffix(".hidden"))
+    for d, m in folders.items():
+        os.utime(d, ns=(m, m))
+    assert data.q(cat, sql)["n"][0] == 30
+    assert not warm.refresh(cat, pages())  # this process was never primed: no thread started
+
+
+def test_prime_without_a_server_is_harmless():
+    from ui import warm
+
+    assert warm.prime("http://127.0.0.1:9", timeout_s=5) is False

@@ -59,14 +59,18 @@ def start_ui(root: Path, port: int, log: Path) -> subprocess.Popen:
     proc = subprocess.Popen([str(medlake), "ui", str(root), "--port", str(port)], env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/_stcore/health"
-    for _ in range(300):
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"medlake ui exited: {log.read_text()[-2000:]}")
         try:
-            if urllib.request.urlopen(url, timeout=1).read() == b"ok":
-                return proc
+            healthy = urllib.request.urlopen(url, timeout=1).read() == b"ok"
         except OSError:
-            time.sleep(0.2)
+            healthy = False
+        # medlake ui prints its URL once the server answers and every page was warmed
+        if healthy and "medlake UI for" in log.read_text():
+            return proc
+        time.sleep(0.2)
     stop(proc)
     raise RuntimeError(f"medlake ui did not answer on {url}: {log.read_text()[-2000:]}")
 
@@ -121,6 +125,23 @@ def test_server_binds_localhost_only(server):
         with socket.socket() as s:
             s.settimeout(1)
             assert s.connect_ex((addr, port)) != 0, f"UI reachable on {addr}"
+
+
+
+def test_server_start_warms_every_page(server):
+    """medlake ui printed its URL only after every page ran once in the server."""
+    import re
+
+    from ui import cache
+
+    _, root, _ = server
+    log = (root.parent / "server.log").read_text()
+    assert log.index("warmed ") < log.index("medlake UI for")
+    timings = re.search(r"warmed .*?: (\{.*\})", log)
+    assert timings, log[-2000:]
+    per_page = dict(re.findall(r"'(\w+)': ([0-9.]+)", timings.group(1)))
+    assert set(per_page) == set(PAGES), timings.group(1)  # a failed page logs its error text
+    assert list(cache.cache_dir(Catalog.open(root)).rglob("*.png"))  # thumbnails rendered
 
 
 @pytest.mark.parametrize("page_name", list(PAGES))

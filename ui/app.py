@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import streamlit as st
@@ -17,21 +18,11 @@ if __package__ in (None, ""):  # `streamlit run ui/app.py` runs this file as a s
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from catalog import Catalog, CatalogError
-from ui.views import (
-    catalog_page,
-    discrepancies,
-    duplicates,
-    leakage,
-    outliers,
-    review,
-    sql_page,
-)
+from ui import warm
+from ui.views import pages
 from ui.views.common import reviewer
 
-PAGES = {
-    "catalog": catalog_page, "duplicates": duplicates, "discrepancies": discrepancies,
-    "leakage": leakage, "outliers": outliers, "review": review, "sql": sql_page,
-}
+PAGES = pages()
 
 
 def workspace_arg(argv: list[str]) -> str | None:
@@ -48,6 +39,11 @@ def main() -> None:
     except CatalogError as e:
         st.error(str(e))
         return
+    if st.query_params.get("warm") == "1":  # `medlake ui` asks for this once (ui.warm.prime)
+        done = warm.warm_now(cat, PAGES)
+        st.write("warm" if done else "warm-up still running")
+        return
+    warm.refresh(cat, PAGES)  # a stage changed the lake: warm every page again, in the background
     names = list(PAGES)
     current = st.query_params.get("page", "catalog")
     if current not in PAGES:
@@ -62,7 +58,10 @@ def main() -> None:
         st.text_input("reviewer", key="reviewer", help="your name, stored with each verdict")
     if choice != st.query_params.get("page"):
         st.query_params["page"] = choice
+    t = time.perf_counter()
     PAGES[choice].render(cat)
+    if os.environ.get("MEDLAKE_UI_TIMING"):  # bench/ui.py: server-side time per page run
+        warm.log.info("page %s ran in %.3f s", choice, time.perf_counter() - t)
 
 
 main()

@@ -55,6 +55,10 @@ def serve(root: Path, *, port: int = 8501, host: str = "127.0.0.1",
                 return proc.returncode
             click.echo(f"warning: the UI did not answer on {health} within {wait_s:.0f} s",
                        err=True)
+        if proc.poll() is None:  # run every page once so first visits find warm caches
+            from ui.warm import prime
+
+            prime(url)
         click.echo(f"medlake UI for {root}: {url}  (Ctrl+C stops it)")
         return proc.wait()
     except KeyboardInterrupt:

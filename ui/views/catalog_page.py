@@ -48,28 +48,41 @@ def render(cat: Catalog) -> None:
     if not name:
         return
     row = vs.filter(vs["name"] == name).row(0, named=True)
-    tab_sheet, tab_lin, tab_diff = st.tabs(["Datasheet", "Lineage", "Diff"])
-    with tab_sheet:
-        sheet = data.datasheet(cat, name)
-        if sheet:
-            st.markdown(sheet)
-        else:
-            st.info(f"no DATASHEET.md for {name} (roots have none; `medlake materialize "
-                    "RECIPE` writes one per corrected version)")
-    with tab_lin:
-        _lineage(cat, name)
-    with tab_diff:
-        others = [n for n in names if n != name]
-        if not others:
-            st.info("only one version: nothing to compare with")
-        else:
-            parent = row.get("parent")
-            idx = others.index(parent) if parent in others else 0
-            other = st.selectbox("compare with", others, index=idx, key="diff-other")
-            counts, changes = data.diff(cat, other, name)
-            st.write(f"from **{other}** to **{name}**: " + ", ".join(
-                f"{v:,} {k}" for k, v in counts.items()))
-            st.dataframe(changes.head(1000), hide_index=True, key="diff-table")
+    # only the open tab runs and is sent (a tab switch reruns); outside a session (the
+    # warm-up) ``open`` is None and every tab runs, so each tab's queries are cached
+    tab_sheet, tab_lin, tab_diff = st.tabs(["Datasheet", "Lineage", "Diff"], key="version-tab",
+                                           on_change="rerun")
+    if tab_sheet.open is not False:
+        with tab_sheet:
+            _datasheet(cat, name)
+    if tab_lin.open is not False:
+        with tab_lin:
+            _lineage(cat, name)
+    if tab_diff.open is not False:
+        with tab_diff:
+            _diff(cat, name, names, row.get("parent"))
+
+
+def _datasheet(cat: Catalog, name: str) -> None:
+    sheet = data.datasheet(cat, name)
+    if sheet:
+        st.markdown(sheet)
+    else:
+        st.info(f"no DATASHEET.md for {name} (roots have none; `medlake materialize "
+                "RECIPE` writes one per corrected version)")
+
+
+def _diff(cat: Catalog, name: str, names: list[str], parent: str | None) -> None:
+    others = [n for n in names if n != name]
+    if not others:
+        st.info("only one version: nothing to compare with")
+        return
+    idx = others.index(parent) if parent in others else 0
+    other = st.selectbox("compare with", others, index=idx, key="diff-other")
+    counts, changes = data.diff(cat, other, name)
+    st.write(f"from **{other}** to **{name}**: " + ", ".join(
+        f"{v:,} {k}" for k, v in counts.items()))
+    st.dataframe(changes.head(1000), hide_index=True, key="diff-table")
 
 
 def _lineage(cat: Catalog, name: str) -> None:
