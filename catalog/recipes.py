@@ -9,9 +9,12 @@ A recipe lives in ``recipes/NAME.yaml`` of a workspace::
     duplicates:                          # duplicate evidence besides the clusters table
       clusters: true
       pairs: ["real:derm_corrected/ham10000_newly_discovered_duplicates.csv"]
+      exclude_verdict: different         # pairs reviewers judged different are cut
     rules:                               # applied in order
+      - drop_quality: [dark, blurry]     # fingerprint quality flags
+      - relabel_from_reviews: {action: drop}
       - fix_leakage: {to: train}
-    export: {images: true, sizes: [28, 64], npz: dx}
+    export: {images: true, sizes: [28, 64], npz: dx, pack: shards}
 
 Paths are relative to the workspace, or to the real-data folder when they start with
 ``real:``. Every problem is reported as a :class:`RecipeError` naming the file, the key and

@@ -201,6 +201,8 @@ def apply_rules(catalog: Catalog, recipe: Recipe) -> dict[str, Any]:
                             use_clusters=recipe.use_clusters, q=q)
     links, lineage = exclude_pairs(catalog, recipe.dataset, links, recipe.exclude_verdicts,
                                    use_clusters=recipe.use_clusters)
+    ids = set(df["image_id"].to_list())
+    lineage = [r for r in lineage if r["image_id"] in ids]  # only the parent's images
     ctx = Context(catalog, recipe, links, q, files,
                   load_label=lambda s: load_label(catalog, recipe.dataset, s))
     df = df.with_columns(pl.lit(False).alias("removed"))
