@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import altair as alt
+import polars as pl
 import streamlit as st
 
 from catalog import Catalog
 from ui import data
-from ui.views.common import chart_pick, need
+from ui.views.common import chart, chart_pick, need, show_chart
 
 TITLE = "Catalog"
 
@@ -35,14 +36,14 @@ def render(cat: Catalog) -> None:
     vs = data.versions(cat)
     st.caption(f"{vs.height:,} versions")
     names = vs["name"].to_list()
-    picked = chart_pick(_graph(vs), "version-graph", "version", ("name",))
+    graph_rows = tuple(vs.select("name", "parent", "n_images", "kind").rows())
+    picked = chart_pick(chart(_graph, graph_rows, key="version-graph"), "version-graph",
+                        "version", ("name",))
     if picked and picked[0] in names:  # a click on a node opens that version below
         st.session_state["version"] = picked[0]
     sc = data.split_counts(vs)
     if sc.height:
-        st.altair_chart(alt.Chart(sc.to_pandas()).mark_bar().encode(
-            x=alt.X("n:Q", title="images"), y=alt.Y("version:N", title=None),
-            color="split:N", tooltip=["version", "split", "n"]), key="split-bars")
+        show_chart(chart(_split_bars, tuple(sc.rows()), key="split-bars"), "split-bars")
     name = st.selectbox("version", names, key="version",
                         help="or click a version in the graph above")
     if not name:
@@ -103,8 +104,17 @@ def _lineage(cat: Catalog, name: str) -> None:
                  hide_index=True, key="lineage-table")
 
 
-def _graph(vs) -> alt.LayerChart:
+def _split_bars(rows: tuple) -> alt.Chart:
+    sc = pl.DataFrame(list(rows), schema=["version", "split", "n"], orient="row")
+    return alt.Chart(sc.to_pandas()).mark_bar().encode(
+        x=alt.X("n:Q", title="images"), y=alt.Y("version:N", title=None),
+        color="split:N", tooltip=["version", "split", "n"])
+
+
+def _graph(rows: tuple) -> alt.LayerChart:
     """The parent -> child graph: a node per version (click to open it), labelled with counts."""
+    vs = pl.DataFrame(list(rows), schema={"name": pl.String, "parent": pl.String,
+                                          "n_images": pl.Int64, "kind": pl.String}, orient="row")
     nodes, edges = data.version_graph(vs)
     pick = alt.selection_point(name="version", fields=["name"], on="click", clear=False)
     x = alt.X("x:Q", axis=None, scale=alt.Scale(domain=[-0.3, int(nodes["x"].max()) + 0.7]))

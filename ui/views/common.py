@@ -112,13 +112,36 @@ def pager(key: str, total: int, per_page: int) -> int:
     return (int(page) - 1) * per_page
 
 
-def chart_pick(chart: Any, key: str, param: str, fields: tuple[str, ...]) -> tuple | None:
-    """Show an Altair chart whose point selection ``param`` reruns the page on a click.
+def chart(build: Callable[..., Any], *rows: tuple, key: str) -> dict:
+    """The Vega-Lite spec of the Altair chart ``build(*rows)``, built once per ``rows``.
+
+    Building and validating an Altair chart costs a few tenths of a second per rerun; the
+    spec only changes with its data, so it is cached (per build function and ``rows``,
+    which must be hashable: tuples of table rows). ``key`` names the chart in the cache.
+    """
+    return _chart(key, build.__module__, build.__qualname__, build, rows)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _chart(key: str, module: str, name: str, _build: Callable[..., Any],
+           rows: tuple) -> dict:
+    spec = _build(*rows).to_dict()
+    spec.pop("config", None)  # Altair's default theme sizes; Streamlit's theme applies
+    return spec
+
+
+def show_chart(spec: dict, key: str) -> None:
+    """Draw a spec from :func:`chart`."""
+    st.vega_lite_chart(spec=spec, key=key)
+
+
+def chart_pick(spec: dict, key: str, param: str, fields: tuple[str, ...]) -> tuple | None:
+    """Show a chart spec whose point selection ``param`` reruns the page on a click.
 
     Returns the clicked point's ``fields`` when the selection changed since the last rerun,
     else None, so a page can copy a click into its selectboxes (which stay usable too).
     """
-    ev = st.altair_chart(chart, on_select="rerun", selection_mode=param, key=key)
+    ev = st.vega_lite_chart(spec=spec, on_select="rerun", selection_mode=param, key=key)
     points = (ev.get("selection") or {}).get(param) or [] if ev else []
     first = points[0] if isinstance(points, list) and points else None
     pick = tuple(first.get(f) for f in fields) if isinstance(first, dict) else None

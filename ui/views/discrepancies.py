@@ -9,7 +9,15 @@ import streamlit as st
 from catalog import Catalog
 from catalog import reviews as rv
 from ui import data
-from ui.views.common import chart_pick, gallery, last_verdict_note, need, pager, verdict_buttons
+from ui.views.common import (
+    chart,
+    chart_pick,
+    gallery,
+    last_verdict_note,
+    need,
+    pager,
+    verdict_buttons,
+)
 
 TITLE = "Label discrepancies"
 PER_PAGE = 8  # images per page (each with three verdict buttons)
@@ -31,17 +39,9 @@ def render(cat: Catalog) -> None:
                "click a cell to see the images the two sources disagree on")
     if cells.height == 0:
         return
-    pick = alt.selection_point(name="cell", fields=["pair", "finding"], on="click", clear=False)
-    base = alt.Chart(cells.select("pair", "finding", "kappa", "n_shared").to_pandas()).encode(
-        x=alt.X("finding:N", axis=alt.Axis(labelAngle=0, orient="top")),
-        y=alt.Y("pair:N", title=None, axis=alt.Axis(labelLimit=400)))
-    heat = base.mark_rect(cursor="pointer").encode(
-        color=alt.Color("kappa:Q", scale=alt.Scale(domain=[-1, 1], scheme="redblue")),
-        opacity=alt.condition(pick, alt.value(1.0), alt.value(0.6)),
-        tooltip=["pair", "finding", "kappa", "n_shared"]).add_params(pick)
-    labels = base.mark_text(fontSize=14).encode(text="n_shared:Q")
-    chart = alt.layer(heat, labels).properties(height=alt.Step(60))
-    clicked = chart_pick(chart, "disc-heat", "cell", ("pair", "finding"))
+    heat_rows = tuple(cells.select("pair", "finding", "kappa", "n_shared").rows())
+    clicked = chart_pick(chart(_heatmap, heat_rows, key="disc-heat"), "disc-heat", "cell",
+                         ("pair", "finding"))
     if clicked:  # a click on a cell shows its images below
         st.session_state["disc-pair"], st.session_state["disc-finding"] = clicked
     pairs = sorted(cells["pair"].unique().to_list())
@@ -54,6 +54,23 @@ def render(cat: Catalog) -> None:
     cell = cells.filter((pl.col("pair") == pair) & (pl.col("finding") == finding)).row(0, named=True)
     st.write(f"kappa {cell['kappa']:.3f} on {cell['n_shared']:,} shared images")
     _images(cat, cell["source_a"], cell["source_b"], finding, sub)
+
+
+def _heatmap(rows: tuple) -> alt.LayerChart:
+    """Kappa per (source pair, finding), n shared written in each cell; a click picks a cell."""
+    cells = pl.DataFrame(list(rows), schema={"pair": pl.String, "finding": pl.String,
+                                             "kappa": pl.Float64, "n_shared": pl.Int64},
+                         orient="row")
+    pick = alt.selection_point(name="cell", fields=["pair", "finding"], on="click", clear=False)
+    base = alt.Chart(cells.to_pandas()).encode(
+        x=alt.X("finding:N", axis=alt.Axis(labelAngle=0, orient="top")),
+        y=alt.Y("pair:N", title=None, axis=alt.Axis(labelLimit=400)))
+    heat = base.mark_rect(cursor="pointer").encode(
+        color=alt.Color("kappa:Q", scale=alt.Scale(domain=[-1, 1], scheme="redblue")),
+        opacity=alt.condition(pick, alt.value(1.0), alt.value(0.6)),
+        tooltip=["pair", "finding", "kappa", "n_shared"]).add_params(pick)
+    labels = base.mark_text(fontSize=14).encode(text="n_shared:Q")
+    return alt.layer(heat, labels).properties(height=alt.Step(60))
 
 
 def _images(cat: Catalog, sa: str, sb: str, finding: str, sub: tuple[str, str]) -> None:

@@ -10,10 +10,12 @@ from catalog import reviews as rv
 from ui import data
 from ui.views.common import (
     blend_file,
+    chart,
     gallery,
     last_verdict_note,
     need,
     pager,
+    show_chart,
     show_image,
     verdict_buttons,
 )
@@ -82,19 +84,27 @@ def _pair(cat: Catalog, r: dict, info: dict, verdict_of: dict, view: str, n: int
 
 def _histogram(cat: Catalog) -> None:
     st.subheader("Similarity scores")
-    h = data.score_histogram(cat).to_pandas()
-    if h.empty:
+    h = data.score_histogram(cat)
+    if h.height == 0:
         return
-    chart = alt.Chart(h).mark_bar().encode(x=alt.X("score:Q"), y="n:Q", color="method:N")
     thr = cat.ws.param("duplicates.threshold")
-    if isinstance(thr, (int, float)):
-        import pandas as pd
+    thr = float(thr) if isinstance(thr, (int, float)) else None
+    if thr is not None:
+        st.caption(f"red line: duplicates.threshold = {thr:g} (params.yaml)")
+    rows = tuple(h.select("method", "score", "n").rows())
+    show_chart(chart(_histogram_chart, rows, thr, key="dup-hist"), "dup-hist")
 
-        rule = alt.Chart(pd.DataFrame({"threshold": [thr]})).mark_rule(color="red").encode(
-            x="threshold:Q")
-        chart = chart + rule
-        st.caption(f"red line: duplicates.threshold = {thr} (params.yaml)")
-    st.altair_chart(chart, key="dup-hist")
+
+def _histogram_chart(rows: tuple, thr: float | None) -> alt.Chart | alt.LayerChart:
+    import pandas as pd
+
+    h = pd.DataFrame(list(rows), columns=["method", "score", "n"])
+    bars = alt.Chart(h).mark_bar().encode(x=alt.X("score:Q"), y="n:Q", color="method:N")
+    if thr is None:
+        return bars
+    rule = alt.Chart(pd.DataFrame({"threshold": [thr]})).mark_rule(color="red").encode(
+        x="threshold:Q")
+    return bars + rule
 
 
 def _clusters(cat: Catalog) -> None:

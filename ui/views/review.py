@@ -9,7 +9,15 @@ import streamlit as st
 from catalog import Catalog
 from catalog import reviews as rv
 from ui import data
-from ui.views.common import last_verdict_note, need, reviewer, show_image, verdict_buttons
+from ui.views.common import (
+    chart,
+    last_verdict_note,
+    need,
+    reviewer,
+    show_chart,
+    show_image,
+    verdict_buttons,
+)
 
 TITLE = "Review"
 DEFAULT_PER_CLASS = 100  # the ChestX-ray14 critique's visual check: 100 images per class
@@ -88,16 +96,23 @@ def _results(cat: Catalog, hist: pl.DataFrame, source: str) -> None:
         st.info("no verdicts yet for this source")
         return
     st.dataframe(ppv, hide_index=True, key="rev-ppv")
-    pdf = ppv.filter(pl.col("n") > 0).to_pandas()
-    if not pdf.empty:
-        base = alt.Chart(pdf).encode(y=alt.Y("finding:N", title=None))
-        st.altair_chart(
-            base.mark_rule().encode(x=alt.X("ppv_lo:Q", title="PPV (95% Wilson)",
-                                            scale=alt.Scale(domain=[0, 1])), x2="ppv_hi:Q")
-            + base.mark_point(filled=True).encode(x="ppv:Q"), key="rev-ppv-chart")
+    rows = tuple(ppv.filter(pl.col("n") > 0).select("finding", "ppv", "ppv_lo", "ppv_hi").rows())
+    if rows:
+        show_chart(chart(_ppv_chart, rows, key="rev-ppv-chart"), "rev-ppv-chart")
     st.subheader("Reviewer vs reviewer")
     kap = rv.reviewer_kappa(cat, reviews=hist.filter(pl.col("source_id") == source))
     if kap.height == 0:
         st.info("kappa needs two reviewers who judged the same images")
     else:
         st.dataframe(kap, hide_index=True, key="rev-kappa")
+
+
+def _ppv_chart(rows: tuple) -> alt.LayerChart:
+    """PPV per class with its 95% Wilson interval."""
+    import pandas as pd
+
+    base = alt.Chart(pd.DataFrame(list(rows), columns=["finding", "ppv", "ppv_lo", "ppv_hi"])
+                     ).encode(y=alt.Y("finding:N", title=None))
+    return (base.mark_rule().encode(x=alt.X("ppv_lo:Q", title="PPV (95% Wilson)",
+                                            scale=alt.Scale(domain=[0, 1])), x2="ppv_hi:Q")
+            + base.mark_point(filled=True).encode(x="ppv:Q"))
