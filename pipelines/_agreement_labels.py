@@ -88,13 +88,15 @@ def rater_labels(
     family = vt.replace_strict(FAMILY, default="category")
     cats = df.filter(family == "category")["category"].drop_nulls().unique().sort()
     v = pl.col("value")
-    grade_idx = v.replace_strict(graded.to_list(), list(range(graded.len())), default=None)
+    grade_idx = (v.replace_strict(graded.to_list(), list(range(graded.len())), default=None)
+                 if graded.len() else pl.lit(None, pl.Int64))  # skip a per-row lookup when unused
     o = (
         pl.when(vt == "ordinal").then((v - ord_min).round(0))
         .when(vt == "graded").then(grade_idx).otherwise(None).cast(pl.Int32)
     )
-    cat_idx = pl.col("category").replace_strict(cats.to_list(), list(range(cats.len())),
-                                                default=None)
+    cat_idx = (pl.col("category").replace_strict(cats.to_list(), list(range(cats.len())),
+                                                 default=None)
+               if cats.len() else pl.lit(None, pl.Int64))
     c = (
         pl.when(vt == "graded").then(binarise.expr(v).cast(pl.Int32))
         .when(vt == "binary").then((v >= 0.5).cast(pl.Int32))

@@ -147,8 +147,8 @@ def source_pairs(
             common = sorted(vocab[a] & vocab[b])
             if not common or fam[a] != fam[b] or (neg[a] == "none" and neg[b] == "none"):
                 continue
-            la = by_src[a].filter(pl.col("finding").is_in(common))
-            lb = by_src[b].filter(pl.col("finding").is_in(common))
+            la, lb = (by_src[x] if vocab[x] <= set(common) else  # no filter pass when all
+                      by_src[x].filter(pl.col("finding").is_in(common)) for x in (a, b))
             if a == b and (len(annotators[a]) < 2 or neg[a] != "explicit"):
                 continue
             if a != b and neg[a] == "implicit" and neg[b] == "implicit":

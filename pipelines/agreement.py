@@ -119,8 +119,9 @@ def compute(
                                .alias("negatives"))
     rows, meta, no_overlap = ap.source_pairs(labels, src, cov, fnd, absent)
     images = tables["images"].filter(pl.col("dataset_id") == dataset_id)
+    meaning = pl.col("meaning") if "meaning" in ann.columns else pl.lit(None, pl.String)
     ann_codes = ann.select("image_id", "source_id", pl.col("finding").alias("finding_own"),
-                           "value", "meaning")
+                           "value", meaning.alias("meaning"))
     sub = ap.subgroup_values(
         images, ann_codes, columns=list(cfg["subgroups"]), bands=[float(b) for b in cfg["age_bands"]],
         annotation_specs=[s for s in cfg["annotation_subgroups"]
@@ -224,7 +225,10 @@ def run(
     for i, ds in enumerate(todo, 1):
         t = time.perf_counter()
         ids = tables["sources"].filter(pl.col("dataset_id") == ds)["source_id"].to_list()
-        tables["annotations"] = _read(catalog, "annotations", "source_id", ids, ANN_COLS)
+        by_label = any(str(a.get("source", "")).startswith(ds + ":")
+                       for a in cfg["annotation_subgroups"])  # only they need 'meaning'
+        tables["annotations"] = _read(catalog, "annotations", "source_id", ids,
+                                      ANN_COLS if by_label else ANN_COLS[:-1])
         tables["coverage"] = _read(catalog, "coverage", "source_id", ids)
         tables["images"] = _read(catalog, "images", "dataset_id", [ds], sorted(img_cols))
         agr, dtabs = compute(tables, ds, cfg)
