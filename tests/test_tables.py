@@ -69,10 +69,9 @@ def test_null_key_and_bad_cast_are_refused():
 
 
 def test_transaction_publishes_all_or_nothing(catalog: Catalog):
-    with pytest.raises(RuntimeError):
-        with catalog.transaction() as tx:
-            tx.write("images", _img(2), stage="ingest", partition="d")
-            raise RuntimeError("crash between two tables")
+    with pytest.raises(RuntimeError), catalog.transaction() as tx:
+        tx.write("images", _img(2), stage="ingest", partition="d")
+        raise RuntimeError("crash between two tables")
     assert catalog.read("images").height == 0
     assert not list(catalog.ws.tables_dir.rglob("*.tmp"))
     with catalog.transaction() as tx:
@@ -98,7 +97,7 @@ def test_killed_writer_leaves_previous_table(catalog: Catalog, tmp_path):
         cat = Catalog(Workspace(Path({str(catalog.ws.root)!r})))
         cat.write("images", pl.DataFrame({{"image_id": ["x"]}}), stage="ingest", partition="d")
     """)
-    rc = subprocess.run([sys.executable, "-c", script]).returncode
+    rc = subprocess.run([sys.executable, "-c", script], check=False).returncode
     assert rc == 9
     assert catalog.read("images").height == 3
 
@@ -121,3 +120,61 @@ def test_what_is_written_reads_back_unchanged(tmp_path_factory, rows):
     cat.write("images", df, stage="ingest", partition="p")
     back = cat.read("images").select("image_id", "width", "age")
     assert back.sort("image_id").equals(df.sort("image_id"))
+
+
+def test_equality_lookup_matches_duckdb(catalog: Catalog):
+    """``where="col = 'x'"`` with columns is answered by a Polars scan: same rows as DuckDB."""
+    catalog.write("images", _img(4, "a"), stage="ingest", partition="a")
+    catalog.write("images", _img(3, "o'b"), stage="ingest", partition="ob")
+    catalog.write("images", _img(2, "a").with_columns(pl.lit("x").alias("site")),
+                  stage="attach-images", partition="a2")
+    for ds in ("a", "o'b", "none"):
+        where = f"dataset_id = '{ds.replace(chr(39), chr(39) * 2)}'"
+        cols = ["image_id", "native_id", "site"]
+        from catalog.schema import spec
+        from catalog.tables import _read_eq
+
+        assert _read_eq(spec("images"), catalog.tables.files("images"), where, cols) is not None
+        fast = catalog.read("images", where=where, columns=cols)
+        slow = catalog.query(f"SELECT image_id, native_id, site FROM images WHERE {where}")
+        assert fast.sort("image_id", "site", nulls_last=True).equals(
+            slow.sort("image_id", "site", nulls_last=True))
+    assert catalog.read("images", where="dataset_id = 'a'", columns=["image_id"]).height == 6
+    # anything else still goes through DuckDB
+    assert catalog.read("images", where="dataset_id = 'a' AND site = 'x'").height == 2
+
+
+def test_failed_background_write_publishes_nothing(catalog: Catalog, monkeypatch):
+    import catalog.tables as t
+
+    catalog.write("images", _img(2), stage="ingest", partition="d")
+    real = t._write
+
+    def failing(at, path):
+        if at.num_rows == 1:
+            raise OSError("disk full (injected)")
+        real(at, path)
+
+    monkeypatch.setattr(t, "_write", failing)
+    with pytest.raises(OSError, match="disk full"), catalog.transaction() as tx:
+        tx.write("images", _img(5), stage="ingest", partition="d")
+        tx.write("coverage", pl.DataFrame({"image_id": ["d:0"], "source_id": ["d:s"]}),
+                 stage="ingest", partition="d")
+    assert catalog.read("images").height == 2 and catalog.read("coverage").height == 0
+    assert not list(catalog.ws.tables_dir.rglob("*.tmp"))
+
+
+def test_row_dicts_conform_without_pandas():
+    """Lists of row dicts are typed by Polars (pyarrow's from_pylist imports pandas: ~1 s)."""
+    code = textwrap.dedent("""
+        import sys
+        from catalog import conform
+        at = conform("sources", [{"source_id": "d:s", "dataset_id": "d", "exhaustive": True,
+                                  "rule": None}, {"source_id": "d:t", "dataset_id": "d"}])
+        assert at.column("exhaustive").to_pylist() == [True, None], at
+        assert at.schema.field("rule").type == "string"
+        print("pandas" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
