@@ -9,6 +9,8 @@ import tarfile
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from versions_helpers import TOY_RECIPE, build_toy, tree_digest, write_recipe
 
 from catalog import Catalog, CatalogError, shards
@@ -247,3 +249,68 @@ def test_pack_splits_shards_and_indexes_offsets(tmp_path) -> None:
                 assert tf.extractfile(ti).read() == blobs[ti.name]
     with pytest.raises(CatalogError, match="not a packed version"):
         shards.index(tmp_path)
+
+
+@st.composite
+def judged_graphs(draw):
+    n = draw(st.integers(3, 12))
+    edges = draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)),
+                          min_size=1, max_size=2 * n))
+    edges = sorted({(min(a, b), max(a, b)) for a, b in edges if a != b}) or [(0, 1)]
+    judged = draw(st.lists(st.sampled_from(edges), unique=True))
+    return n, edges, judged
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
+@given(g=judged_graphs())
+def test_pairs_judged_different_are_never_merged_property(tmp_path_factory, g) -> None:
+    """No image is lost, and a pair judged different is never merged one into the other
+    unless undisputed pairs still connect the two images."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from catalog import Workspace
+
+    n, edges, judged = g
+    root = tmp_path_factory.mktemp("prop") / "ws"
+    (root / ".dvc").mkdir(parents=True)
+    cat = Catalog(Workspace(root.resolve()))
+    ids = [f"p:{i:02d}" for i in range(n)]
+    with cat.transaction() as tx:
+        tx.write("images", [{"image_id": x, "dataset_id": "p", "native_id": x[2:], "width": 10,
+                             "height": 10 + i} for i, x in enumerate(ids)], stage="ingest")
+        tx.write("splits", [{"image_id": x, "dataset_id": "p", "scheme": "s", "split": "train"}
+                            for x in ids], stage="ingest")
+        tx.write("annotations", [{"image_id": x, "source_id": "p:l", "annotator": "",
+                                  "finding": "l", "category": "a"} for x in ids], stage="ingest")
+        tx.write("versions", [{"name": "p@s", "dataset_id": "p", "kind": "root", "scheme": "s"}],
+                 stage="ingest")
+    cat.write("pairs", [{"image_a": ids[a], "image_b": ids[b], "method": "phash",
+                         "verified": True} for a, b in edges], stage="duplicates")
+    comp = connected_components(coo_matrix(([1] * len(edges), ([a for a, _ in edges],
+                                                              [b for _, b in edges])),
+                                           shape=(n, n)), directed=False)[1]
+    cat.write("clusters", [{"image_id": ids[i], "cluster_id": f"c{comp[i]}"} for i in range(n)],
+              stage="duplicates")
+    if judged:
+        rv.record(cat, [rv.pair_verdict(ids[a], ids[b], "different", "r") for a, b in judged])
+    write_recipe(cat, "v", "dataset: p\nparent: p@s\nlabels: {l: 'p:l'}\n"
+                 "duplicates: {exclude_verdict: different}\nexport: {images: false}\n"
+                 "rules: [{duplicates: {mode: keep_one}}]\n")
+    res = materialize.run(cat, "v")
+    lin = lineage(cat, "v")
+    merged = lin.filter(pl.col("action") == "merged")
+    assert res.n_kept + merged.height == n  # nothing lost: kept + merged = parent
+    rest = [e for e in edges if e not in set(judged)]
+    comp2 = connected_components(coo_matrix(([1] * len(rest), ([a for a, _ in rest],
+                                                              [b for _, b in rest])),
+                                            shape=(n, n)), directed=False)[1]
+    into = dict(zip(merged["image_id"], merged["into"]))
+    for a, b in judged:
+        if comp2[a] != comp2[b]:
+            assert into.get(ids[a]) != ids[b] and into.get(ids[b]) != ids[a]
+    # merges happen exactly within the components of the undisputed pairs
+    for x, rep in into.items():
+        assert comp2[ids.index(x)] == comp2[ids.index(rep)]
+    assert res.n_kept == len(set(comp2))
