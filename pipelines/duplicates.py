@@ -1,9 +1,12 @@
 """Stage ``duplicates``: candidate pairs, geometric verification, ``pairs`` and ``clusters``.
 
 Candidates come from exact sha256 matches, perceptual-hash neighbours (pHash and the
-mirror-invariant pHash within ``hamming`` bits) and vector neighbours (the ``k`` nearest by
-cosine above ``cosine``, found with exact blocked matrix products, never the full N x N
-matrix), across every dataset of the workspace. Each candidate is verified: ORB features,
+mirror-invariant pHash within ``hamming`` bits, at most the ``hash_k`` nearest per image),
+vector neighbours (the ``k`` nearest by cosine above ``cosine``, found with exact blocked
+matrix products, never the full N x N matrix) and shared local features (ORB descriptors
+hashed into buckets, :func:`pipelines.verify.orb_pairs`: the ``orb_k`` best per image with
+``orb_votes`` shared buckets; this path finds crops and rotations), across every dataset of
+the workspace. Each candidate is verified: ORB features,
 matched against the other image and its mirror, a RANSAC similarity transform, then the
 normalised cross-correlation of fine detail after alignment. A copy shares its fine detail
 (noise, texture) with its source even when cropped, rotated, mirrored or relit; a repeat
@@ -15,6 +18,8 @@ External pair lists (CSV: image_a, image_b[, score]) import as their own method.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +36,9 @@ from pipelines import verify
 from pipelines.fingerprint import image_files
 
 STAGE = "duplicates"
-DEFAULTS: dict[str, Any] = {"hamming": 6, "k": 10, "cosine": 0.80, "min_inliers": 12,
-                            "ncc": 0.75, "model": DESCRIPTOR, "block": 4096}
+DEFAULTS: dict[str, Any] = {"hamming": 6, "hash_k": 2, "k": 3, "cosine": 0.80, "orb_k": 3,
+                            "orb_votes": 2, "min_inliers": 12, "ncc": 0.75,
+                            "model": DESCRIPTOR, "block": 4096, "workers": 2}
 
 
 def knn_pairs(vecs: np.ndarray, *, k: int, threshold: float, block: int = 4096) -> np.ndarray:
@@ -44,24 +50,40 @@ def knn_pairs(vecs: np.ndarray, *, k: int, threshold: float, block: int = 4096) 
     return near_pairs(vecs, threshold=threshold, k=k, block=block)
 
 
-def hash_pairs(hashes: list[str], *, max_bits: int) -> np.ndarray:
-    """(i, j, hamming) for hex hashes within ``max_bits`` (blocked, vectorised popcount)."""
+def hash_pairs(hashes: list[str], *, max_bits: int, k: int | None = None) -> np.ndarray:
+    """(i, j, hamming), i < j, for hex hashes within ``max_bits`` (blocked popcount).
+
+    With ``k``, only each image's ``k`` nearest hashes count (a pair is kept when it is among
+    the ``k`` nearest of either image): look-alike images (all chest X-rays) would otherwise
+    make a quadratic number of candidates.
+    """
     h = np.array([int(x, 16) for x in hashes], dtype=np.uint64)
+    n = len(h)
     out = []
-    for s in range(0, len(h), 2048):
-        x = h[s:s + 2048, None] ^ h[None, :]
-        d = np.bitwise_count(x)
+    for s in range(0, n, 2048):
+        d = np.bitwise_count(h[s:s + 2048, None] ^ h[None, :]).astype(np.int64)
+        rows = np.arange(s, min(s + 2048, n))
+        d[rows - s, rows] = 999
+        if k is not None and k < n - 1:
+            near = np.argpartition(d, k - 1, axis=1)[:, :k]
+            mask = np.zeros_like(d, dtype=bool)
+            np.put_along_axis(mask, near, True, axis=1)
+            d = np.where(mask, d, 999)
         i, j = np.nonzero(d <= max_bits)
-        keep = (i + s) < j
-        out.append(np.stack([i[keep] + s, j[keep], d[i[keep], j[keep]]], axis=1))
-    return np.concatenate(out) if out else np.zeros((0, 3), dtype=np.int64)
+        out.append(np.stack([i + s, j, d[i, j]], axis=1))
+    res = np.concatenate(out) if out else np.zeros((0, 3), dtype=np.int64)
+    res = np.stack([res[:, :2].min(axis=1), res[:, :2].max(axis=1), res[:, 2]], axis=1)
+    _, first = np.unique(res[:, :2], axis=0, return_index=True)
+    return res[np.sort(first)]
 
 
 def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
-               knn: Callable[..., np.ndarray] | None = None) -> dict[tuple[int, int], dict]:
+               knn: Callable[..., np.ndarray] | None = None,
+               feats: list[Any] | None = None) -> dict[tuple[int, int], dict]:
     """Candidate pairs (index pairs into ``fp``) with the scores of every method that found them.
 
     ``knn`` replaces :func:`knn_pairs` (same arguments and result), e.g. the Ray engine's.
+    ``feats`` (:func:`pipelines.verify.features` per row of ``fp``) adds the ORB-bucket path.
     """
     cand: dict[tuple[int, int], dict] = {}
 
@@ -76,19 +98,34 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
             for b in range(a + 1, len(idx)):
                 add(idx[a], idx[b], "sha256", hamming=0)
     for col in ("phash", "phash_sym"):
-        for i, j, d in hash_pairs(fp[col].to_list(), max_bits=int(p["hamming"])):
+        for i, j, d in hash_pairs(fp[col].to_list(), max_bits=int(p["hamming"]), k=int(p["hash_k"])):
             add(int(i), int(j), col, hamming=int(d))
     if vecs is not None:
         for i, j, c in (knn or knn_pairs)(vecs, k=int(p["k"]), threshold=float(p["cosine"]),
                                           block=int(p["block"])):
             add(int(i), int(j), "vector", cosine=float(c))
+    if feats is not None:
+        for i, j, v in verify.orb_pairs(feats, k=int(p["orb_k"]), min_votes=int(p["orb_votes"])):
+            add(int(i), int(j), "orb", votes=int(v))
     return cand
 
 
-def verify_pairs(jobs: list[tuple[str, str, int, int]], p: dict[str, Any]) -> list[dict[str, Any]]:
-    """:func:`pipelines.verify.verify` of each (file_a, file_b, i, j), features cached by index."""
-    cache: dict[int, Any] = {}
-    return [verify.verify(fa, fb, cache=cache, keys=(i, j), p=p) for fa, fb, i, j in jobs]
+def verify_pairs(jobs: list[tuple[str, str, int, int]], p: dict[str, Any], *,
+                 cache: dict[int, Any] | None = None, workers: int = 1) -> list[dict[str, Any]]:
+    """:func:`pipelines.verify.verify` of each (file_a, file_b, i, j), features cached by index.
+
+    ``cache`` may hold features computed already (index -> :func:`pipelines.verify.features`);
+    ``workers`` > 1 verifies in a thread pool (OpenCV releases the GIL).
+    """
+    cache = {} if cache is None else cache
+
+    def one(job: tuple[str, str, int, int]) -> dict[str, Any]:
+        return verify.verify(job[0], job[1], cache=cache, keys=(job[2], job[3]), p=p)
+
+    if workers <= 1:
+        return [one(j) for j in jobs]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, jobs, chunksize=64))
 
 
 def run(cat: Catalog, *, params: dict[str, Any] | None = None, external: Path | str | None = None,
@@ -115,12 +152,14 @@ def run(cat: Catalog, *, params: dict[str, Any] | None = None, external: Path | 
             vecs = mat
         elif echo:
             echo(f"{len(ids) - len(got):,} images have no {p['model']} vector; run 'medlake embed'")
-    knn, verifier = None, verify_pairs
+    feats = verify.features_many([files[x] for x in ids], workers=int(p["workers"]))
+    knn = None
+    verifier = partial(verify_pairs, cache=dict(enumerate(feats)), workers=int(p["workers"]))
     if engine == "ray":
         from pipelines import ray_duplicates
 
         knn, verifier = ray_duplicates.engine(address)
-    cand = candidates(fp, vecs, p, knn=knn)
+    cand = candidates(fp, vecs, p, knn=knn, feats=feats)
     params_json = to_json(p)
     rows = []
     todo = [(i, j) for (i, j), c in sorted(cand.items()) if "sha256" not in c["methods"]]
@@ -129,6 +168,8 @@ def run(cat: Catalog, *, params: dict[str, Any] | None = None, external: Path | 
     for (i, j), c in sorted(cand.items()):
         res = checked.get((i, j)) or {"verified": True, "inliers": None, "ncc": 1.0,
                                       "transform": "identical"}
+        if "votes" in c:
+            res = {**res, "evidence": {**res.get("evidence", {}), "orb_votes": c["votes"]}}
         rows.append({"image_a": ids[i], "image_b": ids[j], "method": "+".join(sorted(set(c["methods"]))),
                      "score": res["ncc"], "verified": res["verified"], "hamming": c.get("hamming"),
                      "cosine": c.get("cosine"), "inliers": res["inliers"], "ncc": res["ncc"],

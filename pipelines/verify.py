@@ -1,5 +1,11 @@
-"""Pair verification for ``duplicates``: ORB + RANSAC similarity, then fine-detail correlation.
+"""ORB features for ``duplicates``: candidate retrieval by hashed descriptors, and verification.
 
+Retrieval (:func:`orb_pairs`): every image's ORB descriptors (of the image and of its mirror)
+are bucketed by random 28-bit subsets (locality-sensitive hashing of binary descriptors);
+images sharing many buckets are candidates. Copies share local detail even when cropped,
+rotated, mirrored or rescaled, which global descriptors and perceptual hashes lose.
+
+Verification (:func:`verify`): ORB + RANSAC similarity, then fine-detail correlation.
 A near duplicate is one picture changed by a similarity transform (crop, resize, rotation,
 mirror) and a monotonic intensity change (JPEG, relighting): after alignment its band-pass
 detail correlates with its source. A repeat capture of the same lesion or patient has the
@@ -8,6 +14,8 @@ same anatomy but its own noise, hairs, markers and pose, so the correlation stay
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import cv2
@@ -16,13 +24,18 @@ import numpy as np
 from catalog.imageio import ImageReadError, load_rgb
 
 SIDE = 256
-_ORB = None
+NFEATURES = 300  # ORB keypoints per image (and per mirror image)
+_LOCAL = threading.local()  # one ORB detector per thread (cv2 objects are not shared safely)
 
 
-def _features(path: str) -> dict[str, Any] | None:
-    global _ORB
-    if _ORB is None:
-        _ORB = cv2.ORB_create(nfeatures=600, edgeThreshold=15, patchSize=15, fastThreshold=8)
+def features(path: str) -> dict[str, Any] | None:
+    """Grey 256-px equalised image and ORB keypoints/descriptors of it and its mirror.
+
+    Returns None when the file cannot be decoded.
+    """
+    if not hasattr(_LOCAL, "orb"):
+        _LOCAL.orb = cv2.ORB_create(nfeatures=NFEATURES, edgeThreshold=15, patchSize=15,
+                                    fastThreshold=8)
     try:
         rgb = np.asarray(load_rgb(path))
     except (ImageReadError, OSError):
@@ -34,9 +47,74 @@ def _features(path: str) -> dict[str, Any] | None:
     eq = cv2.equalizeHist(g)
     out = {"g": eq.astype(np.float32), "up": max(up, 1.0)}
     for tag, img in (("n", eq), ("m", np.ascontiguousarray(eq[:, ::-1]))):
-        kp, des = _ORB.detectAndCompute(img, None)
+        kp, des = _LOCAL.orb.detectAndCompute(img, None)
         out[tag] = (np.float32([k.pt for k in kp]).reshape(-1, 2), des)
     return out
+
+
+def features_many(files: list[str], *, workers: int = 2) -> list[dict[str, Any] | None]:
+    """:func:`features` of each file, computed in a thread pool (OpenCV releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(features, files))
+
+
+def _bits(desc: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """Integer key of each packed 256-bit descriptor from the bits at ``picks``."""
+    key = np.zeros(len(desc), dtype=np.int64)
+    for n, b in enumerate(picks):
+        key |= ((desc[:, b >> 3] >> (7 - (b & 7))) & 1).astype(np.int64) << n
+    return key
+
+
+def orb_pairs(feats: list[dict[str, Any] | None], *, k: int = 5, min_votes: int = 4,
+              tables: int = 16, bits: int = 28, per_image: int = 300,
+              max_bucket: int = 32, seed: int = 0) -> np.ndarray:
+    """Candidate pairs (i, j, votes), i < j, from shared ORB-descriptor buckets.
+
+    Each of ``tables`` hash tables keys every descriptor (``per_image`` strongest of the image
+    and of its mirror) by ``bits`` random bits; two images get one vote per bucket they share
+    (buckets with more than ``max_bucket`` images are ignored: flat, common patterns). A pair
+    is kept when it has ``min_votes`` votes and is among the ``k`` best of either image.
+    Memory is O(descriptors); pairs come only from shared buckets, never all N x N.
+    """
+    n = len(feats)
+    owners, descs = [], []
+    for i, f in enumerate(feats):
+        for tag in ("n", "m"):
+            d = None if f is None else f[tag][1]
+            if d is not None and len(d):
+                descs.append(d[:per_image])
+                owners.append(np.full(min(len(d), per_image), i, dtype=np.int64))
+    if not descs:
+        return np.zeros((0, 3), dtype=np.int64)
+    desc, owner = np.concatenate(descs), np.concatenate(owners)
+    rng = np.random.default_rng(seed)
+    codes = []
+    for _ in range(tables):
+        key = _bits(desc, rng.choice(256, size=bits, replace=False))
+        order = np.lexsort((owner, key))
+        ks, os_ = key[order], owner[order]
+        first = np.r_[True, (ks[1:] != ks[:-1]) | (os_[1:] != os_[:-1])]  # one vote per image
+        ks, os_ = ks[first], os_[first]
+        starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
+        sizes = np.diff(np.r_[starts, len(ks)])
+        for s in np.unique(sizes[(sizes >= 2) & (sizes <= max_bucket)]):
+            members = os_[starts[sizes == s][:, None] + np.arange(s)]
+            a, b = np.triu_indices(int(s), 1)
+            codes.append(members[:, a].ravel() * n + members[:, b].ravel())
+    if not codes:
+        return np.zeros((0, 3), dtype=np.int64)
+    uniq, votes = np.unique(np.concatenate(codes), return_counts=True)
+    good = votes >= min_votes
+    i, j, v = uniq[good] // n, uniq[good] % n, votes[good]
+    # rank of each pair among each image's candidates (by votes, descending)
+    both_i, both_v = np.r_[i, j], np.r_[v, v]
+    order = np.lexsort((-both_v, both_i))
+    grp_start = np.r_[0, np.flatnonzero(np.diff(both_i[order])) + 1]
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - np.repeat(grp_start, np.diff(np.r_[grp_start, len(order)]))
+    keep = (rank[: len(i)] < k) | (rank[len(i):] < k)
+    return np.stack([i[keep], j[keep], v[keep]], axis=1)
 
 
 def _bandpass(g: np.ndarray, s1: float) -> np.ndarray:
@@ -48,7 +126,7 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     """``verified``, ``inliers``, ``ncc``, ``transform`` (e.g. 'mirror,rot=-7,scale=0.45')."""
     for k, f in zip(keys, (file_a, file_b), strict=True):
         if k not in cache:
-            cache[k] = _features(f)
+            cache[k] = features(f)
     fa, fb = cache[keys[0]], cache[keys[1]]
     none = {"verified": False, "inliers": 0, "ncc": None, "transform": ""}
     if fa is None or fb is None or fb["n"][1] is None:

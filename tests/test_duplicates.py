@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
@@ -10,7 +11,7 @@ from images_helpers import _synth_lake, truth  # noqa: F401  (session fixture sy
 from catalog import CatalogError
 from catalog.vectors import near_pairs
 from cli.main import main
-from pipelines import duplicates
+from pipelines import duplicates, fingerprint, verify
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +142,52 @@ def test_knn_pairs_exact_against_full_matrix(kind, k):
     assert pairs == want
     assert (got[:, 0] < got[:, 1]).all()
     assert np.allclose(got[:, 2], sims[got[:, 0].astype(int), got[:, 1].astype(int)], atol=1e-5)
+
+
+def test_hash_pairs_rank_cap_matches_brute_force():
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 2**63, size=40, dtype=np.uint64)
+    flips = np.uint64(1) << rng.integers(0, 64, size=40).astype(np.uint64)
+    h = np.r_[base, base ^ flips]  # 40 pairs at distance 1, plus random far hashes
+    hexes = [f"{int(x):016x}" for x in h]
+    got = {(int(i), int(j)): int(d) for i, j, d in duplicates.hash_pairs(hexes, max_bits=20, k=2)}
+    d = np.array([[(int(a) ^ int(b)).bit_count() for b in h] for a in h])  # reference popcount
+    np.fill_diagonal(d, 999)
+    kth = np.sort(d, axis=1)[:, 1]  # 2nd smallest distance per row (ties may go either way)
+    want = {(min(i, j), max(i, j)): int(d[i, j]) for i in range(len(h)) for j in range(len(h))
+            if i != j and d[i, j] <= 20 and (d[i, j] <= kth[i] or d[i, j] <= kth[j])}
+    assert all((i, i + 40) in got and got[(i, i + 40)] == 1 for i in range(40))
+    assert set(got) <= set(want) and all(got[p] == want[p] for p in got)
+    full = {(int(i), int(j)) for i, j, _ in duplicates.hash_pairs(hexes, max_bits=20)}
+    assert set(got) <= full and len(full) >= len(got)
+
+
+def test_orb_path_finds_crops_and_rotations(dup_run):
+    cat, _ = dup_run
+    _, tp, got = _sets(cat)
+    p = cat.read("pairs")
+    orb = set(zip(*p.filter(pl.col("method").str.contains("orb")).select("image_a", "image_b")
+                  .get_columns(), strict=True))
+    for kind in ("cropped", "rotated", "combined"):
+        s = tp.filter(pl.col("kind") == kind)
+        t = set(zip(s["id_a"], s["id_b"], strict=True))
+        assert t, kind
+        assert len(t & orb) / len(t) >= 0.8, (kind, sorted(t - orb))
+        assert len(t & got) / len(t) >= 0.8, (kind, sorted(t - got))
+    votes = p.filter(pl.col("method").str.contains("orb"))["evidence"].str.json_path_match("$.orb_votes")
+    assert votes.is_not_null().all() and (votes.cast(pl.Int64) >= 2).all()
+
+
+def test_threaded_verification_equals_serial(dup_run):
+    cat, _ = dup_run
+    fp = cat.read("fingerprints").sort("image_id")
+    files = dict(zip(*fingerprint.image_files(cat).select("image_id", "file").get_columns(), strict=True))
+    ids = fp["image_id"].to_list()
+    p = cat.read("pairs").head(40)
+    pos = {x: n for n, x in enumerate(ids)}
+    jobs = [(files[a], files[b], pos[a], pos[b]) for a, b in zip(p["image_a"], p["image_b"], strict=True)]
+    serial = duplicates.verify_pairs(jobs, duplicates.DEFAULTS)
+    feats = verify.features_many([files[x] for x in ids], workers=2)
+    threaded = duplicates.verify_pairs(jobs, duplicates.DEFAULTS, cache=dict(enumerate(feats)), workers=2)
+    assert [r["verified"] for r in serial] == [r["verified"] for r in threaded]
+    assert [r["inliers"] for r in serial] == [r["inliers"] for r in threaded]

@@ -1,0 +1,251 @@
+"""Benchmark: duplicate quality against the generator's ground truth, and CPU time per image.
+
+Quality (``--n``, default 5,000 images): generates the synthetic derm + CXR set (repeat
+captures of one patient or lesion are negatives; every transform kind), ingests it into a
+temporary workspace, runs ``fingerprint -> embed (descriptor-v1) -> duplicates`` with the
+thresholds of the repository's ``params.yaml`` and scores the verified pairs against
+``truth_pairs.csv``: precision, recall and F1 over pairs, recall per transform kind and the
+false positives among same-group lookalikes. Beside it, in the same run, the imagehash pHash
+baseline (pairs within a Hamming threshold; the best threshold is picked with the truth,
+which favours the baseline).
+
+Scaling (``--sizes 1000,5000,20000``): CPU time per image (``time.process_time``: all
+threads of this process) of fingerprint + embed + duplicates at each size, beside imagehash
+pHash alone on the same files, and the ratio.
+
+    .venv/bin/python bench/duplicates.py [--n 5000] [--sizes 1000,5000] [--record] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import imagehash
+import numpy as np
+import polars as pl
+import yaml
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import REPO, machine, record
+
+from catalog import Catalog, Workspace
+from pipelines import duplicates, embed, fingerprint, ingest
+from pipelines.synthetic import KINDS, generate
+
+IMAGES_PER_CAPTURE = 1.47  # measured: 3,400 captures give about 5,000 files
+
+
+def build(root: Path, n_images: int, seed: int = 0) -> Catalog:
+    """A bare workspace at ``root`` with a synthetic set of about ``n_images`` ingested."""
+    (root / ".dvc").mkdir(parents=True)
+    generate(root / "syn", n_captures=max(8, round(n_images / IMAGES_PER_CAPTURE)), seed=seed)
+    cat = Catalog(Workspace(root))
+    for m in ("derm", "cxr"):
+        ingest.run(cat, "generic", root / "syn" / f"{m}.yaml")
+    return cat
+
+
+def repo_params(stage: str) -> dict[str, Any]:
+    """The stage's block of the repository's params.yaml (thresholds chosen once)."""
+    return (yaml.safe_load((REPO / "params.yaml").read_text()) or {}).get(stage) or {}
+
+
+def run_stages(cat: Catalog) -> dict[str, float]:
+    """CPU and wall seconds of fingerprint, embed, duplicates (thresholds from params.yaml)."""
+    t: dict[str, float] = {}
+    for name, fn in (
+        ("fingerprint", lambda: fingerprint.run(cat, params={**fingerprint.DEFAULTS,
+                                                             **repo_params("fingerprint")})),
+        ("embed", lambda: embed.run(cat, model=repo_params("embed").get("model"), workers=0)),
+        ("duplicates", lambda: duplicates.run(cat, params={**duplicates.DEFAULTS,
+                                                           **repo_params("duplicates")})),
+    ):
+        c0, w0 = time.process_time(), time.perf_counter()
+        res = fn()
+        t[f"{name}_cpu"], t[f"{name}_wall"] = time.process_time() - c0, time.perf_counter() - w0
+        print(f"  {name}: {t[f'{name}_cpu']:.1f} s CPU, {t[f'{name}_wall']:.1f} s wall  {res}",
+              flush=True)
+    return t
+
+
+def truth(root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(files, pairs) of the generator with catalog ids (``id``; ``id_a`` < ``id_b``)."""
+    def cid(f: str) -> str:
+        p = Path(f)
+        return f"synth-{p.parent.name}:{p.stem}"
+
+    files = pl.read_csv(root / "syn" / "truth_files.csv", infer_schema_length=0)
+    files = files.with_columns(pl.col("file").map_elements(cid, return_dtype=pl.String).alias("id"))
+    pairs = pl.read_csv(root / "syn" / "truth_pairs.csv", infer_schema_length=0)
+    a = pairs["file_a"].map_elements(cid, return_dtype=pl.String)
+    b = pairs["file_b"].map_elements(cid, return_dtype=pl.String)
+    return files, pairs.with_columns(pl.min_horizontal(a, b).alias("id_a"),
+                                     pl.max_horizontal(a, b).alias("id_b"))
+
+
+def lookalikes(files: pl.DataFrame) -> set[tuple[str, str]]:
+    """Pairs of files of one group (patient / lesion) from different captures: negatives."""
+    f = files.filter(pl.col("role").is_in(["original", "derived"]) & (pl.col("group_id") != ""))
+    out = set()
+    for _, sub in f.group_by(["modality", "group_id"]):
+        rows = list(zip(sub["id"], sub["capture_id"], strict=True))
+        for (a, ca), (b, cb) in itertools.combinations(rows, 2):
+            if ca != cb:
+                out.add((min(a, b), max(a, b)))
+    return out
+
+
+def score(got: set[tuple[str, str]], pairs: pl.DataFrame, look: set[tuple[str, str]]) -> dict[str, Any]:
+    """Precision, recall, F1, recall per kind and false positives among lookalikes."""
+    true = set(zip(pairs["id_a"], pairs["id_b"], strict=True))
+    tp = len(got & true)
+    p, r = tp / max(len(got), 1), tp / max(len(true), 1)
+    per = {}
+    for kind in (*KINDS, "sibling"):
+        s = pairs.filter(pl.col("kind") == kind)
+        t = set(zip(s["id_a"], s["id_b"], strict=True))
+        if t:
+            per[kind] = (len(t & got) / len(t), len(t))
+    return {"precision": p, "recall": r, "f1": 2 * p * r / max(p + r, 1e-12), "tp": tp,
+            "predicted": len(got), "true": len(true), "per_kind": per,
+            "lookalike_fp": len(got & look), "lookalikes": len(look)}
+
+
+def phash_baseline(files: list[str], ids: list[str], pairs: pl.DataFrame,
+                   look: set[tuple[str, str]]) -> tuple[dict[str, Any], float, int]:
+    """imagehash pHash of every file; pairs within the best Hamming threshold (0..24)."""
+    c0 = time.process_time()
+    hashes = []
+    for f in files:
+        with Image.open(f) as im:
+            hashes.append(int(str(imagehash.phash(im.convert("RGB"))), 16))
+    cpu = time.process_time() - c0
+    h = np.array(hashes, dtype=np.uint64)
+    best = None
+    dist = []
+    for s in range(0, len(h), 2048):
+        d = np.bitwise_count(h[s:s + 2048, None] ^ h[None, :])
+        i, j = np.nonzero(d <= 24)
+        keep = (i + s) < j
+        dist.append(np.stack([i[keep] + s, j[keep], d[i[keep], j[keep]]], axis=1))
+    dist = np.concatenate(dist)
+    for thr in range(25):
+        sel = dist[dist[:, 2] <= thr]
+        got = {(min(ids[a], ids[b]), max(ids[a], ids[b])) for a, b, _ in sel}
+        sc = score(got, pairs, look)
+        if best is None or sc["f1"] > best[0]["f1"]:
+            best = (sc, thr)
+    return best[0], cpu, best[1]
+
+
+def fmt(sc: dict[str, Any]) -> str:
+    kinds = ", ".join(f"{k} {v[0]:.2f} (n={v[1]})" for k, v in sc["per_kind"].items())
+    return (f"P {sc['precision']:.3f}  R {sc['recall']:.3f}  F1 {sc['f1']:.3f}  "
+            f"(tp {sc['tp']}, predicted {sc['predicted']}, true {sc['true']}); "
+            f"lookalike FP {sc['lookalike_fp']} of {sc['lookalikes']}\n    recall per kind: {kinds}")
+
+
+def quality(n: int, tmp: Path) -> tuple[str, dict[str, float], int]:
+    """Run the pipeline on ``n`` images and score it beside pHash; returns report lines."""
+    root = tmp / f"q{n}"
+    t0 = time.perf_counter()
+    cat = build(root, n)
+    print(f"generated + ingested in {time.perf_counter() - t0:.0f} s", flush=True)
+    t = run_stages(cat)
+    files, pairs = truth(root)
+    fp = cat.read("fingerprints", columns=["image_id"])
+    known = set(fp["image_id"])
+    pairs = pairs.filter(pl.col("id_a").is_in(known) & pl.col("id_b").is_in(known))
+    look = lookalikes(files.filter(pl.col("id").is_in(known)))
+    p = cat.read("pairs")
+    got = set(zip(p.filter("verified")["image_a"], p.filter("verified")["image_b"], strict=True))
+    ours = score(got, pairs, look)
+    cand = set(zip(p["image_a"], p["image_b"], strict=True))
+    cand_recall = score(cand, pairs, look)["recall"]
+    f = fingerprint.image_files(cat).filter(pl.col("image_id").is_in(known))
+    base, base_cpu, thr = phash_baseline(f["file"].to_list(), f["image_id"].to_list(), pairs, look)
+    n_img = len(known)
+    cpu = t["fingerprint_cpu"] + t["embed_cpu"] + t["duplicates_cpu"]
+    lines = [
+        (f"- images: {n_img:,} fingerprinted ({files.filter(pl.col('modality') == 'derm').height:,} "
+        f"derm + {files.filter(pl.col('modality') == 'cxr').height:,} CXR files incl. outliers "
+        f"and corrupt); true pairs {ours['true']:,}; same-group lookalike pairs {len(look):,}"),
+        f"- medlake (descriptor-v1, params.yaml thresholds): {fmt(ours)}",
+        f"    candidates {len(cand):,} (candidate recall {cand_recall:.3f})",
+        f"- imagehash pHash, best Hamming threshold {thr} (chosen on the truth): {fmt(base)}",
+        f"- F1 ratio medlake / pHash: {ours['f1'] / max(base['f1'], 1e-9):.2f}",
+        (f"- CPU per image: fingerprint {1000 * t['fingerprint_cpu'] / n_img:.1f} ms, embed "
+        f"{1000 * t['embed_cpu'] / n_img:.1f} ms, duplicates {1000 * t['duplicates_cpu'] / n_img:.1f} ms, "
+        f"total {1000 * cpu / n_img:.1f} ms; pHash alone {1000 * base_cpu / n_img:.1f} ms "
+        f"(ratio {cpu / max(base_cpu, 1e-9):.1f})"),
+        f"- goals: F1 >= 0.90 {'met' if ours['f1'] >= 0.9 else 'NOT met'}; recall >= 0.8 per kind "
+        + ("met" if all(v[0] >= 0.8 for v in ours["per_kind"].values()) else
+           "NOT met (" + ", ".join(k for k, v in ours["per_kind"].items() if v[0] < 0.8) + ")"),
+    ]
+    return "\n".join(lines), {**t, "cpu": cpu, "phash_cpu": base_cpu}, n_img
+
+
+def scaling(sizes: list[int], tmp: Path) -> str:
+    """CPU ms per image of the three stages at each size, beside pHash alone."""
+    rows = ["| images | fingerprint | embed | duplicates | total ms/image | pHash alone ms/image | ratio |",
+            "|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in sizes:
+        root = tmp / f"s{n}"
+        cat = build(root, n)
+        print(f"size {n}:", flush=True)
+        t = run_stages(cat)
+        f = fingerprint.image_files(cat)
+        known = set(cat.read("fingerprints", columns=["image_id"])["image_id"])
+        f = f.filter(pl.col("image_id").is_in(known))
+        c0 = time.process_time()
+        for x in f["file"]:
+            with Image.open(x) as im:
+                imagehash.phash(im.convert("RGB"))
+        base = time.process_time() - c0
+        k = len(known)
+        cpu = t["fingerprint_cpu"] + t["embed_cpu"] + t["duplicates_cpu"]
+        rows.append(f"| {k:,} | {1000 * t['fingerprint_cpu'] / k:.1f} | {1000 * t['embed_cpu'] / k:.1f} "
+                    f"| {1000 * t['duplicates_cpu'] / k:.1f} | {1000 * cpu / k:.1f} | {1000 * base / k:.2f} "
+                    f"| {cpu / max(base, 1e-9):.1f} |")
+        print(rows[-1], flush=True)
+        shutil.rmtree(root, ignore_errors=True)
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=5000, help="images of the quality run (0: skip)")
+    ap.add_argument("--sizes", default="", help="comma-separated sizes of the scaling run")
+    ap.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
+    ap.add_argument("--keep", type=Path, help="keep the workspaces in this folder")
+    args = ap.parse_args()
+    tmp = args.keep or Path(tempfile.mkdtemp(prefix="medlake-dup-bench-"))
+    body = [f"machine: {machine()} (shared with other engineers' jobs; timings are noisy)"]
+    try:
+        if args.n:
+            text, _, _ = quality(args.n, tmp)
+            print(text)
+            body += ["", f"Quality, `python bench/duplicates.py --n {args.n}`:", "", text]
+        if args.sizes:
+            table = scaling([int(s) for s in args.sizes.split(",")], tmp)
+            print(table)
+            body += ["", ("CPU time per image (fingerprint + embed descriptor-v1 + duplicates; "
+                     "`time.process_time`, all threads):"), "", table]
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if args.record:
+        record("duplicates (bench/duplicates.py, issue #4)", "\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
