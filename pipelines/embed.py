@@ -4,7 +4,8 @@
 an open_clip model name) and ``pretrained`` (None or a local checkpoint file). Images whose
 (image_id, sha256) is already stored for the model are skipped; every batch is one LanceDB
 commit, so a run killed half way keeps what it finished and a re-run does the rest.
-Decoding runs in a torch DataLoader (worker processes) in parallel with the model.
+Decoding runs in a torch DataLoader (worker processes started from a fork server, see
+:func:`_worker_context`) in parallel with the model.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def run(cat: Catalog, *, model: str | None = None, pretrained: str | None = None
         prep = emb.preprocess if hasattr(emb, "preprocess") else _DescriptorPrep()
         loader = DataLoader(_Images(files, prep), batch_size=int(p["batch_size"]),
                             num_workers=int(p["workers"]), collate_fn=_collate,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(),
+                            multiprocessing_context=_worker_context(int(p["workers"])))
         for idx, batch in loader:
             if idx:
                 vec = emb.forward(batch) if hasattr(emb, "forward") else batch
@@ -115,6 +117,24 @@ def run(cat: Catalog, *, model: str | None = None, pretrained: str | None = None
         out["unreadable"] = len(ids) - out["embedded"]
         out["index"] = vs.ensure_index(emb.name)
     return out
+
+
+def _worker_context(workers: int) -> Any:
+    """Start loader workers from a fork server, not by forking this process.
+
+    This process has LanceDB's async runtime and polars' thread pool running; a fork taken
+    while one of their threads holds a lock can hang the worker (LanceDB warns about it and
+    recommends forkserver or spawn). The fork server is a fresh, idle interpreter that has
+    imported torch and this module once (paid once per run). A script that calls ``run`` with
+    workers > 0 needs the usual ``if __name__ == "__main__":`` guard.
+    """
+    if workers <= 0:
+        return None
+    import multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "pipelines.embed"])
+    return ctx
 
 
 class _DescriptorPrep:

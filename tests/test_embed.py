@@ -110,3 +110,21 @@ def test_ivf_pq_index_batched_search_with_refine(tmp_path):
     i, j = next(iter(want))
     assert abs(sims[(i, j)] - float(v[i] @ v[int(j[2:])])) < 1e-4
     assert vs.search("m", v[0], k=1)[0][0] == "d:0"
+
+
+def test_loader_workers_same_vectors_no_hang(synth_lake, tmp_path):
+    """workers=2 (fork-server workers) finishes in time and stores the workers=0 vectors."""
+    import shutil
+
+    root = tmp_path / "ws"
+    shutil.copytree(synth_lake.ws.root, root, ignore=shutil.ignore_patterns("vectors"))
+    code = ("from pathlib import Path; from catalog import Catalog, Workspace; from pipelines import embed; "
+            f"print(embed.run(Catalog(Workspace(Path({str(root)!r}))), batch_size=16, workers=2))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fork()" not in out.stderr  # no fork of this (multi-threaded) process
+    ref_ids, ref = VectorStore(synth_lake.ws.vectors_dir).load("descriptor-v1")
+    ids, mat = VectorStore(Catalog(Workspace(root)).ws.vectors_dir).load("descriptor-v1")
+    assert ids == ref_ids and len(ids) == len(synth_lake.read("fingerprints"))
+    np.testing.assert_allclose(mat, ref, atol=1e-6)
