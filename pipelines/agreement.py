@@ -174,6 +174,15 @@ def _read(
     return (lf.select(columns) if columns else lf).collect()
 
 
+def _single_reader(catalog: Catalog, ids: list[str], ds: str, cfg: dict[str, Any]) -> bool:
+    """True when a dataset has one label source with one reader and no consensus rule: no
+    pair exists, so its (possibly millions of) annotation rows need not be read."""
+    if len(ids) != 1 or any(str(c.get("source", "")).startswith(ds + ":")
+                            for c in cfg.get("consensus") or []):
+        return False
+    return _read(catalog, "annotations", "source_id", ids, ["annotator"])["annotator"].n_unique() < 2
+
+
 def run(
     catalog: Catalog, dataset_id: str | None = None, *, plot: Path | str | None = None,
     echo: Callable[[str], None] = log.info, **overrides: Any,
@@ -227,11 +236,14 @@ def run(
         ids = tables["sources"].filter(pl.col("dataset_id") == ds)["source_id"].to_list()
         by_label = any(str(a.get("source", "")).startswith(ds + ":")
                        for a in cfg["annotation_subgroups"])  # only they need 'meaning'
-        tables["annotations"] = _read(catalog, "annotations", "source_id", ids,
-                                      ANN_COLS if by_label else ANN_COLS[:-1])
-        tables["coverage"] = _read(catalog, "coverage", "source_id", ids)
-        tables["images"] = _read(catalog, "images", "dataset_id", [ds], sorted(img_cols))
-        agr, dtabs = compute(tables, ds, cfg)
+        if _single_reader(catalog, ids, ds, cfg):  # e.g. CheXpert: nothing to compare, no reads
+            agr, dtabs = pl.from_arrow(spec("agreement").schema.empty_table()), {}
+        else:
+            tables["annotations"] = _read(catalog, "annotations", "source_id", ids,
+                                          ANN_COLS if by_label else ANN_COLS[:-1])
+            tables["coverage"] = _read(catalog, "coverage", "source_id", ids)
+            tables["images"] = _read(catalog, "images", "dataset_id", [ds], sorted(img_cols))
+            agr, dtabs = compute(tables, ds, cfg)
         with catalog.transaction() as tx:
             tx.write("agreement", agr, stage=STAGE, partition=ds)
             for name in ("sources", "annotations", "coverage", "findings"):
