@@ -161,17 +161,13 @@ def compute(
 def _read(
     catalog: Catalog, table: str, column: str, values: list[str], columns: list[str] | None = None,
 ) -> pl.DataFrame:
-    """Rows of ``table`` whose ``column`` is in ``values``: one Polars scan of its Parquet
-    files with the filter and the columns pushed down (several times cheaper than a DuckDB
-    round trip to Arrow for the 675k VinDr reader rows)."""
-    files = catalog.tables.files(table)
-    if not files or not values:
-        empty = pl.from_arrow(spec(table).schema.empty_table())
-        assert isinstance(empty, pl.DataFrame)
-        return empty.select(columns) if columns else empty
-    lf = pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore")
-    lf = lf.filter(pl.col(column).is_in(values))
-    return (lf.select(columns) if columns else lf).collect()
+    """Rows of ``table`` whose ``column`` is in ``values``: one ``Catalog.read`` per value, an
+    equality filter with explicit columns, which the catalog answers with a pruned Polars
+    scan (several times cheaper than DuckDB for the 675k VinDr reader rows)."""
+    cols = columns or spec(table).schema.names
+    frames = [catalog.read(table, where=f"{column} = '{v.replace(chr(39), chr(39) * 2)}'",
+                           columns=cols) for v in values]
+    return pl.concat(frames, how="vertical_relaxed") if frames else catalog.read(table, columns=cols)
 
 
 def _single_reader(catalog: Catalog, ids: list[str], ds: str, cfg: dict[str, Any]) -> bool:
