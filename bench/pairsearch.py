@@ -58,15 +58,18 @@ def make(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(v), m
 
 
-def bare(v: np.ndarray, threshold: float, block: int) -> set[tuple[int, int]]:
-    """Baseline: float32 blocked products, every pair i < j >= threshold."""
+def bare(v: np.ndarray, threshold: float, block: int, bf16: bool = False) -> set[tuple[int, int]]:
+    """Baseline: float32 blocked products, every pair i < j >= threshold.
+
+    ``bf16``: the same in bfloat16 (not exact; only to time medlake's own arithmetic).
+    """
     import torch
 
-    t = torch.from_numpy(v)
+    t = torch.from_numpy(v).to(torch.bfloat16) if bf16 else torch.from_numpy(v)
     out: set[tuple[int, int]] = set()
     for s in range(0, len(v), block):
-        sims = (t[s:s + block] @ t.T).numpy()
-        i, j = np.nonzero(sims >= threshold)
+        hit = t[s:s + block] @ t.T >= threshold
+        i, j = (x.numpy() for x in torch.nonzero(hit, as_tuple=True))
         keep = i + s < j
         out.update(zip((i[keep] + s).tolist(), j[keep].tolist(), strict=True))
     return out
@@ -86,15 +89,18 @@ def lance(v: np.ndarray, threshold: float, k: int, queries: np.ndarray,
         for name, rf in (("refined", refine), ("pq_only", None)):
             t0 = time.perf_counter()
             found: set[tuple[int, int]] = set()
+            listed: set[tuple[int, int]] = set()  # in the k + 1 list, whatever its distance
             for s in range(0, len(queries), 2048):
                 qs = queries[s:s + 2048]
                 at = vs.search_many("bench", v[qs], k + 1, refine_factor=rf)
                 qi = qs[at["query"].to_numpy()]
                 hit = np.asarray(at["image_id"].to_pylist(), dtype=np.int64)
                 ok = (at["similarity"].to_numpy() >= threshold) & (hit != qi)
+                listed.update(zip(np.minimum(qi, hit).tolist(), np.maximum(qi, hit).tolist(),
+                                  strict=True))
                 found.update(zip(np.minimum(qi, hit)[ok].tolist(), np.maximum(qi, hit)[ok].tolist(),
                                  strict=True))
-            res[name] = {"query_s": time.perf_counter() - t0, "found": found}
+            res[name] = {"query_s": time.perf_counter() - t0, "found": found, "listed": listed}
     return res
 
 
@@ -107,7 +113,13 @@ def one(n: int, a: argparse.Namespace, ann: bool) -> dict:
     got = knn_pairs(v, k=a.k, threshold=a.threshold, block=a.block)
     med_s = time.perf_counter() - t0
     mine = {(int(i), int(j)) for i, j, _ in got}
+    bf16_s = None
+    if a.bf16_baseline:
+        t0 = time.perf_counter()
+        bare(v, a.threshold, a.block, bf16=True)
+        bf16_s = time.perf_counter() - t0
     row = {"n": n, "planted": planted, "exact_pairs": len(exact), "base_s": base_s, "med_s": med_s,
+           "bf16_s": bf16_s,
            "recall": len(mine & exact) / max(len(exact), 1), "extra": len(mine - exact)}
     if ann:
         nq = min(n, a.queries or n)
@@ -122,7 +134,8 @@ def one(n: int, a: argparse.Namespace, ann: bool) -> dict:
         for name in ("refined", "pq_only"):
             r = res[name]
             row["ann"][name] = {"query_s": r["query_s"], "query_s_all": r["query_s"] * scale,
-                                "recall": len(r["found"] & want) / max(len(want), 1)}
+                                "recall": len(r["found"] & want) / max(len(want), 1),
+                                "recall_at_k": len(r["listed"] & want) / max(len(want), 1)}
     row["peak_rss_mb"] = peak_rss_mb()
     print(row, flush=True)
     return row
@@ -139,43 +152,65 @@ def main() -> None:
     ap.add_argument("--refine", type=int, default=10)
     ap.add_argument("--queries", type=int, default=4000,
                     help="LanceDB queries, a seeded sample of rows (0: all N); time scaled to N")
+    ap.add_argument("--bf16-baseline", action="store_true",
+                    help="also time a bare bfloat16 blocked product (medlake's own arithmetic)")
+    ap.add_argument("--no-ann", action="store_true", help="skip LanceDB")
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args()
     sizes = sorted({int(x) for x in a.sizes.split(",") if x} | {a.n})
     w, _ = make(2000, a.dim, seed=9)  # warm-up: torch import, thread pools, bfloat16 kernels
     bare(w, a.threshold, a.block)
     knn_pairs(w, k=a.k, threshold=a.threshold, block=a.block)
-    rows = [one(n, a, ann=True) for n in sizes]
+    rows = [one(n, a, ann=not a.no_ann) for n in sizes]
     report(rows, a)
 
 
-def report(rows: list[dict], a: argparse.Namespace) -> None:
+def _ann_cells(r: dict) -> str:
+    ann = r.get("ann")
+    if not ann:
+        return "- | - | -"
+    q = "" if ann["queries"] == r["n"] else f" ({ann['queries']:,} queries, time scaled)"
+    return (f"{ann['build_s']:.1f} + {ann['refined']['query_s_all']:.1f}{q} | "
+            f"{ann['refined']['recall']:.4f} | {ann['pq_only']['recall']:.4f} "
+            f"({ann['pq_only'].get('recall_at_k', float('nan')):.4f}) ")
+
+
+def _fits(rows: list[dict]) -> list[str]:
+    """c N^2 for exact search; a power law for the index; where they cross."""
     ns = np.array([r["n"] for r in rows], float)
     c_med = float(np.sum(np.array([r["med_s"] for r in rows]) * ns**2) / np.sum(ns**4))
-    ann_s = np.array([r["ann"]["build_s"] + r["ann"]["refined"]["query_s_all"] for r in rows])
-    p, logc = np.polyfit(np.log(ns), np.log(ann_s), 1) if len(rows) > 1 else (1.0, np.log(ann_s[0] / ns[0]))
-    # c N^2 = e^logc N^p  ->  N = (e^logc / c)^(1 / (2 - p))
-    cross = (np.exp(logc) / c_med) ** (1 / (2 - p)) if p < 2 else float("inf")
-    lines = [(f"- machine: {machine()}, shared with other engineers' jobs (load varies; timings "
-             f"noisy); {a.dim}-d unit vectors, threshold {a.threshold}, k {a.k}, block {a.block}"),
-             "",
-             ("| N | exact pairs | bare blocked fp32 product (s) | medlake knn_pairs (s) | ratio | "
-             "medlake recall | LanceDB IVF_PQ build + queries (s) | LanceDB recall, refine_factor "
-             f"{a.refine} | recall, no refine | peak RSS (MiB) |"),
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [(f"- exact search fit: {c_med:.3g} x N^2 s (1M vectors: {c_med * 1e12 / 3600:.1f} h; "
+           f"one hour at N = {np.sqrt(3600 / c_med):,.0f})")]
+    if len(rows) > 1 and all("ann" in r for r in rows):
+        ann_s = np.array([r["ann"]["build_s"] + r["ann"]["refined"]["query_s_all"] for r in rows])
+        p, logc = np.polyfit(np.log(ns), np.log(ann_s), 1)
+        # c N^2 = e^logc N^p  ->  N = (e^logc / c)^(1 / (2 - p))
+        cross = (np.exp(logc) / c_med) ** (1 / (2 - p)) if p < 2 else float("inf")
+        out += [(f"- LanceDB fit: {np.exp(logc):.3g} x N^{p:.2f} s; the index becomes faster than "
+                f"exact search at about N = {cross:,.0f} (and its recall is below 1.0)")]
+    return out
+
+
+def report(rows: list[dict], a: argparse.Namespace) -> None:
+    bf = any(r.get("bf16_s") for r in rows)
+    lines = [
+        (f"- machine: {machine()}, shared with other engineers' jobs (load varies; timings "
+        f"noisy); {a.dim}-d unit vectors, threshold {a.threshold}, k {a.k}, block {a.block}"),
+        "",
+        "| N | exact pairs | bare blocked fp32 product (s) | medlake knn_pairs (s) | ratio | "
+        + ("bare bf16 product (s) | ratio | " if bf else "")
+        + "medlake recall | LanceDB IVF_PQ build + queries (s) | LanceDB recall, refine_factor "
+        f"{a.refine} | recall, no refine (partner in top k at all) | peak RSS (MiB) |",
+        "|---:" * (10 + 2 * bf) + "|",
+    ]
     for r in rows:
-        ann = r["ann"]
-        q = "" if ann["queries"] == r["n"] else f" ({ann['queries']:,} queries, time scaled)"
+        b16 = (f"{r['bf16_s']:.1f} | {r['med_s'] / r['bf16_s']:.2f} | " if r.get("bf16_s")
+               else ("- | - | " if bf else ""))
         lines.append(
             f"| {r['n']:,} | {r['exact_pairs']:,} | {r['base_s']:.1f} | {r['med_s']:.1f} | "
-            f"{r['med_s'] / r['base_s']:.2f} | {r['recall']:.4f} (+{r['extra']} not in set) | "
-            f"{ann['build_s']:.1f} + {ann['refined']['query_s_all']:.1f}{q} | "
-            f"{ann['refined']['recall']:.4f} | {ann['pq_only']['recall']:.4f} | {r['peak_rss_mb']:.0f} |")
-    hour = np.sqrt(3600 / c_med)
-    lines += ["", (f"- exact search fit: {c_med:.3g} x N^2 s (1M vectors: {c_med * 1e12 / 3600:.1f} h; "
-              f"one hour at N = {hour:,.0f}); LanceDB fit: {np.exp(logc):.3g} x N^{p:.2f} s"),
-              (f"- the index becomes faster than exact search at about N = {cross:,.0f} "
-              "(with its recall below 1.0: exact search stays the default below that)")]
+            f"{r['med_s'] / r['base_s']:.2f} | {b16}{r['recall']:.4f} (+{r['extra']} not in set) | "
+            f"{_ann_cells(r)} | {r['peak_rss_mb']:.0f} |")
+    lines += ["", *_fits(rows)]
     text = "\n".join(lines)
     print(text)
     if a.record:
