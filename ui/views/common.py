@@ -26,6 +26,7 @@ def need(cat: Catalog, table: str) -> bool:
     return False
 
 
+GALLERY_MAX = 24  # thumbnails in one cluster or group gallery (browser work grows with it)
 BROWSER_FORMATS = {"PNG", "JPEG", "GIF", "WEBP"}
 BROWSER_MODES = {"L", "RGB", "RGBA", "P", "LA"}
 

@@ -9,6 +9,7 @@ from catalog import Catalog, CatalogError
 from catalog import reviews as rv
 from ui import data
 from ui.views.common import (
+    GALLERY_MAX,
     blend_file,
     chart,
     gallery,
@@ -117,6 +118,9 @@ def _clusters(cat: Catalog) -> None:
     cid = st.selectbox("cluster", sizes["cluster_id"].to_list(), key="dup-cluster",
                        format_func=lambda c: f"{c} ({sizes.filter(sizes['cluster_id'] == c)['images'][0]} images)")
     if cid:
-        ids = data.q(cat, "SELECT image_id FROM clusters WHERE cluster_id = ? ORDER BY 1 LIMIT 60",
-                     [cid])["image_id"].to_list()
+        ids = data.q(cat, "SELECT image_id FROM clusters WHERE cluster_id = ? ORDER BY 1 "
+                          f"LIMIT {GALLERY_MAX}", [cid])["image_id"].to_list()
+        n = int(sizes.filter(sizes["cluster_id"] == cid)["images"][0])
+        if n > len(ids):
+            st.caption(f"first {len(ids)} of {n:,} images")
         gallery(cat, ids)

@@ -6,7 +6,7 @@ import streamlit as st
 
 from catalog import Catalog
 from ui import data
-from ui.views.common import gallery, need, pager
+from ui.views.common import GALLERY_MAX, gallery, need, pager
 
 TITLE = "Leakage"
 PER_PAGE = 50
@@ -39,8 +39,11 @@ def render(cat: Catalog) -> None:
     groups = data.q(cat, f"{body} ORDER BY images DESC, group_id LIMIT {PER_PAGE} OFFSET {offset}")
     st.dataframe(groups, hide_index=True, key="leak-groups")
     gid = st.selectbox("group", groups["group_id"].to_list(), key="leak-group")
-    imgs = data.q(cat, """SELECT s.image_id, s.split FROM splits s JOIN images i USING (image_id)
+    imgs = data.q(cat, f"""SELECT s.image_id, s.split FROM splits s JOIN images i USING (image_id)
                           WHERE i.group_id = ? AND s.scheme = ? ORDER BY s.split, s.image_id
-                          LIMIT 60""", [gid, scheme])
+                          LIMIT {GALLERY_MAX}""", [gid, scheme])
+    n = int(groups.filter(groups["group_id"] == gid)["images"][0])
+    if n > imgs.height:
+        st.caption(f"first {imgs.height} of {n:,} images")
     gallery(cat, imgs["image_id"].to_list(),
             [f"{r['image_id']} · {r['split']}" for r in imgs.iter_rows(named=True)])

@@ -10,7 +10,7 @@ from ui import data
 from ui.views.common import gallery, last_verdict_note, need, pager, verdict_buttons
 
 TITLE = "Outliers and quality"
-PER_PAGE = 24
+PER_PAGE = 12  # images per page, each with three verdict buttons (browser work grows with both)
 
 
 def render(cat: Catalog) -> None:
