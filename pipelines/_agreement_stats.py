@@ -231,10 +231,22 @@ def prevalence_rows(
         for s in (a, b):
             lab = labels.filter((pl.col("source_id") == s) & pl.col("finding").is_in(common))
             implicit = lab.height > 0 and lab["negatives"][0] == "implicit"
-            agg = with_subgroups(lab.select("img", "finding", "c", "finding_own"), sub).group_by(
-                "finding", "sg").agg((pl.col("c") == 1).sum().alias("pos"),
-                                     pl.col("c").is_not_null().sum().alias("n"),
-                                     pl.col("finding_own").first().alias("own"))
+            whole = lab.group_by("finding").agg(  # the whole set, and the source's own names
+                (pl.col("c") == 1).sum().alias("pos"), pl.col("c").is_not_null().sum().alias("n"),
+                pl.col("finding_own").first().alias("own"))
+            fidx = {f: i for i, f in enumerate(common)}  # subgroups: integer keys only
+            coded = lab.select("img", pl.col("finding").replace_strict(
+                fidx, return_dtype=pl.Int32).alias("fi"), (pl.col("c") == 1).alias("p"),
+                pl.col("c").is_not_null().alias("ok"))
+            parts = coded.join(sub, on="img").group_by("fi", "sg").agg(
+                pl.col("p").sum().alias("pos"), pl.col("ok").sum().alias("n"))
+            agg = pl.concat([
+                whole.with_columns(pl.lit(0, pl.Int64).alias("sg")).select(
+                    "finding", "sg", pl.col("pos").cast(pl.Int64), pl.col("n").cast(pl.Int64), "own"),
+                parts.select(pl.col("fi").replace_strict(dict(enumerate(common))).alias("finding"),
+                             "sg", pl.col("pos").cast(pl.Int64), pl.col("n").cast(pl.Int64),
+                             pl.lit(None, pl.String).alias("own")),
+            ])
             if implicit:  # every covered image was judged: n = covered images in the subgroup
                 cov = with_subgroups(coverage.filter(pl.col("source_id") == s).select(
                     image_key()), sub).group_by("sg").agg(pl.len().alias("n_cov"))
