@@ -97,7 +97,9 @@ def _to_arrow(data: Any) -> pa.Table:
     if isinstance(data, list):
         if not data:
             return pa.table({})
-        try:  # Polars infers types without importing pandas (pyarrow's from_pylist does)
+        # Polars types the rows without importing pandas (pyarrow's from_pylist does, ~1 s)
+        # and, unlike from_pylist, keeps keys that only later rows have
+        try:
             return pl.DataFrame(data, infer_schema_length=None).to_arrow()
         except (TypeError, ValueError, pl.exceptions.PolarsError):
             return pa.Table.from_pylist(data)
@@ -276,7 +278,8 @@ class Transaction:
     ``write`` checks the data against the schema at once (a :class:`SchemaError` is raised
     there) and encodes and syncs the temporary file on a background thread, so the caller
     prepares the next table meanwhile and the files' fsyncs overlap; leaving the ``with``
-    block waits for every file, then renames them all (or, on any error, none).
+    block waits for every file, then renames them all (or, on any error, none). Arrow data
+    passed in (or NumPy buffers behind it) must not be changed in place before the block ends.
 
     Example
     -------
