@@ -14,6 +14,7 @@ Image files must be readable at the same path on every node (a shared file syste
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,33 @@ def vector_table(model: str, image_ids: list[str], sha256: list[str], vectors: n
     })
 
 
+def blocks(table: pa.Table, batch_size: int, actors: int, *, per_actor: int = 4) -> list[pa.Table]:
+    """``table`` cut into Ray Data input blocks of whole batches, about ``per_actor`` per actor.
+
+    One block is processed by one actor, so a single block (``from_arrow`` of one table)
+    would leave every actor but one idle.
+
+    Parameters
+    ----------
+    table : pyarrow.Table
+        The rows to embed.
+    batch_size : int
+        Rows per model batch; every block but the last holds a whole number of batches.
+    actors : int
+        Model replicas the blocks are spread over.
+    per_actor : int
+        Blocks per actor (more smooths out slow images; each block costs one task).
+
+    Returns
+    -------
+    list of pyarrow.Table
+        Zero-copy slices covering ``table`` in order (``[table]`` when it is empty).
+    """
+    n = table.num_rows
+    rows = batch_size * max(1, -(-n // (batch_size * max(actors, 1) * per_actor)))
+    return [table.slice(s, rows) for s in range(0, n, rows)] or [table]
+
+
 def run(cat: Catalog, *, address: str | None = None, model: str | None = None,
         pretrained: str | None = None, batch_size: int | None = None, limit: int | None = None,
         actors: int | None = None, commit_rows: int = 1024, echo: Any = None) -> dict[str, Any]:
@@ -79,6 +107,8 @@ def run(cat: Catalog, *, address: str | None = None, model: str | None = None,
         if val is not None:
             p[key] = val
     name = make_embedder(p["model"], p["pretrained"]).name  # fails early on missing weights
+    if p["pretrained"]:  # actors run in other folders: a path relative to here must be absolute
+        p["pretrained"] = str(Path(p["pretrained"]).resolve())
     vs = open_vectors(cat.ws)
     total = len(cat.read("fingerprints", columns=["image_id"]))
     df = local.todo(cat, name, vs)
@@ -97,10 +127,11 @@ def run(cat: Catalog, *, address: str | None = None, model: str | None = None,
     gpus = cluster_gpus(ray)
     n_act = actors or (gpus or cluster_cpus(ray))
     out["actors"] = n_act
-    ds = rdata.from_arrow(df.select("image_id", "sha256", "file").to_arrow())
+    bs = int(p["batch_size"])
+    ds = rdata.from_arrow(blocks(df.select("image_id", "sha256", "file").to_arrow(), bs, n_act))
     ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={"model": p["model"],
                                                            "pretrained": p["pretrained"]},
-                        batch_size=int(p["batch_size"]), batch_format="pyarrow",
+                        batch_size=bs, batch_format="pyarrow",
                         concurrency=n_act, **({"num_gpus": 1} if gpus else {"num_cpus": 1}))
     uri = table_uri(cat.ws, name)
     lance_ray.write_lance(ds, uri, mode="append" if vs.has(name) else "create", stream=True,

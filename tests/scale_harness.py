@@ -79,6 +79,9 @@ class Cluster:
              f"-filer.localSocket={wd / 'filer.sock'}"],
             stdout=open(wd / "weed.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
             env={**os.environ, "TMPDIR": str(wd)}, start_new_session=True)
+        # explicit: with the mode unset, a ~/.ray/auth_token left by any local ray.init() turns
+        # token auth on for the head only, and the worker's 'ray start' fails (InvalidAuthToken)
+        os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback-only namespace, nothing else reaches it
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         common = ["--node-ip-address=127.0.0.1", "--num-cpus=1",
                   "--object-store-memory=2000000000", "--disable-usage-stats"]

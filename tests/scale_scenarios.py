@@ -17,6 +17,8 @@ import polars as pl
 import yaml
 
 BIN = Path(sys.executable).parent
+CLIP = "ViT-S-32-alt"  # the smallest ViT config open_clip ships (22.6M-parameter image tower)
+CLIP_IMAGES = 12
 RECIPE = """dataset: synth-derm
 parent: synth-derm@original
 labels:
@@ -124,6 +126,68 @@ def compare_duplicates(cat: Any, cl: Any) -> dict[str, Any]:
     return out
 
 
+def compare_clip(cat: Any, cl: Any, work: Path) -> dict[str, Any]:
+    """A checkpointed open_clip model: local engine vs ``medlake embed --engine ray``.
+
+    One model (:data:`CLIP`) is built once with fixed random weights and saved as a local
+    checkpoint; ``params.yaml: embed`` names it by a path relative to the workspace (the
+    driver resolves it, actors run in other folders). The local engine (batches of 8, torch
+    threads as configured) and the 2-node cluster (batches of 3, one thread per actor) embed
+    the same first :data:`CLIP_IMAGES` images; the vectors must agree within 1e-6.
+    """
+    import open_clip
+    import torch
+    from click.testing import CliRunner
+
+    from catalog.storage import open_vectors
+    from cli.main import main
+    from pipelines import embed
+
+    root, ckpt, out = cat.ws.root, work / "clip.pt", {"model_config": CLIP}
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model(CLIP, pretrained=None).state_dict(), ckpt)
+    out["checkpoint_mb"] = ckpt.stat().st_size / 1e6
+    before = _set_embed(root, {"model": CLIP, "pretrained": "../clip.pt", "batch_size": 8})
+    here = Path.cwd()
+    os.chdir(root)  # a relative checkpoint path, as in a DVC stage (cwd = workspace)
+    try:
+        set_vectors(root, None)
+        t = time.time()
+        out["local"] = embed.run(cat, workers=0, limit=CLIP_IMAGES)
+        out["local_s"] = time.time() - t
+        name = out["local"]["model"]
+        ids_l, vec_l = open_vectors(cat.ws).load(name)
+        set_vectors(root, "s3://vectors/ws")
+        t = time.time()
+        r = CliRunner().invoke(main, ["embed", "-w", str(root), "--engine", "ray", "--address",
+                                      cl.address, "--limit", str(CLIP_IMAGES), "--batch-size", "3"])
+        out["ray_s"] = time.time() - t
+        out["cli"] = {"exit": r.exit_code, "output": r.output[-500:] + repr(r.exception or "")}
+        ids_r, vec_r = open_vectors(cat.ws).load(name) if r.exit_code == 0 else ([], None)
+    finally:
+        os.chdir(here)
+        _set_embed(root, before)
+        set_vectors(root, None)
+        ckpt.unlink(missing_ok=True)
+    out["n_local"], out["n_ray"], out["dim"] = len(ids_l), len(ids_r), int(vec_l.shape[1])
+    out["same_ids"] = ids_l == ids_r
+    out["max_abs_diff"] = float(np.abs(vec_l - vec_r).max()) if out["same_ids"] else None
+    out["min_pair_distance"] = float(min(np.abs(vec_l[i] - vec_l[j]).max()
+                                         for i in range(len(vec_l)) for j in range(i)))
+    return out
+
+
+def _set_embed(root: Path, embed: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Set (or with None remove) ``params.yaml: embed``; returns the previous value."""
+    f = root / "params.yaml"
+    p = yaml.safe_load(f.read_text()) or {}
+    before = p.pop("embed", None)
+    if embed:
+        p["embed"] = embed
+    f.write_text(yaml.safe_dump(p, sort_keys=False))
+    return before
+
+
 def dvc_roundtrip(cat: Any, cl: Any, work: Path) -> dict[str, Any]:
     """A version built by a DVC stage, pushed to SeaweedFS, pulled into a fresh clone."""
     from versions_helpers import tree_digest
@@ -158,7 +222,7 @@ def _s3_count(cl: Any, prefix: str) -> int:
 def test(cl: Any, work: Path) -> dict[str, Any]:
     cat = lake(cl, work, n_captures=30)
     return {"embed": compare_embed(cat, cl), "duplicates": compare_duplicates(cat, cl),
-            "dvc": dvc_roundtrip(cat, cl, work)}
+            "dvc": dvc_roundtrip(cat, cl, work), "clip": compare_clip(cat, cl, work)}
 
 
 def bench(cl: Any, work: Path) -> dict[str, Any]:

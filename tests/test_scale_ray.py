@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
 from catalog import Workspace
 from catalog.storage import StorageError, s3_options, vectors_uri
 from cli.main import main
+from pipelines.ray_embed import blocks
 
 REPO = Path(__file__).resolve().parents[1]
 UNSHARE = ["unshare", "-rn", "--pid", "--fork", "--kill-child", "--mount-proc"]
@@ -77,6 +80,26 @@ def test_embed_ray_equals_local_and_resumes(result):
     assert e["ray_rest"]["actors"] == 2  # one per CPU of the two nodes
     assert e["vector_type"].startswith("fixed_size_list<item: float>")
     assert e["cli"]["exit"] == 0 and "already embedded" in e["cli"]["output"]
+
+
+def test_checkpointed_clip_ray_equals_local(result):
+    """open_clip from a local checkpoint (weights_only): the 2 nodes give the local vectors."""
+    c = result["clip"]
+    assert c["cli"]["exit"] == 0, c["cli"]["output"]
+    assert re.fullmatch(r"openclip:ViT-S-32-alt:[0-9a-f]{12}", c["local"]["model"])
+    assert c["same_ids"] and c["n_local"] == c["n_ray"] == c["local"]["embedded"] > 0
+    assert f"{c['n_ray']} embedded" in c["cli"]["output"]
+    assert c["max_abs_diff"] <= 1e-6
+    assert c["min_pair_distance"] > 1e-4  # different images differ far beyond the tolerance
+
+
+def test_ray_embed_blocks_are_whole_batches_for_every_actor():
+    t = pa.table({"i": list(range(100))})
+    b = blocks(t, 8, 2)
+    assert pa.concat_tables(b).equals(t) and [x.num_rows for x in b] == [16] * 6 + [4]
+    assert [x.num_rows for x in blocks(t.slice(0, 12), 3, 2)] == [3, 3, 3, 3]
+    assert [x.num_rows for x in blocks(t, 64, 2)] == [64, 36]
+    assert blocks(t.slice(0, 0), 8, 2)[0].num_rows == 0
 
 
 def test_vectors_live_on_s3(result):
