@@ -4,14 +4,18 @@ Builds a sample workspace (``ui.sample``; real PNGs for the first ``--files`` im
 uses ``--workspace``, serves it with ``medlake ui`` on a free 127.0.0.1 port (which warms
 every page before it prints its URL, see ``ui/warm.py``), opens each page in Debian's
 Chromium via Playwright and times navigation until the page is complete: its text shows,
-the script run has finished, and every image, chart and table is drawn. ``first`` is the
-first open after the server printed its URL (thumbnails on disk deleted beforehand);
-``later`` the best of ``--repeat`` further opens (a new visit, as another reviewer would
-make it). The server logs each script run's seconds (``MEDLAKE_UI_TIMING``), so server and
-browser time can be told apart. The baseline, measured in the same run and browser, is an
-empty Streamlit page (one ``st.write``) served the same way: what any page costs before
-medlake does anything. ``--unwarmed`` also times first opens on the app started without the
-warm-up. The goal is under 2 s per page; this prints figures, it asserts nothing.
+the script run has finished, no element shows its loading skeleton, and every image, chart
+and table on screen is drawn. Three passes, each with the on-disk thumbnails deleted first:
+``new browser`` is the first open of each page right after ``medlake ui`` printed its URL,
+on an address the browser never visited (Streamlit's scripts download and compile too), and
+``later`` the best of ``--repeat`` further opens; ``after restart`` is the first open after
+``medlake ui`` was stopped and started again on the same address (the browser has
+Streamlit's scripts cached: a reviewer's usual first open); ``--unwarmed`` adds first opens
+on the app started by ``streamlit run`` alone (no warm-up, new address). The server logs
+each script run's seconds (``MEDLAKE_UI_TIMING``), so server and browser time can be told
+apart. The baseline, measured in the same run and browser, is an empty Streamlit page (one
+``st.write``) served the same way: what any page costs before medlake does anything. The
+goal is under 2 s per page; this prints figures, it asserts nothing.
 
     .venv/bin/python bench/ui.py [--images 100000] [--pairs 50000] [--files 2000]
         [--workspace DIR] [--unwarmed] [--record]
@@ -29,6 +33,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -67,7 +72,8 @@ def start_empty(tmp: Path, port: int) -> subprocess.Popen:
 
 
 # the page is complete: the script run finished, no element still shows its loading
-# skeleton, every image is loaded, every chart and table on screen is drawn (Streamlit loads the chart and table code on first use)
+# skeleton, every image is loaded, every chart and table on screen is drawn (Streamlit
+# loads the chart and table code on first use)
 READY_JS = """() => {
   const app = document.querySelector("[data-testid='stApp']");
   if (!app || app.getAttribute("data-test-script-state") !== "notRunning") return false;
@@ -147,13 +153,16 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=50_000)
     ap.add_argument("--files", type=int, default=2_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="server starts per kind of first open (the median is reported)")
     ap.add_argument("--workspace", help="use this built workspace instead of building one")
     ap.add_argument("--unwarmed", action="store_true",
-                    help="also time first opens on a server started without the warm-up")
+                    help="also time first opens on the app started without the warm-up")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     a = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
+    load0 = os.getloadavg()[0]
     os.environ["MEDLAKE_UI_TIMING"] = "1"  # the server logs each page run's seconds
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -172,6 +181,8 @@ def main() -> None:
         eport = free_port()
         empty = start_empty(tmp, eport)
         unwarmed: dict[str, tuple] = {}
+        rows: dict[str, tuple] = {}
+        start_s: list[float] = []
         try:
             with sync_playwright() as p:
                 ctx = p.chromium.launch_persistent_context(
@@ -181,42 +192,60 @@ def main() -> None:
                 base_first, base, _ = open_times(page, f"http://127.0.0.1:{eport}/",
                                                  "empty page", a.repeat)
                 page.close()
-                if a.unwarmed:
-                    shutil.rmtree(root / "lake" / "cache", ignore_errors=True)
+                new: list[dict] = []
+                restart: list[dict] = []
+                for r in range(a.rounds):
+                    # a. a browser new to the UI's address: Streamlit's own code loads too
                     port = free_port()
-                    proc = start_unwarmed(root, port, tmp / "unwarmed.log")
+                    shutil.rmtree(root / "lake" / "cache", ignore_errors=True)  # thumbnails
+                    t = time.perf_counter()
+                    proc = start_ui(root, port, tmp / f"server{r}.log")  # URL printed
+                    start_s.append(time.perf_counter() - t)
                     try:
-                        unwarmed = measure(ctx, port, a.repeat, only_first=True)
+                        m = measure(ctx, port, a.repeat, only_first=r > 0)
                     finally:
                         stop(proc)
-                shutil.rmtree(root / "lake" / "cache", ignore_errors=True)  # cold thumbnails
-                port = free_port()
-                t = time.perf_counter()
-                proc = start_ui(root, port, tmp / "server.log")  # returns once the URL prints
-                start_s = time.perf_counter() - t
-                try:
-                    rows = measure(ctx, port, a.repeat)
-                finally:
-                    stop(proc)
+                    new.append(m)
+                    rows = rows or m
+                    # b. medlake ui restarted on that address: Streamlit's code is cached
+                    shutil.rmtree(root / "lake" / "cache", ignore_errors=True)
+                    proc = start_ui(root, port, tmp / f"restart{r}.log")
+                    try:
+                        restart.append(measure(ctx, port, a.repeat, only_first=True))
+                    finally:
+                        stop(proc)
+                if a.unwarmed:  # c. a server without the warm-up (new address, empty caches)
+                    shutil.rmtree(root / "lake" / "cache", ignore_errors=True)
+                    uport = free_port()
+                    proc = start_unwarmed(root, uport, tmp / "unwarmed.log")
+                    try:
+                        unwarmed = measure(ctx, uport, a.repeat, only_first=True)
+                    finally:
+                        stop(proc)
                 ctx.close()
         finally:
             stop(empty)
-        server = server_times(tmp / "server.log")
-        warmed = re.findall(r"warmed .*", (tmp / "server.log").read_text())
-    print(f"medlake ui: {start_s:.1f} s from start until it printed its URL (incl. warm-up); "
-          f"{warmed[0] if warmed else 'no warm-up logged'}")
-    lines = [(f"| page | first open s | later open s (best of {a.repeat}) | server run s "
-              "(first / best later) | images, buttons, charts, tables | first / empty page "
-              f"| later / empty page | first open without warm-up s | under 2 s |"),
-             "|---|---|---|---|---|---|---|---|---|"]
-    for n, (c, w, k) in rows.items():
+        server = server_times(tmp / "server0.log")
+        warmed = re.findall(r"warmed .*", (tmp / "server0.log").read_text())
+    print(f"medlake ui: {median(start_s):.1f} s (median of {len(start_s)}) from start until it "
+          f"printed its URL, warm-up included; {warmed[0] if warmed else 'no warm-up logged'}")
+    lines = [(f"| page | first open, new browser s (median of {a.rounds}) | first open after "
+              f"restart s (median of {a.rounds}) | later open s (best of {a.repeat}) | server "
+              "run s (first / best later) | images, buttons, charts, tables | new / empty first "
+              "| restart / empty later | later / empty later | new browser, no warm-up s "
+              "| under 2 s (restart, later) |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, (_, w, k) in rows.items():
+        c = median(m[n][0] for m in new)
+        r = median(m[n][0] for m in restart)
         srv = server.get(n, [])
         sv = f"{srv[0]:.2f} / {min(srv[1:]):.2f}" if len(srv) > 1 else "—"
         un = f"{unwarmed[n][0]:.2f}" if n in unwarmed else "—"
         lines.append(
-            f"| {n} | {c:.2f} | {w:.2f} | {sv} | {k.get('images')}, {k.get('buttons')}, "
-            f"{k.get('charts')}, {k.get('tables')} | {c / base_first:.1f} | {w / base:.1f} | "
-            f"{un} | {'yes' if max(c, w) < 2 else 'NO'} |")
+            f"| {n} | {c:.2f} | {r:.2f} | {w:.2f} | {sv} | {k.get('images')}, "
+            f"{k.get('buttons')}, {k.get('charts')}, {k.get('tables')} | {c / base_first:.1f} "
+            f"| {r / base:.1f} | {w / base:.1f} | {un} | "
+            f"{'yes' if max(r, w) < 2 else 'NO'} (new browser {'yes' if c < 2 else 'NO'}) |")
     table = "\n".join(lines)
     print(f"empty Streamlit page: first open {base_first:.2f} s, later {base:.2f} s")
     print(table)
@@ -224,12 +253,19 @@ def main() -> None:
         record("UI page-open times (bench/ui.py)",
                f"Workspace: {desc}. Headless Chromium via Playwright, {machine()}, machine shared "
                "with other jobs (timings noisy). An open ends when the page's text shows, its "
-               "script run has finished and every image, chart and table is drawn. Baseline, "
-               "same run and browser: an empty Streamlit page served the same way (first open "
-               f"{base_first:.2f} s, later {base:.2f} s). `medlake ui` took {start_s:.1f} s "
-               "from start to printing its URL (warm-up included)."
-               + (" \"Without warm-up\": the same app started by `streamlit run` without "
-                  "`medlake ui`'s warm-up, empty caches." if unwarmed else "")
+               "script run has finished, no element shows its loading skeleton and every "
+               "image, chart and table on screen is drawn. `medlake ui` warms every page "
+               f"before printing its URL ({median(start_s):.1f} s here, median). \"New "
+               "browser\": first open right after the server printed its URL, on an address "
+               "this browser never visited (Streamlit's scripts download and compile too); "
+               "\"after restart\": "
+               "`medlake ui` restarted on the same address, thumbnails deleted, the browser "
+               "has Streamlit's scripts cached (a reviewer's usual first open); \"later\": "
+               "best further visit. Baseline, same run and browser: an empty Streamlit page "
+               f"(first open {base_first:.2f} s, later {base:.2f} s). Load average "
+               f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end."
+               + (" \"No warm-up\": the app started by `streamlit run` alone, empty caches, "
+                  "new address." if unwarmed else "")
                + "\n\n" + table)
 
 

@@ -3,6 +3,8 @@
 The workspace comes from ``MEDLAKE_WORKSPACE`` (set by ``medlake ui``), else from
 ``-- --workspace DIR`` after the script name, else the current folder. The page is in the
 URL (``?page=duplicates``), so a page can be bookmarked and a browser test can open it.
+``?warm=1`` (sent once by ``medlake ui``) renders every page in the background and waits
+(:mod:`ui.warm`); ``MEDLAKE_UI_TIMING=1`` logs each page run's seconds (bench/ui.py).
 """
 
 from __future__ import annotations

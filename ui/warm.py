@@ -38,10 +38,23 @@ log = get_logger(__name__)  # Streamlit's logger: shows in the server's output
 
 
 def run_pages(root: str, pages: Mapping[str, ModuleType]) -> dict[str, float | str]:
-    """Render each page of ``pages`` once without a session; seconds per page (or the error).
+    """Render each page of ``pages`` once without a session.
 
     Must run in a thread without a ``ScriptRunContext`` (see :func:`start`): in a session's
     own thread the pages would be drawn into that session.
+
+    Parameters
+    ----------
+    root
+        The workspace root.
+    pages
+        Page name -> module with ``render(cat)`` (:func:`ui.views.pages`).
+
+    Returns
+    -------
+    dict
+        Seconds per page, or the error text of a page that raised (it then fails visibly
+        when opened; the warm-up goes on with the next page).
     """
     from catalog import Catalog
     from ui import cache
@@ -102,12 +115,24 @@ def refresh(cat: Catalog, pages: Mapping[str, ModuleType]) -> bool:
 
 
 def prime(url: str, timeout_s: float = 300) -> bool:
-    """Ask the server at ``url`` to warm every page; True once it reports the run finished.
+    """Ask the server at ``url`` to warm every page and wait until it has.
 
     Opens one session over Streamlit's WebSocket (``/_stcore/stream``), requests the app with
-    ``?warm=1`` and waits for the end of that run (``script_finished``). Any failure
-    (no ``websockets`` package, refused connection, time-out) returns False: the UI works
-    the same, only the first visit of each page is slower.
+    ``?warm=1`` and waits for the end of that run (``script_finished``).
+
+    Parameters
+    ----------
+    url
+        The server's base URL, e.g. ``http://127.0.0.1:8501``.
+    timeout_s
+        Give up after this many seconds.
+
+    Returns
+    -------
+    bool
+        True once the run finished. Any failure (no ``websockets`` package, refused
+        connection, time-out) returns False: the UI works the same, only the first visit of
+        each page is slower.
     """
     import asyncio
 

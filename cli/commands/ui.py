@@ -58,6 +58,7 @@ def serve(root: Path, *, port: int = 8501, host: str = "127.0.0.1",
         if proc.poll() is None:  # run every page once so first visits find warm caches
             from ui.warm import prime
 
+            click.echo("warming the UI: every page runs once ...", err=True)
             prime(url)
         click.echo(f"medlake UI for {root}: {url}  (Ctrl+C stops it)")
         return proc.wait()
