@@ -2,11 +2,14 @@
 versus pandas merely reading the same files (``pandas.read_csv``), in one run.
 
 Goal: ingest (parse, normalise, write Parquet) takes no longer than pandas' read.
-The baseline reads every file medlake reads (the RSNA adapter also reads the DICOM-header
+medlake's side runs the ``ingest`` stage itself (``pipelines.ingest.run_all``, what
+``medlake ingest --all`` runs) over the public entries of the repository's params.yaml, in
+a temporary workspace, with its default worker pool; one more run with ``processes=1``
+gives the sequential figure and per-format times. The baseline reads every file medlake reads (the RSNA adapter also reads the DICOM-header
 CSV beside the labels), with pandas' defaults plus ``low_memory=False``. Each side runs in its
 own fresh process (imports not timed), the two alternating, best of ``--repeat``. Prints
 both wall times, the ratio, each side's CPU seconds (user + system, all threads: less
-sensitive to other load on the machine) and peak memory; ``--record`` appends the figures
+sensitive to other load on the machine; worker processes included) and peak memory; ``--record`` appends the figures
 to bench/RESULTS.md.
 
     .venv/bin/python bench/ingest.py [--record] [--repeat 3]
@@ -20,45 +23,51 @@ import os
 import sys
 from pathlib import Path
 
-from _common import machine, real_data, record, run_child
+from _common import REPO, machine, real_data, record, run_child
 
 # user + system seconds of this process, all its threads
 CPU = """
 import resource
 def cpu_seconds():
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 """
 
 MEDLAKE = r"""
-import json, sys, tempfile, time, os
+import json, multiprocessing.forkserver, os, resource, sys, tempfile, time
 from pathlib import Path
+import yaml
 from catalog import Catalog, Workspace
-from pipelines import adapters, ingest
+from pipelines import ingest
 from bench._common import peak_rss_mb
 CPU
 real = Path(sys.argv[1])
-order = json.loads(sys.argv[2])
+entries = json.loads(sys.argv[2])
 tmp = tempfile.TemporaryDirectory()
 root = Path(tmp.name) / "ws"
 (root / ".dvc").mkdir(parents=True)
+(root / "params.yaml").write_text(yaml.safe_dump({"real_data": str(real), "ingest": entries}))
 cat = Catalog(Workspace(root))
-reg = adapters.registry()
-times, read = {}, []
+processes = int(sys.argv[3]) or None
+stamps = []
 cpu0 = cpu_seconds()
 t0 = time.perf_counter()
-rows = 0
-for name in order:
-    t = time.perf_counter()
-    res = ingest.run(cat, name, real / reg[name].default_path)
-    times[name] = round(time.perf_counter() - t, 3)
-    rows += res.rows_read
-    read += [f.file for f in res.files]
+# the 'ingest' stage (medlake ingest --all); echo is called as each entry's result is in
+results = ingest.run_all(cat, echo=lambda m: stamps.append(time.perf_counter()),
+                         processes=processes)
 total = time.perf_counter() - t0
+# the fork server reaps the workers; stopping it adds their CPU time to RUSAGE_CHILDREN
+fs = multiprocessing.forkserver._forkserver
+if getattr(fs, "_forkserver_pid", None):
+    fs._stop()
 cpu = cpu_seconds() - cpu0
+children_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 tmp.cleanup()
-print(json.dumps({"seconds": total, "cpu": cpu, "per_format": times, "rows": rows,
-                  "files": read, "peak_mb": peak_rss_mb()}))
+print(json.dumps({"seconds": total, "cpu": cpu, "rows": sum(r.rows_read for r in results),
+                  "per_format": {r.adapter: round(t - s, 3) for r, s, t
+                                 in zip(results, [t0, *stamps], stamps)},
+                  "files": [f.file for r in results for f in r.files], "peak_mb": peak_rss_mb(),
+                  "worker_peak_mb": children_mb, "workers": os.cpu_count()}))
 """.replace("CPU\n", CPU)
 
 PANDAS = r"""
@@ -77,28 +86,15 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "cpu": cpu_seconds() - cp
 """.replace("CPU\n", CPU)
 
 
-def plan() -> list[str]:
-    """Adapters with a public file, linked ones after the dataset they label."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from pipelines import adapters
+def plan() -> list[dict[str, str]]:
+    """The public-data entries of the repository's ``params.yaml`` ``ingest:`` list (the
+    stage's own list, in its order), keeping those whose file is present."""
+    import yaml
 
-    reg = {n: a for n, a in adapters.registry().items() if a.default_path}
     real = real_data()
-    reg = {n: a for n, a in reg.items() if (real / a.default_path).exists()}
-    order: list[str] = []
-
-    def visit(n: str) -> None:
-        if n in order or n not in reg:
-            return
-        if reg[n].links_to:
-            if reg[n].links_to not in reg:
-                return
-            visit(reg[n].links_to)
-        order.append(n)
-
-    for n in sorted(reg):
-        visit(n)
-    return order
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    return [e for e in params.get("ingest") or []
+            if str(e["path"]).startswith("real:") and (real / str(e["path"])[5:]).exists()]
 
 
 def read_files(real: Path, names: list[str]) -> list[str]:
@@ -119,17 +115,21 @@ def main() -> None:
     a = ap.parse_args()
     real = real_data()
     order = plan()
-    # each side in its own fresh process, alternating, best of N
+    # each side in its own fresh process, alternating, best of N; then one sequential run
+    # (processes=1: the same stage without its worker pool) for the A/B and per-format times
     load = os.getloadavg()[0]
     meds, pans = [], []
     for _ in range(a.repeat):
-        meds.append(run_child(MEDLAKE, str(real), json.dumps(order)))
+        meds.append(run_child(MEDLAKE, str(real), json.dumps(order), "0"))
         files = read_files(real, meds[0]["files"])
         pans.append(run_child(PANDAS, json.dumps(files)))
+    seq = run_child(MEDLAKE, str(real), json.dumps(order), "1")
     med = min(meds, key=lambda r: r["seconds"])
     pan = min(pans, key=lambda r: r["seconds"])
     ratio = med["seconds"] / pan["seconds"]
     cpu_med, cpu_pan = min(r["cpu"] for r in meds), min(r["cpu"] for r in pans)
+    # upper bound: the parent plus every worker at the largest worker's peak at once
+    peak = med["peak_mb"] + med["workers"] * med["worker_peak_mb"]
     lines = [
         (f"machine: {machine()}; {len(files)} files, {len(order)} formats, "
          f"{med['rows']:,} input rows (pandas read {pan['rows']:,}); load average "
@@ -137,14 +137,19 @@ def main() -> None:
         "",
         "| | seconds | peak memory (MiB) |",
         "|---|---:|---:|",
-        f"| medlake ingest (parse, normalise, write Parquet) | {med['seconds']:.2f} | {med['peak_mb']:.0f} |",
+        (f"| medlake ingest --all ({med['workers']} worker processes; parse, normalise, "
+         f"write Parquet) | {med['seconds']:.2f} | {peak:.0f} |"),
         f"| pandas.read_csv only (baseline) | {pan['seconds']:.2f} | {pan['peak_mb']:.0f} |",
-        f"| ratio medlake / pandas | {ratio:.2f} | {med['peak_mb'] / pan['peak_mb']:.2f} |",
+        f"| ratio medlake / pandas | {ratio:.2f} | {peak / pan['peak_mb']:.2f} |",
+        f"| medlake, same stage with processes=1 (one run) | {seq['seconds']:.2f} | {seq['peak_mb']:.0f} |",
         "",
-        (f"CPU seconds (user + system, all threads; best of {a.repeat}): medlake "
-         f"{cpu_med:.2f}, pandas {cpu_pan:.2f}, ratio {cpu_med / cpu_pan:.2f}"),
+        (f"CPU seconds (user + system, all threads and worker processes; best of {a.repeat}): "
+         f"medlake {cpu_med:.2f}, pandas {cpu_pan:.2f}, ratio {cpu_med / cpu_pan:.2f}; "
+         f"medlake with processes=1 {seq['cpu']:.2f}"),
+        (f"peak memory of the parallel run: parent {med['peak_mb']:.0f} MiB + "
+         f"{med['workers']} x largest worker {med['worker_peak_mb']:.0f} MiB (upper bound)"),
         "",
-        "per format (s): " + ", ".join(f"{k} {v}" for k, v in med["per_format"].items()),
+        "per format, processes=1 (s): " + ", ".join(f"{k} {v}" for k, v in seq["per_format"].items()),
         "",
         f"goal: ratio <= 1.0 -> {'met' if ratio <= 1.0 else 'NOT met'}",
     ]
