@@ -206,6 +206,13 @@ def test_packed_version_reads_like_plain(catalog: Catalog, tmp_path) -> None:
     assert f"{len(idx):,} files written" in r.output
     assert tree_digest(out) == {k: v for k, v in tree_digest(plain).items()
                                if k.startswith("images")}
+    # by name in the workspace (--workspace), and a clear error for an unknown name
+    ws = ["--workspace", str(catalog.ws.root)]
+    r = CliRunner().invoke(cli, ["unpack", "packed", "--out", str(tmp_path / "by_name"), *ws])
+    assert r.exit_code == 0, r.output
+    assert tree_digest(tmp_path / "by_name") == tree_digest(out)
+    r = CliRunner().invoke(cli, ["unpack", "no-such-version", *ws])
+    assert r.exit_code != 0 and "no version folder 'no-such-version'" in r.output
 
 
 def test_unpack_detects_corruption(catalog: Catalog, tmp_path) -> None:

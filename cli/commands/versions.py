@@ -32,22 +32,31 @@ def versions(dataset_id, fmt, workspace):
 
 
 @click.command("unpack")
-@click.argument("version", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("version")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write the files here (default: into the version folder itself).")
 @click.option("--overwrite", is_flag=True, help="Replace existing files whose content differs.")
+@workspace_option
 @command
-def unpack(version, out, overwrite):
+def unpack(version, out, overwrite, workspace):
     """Unpack a packed version's image shards (export pack: shards) into plain files.
 
-    VERSION is the version folder (e.g. lake/versions/NAME after 'dvc pull'). Every file is
-    checked against the shard index (size, sha256). Unpacking into a DVC-tracked folder
-    changes that output: use --out elsewhere to keep 'dvc status' clean.
+    VERSION is a version name (lake/versions/NAME of the workspace, e.g. after 'dvc pull') or
+    a version folder. Every file is checked against the shard index (size, sha256). Unpacking
+    into a DVC-tracked folder changes that output: use --out elsewhere to keep 'dvc status'
+    clean.
     """
+    from catalog import CatalogError
     from catalog.shards import unpack as run_unpack
 
-    n = run_unpack(version, out, overwrite=overwrite)
-    click.echo(f"{n:,} files written under {out or version}")
+    folder = Path(version)
+    if not folder.is_dir():
+        folder = open_catalog(workspace).ws.versions_dir / version
+        if not folder.is_dir():
+            raise CatalogError(f"no version folder {version!r} (looked for {folder}); "
+                               "run 'medlake versions' for the names, or 'dvc pull' it first")
+    n = run_unpack(folder, out, overwrite=overwrite)
+    click.echo(f"{n:,} files written under {out or folder}")
 
 
 COMMANDS = [versions, unpack]
