@@ -36,7 +36,7 @@ from pipelines import verify
 from pipelines.fingerprint import image_files
 
 STAGE = "duplicates"
-DEFAULTS: dict[str, Any] = {"hamming": 6, "hash_k": 2, "k": 3, "cosine": 0.80, "orb_k": 3,
+DEFAULTS: dict[str, Any] = {"hamming": 0, "hash_k": 1, "k": 0, "cosine": 0.80, "orb_k": 3,
                             "orb_votes": 2, "min_inliers": 12, "ncc": 0.75,
                             "model": DESCRIPTOR, "block": 4096, "workers": 2}
 
@@ -97,10 +97,10 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
         for a in range(len(idx)):
             for b in range(a + 1, len(idx)):
                 add(idx[a], idx[b], "sha256", hamming=0)
-    for col in ("phash", "phash_sym"):
+    for col in ("phash", "phash_sym") if int(p["hash_k"]) > 0 else ():
         for i, j, d in hash_pairs(fp[col].to_list(), max_bits=int(p["hamming"]), k=int(p["hash_k"])):
             add(int(i), int(j), col, hamming=int(d))
-    if vecs is not None:
+    if vecs is not None and int(p["k"]) > 0:
         for i, j, c in (knn or knn_pairs)(vecs, k=int(p["k"]), threshold=float(p["cosine"]),
                                           block=int(p["block"])):
             add(int(i), int(j), "vector", cosine=float(c))

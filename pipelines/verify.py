@@ -48,7 +48,9 @@ def features(path: str) -> dict[str, Any] | None:
     out = {"g": eq.astype(np.float32), "up": max(up, 1.0)}
     for tag, img in (("n", eq), ("m", np.ascontiguousarray(eq[:, ::-1]))):
         kp, des = _LOCAL.orb.detectAndCompute(img, None)
-        out[tag] = (np.float32([k.pt for k in kp]).reshape(-1, 2), des)
+        order = np.argsort([-k.response for k in kp], kind="stable")  # strongest first
+        out[tag] = (np.float32([kp[i].pt for i in order]).reshape(-1, 2),
+                    None if des is None else des[order])
     return out
 
 
@@ -121,6 +123,22 @@ def _bandpass(g: np.ndarray, s1: float) -> np.ndarray:
     return cv2.GaussianBlur(g, (0, 0), s1) - cv2.GaussianBlur(g, (0, 0), 3 * s1)
 
 
+def _band(f: dict[str, Any], s1: float, mirror: bool) -> np.ndarray:
+    """Band-pass of a cached image (and of its mirror), kept in the cache per sigma."""
+    key = ("bp", round(s1, 3), mirror)
+    if key not in f:  # a benign race between threads computes the same array twice
+        f[key] = _bandpass(f["g"][:, ::-1] if mirror else f["g"], s1)
+    return f[key]
+
+
+def _match(pb: np.ndarray, db: np.ndarray, pa: np.ndarray, da: np.ndarray,
+           ratio: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
+    """Point pairs (b, a) of descriptors passing Lowe's ratio test (2 nearest by Hamming)."""
+    dist, idx = cv2.batchDistance(db, da, -1, normType=cv2.NORM_HAMMING, K=2)
+    good = dist[:, 0] < ratio * dist[:, 1]
+    return pb[good], pa[idx[good, 0]]
+
+
 def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, Any],
            p: dict[str, Any]) -> dict[str, Any]:
     """``verified``, ``inliers``, ``ncc``, ``transform`` (e.g. 'mirror,rot=-7,scale=0.45')."""
@@ -131,19 +149,16 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     none = {"verified": False, "inliers": 0, "ncc": None, "transform": ""}
     if fa is None or fb is None or fb["n"][1] is None:
         return {**none, "evidence": {"error": "unreadable image"}}
-    bf = cv2.BFMatcher(cv2.NORM_HAMMING)
     best = None
+    top = int(p.get("match_features", NFEATURES))  # the strongest keypoints take part
+    pb, db = fb["n"][0][:top], fb["n"][1][:top]
     for tag in ("n", "m"):
-        pa, da = fa[tag]
-        pb, db = fb["n"]
+        pa, da = fa[tag][0][:top], (None if fa[tag][1] is None else fa[tag][1][:top])
         if da is None or len(da) < 2 or len(db) < 2:
             continue
-        good = [m for m, n in (x for x in bf.knnMatch(db, da, k=2) if len(x) == 2)
-                if m.distance < 0.8 * n.distance]
-        if len(good) < 4:
+        src, dst = _match(pb, db, pa, da)
+        if len(src) < max(4, int(p["min_inliers"])):
             continue
-        src = pb[[m.queryIdx for m in good]]
-        dst = pa[[m.trainIdx for m in good]]
         M, inl = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=4.0)
         n_in = int(inl.sum()) if inl is not None else 0
         if M is not None and (best is None or n_in > best[1]):
@@ -157,15 +172,14 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     res = {"verified": False, "inliers": n_in, "ncc": None, "transform": desc}
     if n_in < int(p["min_inliers"]) or not 0.2 < scale < 5:
         return res
-    ga = fa["g"][:, ::-1] if tag == "m" else fa["g"]
-    h, w = ga.shape
-    warped = cv2.warpAffine(fb["g"], M, (w, h), flags=cv2.INTER_LINEAR, borderValue=-1)
-    mask = cv2.warpAffine(np.ones_like(fb["g"]), M, (w, h), flags=cv2.INTER_NEAREST) > 0
-    mask = cv2.erode(mask.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+    h, w = fa["g"].shape
+    warped = cv2.warpAffine(fb["g"], M, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+    mask = cv2.warpAffine(np.ones_like(fb["g"], dtype=np.uint8), M, (w, h), flags=cv2.INTER_NEAREST)
+    mask = cv2.erode(mask, np.ones((7, 7), np.uint8)) > 0
     if mask.sum() < 0.1 * h * w:
         return res
     s1 = max(1.0, 0.7 * max(fa["up"], fb["up"] / max(scale, 1e-3)))
-    xa, xb = _bandpass(ga, s1)[mask], _bandpass(np.where(warped < 0, 0, warped), s1)[mask]
+    xa, xb = _band(fa, s1, tag == "m")[mask], _bandpass(warped, s1)[mask]
     xa, xb = xa - xa.mean(), xb - xb.mean()
     ncc = float((xa * xb).sum() / max(np.sqrt((xa**2).sum() * (xb**2).sum()), 1e-9))
     return {**res, "ncc": ncc, "verified": ncc >= float(p["ncc"]),
