@@ -69,7 +69,9 @@ def test_duplicates_page_and_verdict_click(ws, monkeypatch):
     from ui.views.duplicates import PER_PAGE
 
     assert sum("score" in m.value for m in at.markdown) == PER_PAGE
-    assert len(at.image) == 3 * PER_PAGE + 3  # + the first cluster's 3 thumbnails
+    # + the score histogram (a PNG) + the first cluster's 3 thumbnails
+    assert len(at.image) == 3 * PER_PAGE + 1 + 3
+    assert any(c.startswith("pairs per score bin") for i in at.image for c in i.captions)
     before = rv.read(cat).height
     at.button(key="pair-0-different").click().run()
     assert not at.exception

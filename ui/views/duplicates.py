@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import altair as alt
+import io
+
 import streamlit as st
+from PIL import Image
 
 from catalog import Catalog, CatalogError
 from catalog import reviews as rv
-from ui import data
+from ui import cache, data
 from ui.views.common import (
     GALLERY_MAX,
     blend_file,
-    chart,
     gallery,
     last_verdict_note,
     need,
     pager,
-    show_chart,
     show_image,
     verdict_buttons,
 )
@@ -84,28 +84,50 @@ def _pair(cat: Catalog, r: dict, info: dict, verdict_of: dict, view: str, n: int
 
 
 def _histogram(cat: Catalog) -> None:
+    """Pair scores per method with the threshold marked: a PNG drawn once per lake state.
+
+    A picture, not a Vega chart: nothing here is clicked, and without a chart the page's
+    browser work is images and widgets only (the Vega library costs each page load most).
+    """
     st.subheader("Similarity scores")
     h = data.score_histogram(cat)
     if h.height == 0:
         return
     thr = cat.ws.param("duplicates.threshold")
     thr = float(thr) if isinstance(thr, (int, float)) else None
-    if thr is not None:
-        st.caption(f"red line: duplicates.threshold = {thr:g} (params.yaml)")
     rows = tuple(h.select("method", "score", "n").rows())
-    show_chart(chart(_histogram_chart, rows, thr, key="dup-hist"), "dup-hist")
+    png = cache.cached_file(cat, cache.file_key("score-histogram", rows, thr),
+                            lambda: _histogram_png(rows, thr))
+    st.image(str(png), caption="pairs per score bin and method" + (
+        f"; red line: duplicates.threshold = {thr:g} (params.yaml)" if thr is not None else ""))
 
 
-def _histogram_chart(rows: tuple, thr: float | None) -> alt.Chart | alt.LayerChart:
-    import pandas as pd
+def _histogram_png(rows: tuple, thr: float | None) -> Image.Image:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    h = pd.DataFrame(list(rows), columns=["method", "score", "n"])
-    bars = alt.Chart(h).mark_bar().encode(x=alt.X("score:Q"), y="n:Q", color="method:N")
-    if thr is None:
-        return bars
-    rule = alt.Chart(pd.DataFrame({"threshold": [thr]})).mark_rule(color="red").encode(
-        x="threshold:Q")
-    return bars + rule
+    fig = Figure(figsize=(8, 2.6), dpi=100)
+    ax = fig.add_subplot()
+    methods = sorted({r[0] for r in rows})
+    scores = sorted({r[1] for r in rows})
+    width = (scores[-1] - scores[0]) / max(len(scores) - 1, 1) * 0.9 if len(scores) > 1 else 0.01
+    bottom = dict.fromkeys(scores, 0)
+    for m in methods:
+        xs = [r[1] for r in rows if r[0] == m]
+        ns = [r[2] for r in rows if r[0] == m]
+        ax.bar(xs, ns, width=width, bottom=[bottom[x] for x in xs], label=m)
+        for x, n in zip(xs, ns):
+            bottom[x] += n
+    if thr is not None:
+        ax.axvline(thr, color="red")
+    ax.set_xlabel("score")
+    ax.set_ylabel("pairs")
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf)
+    buf.seek(0)
+    return Image.open(buf)
 
 
 def _clusters(cat: Catalog) -> None:
