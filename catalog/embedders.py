@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +40,32 @@ def _equalise(g: np.ndarray) -> np.ndarray:
     return ranks.reshape(g.shape)
 
 
-def _polar_block(eq: np.ndarray, rings: int = 8, harmonics: int = 5) -> np.ndarray:
-    """Per ring around the centre: |angular Fourier coefficients| (rotation/mirror invariant)."""
-    h, w = eq.shape
+@lru_cache(maxsize=8)
+def _polar_geometry(h: int, w: int, rings: int, harmonics: int
+                    ) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """Ring index and pixel count per ring, and the angular Fourier basis (real, imaginary)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     r = np.hypot((xx - (w - 1) / 2) / (w / 2), (yy - (h - 1) / 2) / (h / 2))
     th = np.arctan2(yy - (h - 1) / 2, xx - (w - 1) / 2)
-    ring = np.minimum((r * rings / 1.05).astype(int), rings)
-    out = np.zeros((rings, harmonics), dtype=np.float32)
+    ring = np.minimum((r * rings / 1.05).astype(int), rings).ravel()
+    n = np.maximum(np.bincount(ring, minlength=rings + 1), 1)
+    basis = []
     for k in range(harmonics):
-        basis = np.exp(-1j * k * th)
-        s = np.bincount(ring.ravel(), weights=(eq * basis).real.ravel(), minlength=rings + 1)
-        c = np.bincount(ring.ravel(), weights=(eq * basis).imag.ravel(), minlength=rings + 1)
-        n = np.maximum(np.bincount(ring.ravel(), minlength=rings + 1), 1)
+        b = np.exp(-1j * k * th)
+        basis.append((np.ascontiguousarray(b.real), np.ascontiguousarray(b.imag)))
+    for a in (ring, n, *(x for pair in basis for x in pair)):
+        a.flags.writeable = False  # shared between calls and threads
+    return ring, n, basis
+
+
+def _polar_block(eq: np.ndarray, rings: int = 8, harmonics: int = 5) -> np.ndarray:
+    """Per ring around the centre: |angular Fourier coefficients| (rotation/mirror invariant)."""
+    ring, n, basis = _polar_geometry(*eq.shape, rings, harmonics)
+    out = np.zeros((rings, harmonics), dtype=np.float32)
+    flat = eq.ravel()
+    for k, (re, im) in enumerate(basis):
+        s = np.bincount(ring, weights=flat * re.ravel(), minlength=rings + 1)
+        c = np.bincount(ring, weights=flat * im.ravel(), minlength=rings + 1)
         out[:, k] = (np.hypot(s, c) / n)[:rings]
     return out.ravel()
 

@@ -22,7 +22,7 @@ import polars as pl
 from PIL import Image
 
 from catalog import Catalog, CatalogError, spec, to_json
-from catalog.imageio import ImageReadError, load_rgb, open_image, sha256_bytes
+from catalog.imageio import ImageReadError, open_image, sha256_bytes, to_rgb
 
 log = logging.getLogger(__name__)
 STAGE = "fingerprint"
@@ -47,9 +47,13 @@ def image_files(cat: Catalog, dataset_id: str | None = None) -> pl.DataFrame:
                            pl.coalesce("modality", "ds_modality").alias("modality")).sort("image_id")
 
 
-def quality(im: Image.Image, *, xray: bool, p: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
-    """Metrics (brightness, contrast, sharpness, entropy; 0..1 or raw) and the flags they raise."""
-    rgb = np.asarray(im.convert("RGB"))
+def quality(im: Image.Image, *, xray: bool, p: dict[str, Any],
+            rgb: np.ndarray | None = None) -> tuple[dict[str, float], list[str]]:
+    """Metrics (brightness, contrast, sharpness, entropy; 0..1 or raw) and the flags they raise.
+
+    ``rgb`` (the image as 8-bit RGB pixels, when the caller has them) saves a conversion.
+    """
+    rgb = np.asarray(im.convert("RGB")) if rgb is None else rgb
     h, w = rgb.shape[:2]
     small = cv2.resize(rgb, (min(w, 256), min(h, 256)), interpolation=cv2.INTER_AREA)
     grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
@@ -98,18 +102,20 @@ def _one(row: dict[str, Any], p: dict[str, Any], root: Path) -> dict[str, Any]:
         data = path.read_bytes() if path.is_file() else b""
         if not path.is_file():
             raise ImageReadError(row["file"], "missing file")
-        im = open_image(path)
-        rgb = load_rgb(path)
+        im = open_image(path)  # decoded once; load_rgb would decode the file again
+        rgb = to_rgb(im)
     except (ImageReadError, OSError) as e:
         return {"error": getattr(e, "reason", "unreadable file"), "detail": str(e)}
-    sym = Image.fromarray(((np.asarray(rgb, np.uint16) + np.asarray(rgb)[:, ::-1]) // 2).astype(np.uint8))
+    arr = np.asarray(rgb)
+    sym = Image.fromarray(((arr.astype(np.uint16) + arr[:, ::-1]) // 2).astype(np.uint8))
+    grey = rgb.convert("L")  # every imagehash hash starts with convert("L"): do it once
     xray = str(row.get("modality") or "").lower() in ("cxr", "xr", "dx", "cr", "x-ray", "xray")
-    metrics, flags = quality(im, xray=xray, p=p)
+    metrics, flags = quality(im, xray=xray, p=p, rgb=arr)
     return {
         "image_id": row["image_id"], "dataset_id": row["dataset_id"], "sha256": sha256_bytes(data),
         "width": rgb.width, "height": rgb.height, "mode": im.mode, "format": im.format or "",
-        "bytes": len(data), "phash": str(imagehash.phash(rgb)), "dhash": str(imagehash.dhash(rgb)),
-        "ahash": str(imagehash.average_hash(rgb)), "whash": str(imagehash.whash(rgb)),
+        "bytes": len(data), "phash": str(imagehash.phash(grey)), "dhash": str(imagehash.dhash(grey)),
+        "ahash": str(imagehash.average_hash(grey)), "whash": str(imagehash.whash(grey)),
         "phash_sym": str(imagehash.phash(sym)), **metrics, "flags": ",".join(flags),
         "params": to_json(p),
     }

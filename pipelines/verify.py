@@ -60,12 +60,21 @@ def features_many(files: list[str], *, workers: int = 2) -> list[dict[str, Any] 
         return list(pool.map(features, files))
 
 
-def _bits(desc: np.ndarray, picks: np.ndarray) -> np.ndarray:
-    """Integer key of each packed 256-bit descriptor from the bits at ``picks``."""
-    key = np.zeros(len(desc), dtype=np.int64)
-    for n, b in enumerate(picks):
-        key |= ((desc[:, b >> 3] >> (7 - (b & 7))) & 1).astype(np.int64) << n
-    return key
+def _bits(desc: np.ndarray, picks: list[np.ndarray], chunk: int = 32768) -> np.ndarray:
+    """Integer keys (n, tables) of packed 256-bit descriptors from the bits at each ``picks``.
+
+    Key bit ``n`` of a table is descriptor bit ``picks[t][n]`` (bits numbered from the most
+    significant bit of byte 0). The keys are one float64 matrix product per chunk of
+    unpacked bits (exact: sums of distinct powers of two below 2**53).
+    """
+    weights = np.zeros((desc.shape[1] * 8, len(picks)))
+    for t, pk in enumerate(picks):
+        weights[pk, t] = 2.0 ** np.arange(len(pk))
+    out = np.empty((len(desc), len(picks)), dtype=np.int64)
+    for s in range(0, len(desc), chunk):
+        bits = np.unpackbits(desc[s:s + chunk], axis=1).astype(np.float64)
+        out[s:s + chunk] = bits @ weights
+    return out
 
 
 def orb_pairs(feats: list[dict[str, Any] | None], *, k: int = 5, min_votes: int = 4,
@@ -91,11 +100,12 @@ def orb_pairs(feats: list[dict[str, Any] | None], *, k: int = 5, min_votes: int 
         return np.zeros((0, 3), dtype=np.int64)
     desc, owner = np.concatenate(descs), np.concatenate(owners)
     rng = np.random.default_rng(seed)
+    keys = _bits(desc, [rng.choice(256, size=bits, replace=False) for _ in range(tables)])
+    shift = max(1, int(n).bit_length())
     codes = []
-    for _ in range(tables):
-        key = _bits(desc, rng.choice(256, size=bits, replace=False))
-        order = np.lexsort((owner, key))
-        ks, os_ = key[order], owner[order]
+    for t in range(tables):
+        both = np.sort((keys[:, t] << shift) | owner)  # by key, then owner (one int64 sort)
+        ks, os_ = both >> shift, both & ((1 << shift) - 1)
         first = np.r_[True, (ks[1:] != ks[:-1]) | (os_[1:] != os_[:-1])]  # one vote per image
         ks, os_ = ks[first], os_[first]
         starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
