@@ -202,10 +202,23 @@ def near_pairs(vecs: np.ndarray, *, threshold: float, k: int | None = None, bloc
             r = torch.arange(len(sims), device=dev)
             sims[r, r + s] = -torch.inf
             hit = sims >= threshold - margin
-            i, j = _exact_top(full, s, hit, k) if k is not None else (None, None)
-            ii, jj = (x.cpu().numpy() for x in torch.nonzero(hit, as_tuple=True))
-            i, j = (ii, jj) if i is None else (np.concatenate([ii, i]), np.concatenate([jj, j]))
-            parts.append(_rescore(v, i + s, j, threshold))
+            dense = None
+            # rows with more than k hits get their exact top k; found from the sparse hits
+            # (count_nonzero is ~20x cheaper than a per-row sum) unless hits are many
+            if k is not None and int(torch.count_nonzero(hit)) > 64 * k * len(sims):
+                dense = torch.nonzero(hit.sum(1) > k).ravel()
+                hit[dense] = False
+            i, j = torch.nonzero(hit, as_tuple=True)
+            if k is not None:
+                if dense is None:
+                    cnt = torch.bincount(i, minlength=len(sims))
+                    dense = torch.nonzero(cnt > k).ravel()
+                    keep = cnt[i] <= k
+                    i, j = i[keep], j[keep]
+                if len(dense):
+                    ti, tj = _exact_top(full, s, dense, k)
+                    i, j = torch.cat([i, ti]), torch.cat([j, tj])
+            parts.append(_rescore(v, i.cpu().numpy() + s, j.cpu().numpy(), threshold))
     res = np.concatenate(parts) if parts else np.zeros((0, 3))
     if k is not None:
         order = np.lexsort((res[:, 1], -res[:, 2], res[:, 0]))
@@ -218,21 +231,14 @@ def near_pairs(vecs: np.ndarray, *, threshold: float, k: int | None = None, bloc
     return res[first]
 
 
-def _exact_top(full: Any, s: int, hit: Any, k: int) -> tuple[Any, Any]:
-    """Rows of the block with more than ``k`` hits: their exact float32 top ``k`` (rows, cols).
-
-    Their hits are cleared in ``hit``, so each row yields at most ``k`` candidates.
-    """
+def _exact_top(full: Any, s: int, dense: Any, k: int) -> tuple[Any, Any]:
+    """Exact float32 top ``k`` of block rows ``dense`` (block-relative): (rows, cols)."""
     import torch
 
-    dense = torch.nonzero(hit.sum(1) > k).ravel()
-    if not len(dense):
-        return None, None
-    hit[dense] = False
     sims = full[dense + s] @ full.T
     sims[torch.arange(len(dense), device=sims.device), dense + s] = -torch.inf
     top = torch.topk(sims, k, dim=1).indices
-    return dense.repeat_interleave(k).cpu().numpy(), top.ravel().cpu().numpy()
+    return dense.repeat_interleave(k), top.ravel()
 
 
 def _rescore(v: np.ndarray, i: np.ndarray, j: np.ndarray, threshold: float,

@@ -110,19 +110,21 @@ def _brute_knn(v, k, thr):
     return out, sims
 
 
-@pytest.mark.parametrize("kind", ["spread", "clustered", "dense", "boundary"])
+@pytest.mark.parametrize("kind", ["spread", "clustered", "dense", "very_dense", "boundary"])
 @pytest.mark.parametrize("k", [10, None])
 def test_knn_pairs_exact_against_full_matrix(kind, k):
     """Blocked bfloat16-screened search == full float64 matrix: same pairs, same cosines."""
     import numpy as np
 
-    rng = np.random.default_rng({"spread": 1, "clustered": 2, "dense": 3, "boundary": 4}[kind])
+    rng = np.random.default_rng({"spread": 1, "clustered": 2, "dense": 3, "very_dense": 7, "boundary": 4}[kind])
     if kind == "spread":
         v, thr = rng.standard_normal((1500, 64)), 0.35
     elif kind == "clustered":  # rows with more than k partners above the threshold
         v, thr = np.repeat(rng.standard_normal((40, 48)), 30, axis=0) + 0.35 * rng.standard_normal((1200, 48)), 0.8
     elif kind == "dense":
         v, thr = 1 + 0.4 * rng.standard_normal((800, 32)), 0.75
+    elif kind == "very_dense":  # nearly every pair above: rows counted before listing hits
+        v, thr = 1 + 0.25 * rng.standard_normal((900, 24)), 0.6
     else:  # pairs within bfloat16's error of the threshold: screening alone would misjudge them
         x = rng.standard_normal((600, 128))
         x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -191,3 +193,37 @@ def test_threaded_verification_equals_serial(dup_run):
     threaded = duplicates.verify_pairs(jobs, duplicates.DEFAULTS, cache=dict(enumerate(feats)), workers=2)
     assert [r["verified"] for r in serial] == [r["verified"] for r in threaded]
     assert [r["inliers"] for r in serial] == [r["inliers"] for r in threaded]
+
+
+def test_orb_bucket_keys_match_bitwise_reference():
+    """Keys by matrix product == keys built bit by bit (MSB of byte 0 is bit 0)."""
+    rng = np.random.default_rng(5)
+    desc = rng.integers(0, 256, size=(1000, 32), dtype=np.uint8)
+    picks = [rng.choice(256, size=28, replace=False) for _ in range(3)]
+    got = verify._bits(desc, picks, chunk=300)
+    for t, pk in enumerate(picks):
+        want = np.zeros(len(desc), dtype=np.int64)
+        for n, b in enumerate(pk):
+            want |= ((desc[:, b >> 3] >> (7 - (b & 7))) & 1).astype(np.int64) << n
+        assert np.array_equal(got[:, t], want)
+
+
+def test_verification_accepts_a_copy_and_rejects_another_image(tmp_path):
+    """A mirrored, rescaled copy verifies with a mirror transform; an unrelated image does not."""
+    from PIL import Image
+
+    rng = np.random.default_rng(9)
+    base = (rng.random((40, 40)) * 255).astype(np.uint8)
+    img = np.asarray(Image.fromarray(base).resize((200, 200), Image.Resampling.BICUBIC))
+    other = np.asarray(Image.fromarray((rng.random((40, 40)) * 255).astype(np.uint8))
+                       .resize((200, 200), Image.Resampling.BICUBIC))
+    paths = []
+    for name, arr in (("a", img), ("b", np.ascontiguousarray(img[:, ::-1])), ("c", other)):
+        Image.fromarray(arr).resize((160, 160)).save(tmp_path / f"{name}.png")
+        paths.append(str(tmp_path / f"{name}.png"))
+    cache: dict = {}
+    same = verify.verify(paths[0], paths[1], cache=cache, keys=(0, 1), p=duplicates.DEFAULTS)
+    diff = verify.verify(paths[0], paths[2], cache=cache, keys=(0, 2), p=duplicates.DEFAULTS)
+    assert same["verified"] and same["transform"].startswith("mirror,"), same
+    assert not diff["verified"], diff
+    assert any(k[0] == "bp" for k in cache[0] if isinstance(k, tuple))  # band-pass cached
