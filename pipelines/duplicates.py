@@ -36,8 +36,8 @@ from pipelines import verify
 from pipelines.fingerprint import image_files
 
 STAGE = "duplicates"
-DEFAULTS: dict[str, Any] = {"hamming": 0, "hash_k": 1, "k": 0, "cosine": 0.80, "orb_k": 3,
-                            "orb_votes": 2, "min_inliers": 12, "ncc": 0.75,
+DEFAULTS: dict[str, Any] = {"hamming": 0, "hash_k": 1, "k": 3, "cosine": 0.80, "orb_k": 3,
+                            "orb_votes": 2, "orb_features": 150, "min_inliers": 12, "ncc": 0.75,
                             "model": DESCRIPTOR, "block": 4096, "workers": 2}
 
 
@@ -105,7 +105,8 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
                                           block=int(p["block"])):
             add(int(i), int(j), "vector", cosine=float(c))
     if feats is not None:
-        for i, j, v in verify.orb_pairs(feats, k=int(p["orb_k"]), min_votes=int(p["orb_votes"])):
+        for i, j, v in verify.orb_pairs(feats, k=int(p["orb_k"]), min_votes=int(p["orb_votes"]),
+                                        per_image=int(p["orb_features"])):
             add(int(i), int(j), "orb", votes=int(v))
     return cand
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import csv
 import io
+import multiprocessing
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -190,27 +193,21 @@ MANIFEST = {
 
 
 def build_modality(m: str, *, n: int, seed: int, mi: int, dup_rate: float,
-                   hidden_rate: float, root: Path) -> list[dict[str, Any]]:
-    """Draw, derive, label and write one modality; return its ground-truth file records."""
+                   hidden_rate: float, root: Path, workers: int = 1) -> list[dict[str, Any]]:
+    """Draw, derive, label and write one modality; return its ground-truth file records.
+
+    ``workers`` > 1 draws the captures in that many spawned processes (same bytes).
+    """
     caps = _groups(m, n, seed, mi)
     items: list[dict[str, Any]] = []  # one per file to write
     n_hidden = 0
-    for ci, cap in enumerate(caps):
-        rng = rng_for(seed, mi, 1, ci)
-        data, ext = _draw_capture(m, rng, cap["anatomy"], cap)
-        items.append({"cap": cap, "ci": ci, "data": data, "ext": ext, "role": "original",
-                      "transform": "", "detail": ""})
-        if rng.random() >= dup_rate:
-            continue
-        for _ in range(1 if rng.random() < 0.8 else 2):
-            kind = KINDS[int(rng.integers(len(KINDS)))]
-            d, e, detail = _derive(rng, data, ext, kind)
-            item = {"cap": cap, "ci": ci, "data": d, "ext": e, "role": "derived",
-                    "transform": kind, "detail": detail}
-            if rng.random() < hidden_rate:  # filed under a new id: group ids cannot reveal it
+    jobs = [(m, cap, ci, seed, mi, dup_rate, hidden_rate) for ci, cap in enumerate(caps)]
+    for cap_items in _map(_capture_items, jobs, workers):
+        for item in cap_items:
+            if item.pop("hidden"):  # filed under a new id: group ids cannot reveal it
                 n_hidden += 1
                 new = f"X{n_hidden:05d}"
-                item["cap"] = {**cap, "patient_id": f"P{new}", "lesion_id": f"L{new}",
+                item["cap"] = {**item["cap"], "patient_id": f"P{new}", "lesion_id": f"L{new}",
                                "study_id": f"S{new}"}
             items.append(item)
     orng = rng_for(seed, mi, 2)
@@ -233,6 +230,38 @@ def build_modality(m: str, *, n: int, seed: int, mi: int, dup_rate: float,
                   "ci": -1, "role": "corrupt", "data": cut, "ext": ext, "transform": "",
                   "detail": f"truncated to {len(cut)} of {len(data)} bytes"})
     return _write(m, items, seed, mi, root)
+
+
+def _map(fn: Any, jobs: list[tuple[Any, ...]], workers: int = 1) -> Iterator[Any]:
+    """``fn(*job)`` for each job, in order; in a pool of ``workers`` processes when > 1.
+
+    Every capture draws from its own Generator (:func:`rng_for`), so the files are
+    byte-identical whichever process draws them. Processes are spawned: the calling
+    script needs an ``if __name__ == "__main__":`` guard.
+    """
+    if workers < 2 or len(jobs) < 2 * workers:
+        yield from (fn(*j) for j in jobs)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        yield from pool.map(fn, *zip(*jobs, strict=True), chunksize=16)
+
+
+def _capture_items(m: str, cap: dict[str, Any], ci: int, seed: int, mi: int, dup_rate: float,
+                   hidden_rate: float) -> list[dict[str, Any]]:
+    """The original file of one capture and its derived near duplicates (``hidden`` flagged)."""
+    rng = rng_for(seed, mi, 1, ci)
+    data, ext = _draw_capture(m, rng, cap["anatomy"], cap)
+    out = [{"cap": cap, "ci": ci, "data": data, "ext": ext, "role": "original",
+            "transform": "", "detail": "", "hidden": False}]
+    if rng.random() >= dup_rate:
+        return out
+    for _ in range(1 if rng.random() < 0.8 else 2):
+        kind = KINDS[int(rng.integers(len(KINDS)))]
+        d, e, detail = _derive(rng, data, ext, kind)
+        out.append({"cap": cap, "ci": ci, "data": d, "ext": e, "role": "derived",
+                    "transform": kind, "detail": detail, "hidden": rng.random() < hidden_rate})
+    return out
 
 
 def _write(m: str, items: list[dict[str, Any]], seed: int, mi: int,

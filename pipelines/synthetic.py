@@ -77,6 +77,7 @@ def generate(
     hidden_rate: float = 0.2,
     modalities: tuple[str, ...] = MODALITIES,
     overwrite: bool = False,
+    workers: int = 1,
 ) -> SynthSummary:
     """Write the synthetic datasets and their ground truth to ``out_dir``.
 
@@ -100,6 +101,9 @@ def generate(
         A subset of ``("derm", "cxr")``.
     overwrite : bool
         Replace ``out_dir`` when it exists and is not empty (refused by default).
+    workers : int
+        Processes drawing the captures (spawned; the calling script needs an
+        ``if __name__ == "__main__":`` guard). The files are the same for any number.
 
     Returns
     -------
@@ -136,7 +140,8 @@ def generate(
         per = _share(n_captures, len(modalities))
         for mi, m in enumerate(modalities):
             files = build.build_modality(m, n=per[mi], seed=seed, mi=MODALITIES.index(m),
-                                         dup_rate=dup_rate, hidden_rate=hidden_rate, root=tmp)
+                                         dup_rate=dup_rate, hidden_rate=hidden_rate, root=tmp,
+                                         workers=workers)
             truth += files
             counts["images"][m] = len(files)
             counts["captures"][m] = len({f["capture_id"] for f in files if f["role"] == "original"})
