@@ -135,15 +135,17 @@ def start_unwarmed(root: Path, port: int, log: Path) -> subprocess.Popen:
     raise RuntimeError(f"the unwarmed server did not start: {log.read_text()[-2000:]}")
 
 
-def measure(ctx, port: int, repeat: int, only_first: bool = False) -> dict[str, tuple]:
-    """Page -> (first open, best later open, element counts) on the server at ``port``."""
-    page = ctx.new_page()
+def measure(page, port: int, repeat: int, only_first: bool = False) -> dict[str, tuple]:
+    """Page -> (first open, best later open, element counts) on the server at ``port``.
+
+    ``page`` is one browser tab used for every pass (as a reviewer reloads their tab after a
+    restart), so no pass pays for starting a new tab's renderer process.
+    """
     out = {}
     for name, text in PAGES.items():
         url = f"http://127.0.0.1:{port}/?page={name}"
         out[name] = ((open_once(page, url, text), None, {}) if only_first
                      else open_times(page, url, text, repeat))
-    page.close()
     return out
 
 
@@ -191,7 +193,6 @@ def main() -> None:
                 page = ctx.new_page()
                 base_first, base, _ = open_times(page, f"http://127.0.0.1:{eport}/",
                                                  "empty page", a.repeat)
-                page.close()
                 new: list[dict] = []
                 restart: list[dict] = []
                 for r in range(a.rounds):
@@ -202,7 +203,7 @@ def main() -> None:
                     proc = start_ui(root, port, tmp / f"server{r}.log")  # URL printed
                     start_s.append(time.perf_counter() - t)
                     try:
-                        m = measure(ctx, port, a.repeat, only_first=r > 0)
+                        m = measure(page, port, a.repeat, only_first=r > 0)
                     finally:
                         stop(proc)
                     new.append(m)
@@ -211,7 +212,7 @@ def main() -> None:
                     shutil.rmtree(root / "lake" / "cache", ignore_errors=True)
                     proc = start_ui(root, port, tmp / f"restart{r}.log")
                     try:
-                        restart.append(measure(ctx, port, a.repeat, only_first=True))
+                        restart.append(measure(page, port, a.repeat, only_first=True))
                     finally:
                         stop(proc)
                 if a.unwarmed:  # c. a server without the warm-up (new address, empty caches)
@@ -219,7 +220,7 @@ def main() -> None:
                     uport = free_port()
                     proc = start_unwarmed(root, uport, tmp / "unwarmed.log")
                     try:
-                        unwarmed = measure(ctx, uport, a.repeat, only_first=True)
+                        unwarmed = measure(page, uport, a.repeat, only_first=True)
                     finally:
                         stop(proc)
                 ctx.close()
