@@ -47,7 +47,8 @@ IMAGES_PER_CAPTURE = 1.47  # measured: 3,400 captures give about 5,000 files
 def build(root: Path, n_images: int, seed: int = 0) -> Catalog:
     """A bare workspace at ``root`` with a synthetic set of about ``n_images`` ingested."""
     (root / ".dvc").mkdir(parents=True)
-    generate(root / "syn", n_captures=max(8, round(n_images / IMAGES_PER_CAPTURE)), seed=seed)
+    generate(root / "syn", n_captures=max(8, round(n_images / IMAGES_PER_CAPTURE)), seed=seed,
+             workers=2)  # same files as one process (per-capture seeds), less wall time
     cat = Catalog(Workspace(root))
     for m in ("derm", "cxr"):
         ingest.run(cat, "generic", root / "syn" / f"{m}.yaml")

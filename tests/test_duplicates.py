@@ -227,3 +227,19 @@ def test_verification_accepts_a_copy_and_rejects_another_image(tmp_path):
     assert same["verified"] and same["transform"].startswith("mirror,"), same
     assert not diff["verified"], diff
     assert any(k[0] == "bp" for k in cache[0] if isinstance(k, tuple))  # band-pass cached
+
+
+def test_generator_in_processes_writes_the_same_bytes(tmp_path):
+    """bench/duplicates.py generates with workers=2: the files equal one process's, byte for byte."""
+    import hashlib
+
+    from pipelines.synthetic import generate
+
+    def digest(root):
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    one = generate(tmp_path / "one", n_captures=16, seed=4)
+    two = generate(tmp_path / "two", n_captures=16, seed=4, workers=2)
+    assert one.n_images == two.n_images > 16 and one.true_pairs == two.true_pairs
+    assert digest(tmp_path / "one") == digest(tmp_path / "two")
