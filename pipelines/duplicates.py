@@ -37,7 +37,7 @@ from pipelines.fingerprint import image_files
 
 STAGE = "duplicates"
 DEFAULTS: dict[str, Any] = {"hamming": 0, "hash_k": 1, "k": 3, "cosine": 0.80, "orb_k": 3,
-                            "orb_votes": 2, "orb_features": 150, "min_inliers": 12, "ncc": 0.75,
+                            "orb_votes": 2, "orb_features": 300, "min_inliers": 12, "ncc": 0.75,
                             "model": DESCRIPTOR, "block": 4096, "workers": 2}
 
 
