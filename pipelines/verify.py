@@ -45,7 +45,7 @@ def features(path: str) -> dict[str, Any] | None:
     up = SIDE / max(h, w)
     g = cv2.resize(grey, (max(8, round(w * up)), max(8, round(h * up))), interpolation=cv2.INTER_AREA if up < 1 else cv2.INTER_LINEAR)
     eq = cv2.equalizeHist(g)
-    out = {"g": eq.astype(np.float32), "up": max(up, 1.0)}
+    out = {"g": eq, "up": max(up, 1.0)}  # uint8 (64 KB per image); float32 only while in use
     for tag, img in (("n", eq), ("m", np.ascontiguousarray(eq[:, ::-1]))):
         kp, des = _LOCAL.orb.detectAndCompute(img, None)
         order = np.argsort([-k.response for k in kp], kind="stable")  # strongest first
@@ -137,7 +137,8 @@ def _band(f: dict[str, Any], s1: float, mirror: bool) -> np.ndarray:
     """Band-pass of a cached image (and of its mirror), kept in the cache per sigma."""
     key = ("bp", round(s1, 3), mirror)
     if key not in f:  # a benign race between threads computes the same array twice
-        f[key] = _bandpass(f["g"][:, ::-1] if mirror else f["g"], s1)
+        g = f["g"].astype(np.float32)
+        f[key] = _bandpass(np.ascontiguousarray(g[:, ::-1]) if mirror else g, s1)
     return f[key]
 
 
@@ -183,7 +184,8 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     if n_in < int(p["min_inliers"]) or not 0.2 < scale < 5:
         return res
     h, w = fa["g"].shape
-    warped = cv2.warpAffine(fb["g"], M, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+    warped = cv2.warpAffine(fb["g"].astype(np.float32), M, (w, h), flags=cv2.INTER_LINEAR,
+                            borderValue=0)
     mask = cv2.warpAffine(np.ones_like(fb["g"], dtype=np.uint8), M, (w, h), flags=cv2.INTER_NEAREST)
     mask = cv2.erode(mask, np.ones((7, 7), np.uint8)) > 0
     if mask.sum() < 0.1 * h * w:
