@@ -41,18 +41,18 @@ def texts(at: AppTest) -> str:
 
 def test_catalog_page(ws, monkeypatch):
     at = open_page(ws, "catalog", monkeypatch)
-    assert at.dataframe[0].value.shape[0] == 1
-    assert at.dataframe[1].value.shape[0] == 2
+    assert at.table[0].value.shape[0] == 1  # datasets
+    assert at.table[1].value.shape[0] == 2  # sources
     assert "2 versions" in texts(at)
     at.selectbox(key="version").set_value(sample.FIXED_VERSION).run()
     assert "Parent: demo-cxr@official" in texts(at)  # the datasheet
-    assert len(at.dataframe) == 2  # closed tabs (lineage, diff) are not run
+    assert len(at.dataframe) == 0  # closed tabs (lineage, diff) are not run
     at.session_state["version-tab"] = "Lineage"
     at.run()
-    lin = at.dataframe[2].value
+    lin = at.dataframe[0].value
     assert len(lin) == 60
     at.multiselect(key="lin-action").set_value(["removed"]).run()
-    removed = at.dataframe[2].value
+    removed = at.dataframe[0].value
     assert len(removed) == len(range(0, 60, 17)) and set(removed["action"]) == {"removed"}
     counts, _ = data.diff(Catalog.open(ws), sample.ROOT_VERSION, sample.FIXED_VERSION)
     at.session_state["version-tab"] = "Diff"

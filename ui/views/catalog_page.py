@@ -22,14 +22,14 @@ def render(cat: Catalog) -> None:
                (SELECT count(*) FROM images i WHERE i.dataset_id = d.dataset_id) AS images
         FROM datasets d ORDER BY d.dataset_id""")
     st.subheader(f"Datasets ({ds.height:,})")
-    st.dataframe(ds, hide_index=True, key="datasets-table")
+    st.table(ds, hide_index=True)  # a few rows: plain HTML, no data-grid bundle to load
     if need(cat, "sources"):
         src = data.q(cat, """
             SELECT source_id, kind, CASE WHEN exhaustive THEN 'exhaustive' ELSE 'positive-only'
                    END AS coverage, negatives, value_type, rule, description FROM sources
             ORDER BY source_id""")
         st.subheader(f"Sources ({src.height:,})")
-        st.dataframe(src, hide_index=True, key="sources-table")
+        st.table(src, hide_index=True)
     st.subheader("Versions")
     if not need(cat, "versions"):
         return
