@@ -33,6 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 BIN = Path(sys.executable).parent
 KEY, SECRET = "medlake-test", "medlake-test-secret"
+# SeaweedFS's weed binary hardcodes its socket paths (gRPC, and the default local ones) as
+# /tmp/seaweedfs-<kind>-<port>.sock (TMPDIR does not move them); a killed server leaves some
+# behind, so stop() removes ours there, matched by kind and port
+WEED_SOCKET = "/tmp/seaweedfs-{kind}-{port}.sock"
 
 
 def wait_port(port: int, timeout: float = 90) -> float:
@@ -141,7 +145,7 @@ class Cluster:
             _signal(pid, signal.SIGKILL)
         time.sleep(0.5)
         _reap()
-        socks = [f"/tmp/seaweedfs-{kind}{grpc}-{self.ports[kind] + off}.sock"
+        socks = [WEED_SOCKET.format(kind=kind + grpc, port=self.ports[kind] + off)
                  for kind in ("s3", "master", "volume", "filer")
                  for grpc, off in (("", 0), ("-grpc", 10000))]
         stale = sorted({s for s in socks if os.path.exists(s)})
