@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tarfile
 import uuid
 from dataclasses import dataclass
@@ -122,15 +123,10 @@ def pack(root: Path, folders: list[str], *, shard_mb: int = DEFAULT_SHARD_MB,
     schema = pa.schema([("file", pa.string()), ("shard", pa.string()), ("offset", pa.int64()),
                         ("size", pa.int64()), ("sha256", pa.string())])
     write_parquet_atomic(pa.table(rows, schema=schema), out / INDEX)
-    if remove:
-        for _, path in members:
-            path.unlink()
+    if remove:  # every file under the folders is a member: they go whole
         for name in folders:
-            base = root / name
-            for d in sorted((p for p in base.rglob("*") if p.is_dir()), reverse=True):
-                d.rmdir()
-            if base.is_dir():
-                base.rmdir()
+            if (root / name).is_dir():
+                shutil.rmtree(root / name)
     return PackResult(len(members), len(groups), total)
 
 
