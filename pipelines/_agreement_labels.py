@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from catalog import CatalogError
@@ -30,6 +31,15 @@ def image_key(col: str = "image_id") -> pl.Expr:
     """A 64-bit integer per image id: joins and group-bys on it are far cheaper than on text
     (a collision among a million ids has a chance of about 3e-8)."""
     return pl.col(col).hash(seed=0x6D65646C616B65).alias("img")
+
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: spreads a small id over 64 bits
+
+
+def item_key(img: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """One uint64 per (image, small integer group): the image hash mixed with the group, so
+    one 64-bit sort brings each (image, group) together."""
+    return img ^ (group.astype(np.uint64) * _MIX)
 
 
 def normalised(col: str) -> pl.Expr:

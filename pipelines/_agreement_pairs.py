@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 import polars as pl
 
-from pipelines._agreement_labels import image_key
+from pipelines._agreement_labels import image_key, item_key
 
 PAIR_KEYS = ["family", "source_a", "annotator_a", "source_b", "annotator_b", "finding",
              "finding_a", "finding_b"]
@@ -60,8 +60,7 @@ def _annotator_pairs(side: pl.DataFrame) -> pl.DataFrame:
     """Every two annotators of one source on the same (image, finding), without a self-join:
     one 64-bit sort (the image hash mixed with the finding) brings each (image, finding)
     together; each row is paired with the rows 1..m-1 below it, the lower rater first."""
-    key = side["img"].to_numpy() ^ (side["fi"].to_numpy().astype(np.uint64)
-                                    * np.uint64(0x9E3779B97F4A7C15))
+    key = item_key(side["img"].to_numpy(), side["fi"].to_numpy())
     order = np.argsort(key)
     key = key[order]
     fi, img, r = side["fi"].to_numpy()[order], side["img"].to_numpy()[order], side["ra"].to_numpy()[order]

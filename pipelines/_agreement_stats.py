@@ -11,11 +11,10 @@ import numpy as np
 import polars as pl
 
 from catalog import stats
-from pipelines._agreement_labels import image_key
+from pipelines._agreement_labels import image_key, item_key
 from pipelines._agreement_pairs import PAIR_KEYS, with_subgroups
 
 KEYS = [*PAIR_KEYS, "subgroup", "subgroup_value"]
-_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: spreads a small id over 64 bits
 POS_ONLY = ("kappa not computed: {a} is positive-only (negatives 'none'), so a missing label "
             "means 'not judged', not negative; pos_confirmed = share of its positives that "
             "{b} also calls positive")
@@ -165,7 +164,7 @@ def multi_stats(rows: pl.DataFrame, meta: pl.DataFrame, sgmeta: pl.DataFrame) ->
     present = np.bincount(gfull) > 0
     ug = np.nonzero(present)[0]
     # one 64-bit sort brings each (group, image) together: the image hash mixed with the group
-    ikey = rows["img"].to_numpy() ^ (gfull.astype(np.uint64) * _MIX)
+    ikey = item_key(rows["img"].to_numpy(), gfull)
     order = np.argsort(ikey)
     ikey = ikey[order]
     row_gid = (np.cumsum(present) - 1)[gfull[order]]
