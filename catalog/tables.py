@@ -20,7 +20,6 @@ from typing import Any, Self
 import duckdb
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute  # loaded here, not at the first cast in conform
 import pyarrow.parquet as pq
 
 from catalog.errors import MissingTableError, SchemaError

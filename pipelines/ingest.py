@@ -198,9 +198,10 @@ def _context() -> BaseContext:
 
     Forking this process instead could hang a worker (Polars' and the transaction writer's
     thread pools may hold locks here); spawning would import everything once per worker.
+    ``pyarrow.compute`` (loaded by the first cast in ``conform``) is preloaded too.
     """
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["pipelines.ingest"])
+    ctx.set_forkserver_preload(["pipelines.ingest", "pyarrow.compute"])
     return ctx
 
 
