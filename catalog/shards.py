@@ -23,6 +23,7 @@ Shards are deterministic: members in sorted order, modification time 0, owner 0/
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import tarfile
@@ -111,7 +112,8 @@ def pack(root: Path, folders: list[str], *, shard_mb: int = DEFAULT_SHARD_MB,
                 tarfile.open(fileobj=fh, mode="w", format=tarfile.GNU_FORMAT) as tf:
             for name, path in group:
                 data = path.read_bytes()
-                tf.addfile(_tarinfo(name, len(data)), fileobj=_Bytes(data))
+                # BytesIO shares ``data`` (no copy)
+                tf.addfile(_tarinfo(name, len(data)), fileobj=io.BytesIO(data))
                 # the data ends just before the padding to the next 512-byte block
                 pad = (512 - len(data) % 512) % 512
                 rows["file"].append(name)
@@ -128,19 +130,6 @@ def pack(root: Path, folders: list[str], *, shard_mb: int = DEFAULT_SHARD_MB,
             if (root / name).is_dir():
                 shutil.rmtree(root / name)
     return PackResult(len(members), len(groups), total)
-
-
-class _Bytes:
-    """A minimal file object over bytes for ``TarFile.addfile`` (no copy into BytesIO)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.data) if n < 0 else self.pos + n
-        chunk = self.data[self.pos:end]
-        self.pos += len(chunk)
-        return chunk
 
 
 def is_packed(version: Path | str) -> bool:
