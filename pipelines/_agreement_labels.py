@@ -70,6 +70,21 @@ def absent_codes(sources: pl.DataFrame) -> dict[str, int | None]:
     return out
 
 
+def own_names(findings: pl.DataFrame, rows: pl.DataFrame, source_id: str,
+              vocab: set[str] | None = None) -> pl.DataFrame:
+    """``finding, finding_own`` of one source: its shared finding names mapped to its own, from
+    the ``findings`` table, then from its label ``rows`` for shared names the table lacks
+    (the first row wins). ``vocab``: the shared names of ``rows``, when known already."""
+    f = findings.filter(pl.col("source_id") == source_id).select(
+        pl.col("shared_finding").alias("finding"), pl.col("finding").alias("finding_own"))
+    have = set(rows["finding"].unique().to_list()) if vocab is None else vocab
+    lacking = sorted(have - set(f["finding"].to_list()))
+    if lacking:
+        f = pl.concat([f, rows.filter(pl.col("finding").is_in(lacking)).select(
+            "finding", "finding_own")])
+    return f.unique(subset="finding", keep="first", maintain_order=True)
+
+
 def rater_labels(
     ann: pl.DataFrame, sources: pl.DataFrame, findings: pl.DataFrame, binarise: BinariseRule
 ) -> pl.DataFrame:
@@ -231,11 +246,7 @@ def densify_annotators(
                 "annotator", image_key()).unique()
         else:
             judged = rows.select("annotator", "img").unique()
-        own = pl.concat([
-            findings.filter(pl.col("source_id") == sid).select(
-                pl.col("shared_finding").alias("finding"), pl.col("finding").alias("finding_own")),
-            rows.select("finding", "finding_own").unique(),
-        ]).unique(subset="finding", keep="first", maintain_order=True)
+        own = own_names(findings, rows, sid)
         first = rows.row(0, named=True)
         dense = judged.join(own, how="cross").join(
             rows.select("annotator", "img", "finding", "c", "o", "value", "category"),

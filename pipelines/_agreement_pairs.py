@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 import polars as pl
 
-from pipelines._agreement_labels import image_key, item_key
+from pipelines._agreement_labels import image_key, item_key, own_names
 
 PAIR_KEYS = ["family", "source_a", "annotator_a", "source_b", "annotator_b", "finding",
              "finding_a", "finding_b"]
@@ -127,13 +127,7 @@ def source_pairs(
     cov = {s: coverage.filter(pl.col("source_id") == s).select(image_key()) for s in ids}
     own = {}
     for s in ids:  # shared -> own names: the findings table, then label rows it lacks
-        f = findings.filter(pl.col("source_id") == s).select(
-            pl.col("shared_finding").alias("finding"), pl.col("finding").alias("finding_own"))
-        lacking = sorted(vocab[s] - set(f["finding"].to_list()))
-        if lacking:
-            f = pl.concat([f, by_src[s].filter(pl.col("finding").is_in(lacking)).select(
-                "finding", "finding_own")])
-        own[s] = f.unique(subset="finding", keep="first", maintain_order=True)
+        own[s] = own_names(findings, by_src[s], s, vocab[s])
         if neg[s] == "implicit":
             vocab[s] |= set(own[s]["finding"].to_list())
     keys = _Keys(annotators, {f for s in ids for f in vocab[s]})
