@@ -91,11 +91,16 @@ def pair_verdict(image_a: str, image_b: str, verdict: str, reviewer: str, **kw: 
     return Verdict("pair", pair_item(a, b), verdict, reviewer, image_id=a, image_b=b, **kw)
 
 
+def label_item(image_id: str, source_id: str, finding: str) -> str:
+    """The item key of one source's label of one image."""
+    return f"{image_id}|{source_id}|{finding}"
+
+
 def label_verdict(
     image_id: str, source_id: str, finding: str, verdict: str, reviewer: str, **kw: Any
 ) -> Verdict:
     """A verdict on one source's label of one image (correct, wrong or unsure)."""
-    item = f"{image_id}|{source_id}|{finding}"
+    item = label_item(image_id, source_id, finding)
     return Verdict("label", item, verdict, reviewer, image_id=image_id, source_id=source_id,
                    finding=finding, **kw)
 

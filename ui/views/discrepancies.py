@@ -14,6 +14,7 @@ from ui.views.common import (
     chart_pick,
     gallery,
     last_verdict_note,
+    latest_verdicts,
     need,
     pager,
     verdict_buttons,
@@ -107,11 +108,10 @@ def _images(cat: Catalog, sa: str, sb: str, finding: str, sub: tuple[str, str]) 
     rule = c2.selectbox("rule", ["clinical", "permissive", "strict"], key="disc-rule",
                         help="the reading rule your verdicts follow")
     col = "value_a" if judged == sa else "value_b"
-    done = rv.latest(cat, kind="label", per_reviewer=False)
-    verdict_of = dict(zip(done["item"].to_list(), done["verdict"].to_list()))
+    verdict_of = latest_verdicts(cat, "label")
     value_of = {r["image_id"]: r[col] for r in page.iter_rows(named=True)}
     caps = [f"{r['image_id']}\n{sa}: {r['value_a']:g} · {sb}: {r['value_b']:g} · verdict on "
-            f"{judged}: {verdict_of.get('|'.join((r['image_id'], judged, finding)), '—')}"
+            f"{judged}: {verdict_of.get(rv.label_item(r['image_id'], judged, finding), '—')}"
             for r in page.iter_rows(named=True)]
     gallery(cat, page["image_id"].to_list(), caps, per_row=4, max_side=256,
             below=lambda iid: verdict_buttons(
