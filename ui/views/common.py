@@ -184,6 +184,12 @@ def verdict_buttons(cat: Catalog, make: Any, choices: tuple[str, ...], key: str,
                       args=(str(cat.ws.root), make(choice), note_key), disabled=not reviewer())
 
 
+def latest_verdicts(cat: Catalog, kind: str) -> dict[str, str]:
+    """Item -> its newest verdict of any reviewer (read fresh, see :mod:`ui.cache`)."""
+    done = rv.latest(cat, kind=kind, per_reviewer=False)
+    return dict(zip(done["item"].to_list(), done["verdict"].to_list()))
+
+
 def last_verdict_note() -> None:
     msg = st.session_state.get("last_verdict")
     if msg:

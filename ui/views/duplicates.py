@@ -15,6 +15,7 @@ from ui.views.common import (
     blend_file,
     gallery,
     last_verdict_note,
+    latest_verdicts,
     need,
     pager,
     show_image,
@@ -48,8 +49,7 @@ def render(cat: Catalog) -> None:
     page, _ = data.pairs_page(cat, offset=offset, limit=PER_PAGE, **filters)
     ids = sorted(set(page["image_a"].to_list()) | set(page["image_b"].to_list()))
     info = data.image_info(cat, ids, scheme)
-    done = rv.latest(cat, kind="pair", per_reviewer=False)
-    verdict_of = dict(zip(done["item"].to_list(), done["verdict"].to_list()))
+    verdict_of = latest_verdicts(cat, "pair")
     for i, r in enumerate(page.iter_rows(named=True)):
         _pair(cat, r, info, verdict_of, view, offset + i)
     _histogram(cat)

@@ -7,7 +7,14 @@ import streamlit as st
 from catalog import Catalog
 from catalog import reviews as rv
 from ui import data
-from ui.views.common import gallery, last_verdict_note, need, pager, verdict_buttons
+from ui.views.common import (
+    gallery,
+    last_verdict_note,
+    latest_verdicts,
+    need,
+    pager,
+    verdict_buttons,
+)
 
 TITLE = "Outliers and quality"
 PER_PAGE = 12  # images per page, each with three verdict buttons (browser work grows with both)
@@ -23,8 +30,7 @@ def render(cat: Catalog) -> None:
         offset = pager("out", total, PER_PAGE)
         page = data.q(cat, f"SELECT image_id, score, rank FROM outliers ORDER BY score DESC, "
                            f"image_id LIMIT {PER_PAGE} OFFSET {offset}")
-        done = rv.latest(cat, kind="image", per_reviewer=False)
-        verdict_of = dict(zip(done["item"].to_list(), done["verdict"].to_list()))
+        verdict_of = latest_verdicts(cat, "image")
         gallery(cat, page["image_id"].to_list(),
                 [f"#{r['rank']} {r['image_id']} · {r['score']:.3f} · verdict: "
                  f"{verdict_of.get(r['image_id'], '—')}" for r in page.iter_rows(named=True)],
