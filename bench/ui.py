@@ -60,7 +60,14 @@ def start_empty(tmp: Path, port: int) -> subprocess.Popen:
            "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
     proc = subprocess.Popen(cmd, stdout=(tmp / "empty.log").open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
-    for _ in range(300):
+    return wait_healthy(proc, port, 300, "the empty Streamlit page did not start")
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, tries: int, error: str,
+                 log: Path | None = None) -> subprocess.Popen:
+    """``proc`` once ``/_stcore/health`` on ``port`` answers ``ok``; else, after ``tries``
+    polls, stopped and ``error`` raised (with the end of ``log``, when given)."""
+    for _ in range(tries):
         try:
             if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health",
                                       timeout=1).read() == b"ok":
@@ -68,7 +75,7 @@ def start_empty(tmp: Path, port: int) -> subprocess.Popen:
         except OSError:
             time.sleep(0.2)
     stop(proc)
-    raise RuntimeError("the empty Streamlit page did not start")
+    raise RuntimeError(f"{error}: {log.read_text()[-2000:]}" if log else error)
 
 
 # the page is complete: the script run finished, no element still shows its loading
@@ -124,15 +131,7 @@ def start_unwarmed(root: Path, port: int, log: Path) -> subprocess.Popen:
     proc = subprocess.Popen(streamlit_cmd(root, port=port, host="127.0.0.1"), env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-    for _ in range(600):
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health",
-                                      timeout=1).read() == b"ok":
-                return proc
-        except OSError:
-            time.sleep(0.2)
-    stop(proc)
-    raise RuntimeError(f"the unwarmed server did not start: {log.read_text()[-2000:]}")
+    return wait_healthy(proc, port, 600, "the unwarmed server did not start", log)
 
 
 def measure(page, port: int, repeat: int, only_first: bool = False) -> dict[str, tuple]:
