@@ -33,6 +33,7 @@ import yaml
 
 from catalog.errors import CatalogError
 from catalog.reviews import VERDICTS
+from catalog.shards import DEFAULT_SHARD_MB
 
 RULES: dict[str, dict[str, Any]] = {
     # rule kind -> allowed parameters and their defaults (None: optional, no default)
@@ -100,7 +101,7 @@ class Export:
     npz: str | None = None  # label column for the .npz arrays, or None
     layout: str = "split/label"
     pack: str | None = None  # "shards": image folders as tar shards + index (catalog.shards)
-    shard_mb: int = 256
+    shard_mb: int = DEFAULT_SHARD_MB
 
 
 @dataclass(frozen=True)
@@ -336,7 +337,7 @@ def _export(where: str, raw: Any, labels: set[str]) -> Export:
     if pack not in (None, False, "shards"):
         raise RecipeError(f"{where}: export.pack must be 'shards' (tar shards + index) or "
                           f"absent (plain files), not {pack!r}")
-    shard_mb = raw.get("shard_mb", 256)
+    shard_mb = raw.get("shard_mb", DEFAULT_SHARD_MB)
     if not isinstance(shard_mb, int) or isinstance(shard_mb, bool) or shard_mb < 1:
         raise RecipeError(f"{where}: export.shard_mb must be a whole number of MiB (>= 1)")
     return Export(bool(raw.get("images", True)), tuple(sorted(set(sizes))), npz, layout,
