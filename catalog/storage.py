@@ -122,8 +122,8 @@ def table_uri(ws: Workspace, model: str) -> str:
     return f"{vectors_uri(ws)}/{table_name(model)}.lance"
 
 
-def configure_remote_endpoint(root: Path, endpoint_url: str, *, remote: str | None = None) -> str:
-    """Point the workspace's (default) S3 DVC remote at ``endpoint_url``; returns its name.
+def configure_remote_endpoint(root: Path, endpoint_url: str) -> str:
+    """Point the workspace's default S3 DVC remote at ``endpoint_url``; returns its name.
 
     Only the endpoint goes into the committed ``.dvc/config``; DVC reads the credentials from
     the ``AWS_*`` variables (or ``dvc remote modify --local``, which writes the ignored
@@ -136,7 +136,7 @@ def configure_remote_endpoint(root: Path, endpoint_url: str, *, remote: str | No
     """
     if not endpoint_url.startswith(("http://", "https://")):
         raise StorageError(f"--endpoint-url '{endpoint_url}' must start with http:// or https://")
-    name = remote or run_dvc(["remote", "default"], root).strip()
+    name = run_dvc(["remote", "default"], root).strip()
     url = run_dvc(["config", f"remote.{name}.url"], root).strip()
     if not url.startswith("s3://"):
         raise StorageError(f"the DVC remote '{name}' is {url}, not s3://...; an endpoint URL only "
