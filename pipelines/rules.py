@@ -203,10 +203,9 @@ def drop_quality(df: pl.DataFrame, rule: Rule, ctx: Context) -> tuple[pl.DataFra
     rows: Lineage = []
     for iid, sp, raw in hit.iter_rows():
         have = raw.split(",")
-        first = next((f for f in flags if f in have), None)
-        if first is not None:
-            rows.append(_row(rule, iid, "removed", first, from_split=sp,
-                             evidence=_ev(flags=have, dropped_for=[f for f in flags if f in have])))
+        if hits := [f for f in flags if f in have]:
+            rows.append(_row(rule, iid, "removed", hits[0], from_split=sp,
+                             evidence=_ev(flags=have, dropped_for=hits)))
     gone = [r["image_id"] for r in rows]
     df = df.with_columns((pl.col("removed") | pl.col("image_id").is_in(gone)).alias("removed"))
     return df, rows
