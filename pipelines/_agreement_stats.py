@@ -226,46 +226,40 @@ def prevalence_rows(
     """
     frames = []
     for a, b, common in no_overlap:
-        side = []
+        side, own = [], []  # per side: counts; shared -> own finding name
         for s in (a, b):
             lab = labels.filter((pl.col("source_id") == s) & pl.col("finding").is_in(common))
             implicit = lab.height > 0 and lab["negatives"][0] == "implicit"
-            whole = lab.group_by("finding").agg(  # the whole set, and the source's own names
-                (pl.col("c") == 1).sum().alias("pos"), pl.col("c").is_not_null().sum().alias("n"),
-                pl.col("finding_own").first().alias("own"))
-            fidx = {f: i for i, f in enumerate(common)}  # subgroups: integer keys only
+            fidx = {f: i for i, f in enumerate(common)}  # integer keys for the group-by
             coded = lab.select("img", pl.col("finding").replace_strict(
                 fidx, return_dtype=pl.Int32).alias("fi"), (pl.col("c") == 1).alias("p"),
                 pl.col("c").is_not_null().alias("ok"))
-            parts = coded.join(sub, on="img").group_by("fi", "sg").agg(
-                pl.col("p").sum().alias("pos"), pl.col("ok").sum().alias("n"))
-            agg = pl.concat([
-                whole.with_columns(pl.lit(0, pl.Int64).alias("sg")).select(
-                    "finding", "sg", pl.col("pos").cast(pl.Int64), pl.col("n").cast(pl.Int64), "own"),
-                parts.select(pl.col("fi").replace_strict(dict(enumerate(common))).alias("finding"),
-                             "sg", pl.col("pos").cast(pl.Int64), pl.col("n").cast(pl.Int64),
-                             pl.lit(None, pl.String).alias("own")),
-            ])
+            agg = with_subgroups(coded, sub).group_by("fi", "sg").agg(
+                pl.col("p").sum().cast(pl.Int64).alias("pos"),
+                pl.col("ok").sum().cast(pl.Int64).alias("n"),
+            ).select(pl.col("fi").replace_strict(dict(enumerate(common))).alias("finding"),
+                     "sg", "pos", "n")
             if implicit:  # every covered image was judged: n = covered images in the subgroup
                 cov = with_subgroups(coverage.filter(pl.col("source_id") == s).select(
                     image_key()), sub).group_by("sg").agg(pl.len().alias("n_cov"))
                 agg = cov.join(pl.DataFrame({"finding": common}), how="cross").join(
                     agg.drop("n"), on=["finding", "sg"], how="left").select(
-                    "finding", "sg", pl.col("pos").fill_null(0), pl.col("n_cov").alias("n"), "own")
+                    "finding", "sg", pl.col("pos").fill_null(0), pl.col("n_cov").alias("n"))
             side.append(agg)
+            own.append({} if agg.height == 0 else dict(  # none: an implicit side without coverage
+                lab.unique(subset="finding", keep="first", maintain_order=True)
+                .select("finding", "finding_own").drop_nulls().iter_rows()))
         m = side[0].join(side[1], on=["finding", "sg"], how="full", coalesce=True, suffix="_b")
         m = m.with_columns(pl.col(x).fill_null(0) for x in ("pos", "n", "pos_b", "n_b"))
         m = m.join(sgmeta, on="sg")
         wa = stats.wilson(m["pos"].to_numpy(), m["n"].to_numpy())
         wb = stats.wilson(m["pos_b"].to_numpy(), m["n_b"].to_numpy())
-        own_a = dict(side[0].select("finding", "own").drop_nulls().iter_rows())
-        own_b = dict(side[1].select("finding", "own").drop_nulls().iter_rows())
         frames.append(m.select(
             pl.lit("prevalence").alias("kind"), pl.lit("binary").alias("value_type"),
             pl.lit(a).alias("source_a"), pl.lit("").alias("annotator_a"),
             pl.lit(b).alias("source_b"), pl.lit("").alias("annotator_b"), "finding",
-            pl.col("finding").replace_strict(own_a, default=None).alias("finding_a"),
-            pl.col("finding").replace_strict(own_b, default=None).alias("finding_b"),
+            pl.col("finding").replace_strict(own[0], default=None).alias("finding_a"),
+            pl.col("finding").replace_strict(own[1], default=None).alias("finding_b"),
             "subgroup", "subgroup_value", pl.lit(0, pl.Int64).alias("n_shared"),
             pl.col("n").cast(pl.Int64).alias("n_a"), pl.col("pos").cast(pl.Int64).alias("pos_a"),
             _nan_to_null(wa[0]).alias("prev_a"), _nan_to_null(wa[1]).alias("prev_a_lo"),
