@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import imagehash
-import numpy as np
 import polars as pl
 import yaml
 from PIL import Image
@@ -128,17 +127,10 @@ def phash_baseline(files: list[str], ids: list[str], pairs: pl.DataFrame,
     hashes = []
     for f in files:
         with Image.open(f) as im:
-            hashes.append(int(str(imagehash.phash(im.convert("RGB"))), 16))
+            hashes.append(str(imagehash.phash(im.convert("RGB"))))
     cpu = time.process_time() - c0
-    h = np.array(hashes, dtype=np.uint64)
     best = None
-    dist = []
-    for s in range(0, len(h), 2048):
-        d = np.bitwise_count(h[s:s + 2048, None] ^ h[None, :])
-        i, j = np.nonzero(d <= 24)
-        keep = (i + s) < j
-        dist.append(np.stack([i[keep] + s, j[keep], d[i[keep], j[keep]]], axis=1))
-    dist = np.concatenate(dist)
+    dist = duplicates.hash_pairs(hashes, max_bits=24)  # (i, j, hamming), i < j
     for thr in range(25):
         sel = dist[dist[:, 2] <= thr]
         got = {(min(ids[a], ids[b]), max(ids[a], ids[b])) for a, b, _ in sel}
