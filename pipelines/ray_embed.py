@@ -136,10 +136,11 @@ def run(cat: Catalog, *, address: str | None = None, model: str | None = None,
     uri = table_uri(cat.ws, name)
     lance_ray.write_lance(ds, uri, mode="append" if vs.has(name) else "create", stream=True,
                           batch_size=commit_rows, storage_options=storage_options(uri))
-    left = local.todo(cat, name, open_vectors(cat.ws)).join(df.select("image_id"), on="image_id")
+    vs = open_vectors(cat.ws)  # reopened: lance-ray committed new table versions
+    left = local.todo(cat, name, vs).join(df.select("image_id"), on="image_id")
     out["embedded"] = len(df) - len(left)
     out["unreadable"] = len(df) - out["embedded"]
-    out["index"] = open_vectors(cat.ws).ensure_index(name)
+    out["index"] = vs.ensure_index(name)
     if echo:
         echo(f"embedded {out['embedded']:,} of {len(df):,} on {n_act} Ray actor(s)")
     return out
