@@ -104,11 +104,15 @@ class Cluster:
         for bucket in ("vectors", "dvc"):
             self.bucket(bucket)
 
-    def bucket(self, name: str) -> None:
-        """Create an S3 bucket (retried while SeaweedFS is still starting its volumes)."""
+    def s3(self) -> Any:
+        """An ``s3fs`` file system on this cluster's S3 server."""
         import s3fs
 
-        fs = s3fs.S3FileSystem(endpoint_url=self.endpoint, key=KEY, secret=SECRET)
+        return s3fs.S3FileSystem(endpoint_url=self.endpoint, key=KEY, secret=SECRET)
+
+    def bucket(self, name: str) -> None:
+        """Create an S3 bucket (retried while SeaweedFS is still starting its volumes)."""
+        fs = self.s3()
         for _ in range(60):
             try:
                 fs.mkdir(name)

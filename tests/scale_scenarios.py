@@ -212,11 +212,7 @@ def dvc_roundtrip(cat: Any, cl: Any, work: Path) -> dict[str, Any]:
 
 
 def _s3_count(cl: Any, prefix: str) -> int:
-    import s3fs
-    from scale_harness import KEY, SECRET
-
-    fs = s3fs.S3FileSystem(endpoint_url=cl.endpoint, key=KEY, secret=SECRET)
-    return len(fs.find(prefix))
+    return len(cl.s3().find(prefix))
 
 
 def test(cl: Any, work: Path) -> dict[str, Any]:
@@ -280,10 +276,7 @@ def bench(cl: Any, work: Path) -> dict[str, Any]:
 
 
 def _s3_bytes(cl: Any, prefix: str) -> int:
-    import s3fs
-    from scale_harness import KEY, SECRET
-
-    return int(s3fs.S3FileSystem(endpoint_url=cl.endpoint, key=KEY, secret=SECRET).du(prefix))
+    return int(cl.s3().du(prefix))
 
 
 SCENARIOS = {"test": test, "bench": bench}
