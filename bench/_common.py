@@ -26,6 +26,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads) and its finished children."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run_child(code: str, *args: str) -> dict:
     """Run ``code`` in a fresh interpreter (so peak memory is its own); it prints one JSON."""
     out = subprocess.run(

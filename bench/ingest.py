@@ -25,22 +25,13 @@ from pathlib import Path
 
 from _common import REPO, machine, real_data, record, run_child
 
-# user + system seconds of this process, all its threads
-CPU = """
-import resource
-def cpu_seconds():
-    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
-"""
-
 MEDLAKE = r"""
 import json, multiprocessing.forkserver, os, resource, sys, tempfile, time
 from pathlib import Path
 import yaml
 from catalog import Catalog, Workspace
 from pipelines import ingest
-from bench._common import peak_rss_mb
-CPU
+from bench._common import cpu_seconds, peak_rss_mb
 real = Path(sys.argv[1])
 entries = json.loads(sys.argv[2])
 tmp = tempfile.TemporaryDirectory()
@@ -68,13 +59,12 @@ print(json.dumps({"seconds": total, "cpu": cpu, "rows": sum(r.rows_read for r in
                                  in zip(results, [t0, *stamps], stamps)},
                   "files": [f.file for r in results for f in r.files], "peak_mb": peak_rss_mb(),
                   "worker_peak_mb": children_mb, "workers": os.cpu_count()}))
-""".replace("CPU\n", CPU)
+"""
 
 PANDAS = r"""
 import json, sys, time
 import pandas as pd
-from bench._common import peak_rss_mb
-CPU
+from bench._common import cpu_seconds, peak_rss_mb
 files = json.loads(sys.argv[1])
 cpu0 = cpu_seconds()
 t0 = time.perf_counter()
@@ -83,7 +73,7 @@ for f in files:
     rows += len(pd.read_csv(f, low_memory=False))
 print(json.dumps({"seconds": time.perf_counter() - t0, "cpu": cpu_seconds() - cpu0,
                   "rows": rows, "peak_mb": peak_rss_mb()}))
-""".replace("CPU\n", CPU)
+"""
 
 
 def plan() -> list[dict[str, str]]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import polars as pl
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import machine, record
+from bench._common import cpu_seconds, machine, record
 from catalog import Catalog, Workspace, run_dvc
 from pipelines import materialize
 
@@ -78,12 +77,6 @@ def timed(f) -> float:
     t = time.perf_counter()
     f()
     return time.perf_counter() - t
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its finished children (the resize workers)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def bench_materialize(d: Path, cat: Catalog, n: int) -> list[str]:
