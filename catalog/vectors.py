@@ -25,6 +25,16 @@ def table_name(model: str) -> str:
     return "emb_" + _SAFE.sub("_", model)
 
 
+def vector_table(model: str, image_ids: list[str], sha256: list[str], vectors: np.ndarray) -> pa.Table:
+    """The LanceDB table layout (image_id, sha256, model, vector as fixed_size_list<float32>)."""
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    return pa.table({
+        "image_id": pa.array(image_ids, pa.string()), "sha256": pa.array(sha256, pa.string()),
+        "model": pa.array([model] * len(image_ids), pa.string()),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1]),
+    })
+
+
 class VectorStore:
     """LanceDB tables under ``path`` (a workspace's ``lake/vectors``).
 
@@ -55,12 +65,7 @@ class VectorStore:
         """Append one batch (a LanceDB commit: a killed run keeps the batches already added)."""
         if len(image_ids) == 0:
             return
-        v = np.ascontiguousarray(vectors, dtype=np.float32)
-        at = pa.table({
-            "image_id": pa.array(image_ids, pa.string()), "sha256": pa.array(sha256, pa.string()),
-            "model": pa.array([model] * len(image_ids), pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1]),
-        })
+        at = vector_table(model, image_ids, sha256, vectors)
         name = table_name(model)
         if self.has(model):
             self.db.open_table(name).add(at)

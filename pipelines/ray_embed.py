@@ -23,6 +23,7 @@ import pyarrow as pa
 from catalog import Catalog
 from catalog.embedders import make_embedder
 from catalog.storage import open_vectors, storage_options, table_uri
+from catalog.vectors import vector_table
 from pipelines import embed as local
 from pipelines.ray_engine import cluster_cpus, cluster_gpus, connect
 
@@ -42,16 +43,6 @@ class EmbedActor:
             return vector_table(self.emb.name, [], [], np.zeros((0, 1), np.float32))
         vec = self.emb.forward(stacked) if hasattr(self.emb, "forward") else stacked
         return vector_table(self.emb.name, [ids[i] for i in idx], [shas[i] for i in idx], vec)
-
-
-def vector_table(model: str, image_ids: list[str], sha256: list[str], vectors: np.ndarray) -> pa.Table:
-    """The LanceDB table layout (image_id, sha256, model, vector as fixed_size_list<float32>)."""
-    v = np.ascontiguousarray(vectors, dtype=np.float32)
-    return pa.table({
-        "image_id": pa.array(image_ids, pa.string()), "sha256": pa.array(sha256, pa.string()),
-        "model": pa.array([model] * len(image_ids), pa.string()),
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), v.shape[1]),
-    })
 
 
 def blocks(table: pa.Table, batch_size: int, actors: int, *, per_actor: int = 4) -> list[pa.Table]:
