@@ -102,14 +102,14 @@ def run(cat: Catalog, *, model: str | None = None, pretrained: str | None = None
         import torch
         from torch.utils.data import DataLoader
 
-        prep = emb.preprocess if hasattr(emb, "preprocess") else _DescriptorPrep()
+        prep = preparer(emb)
         loader = DataLoader(_Images(files, prep), batch_size=int(p["batch_size"]),
                             num_workers=int(p["workers"]), collate_fn=_collate,
                             pin_memory=torch.cuda.is_available(),
                             multiprocessing_context=_worker_context(int(p["workers"])))
         for idx, batch in loader:
             if idx:
-                vec = emb.forward(batch) if hasattr(emb, "forward") else batch
+                vec = model_vectors(emb, batch)
                 vs.add(emb.name, [ids[i] for i in idx], [shas[i] for i in idx], vec)
             out["embedded"] += len(idx)
             if echo:
@@ -135,6 +135,19 @@ def _worker_context(workers: int) -> Any:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "pipelines.embed"])
     return ctx
+
+
+def preparer(emb: Any) -> Any:
+    """Per-image step run in the loader: open_clip's transform, or the whole descriptor.
+
+    Both engines (local and Ray) call this, so their vectors stay identical.
+    """
+    return emb.preprocess if hasattr(emb, "preprocess") else _DescriptorPrep()
+
+
+def model_vectors(emb: Any, batch: Any) -> Any:
+    """Vectors of a collated batch: the model's forward pass (the descriptor is done already)."""
+    return emb.forward(batch) if hasattr(emb, "forward") else batch
 
 
 class _DescriptorPrep:

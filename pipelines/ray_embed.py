@@ -33,7 +33,7 @@ class EmbedActor:
 
     def __init__(self, model: str, pretrained: str | None) -> None:
         self.emb = make_embedder(model, pretrained)
-        self.prep = self.emb.preprocess if hasattr(self.emb, "preprocess") else local._DescriptorPrep()
+        self.prep = local.preparer(self.emb)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids, shas = batch["image_id"].to_pylist(), batch["sha256"].to_pylist()
@@ -41,7 +41,7 @@ class EmbedActor:
         idx, stacked = local._collate([images[i] for i in range(len(images))])
         if not idx:  # every file of the batch unreadable
             return vector_table(self.emb.name, [], [], np.zeros((0, 1), np.float32))
-        vec = self.emb.forward(stacked) if hasattr(self.emb, "forward") else stacked
+        vec = local.model_vectors(self.emb, stacked)
         return vector_table(self.emb.name, [ids[i] for i in idx], [shas[i] for i in idx], vec)
 
 
