@@ -4,13 +4,18 @@
 an open_clip model name) and ``pretrained`` (None or a local checkpoint file). Images whose
 (image_id, sha256) is already stored for the model are skipped; every batch is one LanceDB
 commit, so a run killed half way keeps what it finished and a re-run does the rest.
-Decoding runs in a torch DataLoader (worker processes started from a fork server, see
-:func:`_worker_context`) in parallel with the model.
+Decoding runs in parallel with the model: in a torch DataLoader's worker processes (started
+from a fork server, see :func:`_worker_context`) with ``workers`` > 0, or in one background
+thread of this process with ``workers: 0`` (the default; Pillow, OpenCV and torch release the
+GIL while they work, and no process has to start), see :func:`prefetch`.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -107,7 +112,8 @@ def run(cat: Catalog, *, model: str | None = None, pretrained: str | None = None
                             num_workers=int(p["workers"]), collate_fn=_collate,
                             pin_memory=torch.cuda.is_available(),
                             multiprocessing_context=_worker_context(int(p["workers"])))
-        for idx, batch in loader:
+        batches = loader if int(p["workers"]) > 0 else prefetch(loader)
+        for idx, batch in batches:
             if idx:
                 vec = model_vectors(emb, batch)
                 vs.add(emb.name, [ids[i] for i in idx], [shas[i] for i in idx], vec)
@@ -117,6 +123,49 @@ def run(cat: Catalog, *, model: str | None = None, pretrained: str | None = None
         out["unreadable"] = len(ids) - out["embedded"]
         out["index"] = vs.ensure_index(emb.name)
     return out
+
+
+def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """Yield ``items`` in order, produced by a background thread up to ``depth`` ahead.
+
+    The producer's exception is raised in the consumer at the point it happened; when the
+    consumer stops early (an error in the model, a closed generator) the thread is told to
+    stop and is joined, so nothing keeps running.
+    """
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for x in items:
+                if not put(("item", x)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(("error", e))
+
+    t = threading.Thread(target=produce, name="medlake-embed-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            kind, x = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise x
+            yield x
+    finally:
+        stop.set()
+        t.join()
 
 
 def _worker_context(workers: int) -> Any:

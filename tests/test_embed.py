@@ -128,3 +128,36 @@ def test_loader_workers_same_vectors_no_hang(synth_lake, tmp_path):
     ids, mat = VectorStore(Catalog(Workspace(root)).ws.vectors_dir).load("descriptor-v1")
     assert ids == ref_ids and len(ids) == len(synth_lake.read("fingerprints"))
     np.testing.assert_allclose(mat, ref, atol=1e-6)
+
+
+def test_prefetch_keeps_order_raises_and_stops():
+    """The in-process loader thread: items in order, its error raised here, stopped on exit."""
+    import threading
+
+    assert list(embed.prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def boom():
+        yield 1
+        yield 2
+        raise OSError("disk gone at item 3")
+
+    got = []
+    with pytest.raises(OSError, match="item 3"):
+        got.extend(embed.prefetch(boom()))
+    assert got == [1, 2]
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    gen = embed.prefetch(endless(), depth=2)
+    assert [next(gen) for _ in range(3)] == [0, 1, 2]
+    gen.close()  # the consumer stops early: the thread is told to stop and joined
+    assert not any(t.name == "medlake-embed-prefetch" for t in threading.enumerate())
+    n = len(produced)
+    assert n <= 3 + 2 + 2  # taken + queue depth + one in hand: it did not run on
