@@ -58,9 +58,10 @@ def quality(im: Image.Image, *, xray: bool, p: dict[str, Any],
     small = cv2.resize(rgb, (min(w, 256), min(h, 256)), interpolation=cv2.INTER_AREA)
     grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     g = grey.astype(np.float64) / 255
-    hist = np.bincount(grey.ravel(), minlength=256) / grey.size
+    counts = np.bincount(grey.ravel(), minlength=256)
+    hist = counts / grey.size
     nz = hist[hist > 0]
-    m = {"brightness": float(np.percentile(g, 50)), "contrast": float(g.std()),
+    m = {"brightness": _median(counts), "contrast": float(g.std()),
          "sharpness": float(cv2.Laplacian(grey, cv2.CV_64F).var()),
          "entropy": float(-(nz * np.log2(nz)).sum())}
     flags = []
@@ -96,6 +97,40 @@ def quality(im: Image.Image, *, xray: bool, p: dict[str, Any],
     return m, flags
 
 
+def _median(counts: np.ndarray) -> float:
+    """``numpy.percentile(grey / 255, 50)`` from the counts of the 256 grey values.
+
+    The two middle order statistics come from the cumulative counts instead of a sort; they
+    are combined with numpy's own linear-interpolation formula, so the value is identical.
+    """
+    cum, n = np.cumsum(counts), int(counts.sum())
+    lo, hi = (n - 1) // 2, n // 2  # 0-based ranks of the middle values
+    a = float(np.searchsorted(cum, lo, side="right")) / 255
+    b = float(np.searchsorted(cum, hi, side="right")) / 255
+    return a if lo == hi else b - (b - a) * 0.5
+
+
+def whash(grey: Image.Image, hash_size: int = 8) -> str:
+    """``str(imagehash.whash(grey))`` (Haar, lowest frequency removed) without the wavelet passes.
+
+    With Haar filters on a power-of-two square, removing the deepest LL coefficient subtracts
+    the mean, and the LL band ``k`` levels down is each ``2**k`` block's sum over ``2**k``: an
+    increasing function of the block's integer pixel sum. So the hash bit (LL above the
+    median of the LL band) is "block sum above the median block sum", decided exactly on
+    integers. Only when the two middle sums tie can imagehash's floating-point rounding go
+    either way; then imagehash itself computes it.
+    """
+    scale = max(2 ** int(np.log2(min(grey.size))), hash_size)
+    block = scale // hash_size
+    px = np.asarray(grey.resize((scale, scale), Image.Resampling.LANCZOS), dtype=np.int64)
+    sums = px.reshape(hash_size, block, hash_size, block).sum(axis=(1, 3))
+    order = np.sort(sums, axis=None)
+    mid = sums.size // 2
+    if order[mid - 1] == order[mid]:
+        return str(imagehash.whash(grey, hash_size=hash_size))
+    return str(imagehash.ImageHash(sums >= order[mid]))
+
+
 def _one(row: dict[str, Any], p: dict[str, Any], root: Path) -> dict[str, Any]:
     try:
         path = Path(row["file"])
@@ -107,7 +142,8 @@ def _one(row: dict[str, Any], p: dict[str, Any], root: Path) -> dict[str, Any]:
     except (ImageReadError, OSError) as e:
         return {"error": getattr(e, "reason", "unreadable file"), "detail": str(e)}
     arr = np.asarray(rgb)
-    sym = Image.fromarray(((arr.astype(np.uint16) + arr[:, ::-1]) // 2).astype(np.uint8))
+    mir = arr[:, ::-1]
+    sym = Image.fromarray((arr & mir) + ((arr ^ mir) >> 1))  # floor((a + b) / 2) in uint8
     grey = rgb.convert("L")  # every imagehash hash starts with convert("L"): do it once
     xray = str(row.get("modality") or "").lower() in ("cxr", "xr", "dx", "cr", "x-ray", "xray")
     metrics, flags = quality(im, xray=xray, p=p, rgb=arr)
@@ -115,7 +151,7 @@ def _one(row: dict[str, Any], p: dict[str, Any], root: Path) -> dict[str, Any]:
         "image_id": row["image_id"], "dataset_id": row["dataset_id"], "sha256": sha256_bytes(data),
         "width": rgb.width, "height": rgb.height, "mode": im.mode, "format": im.format or "",
         "bytes": len(data), "phash": str(imagehash.phash(grey)), "dhash": str(imagehash.dhash(grey)),
-        "ahash": str(imagehash.average_hash(grey)), "whash": str(imagehash.whash(grey)),
+        "ahash": str(imagehash.average_hash(grey)), "whash": whash(grey),
         "phash_sym": str(imagehash.phash(sym)), **metrics, "flags": ",".join(flags),
         "params": to_json(p),
     }

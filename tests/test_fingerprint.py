@@ -156,3 +156,34 @@ def test_cli(bad_lake):
     assert f"{len(files)} images, {len(files) - 5} fingerprinted, 5 quarantined" in r.output
     r = CliRunner().invoke(main, ["fingerprint", "-w", str(cat.ws.root), "--dataset", "nope"])
     assert r.exit_code != 0 and "nope" in r.output
+
+
+def _tie_prone_images() -> list[Image.Image]:
+    """Random, three-level, half-black and tiny greyscale images (median ties are common)."""
+    rng = np.random.default_rng(11)
+    out = []
+    for t in range(300):
+        h, w = (int(x) for x in rng.integers(3, 200, 2))
+        a = [rng.integers(0, 256, (h, w)), rng.integers(0, 3, (h, w)) * 100,
+             np.zeros((h, w)) + (np.arange(w) > w // 2) * 200][t % 3]
+        out.append(Image.fromarray(a.astype(np.uint8)))
+    return out
+
+
+def test_whash_equals_imagehash():
+    """The integer block-sum whash equals imagehash's wavelet passes, ties included."""
+    ims = _tie_prone_images()
+    got = [fingerprint.whash(im) for im in ims]
+    assert got == [str(imagehash.whash(im)) for im in ims]
+    assert len(set(got)) > 100  # not a constant
+
+
+def test_median_from_histogram_equals_numpy_percentile():
+    rng = np.random.default_rng(12)
+    for t in range(2000):
+        h, w = (int(x) for x in rng.integers(1, 40, 2))
+        grey = (rng.random((h, w)) ** (1 + t % 4) * 255).astype(np.uint8)
+        if t % 5 == 0:
+            grey[:] = grey.flat[0]
+        counts = np.bincount(grey.ravel(), minlength=256)
+        assert fingerprint._median(counts) == float(np.percentile(grey / 255, 50))
