@@ -1,7 +1,8 @@
 """Stage ``duplicates``: candidate pairs, geometric verification, ``pairs`` and ``clusters``.
 
 Candidates come from exact sha256 matches, perceptual-hash neighbours (pHash and the
-mirror-invariant pHash within ``hamming`` bits, at most the ``hash_k`` nearest per image),
+mirror-invariant pHash within ``hamming`` bits, at most the ``hash_k`` nearest per image;
+hash values shared by more than ``hash_max_group`` images are skipped),
 vector neighbours (the ``k`` nearest by cosine above ``cosine``, found with exact blocked
 matrix products, never the full N x N matrix) and shared local features (ORB descriptors
 hashed into buckets, :func:`pipelines.verify.orb_pairs`: the ``orb_k`` best per image with
@@ -36,9 +37,10 @@ from pipelines import verify
 from pipelines.fingerprint import image_files
 
 STAGE = "duplicates"
-DEFAULTS: dict[str, Any] = {"hamming": 0, "hash_k": 1, "k": 3, "cosine": 0.80, "orb_k": 3,
-                            "orb_votes": 2, "orb_features": 300, "min_inliers": 12, "ncc": 0.75,
-                            "model": DESCRIPTOR, "block": 4096, "workers": 2}
+DEFAULTS: dict[str, Any] = {"hamming": 0, "hash_k": 1, "hash_max_group": 4, "k": 3,
+                            "cosine": 0.80, "orb_k": 3, "orb_votes": 2, "orb_features": 300,
+                            "min_inliers": 12, "ncc": 0.75, "model": DESCRIPTOR, "block": 4096,
+                            "workers": 2}
 
 
 def knn_pairs(vecs: np.ndarray, *, k: int, threshold: float, block: int = 4096) -> np.ndarray:
@@ -77,6 +79,19 @@ def hash_pairs(hashes: list[str], *, max_bits: int, k: int | None = None) -> np.
     return res[np.sort(first)]
 
 
+def common_hash_rows(hashes: pl.Series, max_group: int) -> np.ndarray:
+    """Row numbers whose hash value is shared by at most ``max_group`` rows (0: every row).
+
+    A hash value that many images share (flat, symmetric or look-alike pictures, e.g. the
+    mirror-symmetrised pHash of chest X-rays) says nothing about any one pair of them; like
+    the ORB path's ``max_bucket``, such values make no candidates.
+    """
+    if max_group <= 0:
+        return np.arange(len(hashes))
+    sizes = hashes.to_frame("h").select(pl.len().over("h"))[:, 0].to_numpy()
+    return np.flatnonzero(sizes <= max_group)
+
+
 def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
                knn: Callable[..., np.ndarray] | None = None,
                feats: list[Any] | None = None) -> dict[tuple[int, int], dict]:
@@ -98,8 +113,10 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
             for b in range(a + 1, len(idx)):
                 add(idx[a], idx[b], "sha256", hamming=0)
     for col in ("phash", "phash_sym") if int(p["hash_k"]) > 0 else ():
-        for i, j, d in hash_pairs(fp[col].to_list(), max_bits=int(p["hamming"]), k=int(p["hash_k"])):
-            add(int(i), int(j), col, hamming=int(d))
+        rows = common_hash_rows(fp[col], int(p.get("hash_max_group", 0)))
+        for i, j, d in hash_pairs(fp[col].gather(rows).to_list(), max_bits=int(p["hamming"]),
+                                  k=int(p["hash_k"])):
+            add(int(rows[i]), int(rows[j]), col, hamming=int(d))
     if vecs is not None and int(p["k"]) > 0:
         for i, j, c in (knn or knn_pairs)(vecs, k=int(p["k"]), threshold=float(p["cosine"]),
                                           block=int(p["block"])):

@@ -243,3 +243,19 @@ def test_generator_in_processes_writes_the_same_bytes(tmp_path):
     two = generate(tmp_path / "two", n_captures=16, seed=4, workers=2)
     assert one.n_images == two.n_images > 16 and one.true_pairs == two.true_pairs
     assert digest(tmp_path / "one") == digest(tmp_path / "two")
+
+
+def test_hash_values_shared_by_many_images_make_no_candidates():
+    """A pHash value shared by more than hash_max_group images is skipped; pairs and triples
+    of one value stay candidates (row numbers map back to the full frame)."""
+    phash = ["f" * 16] * 6 + ["1" * 16, "1" * 16, "2" * 16, "3" * 16, "3" * 16, "3" * 16]
+    fp = pl.DataFrame({"sha256": [str(i) for i in range(12)], "phash": phash,
+                       "phash_sym": [f"{i:016x}" for i in range(12)]})
+    assert duplicates.common_hash_rows(fp["phash"], 4).tolist() == list(range(6, 12))
+    assert duplicates.common_hash_rows(fp["phash"], 0).tolist() == list(range(12))
+    p = {**duplicates.DEFAULTS, "hash_k": 2, "k": 0}
+    got = duplicates.candidates(fp, None, {**p, "hash_max_group": 4})
+    assert set(got) == {(6, 7), (9, 10), (9, 11), (10, 11)}
+    assert all(c["methods"] == ["phash"] and c["hamming"] == 0 for c in got.values())
+    every = duplicates.candidates(fp, None, {**p, "hash_max_group": 0})
+    assert set(got) < set(every) and any(j < 6 for _, j in every)
