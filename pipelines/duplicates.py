@@ -142,7 +142,7 @@ def verify_pairs(jobs: list[tuple[str, str, int, int]], p: dict[str, Any], *,
 
     if workers <= 1:
         return [one(j) for j in jobs]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with verify.opencv_single_threaded(), ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(one, jobs, chunksize=64))
 
 
