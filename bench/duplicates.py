@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import shutil
 import sys
 import tempfile
@@ -240,6 +241,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp = args.keep or Path(tempfile.mkdtemp(prefix="medlake-dup-bench-"))
     body = [f"machine: {machine()} (shared with other engineers' jobs; timings are noisy)"]
+    load0 = os.getloadavg()
     try:
         done = {}
         if args.n:
@@ -255,6 +257,10 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
+    load1 = os.getloadavg()
+    body.append(f"\nload average (1, 5, 15 min) at the start {load0[0]:.2f}, {load0[1]:.2f}, "
+                f"{load0[2]:.2f}; at the end {load1[0]:.2f}, {load1[1]:.2f}, {load1[2]:.2f}")
+    print(body[-1].strip())
     if args.record:
         record("duplicates (bench/duplicates.py, issue #4)", "\n".join(body))
 
