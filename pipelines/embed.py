@@ -5,9 +5,10 @@ an open_clip model name) and ``pretrained`` (None or a local checkpoint file). I
 (image_id, sha256) is already stored for the model are skipped; every batch is one LanceDB
 commit, so a run killed half way keeps what it finished and a re-run does the rest.
 Decoding runs in parallel with the model: in a torch DataLoader's worker processes (started
-from a fork server, see :func:`_worker_context`) with ``workers`` > 0, or in one background
-thread of this process with ``workers: 0`` (the default; Pillow, OpenCV and torch release the
-GIL while they work, and no process has to start), see :func:`prefetch`.
+from a fork server, see :func:`_worker_context`) with ``workers`` > 0; with ``workers: 0``
+(the default) in one background thread of this process when the model runs on a GPU (Pillow
+and torch release the GIL while they work, and no process has to start; see
+:func:`prefetch`), in turn with the model on the CPU, whose threads use every core already.
 """
 
 from __future__ import annotations
@@ -112,7 +113,11 @@ def run(cat: Catalog, *, model: str | None = None, pretrained: str | None = None
                             num_workers=int(p["workers"]), collate_fn=_collate,
                             pin_memory=torch.cuda.is_available(),
                             multiprocessing_context=_worker_context(int(p["workers"])))
-        batches = loader if int(p["workers"]) > 0 else prefetch(loader)
+        # workers 0: on a GPU a background thread decodes while the GPU computes; on the CPU
+        # the model's threads already use every core, and a decoding thread only competes
+        # with them (measured: 294 images ViT-B-32, 20.5 s with the thread, 19.6 s without)
+        overlap = int(p["workers"]) == 0 and getattr(emb, "device", "cpu") != "cpu"
+        batches = prefetch(loader) if overlap else loader
         for idx, batch in batches:
             if idx:
                 vec = model_vectors(emb, batch)
