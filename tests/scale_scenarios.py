@@ -6,8 +6,6 @@ Each takes the running cluster and a work folder and returns a dict for ``result
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,8 +13,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 import yaml
+from versions_helpers import BIN, sh
 
-BIN = Path(sys.executable).parent
 CLIP = "ViT-S-32-alt"  # the smallest ViT config open_clip ships (22.6M-parameter image tower)
 CLIP_IMAGES = 12
 RECIPE = """dataset: synth-derm
@@ -26,14 +24,6 @@ labels:
 rules: []
 export: {images: true}
 """
-
-
-def sh(*cmd: str, cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, check=False)
-    if r.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed in {cwd}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r.stdout + r.stderr
 
 
 def set_vectors(root: Path, uri: str | None) -> None:

@@ -6,33 +6,21 @@ byte-identical images."""
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
 import yaml
-from versions_helpers import tree_digest
+from versions_helpers import BIN, sh, tree_digest
 
 from catalog import Workspace
 from catalog.versions import load_version
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 VERSION = "lake/versions/synth-derm-clean"
 PACKED = "lake/versions/synth-derm-packed"
 TABLES = ["datasets", "images", "sources", "annotations", "coverage", "splits", "findings",
           "versions", "quarantine"]
-
-
-def sh(*cmd: str, cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, check=False)
-    if r.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed in {cwd.name}:\n{r.stdout}\n{r.stderr}")
-    return r.stdout + r.stderr
 
 
 def dvc(*args: str, cwd: Path) -> str:

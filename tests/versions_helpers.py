@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,8 @@ import polars as pl
 from PIL import Image
 
 from catalog import Catalog
+
+BIN = Path(sys.executable).parent  # the venv's medlake and dvc
 
 DS = "toy"
 LABELS = ["nevus", "melanoma", "bcc"]
@@ -106,3 +111,12 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def sh(*cmd: str, cwd: Path) -> str:
+    """Run a command (the venv's bin first on PATH); its output, or an error with the tail of it."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, check=False)
+    if r.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed in {cwd}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r.stdout + r.stderr
