@@ -79,7 +79,7 @@ def hash_pairs(hashes: list[str], *, max_bits: int, k: int | None = None) -> np.
     return res[np.sort(first)]
 
 
-def common_hash_rows(hashes: pl.Series, max_group: int) -> np.ndarray:
+def rare_hash_rows(hashes: pl.Series, max_group: int) -> np.ndarray:
     """Row numbers whose hash value is shared by at most ``max_group`` rows (0: every row).
 
     A hash value that many images share (flat, symmetric or look-alike pictures, e.g. the
@@ -113,7 +113,7 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
             for b in range(a + 1, len(idx)):
                 add(idx[a], idx[b], "sha256", hamming=0)
     for col in ("phash", "phash_sym") if int(p["hash_k"]) > 0 else ():
-        rows = common_hash_rows(fp[col], int(p.get("hash_max_group", 0)))
+        rows = rare_hash_rows(fp[col], int(p.get("hash_max_group", 0)))
         for i, j, d in hash_pairs(fp[col].gather(rows).to_list(), max_bits=int(p["hamming"]),
                                   k=int(p["hash_k"])):
             add(int(rows[i]), int(rows[j]), col, hamming=int(d))

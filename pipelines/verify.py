@@ -92,16 +92,13 @@ def features_many(files: list[str], *, workers: int = 2) -> list[dict[str, Any] 
 
 
 @contextmanager
-def opencv_single_threaded(active: bool = True) -> Iterator[None]:
-    """OpenCV's own thread pool off while ``active`` (restored after).
+def opencv_single_threaded() -> Iterator[None]:
+    """OpenCV's own thread pool off inside the block (restored after).
 
     When our thread pool already runs one pair per core, OpenCV's parallel loops on small
     images only add threads that spin: about 5% more CPU time per verified pair (measured
     on 5k images, same run).
     """
-    if not active:
-        yield
-        return
     before = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:

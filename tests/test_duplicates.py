@@ -251,8 +251,8 @@ def test_hash_values_shared_by_many_images_make_no_candidates():
     phash = ["f" * 16] * 6 + ["1" * 16, "1" * 16, "2" * 16, "3" * 16, "3" * 16, "3" * 16]
     fp = pl.DataFrame({"sha256": [str(i) for i in range(12)], "phash": phash,
                        "phash_sym": [f"{i:016x}" for i in range(12)]})
-    assert duplicates.common_hash_rows(fp["phash"], 4).tolist() == list(range(6, 12))
-    assert duplicates.common_hash_rows(fp["phash"], 0).tolist() == list(range(12))
+    assert duplicates.rare_hash_rows(fp["phash"], 4).tolist() == list(range(6, 12))
+    assert duplicates.rare_hash_rows(fp["phash"], 0).tolist() == list(range(12))
     p = {**duplicates.DEFAULTS, "hash_k": 2, "k": 0}
     got = duplicates.candidates(fp, None, {**p, "hash_max_group": 4})
     assert set(got) == {(6, 7), (9, 10), (9, 11), (10, 11)}
