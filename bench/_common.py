@@ -32,11 +32,14 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run_child(code: str, *args: str) -> dict:
-    """Run ``code`` in a fresh interpreter (so peak memory is its own); it prints one JSON."""
+def run_child(code: str, *args: str, timeout: float | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter (so peak memory is its own); it prints one JSON.
+
+    Raises ``subprocess.TimeoutExpired`` (the child killed) when it runs over ``timeout`` s.
+    """
     out = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        [sys.executable, "-c", code, *args], check=False, capture_output=True, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=timeout,
     )
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import REPO, machine, record
+from _common import machine, record, run_child
 
 from catalog import Catalog, Workspace
 from catalog.embedders import DESCRIPTOR, make_embedder
@@ -127,35 +127,12 @@ print(json.dumps(bench_embed.forward_alone(Catalog(Workspace(Path(sys.argv[1])))
 """
 
 
-def child(code: str, args: list[str], device: str, timeout: int) -> dict | None:
-    """Run ``code`` in a fresh interpreter; its last stdout line as JSON, None if it hung."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    try:
-        out = subprocess.run([sys.executable, "-c", code, *args], check=False,
-                             capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def forward_child(cat: Catalog, model: str, device: str, batch: int, timeout: int) -> dict:
-    """:func:`forward_alone` in a fresh interpreter, as the pipeline runs (same conditions)."""
-    res = child(FORWARD_CHILD, [str(cat.ws.root), model, device, str(batch)], device, timeout)
-    if res is None:
-        raise RuntimeError(f"the forward-alone run took over {timeout} s")
-    return res
-
-
-def pipeline(cat: Catalog, model: str, device: str, workers: int, batch: int,
-             timeout: int) -> dict:
+def pipeline(cat: Catalog, model: str, workers: int, batch: int, timeout: int) -> dict:
     """``embed.run`` in a fresh interpreter on an empty vector store; None fields if it hung."""
     shutil.rmtree(cat.ws.vectors_dir, ignore_errors=True)
-    res = child(CHILD, [str(cat.ws.root), model, str(workers), str(batch)], device, timeout)
-    if res is None:
+    try:  # the device choice reaches the child through os.environ (see main)
+        res = run_child(CHILD, str(cat.ws.root), model, str(workers), str(batch), timeout=timeout)
+    except subprocess.TimeoutExpired:
         return {"workers": workers, "hung": True, "timeout_s": timeout}
     # images/s of the whole run (files -> LanceDB), model construction included; steady:
     # after the first batch (start-up: model, table reads, worker start)
@@ -186,9 +163,11 @@ def main() -> None:
             # load drifts: forward and pipelines interleaved, ``--repeat`` rounds, best of each
             fwds, runs = [], {}
             for _ in range(a.repeat):
-                fwds.append(forward_child(cat, model, a.device, a.batch, a.timeout))
+                # in a fresh interpreter, as the pipeline runs (same conditions)
+                fwds.append(run_child(FORWARD_CHILD, str(cat.ws.root), model, a.device,
+                                      str(a.batch), timeout=a.timeout))
                 for w in sorted({0, a.workers}):
-                    r = pipeline(cat, model, a.device, w, a.batch, a.timeout)
+                    r = pipeline(cat, model, w, a.batch, a.timeout)
                     if w not in runs or r.get("ips", 0) > runs[w].get("ips", 0):
                         runs[w] = r
             fwd = max(fwds, key=lambda f: f["ips"])
