@@ -37,7 +37,7 @@ test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(BIN)/ruff check catalog pipelines cli ui tests bench
+	$(BIN)/ruff check medlake catalog pipelines ui demo tests bench
 
 clean-lake:
 	rm -rf lake

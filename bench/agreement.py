@@ -29,8 +29,8 @@ from sklearn.metrics import cohen_kappa_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import machine, real_data, record
-from catalog import Catalog, Workspace
-from pipelines import agreement, ingest
+from medlake.catalog import Catalog, Workspace
+from medlake.pipelines import agreement, ingest
 
 FILES = [("nih-cxr14", "cxr/Data_Entry_2017_v2020.csv.gz"),
          ("nih-bbox", "cxr/BBox_List_2017.csv.gz"),

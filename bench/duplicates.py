@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import REPO, machine, record
 
-from catalog import Catalog, Workspace
-from pipelines import duplicates, embed, fingerprint, ingest
-from pipelines.synthetic import KINDS, generate
+from medlake.catalog import Catalog, Workspace
+from medlake.pipelines import duplicates, embed, fingerprint, ingest
+from medlake.demo.synthetic import KINDS, generate
 
 IMAGES_PER_CAPTURE = 1.47  # measured: 3,400 captures give about 5,000 files
 

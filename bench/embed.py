@@ -1,6 +1,6 @@
 """Benchmark: the embed pipeline's images/s versus the model's forward pass alone.
 
-Builds a temporary workspace with the demo's synthetic images (``pipelines.synthetic``, both
+Builds a temporary workspace with the demo's synthetic images (``medlake.demo.synthetic``, both
 modalities; ingested and fingerprinted, not timed), then measures in one run, per model:
 
 - forward alone (in a fresh interpreter, as the pipeline): the embedder on images decoded
@@ -39,17 +39,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import machine, record, run_child
 
-from catalog import Catalog, Workspace
-from catalog.embedders import DESCRIPTOR, make_embedder
-from catalog.imageio import ImageReadError, load_rgb
-from pipelines.fingerprint import image_files
+from medlake.catalog import Catalog, Workspace
+from medlake.catalog.embedders import DESCRIPTOR, make_embedder
+from medlake.catalog.imageio import ImageReadError, load_rgb
+from medlake.pipelines.fingerprint import image_files
 
 CHILD = """
 import json, sys, time
 from pathlib import Path
-from catalog import Catalog, Workspace
-from catalog.embedders import make_embedder
-from pipelines import embed
+from medlake.catalog import Catalog, Workspace
+from medlake.catalog.embedders import make_embedder
+from medlake.pipelines import embed
 root, model, workers, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 import lancedb, torch, torch.utils.data  # noqa: E401,F401  imports warmed, not timed
 make_embedder(model)  # run() builds the model again (timed: build_s)
@@ -73,8 +73,8 @@ print(json.dumps({"total_s": total, "build_s": build, "embedded": res["embedded"
 
 def workspace(tmp: Path, n: int) -> Catalog:
     """Synthetic images (about ``n``), ingested and fingerprinted."""
-    from pipelines import fingerprint, ingest
-    from pipelines.synthetic import generate
+    from medlake.pipelines import fingerprint, ingest
+    from medlake.demo.synthetic import generate
 
     root = tmp / "ws"
     (root / ".dvc").mkdir(parents=True)
@@ -121,7 +121,7 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, "bench")
 import embed as bench_embed
-from catalog import Catalog, Workspace
+from medlake.catalog import Catalog, Workspace
 print(json.dumps(bench_embed.forward_alone(Catalog(Workspace(Path(sys.argv[1]))), sys.argv[2],
                                            sys.argv[3], int(sys.argv[4]))))
 """

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import machine, record
 
-from catalog import Catalog, Workspace
-from catalog.imageio import inspect_many
-from pipelines import ingest
+from medlake.catalog import Catalog, Workspace
+from medlake.catalog.imageio import inspect_many
+from medlake.pipelines import ingest
 
 
 def make(folder: Path, n: int) -> list[Path]:

@@ -32,8 +32,8 @@ MEDLAKE = r"""
 import json, multiprocessing.forkserver, os, resource, sys, tempfile, time
 from pathlib import Path
 import yaml
-from catalog import Catalog, Workspace
-from pipelines import ingest
+from medlake.catalog import Catalog, Workspace
+from medlake.pipelines import ingest
 from bench._common import cpu_seconds, peak_rss_mb
 real = Path(sys.argv[1])
 entries = json.loads(sys.argv[2])
@@ -59,7 +59,7 @@ children_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 floor = {}
 if processes == 1:  # the floor: reading the inputs and writing the outputs, nothing between
     import polars as pl, pyarrow.parquet as pq
-    from catalog.tables import _write
+    from medlake.catalog.tables import _write
     outs = sorted((root / "lake" / "tables").rglob("*.parquet"))
     tabs = [pq.read_table(f) for f in outs]
     c0 = cpu_seconds()

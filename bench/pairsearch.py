@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import machine, peak_rss_mb, record
 
-from catalog.vectors import VectorStore
-from pipelines.duplicates import knn_pairs
+from medlake.catalog.vectors import VectorStore
+from medlake.pipelines.duplicates import knn_pairs
 
 
 def make(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, int]:

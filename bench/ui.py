@@ -1,6 +1,6 @@
 """Page-open time of the UI in headless Chromium on 100k images / 50k pairs.
 
-Builds a sample workspace (``ui.sample``; real PNGs for the first ``--files`` images), or
+Builds a sample workspace (``medlake.demo.ui_sample``; real PNGs for the first ``--files`` images), or
 uses ``--workspace``, serves it with ``medlake ui`` on a free 127.0.0.1 port (which warms
 every page before it prints its URL, see ``ui/warm.py``), opens each page in Debian's
 Chromium via Playwright and times navigation until the page is complete: its text shows,
@@ -38,7 +38,7 @@ from statistics import median
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import machine, record
-from catalog import Catalog
+from medlake.catalog import Catalog
 from tests.test_ui_browser import (
     CHROMIUM_ARGS,
     PAGES,
@@ -46,7 +46,7 @@ from tests.test_ui_browser import (
     start_ui,
     stop,
 )
-from ui import sample
+from medlake.demo import ui_sample as sample
 
 EMPTY_APP = "import streamlit as st\nst.write('empty page')\n"
 
@@ -125,7 +125,7 @@ def server_times(log: Path) -> dict[str, list[float]]:
 
 def start_unwarmed(root: Path, port: int, log: Path) -> subprocess.Popen:
     """The app served like ``medlake ui`` but without its warm-up (the same-run "before")."""
-    from cli.commands.ui import streamlit_cmd
+    from medlake.cli.commands.ui import streamlit_cmd
 
     env = dict(os.environ, MEDLAKE_WORKSPACE=str(root), MEDLAKE_REVIEWER="bench")
     proc = subprocess.Popen(streamlit_cmd(root, port=port, host="127.0.0.1"), env=env,

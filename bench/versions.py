@@ -31,8 +31,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import cpu_seconds, machine, record
-from catalog import Catalog, Workspace, run_dvc
-from pipelines import materialize
+from medlake.catalog import Catalog, Workspace, run_dvc
+from medlake.pipelines import materialize
 
 SIZES = [28, 64, 128, 224]
 

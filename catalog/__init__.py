@@ -2,13 +2,13 @@
 
 Public API (pipelines, UI and CLI use only these names)::
 
-    from catalog import Catalog, Workspace, CatalogError
+    from medlake.catalog import Catalog, Workspace, CatalogError
 """
 
 from __future__ import annotations
 
-from catalog.core import Catalog, to_json
-from catalog.errors import (
+from medlake.catalog.core import Catalog, to_json
+from medlake.catalog.errors import (
     CatalogError,
     IngestError,
     MissingTableError,
@@ -16,14 +16,14 @@ from catalog.errors import (
     SQLError,
     WorkspaceError,
 )
-from catalog.ingestkit import FileReport, IngestResult, Quarantine, publish
-from catalog.schema import SCHEMA_VERSION, TABLES, spec
-from catalog.sql import VIEWS, render
-from catalog.tables import Transaction, conform, write_parquet_atomic
-from catalog.vocab import normalise, shared_name
-from catalog.workspace import Workspace, run_dvc
+from medlake.catalog.ingestkit import FileReport, IngestResult, Quarantine, publish
+from medlake.catalog.schema import SCHEMA_VERSION, TABLES, spec
+from medlake.catalog.sql import VIEWS, render
+from medlake.catalog.tables import Transaction, conform, write_parquet_atomic
+from medlake.catalog.vocab import normalise, shared_name
+from medlake.catalog.workspace import Workspace, run_dvc
 
-__version__ = "0.1.0"
+from medlake import __version__
 
 __all__ = [
     "SCHEMA_VERSION",

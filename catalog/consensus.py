@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import polars as pl
 
-from catalog.errors import CatalogError
+from medlake.catalog.errors import CatalogError
 
 MiddleAs = Literal["positive", "negative", "uncertain", "exclude"]
 Rule = Literal["all_certain_agree", "majority", "any_positive"]

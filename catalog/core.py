@@ -10,10 +10,10 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
-from catalog import sql as _sql
-from catalog.tables import TableStore, Transaction
-from catalog.vocab import load_overrides, shared_name
-from catalog.workspace import Workspace
+from medlake.catalog import sql as _sql
+from medlake.catalog.tables import TableStore, Transaction
+from medlake.catalog.vocab import load_overrides, shared_name
+from medlake.catalog.workspace import Workspace
 
 
 class Catalog:

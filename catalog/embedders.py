@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from catalog.errors import CatalogError
+from medlake.catalog.errors import CatalogError
 
 DESCRIPTOR = "descriptor-v1"
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from catalog.errors import CatalogError
+from medlake.catalog.errors import CatalogError
 
 # Pillow's own warning threshold (~89.5 megapixels); larger declared sizes are refused
 # before any pixel is decoded.

@@ -13,7 +13,7 @@ from typing import Any
 
 import polars as pl
 
-from catalog.errors import IngestError
+from medlake.catalog.errors import IngestError
 
 STAGE = "ingest"
 # code_map key describing the rows an implicit-negative source leaves out
@@ -183,7 +183,7 @@ def publish(
 
 def require_columns(file: str, found: list[str], expected: list[str] | tuple[str, ...]) -> None:
     """Raise a :class:`SchemaError` naming the file, the columns found and those expected."""
-    from catalog.errors import SchemaError
+    from medlake.catalog.errors import SchemaError
 
     missing = [c for c in expected if c not in found]
     if missing:
@@ -233,7 +233,7 @@ def findings_rows(
 ) -> list[dict[str, Any]]:
     """``findings`` table rows for one source's vocabulary, mapped through the workspace YAML."""
     ov = catalog.findings_overrides()
-    from catalog.vocab import shared_name
+    from medlake.catalog.vocab import shared_name
 
     return [
         {"source_id": source_id, "finding": f, "shared_finding": shared_name(source_id, f, ov),

@@ -13,9 +13,9 @@ from typing import Any
 
 import polars as pl
 
-from catalog.core import Catalog
-from catalog.errors import CatalogError
-from catalog.sql import render
+from medlake.catalog.core import Catalog
+from medlake.catalog.errors import CatalogError
+from medlake.catalog.sql import render
 
 THRESHOLDS = (1, 5, 10, 50, 100)
 
@@ -63,7 +63,7 @@ def _table(df: pl.DataFrame, rows: int = 40) -> str:
 
 
 def _agreement(catalog: Catalog, dataset_id: str) -> pl.DataFrame | None:
-    from catalog.stats import agreement_summary
+    from medlake.catalog.stats import agreement_summary
 
     df = agreement_summary(catalog, dataset_id)
     if df is None or not df.height:

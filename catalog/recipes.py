@@ -31,9 +31,9 @@ from typing import Any
 
 import yaml
 
-from catalog.errors import CatalogError
-from catalog.reviews import VERDICTS
-from catalog.shards import DEFAULT_SHARD_MB
+from medlake.catalog.errors import CatalogError
+from medlake.catalog.reviews import VERDICTS
+from medlake.catalog.shards import DEFAULT_SHARD_MB
 
 RULES: dict[str, dict[str, Any]] = {
     # rule kind -> allowed parameters and their defaults (None: optional, no default)

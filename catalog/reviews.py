@@ -42,9 +42,9 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from catalog.errors import CatalogError
-from catalog.schema import spec
-from catalog.tables import conform, scan_sql, write_parquet_atomic
+from medlake.catalog.errors import CatalogError
+from medlake.catalog.schema import spec
+from medlake.catalog.tables import conform, scan_sql, write_parquet_atomic
 
 TABLE = "reviews"
 STAGE = "ui"
@@ -260,7 +260,7 @@ def ppv_by_class(catalog: Any, *, source_id: str | None = None,
     polars.DataFrame
         ``source_id, finding, n_correct, n_wrong, n_unsure, n, ppv, ppv_lo, ppv_hi``.
     """
-    from catalog.stats import wilson
+    from medlake.catalog.stats import wilson
 
     df = latest(catalog, kind="label", per_reviewer=False, reviews=reviews)
     if source_id is not None:
@@ -286,7 +286,7 @@ def reviewer_kappa(catalog: Any, *, kind: str = "label",
         ``reviewer_a, reviewer_b, n_shared, observed, kappa, kappa_lo, kappa_hi``; kappa is
         NaN when it is undefined (e.g. both gave one verdict to everything).
     """
-    from catalog.stats import cohen_kappa
+    from medlake.catalog.stats import cohen_kappa
 
     df = latest(catalog, kind=kind, per_reviewer=True, reviews=reviews).select(
         "item", "reviewer", "verdict"

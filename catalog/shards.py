@@ -34,8 +34,8 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog.errors import CatalogError
-from catalog.tables import write_parquet_atomic
+from medlake.catalog.errors import CatalogError
+from medlake.catalog.tables import write_parquet_atomic
 
 SHARD_DIR = "shards"
 INDEX = "index.parquet"

@@ -14,9 +14,9 @@ from typing import Any, Literal
 import duckdb
 import pyarrow as pa
 
-from catalog.errors import SQLError
-from catalog.schema import TABLES
-from catalog.tables import TableStore, scan_sql
+from medlake.catalog.errors import SQLError
+from medlake.catalog.schema import TABLES
+from medlake.catalog.tables import TableStore, scan_sql
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
-from catalog.errors import CatalogError
-from catalog.vectors import VectorStore, table_name
-from catalog.workspace import Workspace, run_dvc
+from medlake.catalog.errors import CatalogError
+from medlake.catalog.vectors import VectorStore, table_name
+from medlake.catalog.workspace import Workspace, run_dvc
 
 SCHEMES = ("s3://",)
 

@@ -22,8 +22,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog.errors import MissingTableError, SchemaError
-from catalog.schema import TableSpec, spec
+from medlake.catalog.errors import MissingTableError, SchemaError
+from medlake.catalog.schema import TableSpec, spec
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog.errors import MissingTableError
+from medlake.catalog.errors import MissingTableError
 
 INDEX_MIN_ROWS = 50_000  # below this, exact search is fast enough and exact
 _SAFE = re.compile(r"[^A-Za-z0-9_]+")

@@ -27,8 +27,8 @@ from typing import Any
 import polars as pl
 import pyarrow.parquet as pq
 
-from catalog import shards
-from catalog.errors import CatalogError
+from medlake.catalog import shards
+from medlake.catalog.errors import CatalogError
 
 MANIFEST_SCHEMA_VERSION = 1
 META_KEY = b"medlake.manifest_schema"

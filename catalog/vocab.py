@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from catalog.errors import WorkspaceError
+from medlake.catalog.errors import WorkspaceError
 
 SYNONYMS: dict[str, str] = {
     # chest X-ray

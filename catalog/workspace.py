@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from catalog.errors import WorkspaceError
+from medlake.catalog.errors import WorkspaceError
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Workspace:
         if not (root / "dvc.yaml").exists():
             (root / "dvc.yaml").write_text("stages: {}\n")
         if not ws.findings_file.exists():
-            from catalog.vocab import default_findings_yaml
+            from medlake.catalog.vocab import default_findings_yaml
 
             ws.findings_file.write_text(default_findings_yaml())
         gi = root / ".gitignore"

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from catalog import CatalogError
-from catalog.consensus import BinariseRule
+from medlake.catalog import CatalogError
+from medlake.catalog.consensus import BinariseRule
 
 FAMILY = {"binary": "binary", "graded": "binary", "ordinal": "ordinal", "category": "category"}
 LABEL_COLS = ["source_id", "annotator", "img", "finding", "finding_own", "c", "o", "family",

@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 import polars as pl
 
-from pipelines._agreement_labels import image_key, item_key, own_names
+from medlake.pipelines._agreement_labels import image_key, item_key, own_names
 
 PAIR_KEYS = ["family", "source_a", "annotator_a", "source_b", "annotator_b", "finding",
              "finding_a", "finding_b"]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from catalog import stats
-from pipelines._agreement_labels import image_key, item_key
-from pipelines._agreement_pairs import PAIR_KEYS, with_subgroups
+from medlake.catalog import stats
+from medlake.pipelines._agreement_labels import image_key, item_key
+from medlake.pipelines._agreement_pairs import PAIR_KEYS, with_subgroups
 
 KEYS = [*PAIR_KEYS, "subgroup", "subgroup_value"]
 POS_ONLY = ("kappa not computed: {a} is positive-only (negatives 'none'), so a missing label "

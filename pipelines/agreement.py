@@ -5,7 +5,7 @@ Reads ``sources, annotations, findings, coverage, images``; writes the ``agreeme
 a ``derived`` source (``sources, annotations, coverage, findings`` under stage ``agreement``),
 all in one transaction per dataset. See docs/ARCHITECTURE.md for the columns.
 
-Run as ``medlake agreement [DATASET] [--plot out.png]`` or ``python -m pipelines.agreement``.
+Run as ``medlake agreement [DATASET] [--plot out.png]`` or ``python -m medlake.pipelines.agreement``.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Any
 
 import polars as pl
 
-from catalog import Catalog, CatalogError, conform, spec
-from catalog.consensus import BinariseRule, derive_source
-from pipelines import _agreement_labels as al
-from pipelines import _agreement_pairs as ap
-from pipelines._agreement_stats import group_stats, multi_stats, prevalence_rows
+from medlake.catalog import Catalog, CatalogError, conform, spec
+from medlake.catalog.consensus import BinariseRule, derive_source
+from medlake.pipelines import _agreement_labels as al
+from medlake.pipelines import _agreement_pairs as ap
+from medlake.pipelines._agreement_stats import group_stats, multi_stats, prevalence_rows
 
 log = logging.getLogger(__name__)
 STAGE = "agreement"
@@ -260,13 +260,13 @@ def run(
             catalog.write(name, spec(name).schema.empty_table(), stage=STAGE, partition="empty")
     out = None
     if plot:
-        from pipelines._agreement_plot import plot_agreement
+        from medlake.pipelines._agreement_plot import plot_agreement
 
         out = plot_agreement(pl.concat(frames, how="vertical_relaxed"), Path(plot))
     return AgreementResult(rows, tuple(derived), out, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from cli.main import run_stage
+    from medlake.cli.main import run_stage
 
     run_stage("agreement")

@@ -29,8 +29,8 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from catalog import Catalog, CatalogError, IngestError, Quarantine
-from catalog.imageio import MAX_PIXELS, ImageReadError, inspect_many, resolve_inside
+from medlake.catalog import Catalog, CatalogError, IngestError, Quarantine
+from medlake.catalog.imageio import MAX_PIXELS, ImageReadError, inspect_many, resolve_inside
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +276,6 @@ def _fill(df: pl.DataFrame, pixels: pl.DataFrame, mine: pl.Expr) -> pl.DataFrame
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from cli.main import run_stage
+    from medlake.cli.main import run_stage
 
     run_stage("attach-images")

@@ -6,9 +6,9 @@ from typing import Any
 
 import polars as pl
 
-from catalog import Catalog
-from catalog.recipes import Recipe
-from pipelines.leakage import SPLIT_ORDER
+from medlake.catalog import Catalog
+from medlake.catalog.recipes import Recipe
+from medlake.pipelines.leakage import SPLIT_ORDER
 
 
 def _order(s: Any) -> tuple[int, str]:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import polars as pl
 
-from catalog import Catalog, CatalogError, write_parquet_atomic
-from catalog.versions import label_sources, load_version
+from medlake.catalog import Catalog, CatalogError, write_parquet_atomic
+from medlake.catalog.versions import label_sources, load_version
 
 KEY_COLS = {"image_id", "native_id", "dataset_id", "split", "group_id", "unit", "width",
             "height", "sha256", "path"}
@@ -83,8 +83,8 @@ def load_side(catalog: Catalog, ref: str) -> Side:
 
 
 def _root(catalog: Catalog, row: dict) -> Side:
-    from catalog.recipes import LabelSpec
-    from pipelines.materialize import load_label, root_members
+    from medlake.catalog.recipes import LabelSpec
+    from medlake.pipelines.materialize import load_label, root_members
 
     ds = row["dataset_id"].replace("'", "''")
     f = root_members(catalog, row)
@@ -212,7 +212,7 @@ def render(res: DiffResult) -> str:
     for s in res.sources:
         lines.append(f"label source {s['change']}: {s['a'] or '-'} -> {s['b'] or '-'} ({s['note']})")
     if res.summary.height:
-        from catalog import render as render_table
+        from medlake.catalog import render as render_table
 
         lines.append(render_table(res.summary.to_arrow(), "table", max_rows=60).rstrip("\n"))
     if res.by_label.height:
@@ -222,6 +222,6 @@ def render(res: DiffResult) -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from cli.main import run_stage
+    from medlake.cli.main import run_stage
 
     run_stage("diff")

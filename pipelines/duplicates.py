@@ -29,12 +29,12 @@ import polars as pl
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from catalog import Catalog, CatalogError, conform, spec, to_json
-from catalog.embedders import DESCRIPTOR
-from catalog.storage import open_vectors
-from catalog.vectors import near_pairs
-from pipelines import verify
-from pipelines.fingerprint import image_files
+from medlake.catalog import Catalog, CatalogError, conform, spec, to_json
+from medlake.catalog.embedders import DESCRIPTOR
+from medlake.catalog.storage import open_vectors
+from medlake.catalog.vectors import near_pairs
+from medlake.pipelines import verify
+from medlake.pipelines.fingerprint import image_files
 
 STAGE = "duplicates"
 DEFAULTS: dict[str, Any] = {"hamming": 0, "hash_k": 1, "hash_max_group": 4, "k": 3,
@@ -174,7 +174,7 @@ def run(cat: Catalog, *, params: dict[str, Any] | None = None, external: Path | 
     knn = None
     verifier = partial(verify_pairs, cache=dict(enumerate(feats)), workers=int(p["workers"]))
     if engine == "ray":
-        from pipelines import ray_duplicates
+        from medlake.pipelines import ray_duplicates
 
         knn, verifier = ray_duplicates.engine(address)
     cand = candidates(fp, vecs, p, knn=knn, feats=feats)
@@ -250,6 +250,6 @@ def import_external(cat: Catalog, path: Path | str, params_json: str) -> list[di
 
 
 if __name__ == "__main__":
-    from cli.main import run_stage
+    from medlake.cli.main import run_stage
 
     run_stage("duplicates")

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from catalog import Catalog, CatalogError
-from catalog.embedders import DESCRIPTOR, make_embedder
-from catalog.imageio import ImageReadError, load_rgb
-from catalog.storage import open_vectors
-from catalog.vectors import VectorStore
-from pipelines.fingerprint import image_files
+from medlake.catalog import Catalog, CatalogError
+from medlake.catalog.embedders import DESCRIPTOR, make_embedder
+from medlake.catalog.imageio import ImageReadError, load_rgb
+from medlake.catalog.storage import open_vectors
+from medlake.catalog.vectors import VectorStore
+from medlake.pipelines.fingerprint import image_files
 
 log = logging.getLogger(__name__)
 DEFAULTS: dict[str, Any] = {"model": DESCRIPTOR, "pretrained": None, "batch_size": 64,
@@ -187,7 +187,7 @@ def _worker_context(workers: int) -> Any:
     import multiprocessing as mp
 
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "pipelines.embed"])
+    ctx.set_forkserver_preload(["torch", "medlake.pipelines.embed"])
     return ctx
 
 
@@ -208,7 +208,7 @@ class _DescriptorPrep:
     """The descriptor is computed in the loader's workers (it is the whole model)."""
 
     def __call__(self, im: Any) -> np.ndarray:
-        from catalog.embedders import DescriptorEmbedder
+        from medlake.catalog.embedders import DescriptorEmbedder
 
         return DescriptorEmbedder()._one(im)
 
@@ -240,6 +240,6 @@ def _stored_models(vs: VectorStore) -> list[str]:
 
 
 if __name__ == "__main__":
-    from cli.main import run_stage
+    from medlake.cli.main import run_stage
 
     run_stage("embed")

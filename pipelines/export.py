@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from catalog import CatalogError
+from medlake.catalog import CatalogError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 

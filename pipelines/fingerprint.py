@@ -21,8 +21,8 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from catalog import Catalog, CatalogError, spec, to_json
-from catalog.imageio import ImageReadError, open_image, sha256_bytes, to_rgb
+from medlake.catalog import Catalog, CatalogError, spec, to_json
+from medlake.catalog.imageio import ImageReadError, open_image, sha256_bytes, to_rgb
 
 log = logging.getLogger(__name__)
 STAGE = "fingerprint"
@@ -206,6 +206,6 @@ def run(cat: Catalog, *, dataset_id: str | None = None, params: dict[str, Any] |
 
 
 if __name__ == "__main__":
-    from cli.main import run_stage
+    from medlake.cli.main import run_stage
 
     run_stage("fingerprint")

@@ -3,7 +3,7 @@
 ``run`` ingests one file with one adapter; ``run_all`` ingests what ``params.yaml`` lists
 under ``ingest:`` (the demo's synthetic data and, where present, the public metadata).
 
-Run as ``medlake ingest FORMAT PATH`` or ``python -m pipelines.ingest FORMAT PATH``.
+Run as ``medlake ingest FORMAT PATH`` or ``python -m medlake.pipelines.ingest FORMAT PATH``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any
 
-from catalog import Catalog, CatalogError, IngestResult, Workspace
-from pipelines import adapters
+from medlake.catalog import Catalog, CatalogError, IngestResult, Workspace
+from medlake.pipelines import adapters
 
 log = logging.getLogger(__name__)
 
@@ -201,11 +201,11 @@ def _context() -> BaseContext:
     ``pyarrow.compute`` (loaded by the first cast in ``conform``) is preloaded too.
     """
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["pipelines.ingest", "pyarrow.compute"])
+    ctx.set_forkserver_preload(["medlake.pipelines.ingest", "pyarrow.compute"])
     return ctx
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from cli.main import run_stage
+    from medlake.cli.main import run_stage
 
     run_stage("ingest")

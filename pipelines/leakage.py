@@ -23,7 +23,7 @@ import polars as pl
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from catalog import Catalog, CatalogError, Quarantine
+from medlake.catalog import Catalog, CatalogError, Quarantine
 
 log = logging.getLogger(__name__)
 STAGE = "leakage"
@@ -215,7 +215,7 @@ def run(
     CatalogError
         When the splits table is missing or the scheme is unknown.
     """
-    from catalog.recipes import resolve_path
+    from medlake.catalog.recipes import resolve_path
 
     sp = catalog.read("splits", columns=["dataset_id", "scheme"], required=True,
                       hint="ingest a dataset with a split scheme first").unique()
@@ -271,6 +271,6 @@ def evidence(unit: str, members: int) -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from cli.main import run_stage
+    from medlake.cli.main import run_stage
 
     run_stage("leakage")

@@ -20,7 +20,7 @@ from typing import Any
 
 import polars as pl
 
-from catalog import (
+from medlake.catalog import (
     Catalog,
     CatalogError,
     Quarantine,
@@ -29,14 +29,14 @@ from catalog import (
     shards,
     write_parquet_atomic,
 )
-from catalog.ingestkit import sha256_file
-from catalog.recipes import LabelSpec, Recipe, RecipeError, load_recipe, recipe_path, resolve_path
-from catalog.versions import MANIFEST_SCHEMA_VERSION, manifest_metadata
-from pipelines import export
-from pipelines.datasheet import datasheet_info
-from pipelines.leakage import duplicate_links, leakage_rows, units
-from pipelines.rules import RULE_FUNCS, Context
-from pipelines.rules_reviews import exclude_pairs
+from medlake.catalog.ingestkit import sha256_file
+from medlake.catalog.recipes import LabelSpec, Recipe, RecipeError, load_recipe, recipe_path, resolve_path
+from medlake.catalog.versions import MANIFEST_SCHEMA_VERSION, manifest_metadata
+from medlake.pipelines import export
+from medlake.pipelines.datasheet import datasheet_info
+from medlake.pipelines.leakage import duplicate_links, leakage_rows, units
+from medlake.pipelines.rules import RULE_FUNCS, Context
+from medlake.pipelines.rules_reviews import exclude_pairs
 
 log = logging.getLogger(__name__)
 STAGE = "materialize"
@@ -147,7 +147,7 @@ def parent_frame(catalog: Catalog, recipe: Recipe) -> tuple[pl.DataFrame, dict[s
     if row["kind"] == "root":
         f = root_members(catalog, row)
     else:
-        from catalog.versions import load_version
+        from medlake.catalog.versions import load_version
 
         f = load_version(catalog.ws.versions_dir / row["name"]).drop(
             "native_id", "group_id", "unit", "width", "height", "sha256", "dataset_id", "path",
@@ -313,7 +313,7 @@ def run(catalog: Catalog, recipe: str | Path, *, processes: int = 1) -> Material
                 "manifest_schema": MANIFEST_SCHEMA_VERSION, "medlake_version": __version__}
         (tmp / "version.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         info = datasheet_info(catalog, rec, manifest, st, dsinfo, bool(images_root), inputs)
-        from catalog.versions import render_datasheet
+        from medlake.catalog.versions import render_datasheet
 
         (tmp / "DATASHEET.md").write_text(render_datasheet(info))
     counts = info["counts"]
@@ -366,6 +366,6 @@ def run_all(catalog: Catalog, *, processes: int = 1) -> list[MaterializeResult]:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from cli.main import run_stage
+    from medlake.cli.main import run_stage
 
     run_stage("materialize")

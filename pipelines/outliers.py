@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from catalog import Catalog, CatalogError, to_json
-from catalog.embedders import DESCRIPTOR
-from catalog.storage import open_vectors
+from medlake.catalog import Catalog, CatalogError, to_json
+from medlake.catalog.embedders import DESCRIPTOR
+from medlake.catalog.storage import open_vectors
 
 STAGE = "outliers"
 DEFAULTS: dict[str, Any] = {"k": 10, "model": None, "block": 4096}
@@ -108,6 +108,6 @@ def run(cat: Catalog, *, k: int | None = None, model: str | None = None,
 
 
 if __name__ == "__main__":
-    from cli.main import run_stage
+    from medlake.cli.main import run_stage
 
     run_stage("outliers")

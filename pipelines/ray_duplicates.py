@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.ray_engine import cluster_cpus, connect, slices
+from medlake.pipelines.ray_engine import cluster_cpus, connect, slices
 
 TASKS_PER_CPU = 2  # a few tasks per CPU keep every node busy without much per-task overhead
 
@@ -53,7 +53,7 @@ def knn_pairs(ray: Any, vecs: np.ndarray, *, k: int, threshold: float,
 
 def _near_pairs_slice(vecs: np.ndarray, threshold: float, k: int, block: int,
                       rows: tuple[int, int]) -> np.ndarray:
-    from catalog.vectors import near_pairs
+    from medlake.catalog.vectors import near_pairs
 
     return near_pairs(vecs, threshold=threshold, k=k, block=block, rows=rows)
 
@@ -71,6 +71,6 @@ def verify_pairs(ray: Any, jobs: list[tuple[str, str, int, int]],
 
 
 def _verify_chunk(jobs: list[tuple[str, str, int, int]], p: dict[str, Any]) -> list[dict]:
-    from pipelines.duplicates import verify_pairs as local
+    from medlake.pipelines.duplicates import verify_pairs as local
 
     return local(jobs, p)

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from catalog import Catalog
-from catalog.embedders import make_embedder
-from catalog.storage import open_vectors, storage_options, table_uri
-from catalog.vectors import vector_table
-from pipelines import embed as local
-from pipelines.ray_engine import cluster_cpus, cluster_gpus, connect
+from medlake.catalog import Catalog
+from medlake.catalog.embedders import make_embedder
+from medlake.catalog.storage import open_vectors, storage_options, table_uri
+from medlake.catalog.vectors import vector_table
+from medlake.pipelines import embed as local
+from medlake.pipelines.ray_engine import cluster_cpus, cluster_gpus, connect
 
 
 class EmbedActor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from catalog import CatalogError
+from medlake.catalog import CatalogError
 
 
 class RayEngineError(CatalogError):

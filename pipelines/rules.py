@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from catalog import Catalog, CatalogError, Quarantine
-from catalog.recipes import Recipe, Rule
-from pipelines.leakage import SPLIT_ORDER, units
+from medlake.catalog import Catalog, CatalogError, Quarantine
+from medlake.catalog.recipes import Recipe, Rule
+from medlake.pipelines.leakage import SPLIT_ORDER, units
 
 Lineage = list[dict[str, Any]]
 
@@ -232,7 +232,7 @@ def drop_unknown(df: pl.DataFrame, rule: Rule, ctx: Context) -> tuple[pl.DataFra
 
 def relabel(df: pl.DataFrame, rule: Rule, ctx: Context) -> tuple[pl.DataFrame, Lineage]:
     """Take label ``label`` from another source (e.g. a consensus source); log each change."""
-    from catalog.recipes import LabelSpec
+    from medlake.catalog.recipes import LabelSpec
 
     lab = rule.params["label"]
     spec = LabelSpec(lab, rule.params["source"], rule.params.get("finding"),
@@ -305,7 +305,7 @@ def resplit(df: pl.DataFrame, rule: Rule, ctx: Context) -> tuple[pl.DataFrame, L
 
 
 def _review_rule(df: pl.DataFrame, rule: Rule, ctx: Context) -> tuple[pl.DataFrame, Lineage]:
-    from pipelines.rules_reviews import relabel_from_reviews
+    from medlake.pipelines.rules_reviews import relabel_from_reviews
 
     return relabel_from_reviews(df, rule, ctx)
 

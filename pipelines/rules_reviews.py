@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import polars as pl
 
-from catalog import Catalog, CatalogError
-from catalog import reviews as rv
-from catalog.recipes import RecipeError, Rule
-from pipelines.rules import Context, Lineage, _ev, _row
+from medlake.catalog import Catalog, CatalogError
+from medlake.catalog import reviews as rv
+from medlake.catalog.recipes import RecipeError, Rule
+from medlake.pipelines.rules import Context, Lineage, _ev, _row
 
 REVIEW_RULE = "reviews"
 

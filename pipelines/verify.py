@@ -23,7 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from catalog.imageio import ImageReadError, load_rgb
+from medlake.catalog.imageio import ImageReadError, load_rgb
 
 SIDE = 256
 NFEATURES = 300  # ORB keypoints per image (and per mirror image)

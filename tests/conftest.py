@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from catalog import Catalog, Workspace
+from medlake.catalog import Catalog, Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 

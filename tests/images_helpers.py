@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from catalog import Catalog, Workspace
+from medlake.catalog import Catalog, Workspace
 
 N_CAPTURES = 70
 
@@ -20,8 +20,8 @@ N_CAPTURES = 70
 @pytest.fixture(scope="session", name="synth_lake")
 def _synth_lake(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
     """A bare lake with both synthetic modalities ingested, fingerprinted and embedded."""
-    from pipelines import embed, fingerprint, ingest
-    from pipelines.synthetic import generate
+    from medlake.pipelines import embed, fingerprint, ingest
+    from medlake.demo.synthetic import generate
 
     root = (tmp_path_factory.mktemp("imglake") / "ws").resolve()
     (root / ".dvc").mkdir(parents=True)

@@ -38,9 +38,9 @@ def set_vectors(root: Path, uri: str | None) -> None:
 
 def lake(cl: Any, work: Path, n_captures: int) -> Any:
     """``medlake init`` with an S3 DVC remote, synthetic images ingested and fingerprinted."""
-    from catalog import Catalog, Workspace
-    from pipelines import fingerprint, ingest
-    from pipelines.synthetic import generate
+    from medlake.catalog import Catalog, Workspace
+    from medlake.pipelines import fingerprint, ingest
+    from medlake.demo.synthetic import generate
 
     root = work / "ws"
     sh(str(BIN / "medlake"), "init", str(root), "--remote", "s3://dvc/store",
@@ -56,8 +56,8 @@ def lake(cl: Any, work: Path, n_captures: int) -> Any:
 
 def compare_embed(cat: Any, cl: Any) -> dict[str, Any]:
     """Local engine into lake/vectors, Ray engine (in two runs: resume) into s3://vectors."""
-    from catalog.storage import open_vectors
-    from pipelines import embed, ray_embed
+    from medlake.catalog.storage import open_vectors
+    from medlake.pipelines import embed, ray_embed
 
     out: dict[str, Any] = {}
     root = cat.ws.root
@@ -84,7 +84,7 @@ def compare_embed(cat: Any, cl: Any) -> dict[str, Any]:
     out["similar_s3"] = embed.similar(cat, ids_r[0], k=3)
     from click.testing import CliRunner
 
-    from cli.main import main
+    from medlake.cli.main import main
 
     r = CliRunner().invoke(main, ["embed", "-w", str(root), "--engine", "ray", "--address",
                                   cl.address])
@@ -94,7 +94,7 @@ def compare_embed(cat: Any, cl: Any) -> dict[str, Any]:
 
 def compare_duplicates(cat: Any, cl: Any) -> dict[str, Any]:
     """duplicates local (vectors local) vs Ray (vectors on S3): pairs and clusters equal."""
-    from pipelines import duplicates
+    from medlake.pipelines import duplicates
 
     out: dict[str, Any] = {}
     root = cat.ws.root
@@ -129,9 +129,9 @@ def compare_clip(cat: Any, cl: Any, work: Path) -> dict[str, Any]:
     import torch
     from click.testing import CliRunner
 
-    from catalog.storage import open_vectors
-    from cli.main import main
-    from pipelines import embed
+    from medlake.catalog.storage import open_vectors
+    from medlake.cli.main import main
+    from medlake.pipelines import embed
 
     root, ckpt, out = cat.ws.root, work / "clip.pt", {"model_config": CLIP}
     torch.manual_seed(0)
@@ -215,9 +215,9 @@ def bench(cl: Any, work: Path) -> dict[str, Any]:
     """Timings: per-task overhead, exact pair search and embedding, local vs the cluster."""
     import ray
 
-    from pipelines import ray_duplicates
-    from pipelines.duplicates import knn_pairs
-    from pipelines.ray_engine import connect
+    from medlake.pipelines import ray_duplicates
+    from medlake.pipelines.duplicates import knn_pairs
+    from medlake.pipelines.ray_engine import connect
 
     n_img = int(os.environ.get("SCALE_BENCH_CAPTURES", "150"))
     n_vec = int(os.environ.get("SCALE_BENCH_VECTORS", "40000"))
@@ -252,9 +252,9 @@ def bench(cl: Any, work: Path) -> dict[str, Any]:
     tables = sum(f.stat().st_size for f in (cat.ws.root / "lake/tables").rglob("*.parquet"))
     out["table_bytes_per_image"] = tables / emb["n_local"]
     out["s3_vector_bytes_per_image"] = _s3_bytes(cl, "vectors/ws") / emb["n_local"]
-    from catalog.embedders import make_embedder
-    from catalog.imageio import load_rgb
-    from pipelines.fingerprint import image_files
+    from medlake.catalog.embedders import make_embedder
+    from medlake.catalog.imageio import load_rgb
+    from medlake.pipelines.fingerprint import image_files
 
     files = image_files(cat)["file"].to_list()[:32]
     vit = make_embedder("ViT-B-32", None)

@@ -18,9 +18,9 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from catalog import Catalog, CatalogError, IngestError, SchemaError, Workspace
-from cli.main import main
-from pipelines import ingest
+from medlake.catalog import Catalog, CatalogError, IngestError, SchemaError, Workspace
+from medlake.cli.main import main
+from medlake.pipelines import ingest
 
 CXR = {
     "nih-cxr14": "Data_Entry_2017_v2020.csv.gz",
@@ -452,7 +452,7 @@ i6.png,1,2015-01-01,s2,p2,1950.0,M,PA,Physician,"['normal']"
 
 
 def test_chexpert_bad_rows(catalog: Catalog, tmp_path: Path):
-    from pipelines.adapters.chexpert import FINDINGS
+    from medlake.pipelines.adapters.chexpert import FINDINGS
 
     head = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(FINDINGS)
     blank14 = "," * 13

@@ -21,9 +21,9 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from catalog import Catalog, CatalogError, IngestError, SchemaError, Workspace
-from cli.main import main
-from pipelines import ingest
+from medlake.catalog import Catalog, CatalogError, IngestError, SchemaError, Workspace
+from medlake.cli.main import main
+from medlake.pipelines import ingest
 
 HAM = "ham10000/HAM10000_metadata.csv"
 DMN = "dermamnist/dermamnist_split_info.csv"

@@ -15,10 +15,10 @@ from sklearn.metrics import cohen_kappa_score
 from statsmodels.stats.inter_rater import cohens_kappa as sm_kappa
 from statsmodels.stats.proportion import proportion_confint
 
-from catalog import Catalog, CatalogError
-from catalog.consensus import BinariseRule, consensus
-from catalog.stats import agreement_summary
-from pipelines import agreement
+from medlake.catalog import Catalog, CatalogError
+from medlake.catalog.consensus import BinariseRule, consensus
+from medlake.catalog.stats import agreement_summary
+from medlake.pipelines import agreement
 
 N = 300
 GRADES = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -268,7 +268,7 @@ def test_bad_input_errors(toy, catalog):
 
 
 def test_cli_writes_table_and_plot(toy, tmp_path):
-    from cli.main import main
+    from medlake.cli.main import main
 
     cat, _ = toy
     out = tmp_path / "agreement.png"
@@ -285,7 +285,7 @@ def test_dataset_with_only_category_sources_gives_empty_table(catalog):
     """Nothing comparable (category labels only): an empty table, not a crash."""
     import polars as pl
 
-    from pipelines import agreement as stage
+    from medlake.pipelines import agreement as stage
 
     with catalog.transaction() as tx:
         tx.write("datasets", [{"dataset_id": "c"}], stage="ingest", partition="c")
@@ -434,7 +434,7 @@ def test_implicit_storage_of_several_readers_gives_identical_figures(catalog):
                 min_size=1, max_size=30))
 def test_combined_codes_are_the_or_of_the_parts(parts):
     """Positive if any part is, negative only if every part is a usable negative."""
-    from pipelines._agreement_labels import combine_findings
+    from medlake.pipelines._agreement_labels import combine_findings
 
     n = len(parts)
     img = pl.Series(list(range(n)) * 2, dtype=pl.UInt64)

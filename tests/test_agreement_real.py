@@ -16,8 +16,8 @@ from statsmodels.stats.inter_rater import cohens_kappa as sm_kappa
 from statsmodels.stats.inter_rater import fleiss_kappa
 from statsmodels.stats.proportion import proportion_confint
 
-from catalog import Catalog, Workspace
-from pipelines import agreement, ingest
+from medlake.catalog import Catalog, Workspace
+from medlake.pipelines import agreement, ingest
 
 FILES = {
     "nih-cxr14": "cxr/Data_Entry_2017_v2020.csv.gz",
@@ -187,7 +187,7 @@ def test_vindr_three_readers_fleiss_and_alpha(lake, shared_data):
 
 
 def test_profile_summary_and_discrepancies(lake):
-    from catalog.stats import agreement_summary
+    from medlake.catalog.stats import agreement_summary
 
     cat, df, res = lake
     s = agreement_summary(cat, "nih-cxr14")

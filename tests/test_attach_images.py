@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from catalog import Catalog, CatalogError, IngestError, Workspace
-from cli.main import main
-from pipelines import attach_images, ingest
+from medlake.catalog import Catalog, CatalogError, IngestError, Workspace
+from medlake.cli.main import main
+from medlake.pipelines import attach_images, ingest
 
 PIXELS = ["path", "sha256", "width", "height", "mode", "phi_tags"]
 

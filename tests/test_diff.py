@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 from versions_helpers import build_toy, write_recipe
 
-from catalog import Catalog, Workspace
-from pipelines import diff, ingest, materialize
+from medlake.catalog import Catalog, Workspace
+from medlake.pipelines import diff, ingest, materialize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def test_relabel_rule_shows_in_diff(catalog: Catalog) -> None:
     expect = ann.filter(pl.col("toy:dx").ne_missing(pl.col("toy:expert")))
     assert sorted(rel["image_id"]) == sorted(expect["image_id"]) and len(rel) > 0
     assert set(rel["rule"]) == {"relabel"} and set(rel["new"]) <= {"melanoma", "nevus", "bcc"}
-    from cli.main import main
+    from medlake.cli.main import main
 
     out = CliRunner().invoke(main, ["diff", "toy@orig", "toy-expert", "-w", str(catalog.ws.root)])
     assert out.exit_code == 0 and f"relabelled {len(rel):,}" in out.output

@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 from images_helpers import _synth_lake, truth  # noqa: F401  (session fixture synth_lake)
 
-from catalog import CatalogError
-from catalog.vectors import near_pairs
-from cli.main import main
-from pipelines import duplicates, fingerprint, verify
+from medlake.catalog import CatalogError
+from medlake.catalog.vectors import near_pairs
+from medlake.cli.main import main
+from medlake.pipelines import duplicates, fingerprint, verify
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,7 @@ def test_generator_in_processes_writes_the_same_bytes(tmp_path):
     """bench/duplicates.py generates with workers=2: the files equal one process's, byte for byte."""
     import hashlib
 
-    from pipelines.synthetic import generate
+    from medlake.demo.synthetic import generate
 
     def digest(root):
         return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()

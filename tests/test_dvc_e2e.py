@@ -13,8 +13,8 @@ import pytest
 import yaml
 from versions_helpers import BIN, sh, tree_digest
 
-from catalog import Workspace
-from catalog.versions import load_version
+from medlake.catalog import Workspace
+from medlake.catalog.versions import load_version
 
 REPO = Path(__file__).resolve().parents[1]
 VERSION = "lake/versions/synth-derm-clean"
@@ -34,7 +34,7 @@ def git_user(cwd: Path) -> None:
 
 @pytest.fixture(scope="module")
 def pushed(tmp_path_factory) -> dict:
-    from pipelines.synthetic import generate
+    from medlake.demo.synthetic import generate
 
     base = tmp_path_factory.mktemp("e2e")
     ws = Workspace.init(base / "ws")
@@ -68,8 +68,8 @@ def pushed(tmp_path_factory) -> dict:
     status = dvc("status", cwd=root)
     sh("git", "add", "-A", cwd=root)
     sh("git", "commit", "-qm", "demo", cwd=root)
-    from catalog import Catalog
-    from pipelines.demo import push
+    from medlake.catalog import Catalog
+    from medlake.demo.runner import push
 
     msg = push(Catalog(ws))
     assert msg.startswith("dvc push:") and "commit dvc.lock" in msg
@@ -111,8 +111,8 @@ def test_import_and_api_open(pushed) -> None:
 
 
 def test_packed_version_pull_unpack_is_byte_identical(pushed) -> None:
-    from catalog.shards import is_packed, unpack
-    from catalog.versions import VersionDataset
+    from medlake.catalog.shards import is_packed, unpack
+    from medlake.catalog.versions import VersionDataset
 
     root = pushed["root"]
     assert is_packed(root / PACKED) and not (root / PACKED / "images").exists()

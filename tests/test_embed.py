@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner
 from images_helpers import _synth_lake  # noqa: F401  (session fixture synth_lake)
 
-from catalog import Catalog, CatalogError, Workspace
-from catalog.embedders import EmbedderError
-from catalog.vectors import VectorStore, table_name
-from cli.main import main
-from pipelines import embed, fingerprint, ingest
+from medlake.catalog import Catalog, CatalogError, Workspace
+from medlake.catalog.embedders import EmbedderError
+from medlake.catalog.vectors import VectorStore, table_name
+from medlake.cli.main import main
+from medlake.pipelines import embed, fingerprint, ingest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_open_clip_random_weights_and_missing_checkpoint(synth_lake, tmp_path):
 
 
 def test_resume_after_kill(tmp_path):
-    from pipelines.synthetic import generate
+    from medlake.demo.synthetic import generate
 
     root = (tmp_path / "ws").resolve()
     (root / ".dvc").mkdir(parents=True)
@@ -88,7 +88,7 @@ def test_resume_after_kill(tmp_path):
 
 def test_ivf_pq_index_batched_search_with_refine(tmp_path):
     """ensure_index builds IVF_PQ once; search_many (refined) agrees with exact search."""
-    from catalog.vectors import near_pairs
+    from medlake.catalog.vectors import near_pairs
 
     rng = np.random.default_rng(5)
     v = rng.standard_normal((1200, 32)).astype(np.float32)

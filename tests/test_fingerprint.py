@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from images_helpers import _synth_lake  # noqa: F401  (session fixture synth_lake)
 from PIL import Image
 
-from catalog import Catalog, Workspace
-from cli.main import main
-from pipelines import fingerprint
+from medlake.catalog import Catalog, Workspace
+from medlake.cli.main import main
+from medlake.pipelines import fingerprint
 
 RNG = np.random.default_rng(0)
 

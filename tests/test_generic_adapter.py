@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from catalog import Catalog, IngestError, SchemaError, Workspace
-from catalog.imageio import inspect, inspect_many, load_rgb, render_8bit, window
-from cli.main import main
-from pipelines import ingest
+from medlake.catalog import Catalog, IngestError, SchemaError, Workspace
+from medlake.catalog.imageio import inspect, inspect_many, load_rgb, render_8bit, window
+from medlake.cli.main import main
+from medlake.pipelines import ingest
 
 RNG = np.random.default_rng(7)
 HEADER = ["image_id", "file", "lesion", "patient", "split", "sex", "age", "dx", "pneumo", "capture"]

@@ -10,9 +10,9 @@ from collections import Counter
 import pytest
 from click.testing import CliRunner
 
-from catalog import Catalog, IngestError, SchemaError
-from cli.main import main
-from pipelines import ingest
+from medlake.catalog import Catalog, IngestError, SchemaError
+from medlake.cli.main import main
+from medlake.pipelines import ingest
 
 HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
           "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
@@ -20,7 +20,7 @@ HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient
 
 @pytest.fixture(scope="module")
 def nih(shared_data, tmp_path_factory):
-    from catalog import Workspace
+    from medlake.catalog import Workspace
 
     root = tmp_path_factory.mktemp("nih") / "ws"
     (root / ".dvc").mkdir(parents=True)

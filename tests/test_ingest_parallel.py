@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from catalog import Catalog, CatalogError, Workspace
-from pipelines import ingest
+from medlake.catalog import Catalog, CatalogError, Workspace
+from medlake.pipelines import ingest
 
 # small real files; nih-bbox and google2019 label nih-cxr14's images (same dataset)
 ENTRIES = [

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from catalog import Catalog, CatalogError, Workspace
-from pipelines import ingest, leakage
+from medlake.catalog import Catalog, CatalogError, Workspace
+from medlake.pipelines import ingest, leakage
 
 PAIRS = "derm_corrected/ham10000_newly_discovered_duplicates.csv"
 
@@ -108,7 +108,7 @@ def test_bad_pairs_file(ham: Catalog, tmp_path: Path) -> None:
 
 
 def test_cli(ham: Catalog) -> None:
-    from cli.main import main
+    from medlake.cli.main import main
 
     r = CliRunner().invoke(main, ["leakage", "ham10000", "--split-scheme", "dermamnist",
                                   "-w", str(ham.ws.root)])

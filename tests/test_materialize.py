@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from versions_helpers import TOY_RECIPE, build_toy, tree_digest, write_recipe
 
-from catalog import Catalog, CatalogError, Workspace
-from catalog.recipes import RecipeError, parse_recipe
-from catalog.versions import VersionDataset, load_version
-from pipelines import materialize
-from pipelines.leakage import units
+from medlake.catalog import Catalog, CatalogError, Workspace
+from medlake.catalog.recipes import RecipeError, parse_recipe
+from medlake.catalog.versions import VersionDataset, load_version
+from medlake.pipelines import materialize
+from medlake.pipelines.leakage import units
 
 
 @pytest.fixture
@@ -192,7 +192,7 @@ def test_units_join_groups_and_duplicates() -> None:
 def test_recipe_for_absent_dataset_is_skipped_explicitly(catalog):
     """Without the public metadata, a real-data recipe writes a SKIPPED version and a
     quarantine row saying why (dvc repro then still runs the rest of the pipeline)."""
-    from pipelines import materialize
+    from medlake.pipelines import materialize
 
     catalog.ws.recipes_dir.mkdir(parents=True, exist_ok=True)
     (catalog.ws.recipes_dir / "absent.yaml").write_text(

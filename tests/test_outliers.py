@@ -9,10 +9,10 @@ from click.testing import CliRunner
 from images_helpers import _synth_lake, truth  # noqa: F401  (session fixture synth_lake)
 from sklearn.neighbors import NearestNeighbors
 
-from catalog import CatalogError
-from catalog.vectors import VectorStore
-from cli.main import main
-from pipelines import outliers
+from medlake.catalog import CatalogError
+from medlake.catalog.vectors import VectorStore
+from medlake.cli.main import main
+from medlake.pipelines import outliers
 
 
 def test_outliers_rank_on_top(synth_lake):

@@ -9,15 +9,15 @@ from collections import Counter
 import pytest
 from click.testing import CliRunner
 
-from catalog import Catalog, CatalogError
-from catalog.profile import profile
-from cli.main import main
-from pipelines import agreement, ingest
+from medlake.catalog import Catalog, CatalogError
+from medlake.catalog.profile import profile
+from medlake.cli.main import main
+from medlake.pipelines import agreement, ingest
 
 
 @pytest.fixture(scope="module")
 def nih(shared_data, tmp_path_factory):
-    from catalog import Workspace
+    from medlake.catalog import Workspace
 
     root = tmp_path_factory.mktemp("prof") / "ws"
     (root / ".dvc").mkdir(parents=True)

@@ -6,7 +6,7 @@ import re
 
 from click.testing import CliRunner
 
-from cli.main import main
+from medlake.cli.main import main
 from conftest import REPO
 
 README = (REPO / "README.md").read_text()

@@ -13,12 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from versions_helpers import TOY_RECIPE, build_toy, tree_digest, write_recipe
 
-from catalog import Catalog, CatalogError, shards
-from catalog import reviews as rv
-from catalog.recipes import RecipeError, parse_recipe
-from catalog.versions import VersionDataset, load_version
-from cli.main import main as cli
-from pipelines import materialize
+from medlake.catalog import Catalog, CatalogError, shards
+from medlake.catalog import reviews as rv
+from medlake.catalog.recipes import RecipeError, parse_recipe
+from medlake.catalog.versions import VersionDataset, load_version
+from medlake.cli.main import main as cli
+from medlake.pipelines import materialize
 
 BASE = """
 dataset: toy
@@ -277,7 +277,7 @@ def test_pairs_judged_different_are_never_merged_property(tmp_path_factory, g) -
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from catalog import Workspace
+    from medlake.catalog import Workspace
 
     n, edges, judged = g
     root = tmp_path_factory.mktemp("prop") / "ws"

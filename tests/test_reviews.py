@@ -13,8 +13,8 @@ import pytest
 from sklearn.metrics import cohen_kappa_score
 from statsmodels.stats.proportion import proportion_confint
 
-from catalog import Catalog, Workspace
-from catalog import reviews as rv
+from medlake.catalog import Catalog, Workspace
+from medlake.catalog import reviews as rv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,8 +108,8 @@ def test_compact_keeps_history(catalog):
 
 WRITER = textwrap.dedent("""
     import sys
-    from catalog import Catalog, Workspace
-    from catalog import reviews as rv
+    from medlake.catalog import Catalog, Workspace
+    from medlake.catalog import reviews as rv
     root, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     cat = Catalog(Workspace(__import__("pathlib").Path(root)))
     for i in range(n):
@@ -126,7 +126,7 @@ def _nih_csv(path: Path, n: int) -> Path:
 
 
 def test_two_writers_and_a_pipeline_stage_lose_nothing(catalog, tmp_path):
-    from pipelines import ingest
+    from medlake.pipelines import ingest
 
     csv = _nih_csv(tmp_path / "Data_Entry_2017_v2020.csv", 300)
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(catalog.ws.root), who, "500"],

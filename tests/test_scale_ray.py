@@ -21,10 +21,10 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from catalog import Workspace
-from catalog.storage import StorageError, s3_options, vectors_uri
-from cli.main import main
-from pipelines.ray_embed import blocks
+from medlake.catalog import Workspace
+from medlake.catalog.storage import StorageError, s3_options, vectors_uri
+from medlake.cli.main import main
+from medlake.pipelines.ray_embed import blocks
 
 REPO = Path(__file__).resolve().parents[1]
 UNSHARE = ["unshare", "-rn", "--pid", "--fork", "--kill-child", "--mount-proc"]
@@ -135,10 +135,10 @@ def test_local_engine_never_imports_ray(tmp_path):
     code = f"""
 import sys
 from pathlib import Path
-from catalog import Catalog, Workspace
-from pipelines import duplicates, embed, fingerprint, ingest
-from pipelines.synthetic import generate
-import cli.main
+from medlake.catalog import Catalog, Workspace
+from medlake.pipelines import duplicates, embed, fingerprint, ingest
+from medlake.demo.synthetic import generate
+import medlake.cli.main
 root = Path({str(tmp_path / 'ws')!r}); (root / '.dvc').mkdir(parents=True)
 generate(root / 'syn', n_captures=4, seed=0, modalities=('derm',))
 cat = Catalog(Workspace(root))

@@ -6,9 +6,9 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from catalog import Catalog, SQLError
-from catalog.schema import TABLES
-from cli.main import main
+from medlake.catalog import Catalog, SQLError
+from medlake.catalog.schema import TABLES
+from medlake.cli.main import main
 
 
 @pytest.fixture

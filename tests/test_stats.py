@@ -12,7 +12,7 @@ from statsmodels.stats.inter_rater import cohens_kappa as sm_kappa
 from statsmodels.stats.inter_rater import fleiss_kappa as sm_fleiss
 from statsmodels.stats.proportion import proportion_confint
 
-from catalog.stats import (
+from medlake.catalog.stats import (
     cohen_kappa,
     confusion_tables,
     diagnostic,

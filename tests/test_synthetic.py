@@ -13,9 +13,9 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from catalog import CatalogError
-from cli.main import main
-from pipelines.synthetic import KINDS, generate
+from medlake.catalog import CatalogError
+from medlake.cli.main import main
+from medlake.demo.synthetic import KINDS, generate
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -184,7 +184,7 @@ def test_cli_writes_and_refuses_to_overwrite(tmp_path: Path) -> None:
 
 
 def test_generic_adapter_ingests_the_output(synth: Path, catalog) -> None:
-    from pipelines import adapters, ingest
+    from medlake.pipelines import adapters, ingest
 
     if "generic" not in adapters.registry():
         pytest.skip("the generic adapter is not in this checkout yet")

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from catalog import Catalog, SchemaError, conform
+from medlake.catalog import Catalog, SchemaError, conform
 
 
 def _img(n: int, ds: str = "d") -> pl.DataFrame:
@@ -86,9 +86,9 @@ def test_killed_writer_leaves_previous_table(catalog: Catalog, tmp_path):
     catalog.write("images", _img(3), stage="ingest", partition="d")
     script = textwrap.dedent(f"""
         import os, polars as pl, pyarrow.parquet as pq
-        from catalog import Catalog, Workspace
+        from medlake.catalog import Catalog, Workspace
         from pathlib import Path
-        import catalog.tables as t
+        import medlake.catalog.tables as t
         real = t._write
         def dying(at, path):
             real(at, path)
@@ -109,7 +109,7 @@ def test_killed_writer_leaves_previous_table(catalog: Catalog, tmp_path):
 def test_what_is_written_reads_back_unchanged(tmp_path_factory, rows):
     root = tmp_path_factory.mktemp("ws")
     os.makedirs(root / ".dvc")
-    from catalog import Workspace
+    from medlake.catalog import Workspace
 
     cat = Catalog(Workspace(root))
     df = pl.DataFrame(
@@ -131,8 +131,8 @@ def test_equality_lookup_matches_duckdb(catalog: Catalog):
     for ds in ("a", "o'b", "none"):
         where = f"dataset_id = '{ds.replace(chr(39), chr(39) * 2)}'"
         cols = ["image_id", "native_id", "site"]
-        from catalog.schema import spec
-        from catalog.tables import _read_eq
+        from medlake.catalog.schema import spec
+        from medlake.catalog.tables import _read_eq
 
         assert _read_eq(spec("images"), catalog.tables.files("images"), where, cols) is not None
         fast = catalog.read("images", where=where, columns=cols)
@@ -145,7 +145,7 @@ def test_equality_lookup_matches_duckdb(catalog: Catalog):
 
 
 def test_failed_background_write_publishes_nothing(catalog: Catalog, monkeypatch):
-    import catalog.tables as t
+    import medlake.catalog.tables as t
 
     catalog.write("images", _img(2), stage="ingest", partition="d")
     real = t._write
@@ -168,7 +168,7 @@ def test_row_dicts_conform_without_pandas():
     """Lists of row dicts are typed by Polars (pyarrow's from_pylist imports pandas: ~1 s)."""
     code = textwrap.dedent("""
         import sys
-        from catalog import conform
+        from medlake.catalog import conform
         at = conform("sources", [{"source_id": "d:s", "dataset_id": "d", "exhaustive": True,
                                   "rule": None}, {"source_id": "d:t", "dataset_id": "d"}])
         assert at.column("exhaustive").to_pylist() == [True, None], at

@@ -9,9 +9,10 @@ import polars as pl
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from catalog import Catalog
-from catalog import reviews as rv
-from ui import data, sample
+from medlake.catalog import Catalog
+from medlake.catalog import reviews as rv
+from medlake.demo import ui_sample as sample
+from medlake.ui import data
 
 APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
 
@@ -66,7 +67,7 @@ def test_duplicates_page_and_verdict_click(ws, monkeypatch):
     n_pairs = cat.read("pairs").height
     assert at.metric[0].value == f"{n_pairs:,}"
     # one page of full-size images: 3 panels per pair, PER_PAGE pairs
-    from ui.views.duplicates import PER_PAGE
+    from medlake.ui.views.duplicates import PER_PAGE
 
     assert sum("score" in m.value for m in at.markdown) == PER_PAGE
     # + the score histogram (a PNG) + the first cluster's 3 thumbnails
@@ -98,7 +99,7 @@ def test_discrepancies_page_counts(ws, monkeypatch):
     n = a.join(b, on="image_id").filter((pl.col("value") > 0) != (pl.col("value_right") > 0)).height
     assert n > 0
     assert f"{n:,} images where the two sources disagree" in texts(at)
-    from ui.views.discrepancies import PER_PAGE
+    from medlake.ui.views.discrepancies import PER_PAGE
 
     assert len(at.dataframe[0].value) == min(n, PER_PAGE)
 
@@ -112,7 +113,7 @@ def test_leakage_outliers_sql_pages(ws, monkeypatch):
     assert len(at.dataframe[0].value) == 1
     at = open_page(ws, "outliers", monkeypatch)
     assert at.metric[0].value == "60"
-    from ui.views.outliers import PER_PAGE
+    from medlake.ui.views.outliers import PER_PAGE
 
     assert len(at.image) == PER_PAGE  # one page of the ranked gallery
     at = open_page(ws, "sql", monkeypatch)
@@ -143,7 +144,7 @@ def test_review_page_records_label_verdict(ws, monkeypatch):
 
 
 def test_sample_is_seeded_and_per_class(ws):
-    from ui.views.review import sample as draw
+    from medlake.ui.views.review import sample as draw
 
     cat = Catalog.open(ws)
     s1 = draw(cat, sample.SOURCES[0], ["Effusion", "Cardiomegaly"], 4, seed=7)
@@ -188,8 +189,8 @@ def test_image_paths_cannot_leave_the_workspace(tmp_path):
 def test_ui_command_binds_localhost_without_stats():
     from click.testing import CliRunner
 
-    from cli.commands.ui import streamlit_cmd
-    from cli.main import main
+    from medlake.cli.commands.ui import streamlit_cmd
+    from medlake.cli.main import main
 
     res = CliRunner().invoke(main, ["ui", "--help"])
     assert res.exit_code == 0 and "127.0.0.1" in res.output
@@ -238,7 +239,7 @@ def test_heatmap_click_shows_the_cell_and_records_label_verdicts(ws, monkeypatch
     assert at.selectbox(key="disc-finding").value == "Cardiomegaly"
     ids = _disagree(ws, "Cardiomegaly")
     assert f"{len(ids):,} images where the two sources disagree" in texts(at)
-    from ui.views.discrepancies import PER_PAGE
+    from medlake.ui.views.discrepancies import PER_PAGE
 
     assert at.dataframe[0].value["image_id"].to_list() == ids[:PER_PAGE]
     at.selectbox(key="disc-judge").set_value(sample.SOURCES[1]).run()
@@ -266,7 +267,7 @@ def test_outlier_image_verdict(ws, monkeypatch):
 
 
 def test_demo_ui_step_prints_a_working_url(tmp_path):
-    """The demo's last step (pipelines.demo.launch_ui) on a small built workspace."""
+    """The demo's last step (medlake.demo.runner.launch_ui) on a small built workspace."""
     import re
     import signal
     import subprocess
@@ -274,11 +275,11 @@ def test_demo_ui_step_prints_a_working_url(tmp_path):
     import time
     import urllib.request
 
-    from pipelines.demo import free_port
+    from medlake.demo.runner import free_port
 
     root = sample.build(tmp_path / "ws", n_images=6, n_pairs=2).root
     port = free_port(preferred=0)
-    code = ("import sys; from catalog import Catalog; from pipelines.demo import launch_ui; "
+    code = ("import sys; from catalog import Catalog; from medlake.demo.runner import launch_ui; "
             "sys.exit(launch_ui(Catalog.open(sys.argv[1]), port=int(sys.argv[2])))")
     log = tmp_path / "ui.log"
     proc = subprocess.Popen([sys.executable, "-c", code, str(root), str(port)],
@@ -305,8 +306,8 @@ def test_warm_up_renders_every_page_outside_a_session(tmp_path):
     disk, and the pages' queries are cached (a cached answer survives its file's removal)."""
     import threading
 
-    from ui import cache, warm
-    from ui.views import pages
+    from medlake.ui import cache, warm
+    from medlake.ui.views import pages
 
     root = sample.build(tmp_path / "ws", n_images=30, n_pairs=8).root
     cat = Catalog.open(root)
@@ -331,6 +332,6 @@ def test_warm_up_renders_every_page_outside_a_session(tmp_path):
 
 
 def test_prime_without_a_server_is_harmless():
-    from ui import warm
+    from medlake.ui import warm
 
     assert warm.prime("http://127.0.0.1:9", timeout_s=5) is False

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from catalog import Catalog
-from catalog import reviews as rv
-from ui import sample
+from medlake.catalog import Catalog
+from medlake.catalog import reviews as rv
+from medlake.demo import ui_sample as sample
 
 pytestmark = pytest.mark.browser
 
@@ -132,7 +132,7 @@ def test_server_start_warms_every_page(server):
     """medlake ui printed its URL only after every page ran once in the server."""
     import re
 
-    from ui import cache
+    from medlake.ui import cache
 
     _, root, _ = server
     log = (root.parent / "server.log").read_text()

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipelines import verify
+from medlake.pipelines import verify
 
 
 def _picture(seed: int, h: int, w: int) -> np.ndarray:

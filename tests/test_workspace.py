@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from catalog import Workspace, WorkspaceError
-from cli.main import main
+from medlake.catalog import Workspace, WorkspaceError
+from medlake.cli.main import main
 
 
 def test_init_creates_git_dvc_remote_and_folders(tmp_path):

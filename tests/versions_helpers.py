@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from catalog import Catalog
+from medlake.catalog import Catalog
 
 BIN = Path(sys.executable).parent  # the venv's medlake and dvc
 

@@ -17,12 +17,15 @@ from pathlib import Path
 import streamlit as st
 
 if __package__ in (None, ""):  # `streamlit run ui/app.py` runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        import medlake  # noqa: F401  (installed: nothing to add)
+    except ImportError:  # a source checkout without the package installed
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from catalog import Catalog, CatalogError
-from ui import warm
-from ui.views import pages
-from ui.views.common import reviewer
+from medlake.catalog import Catalog, CatalogError
+from medlake.ui import warm
+from medlake.ui.views import pages
+from medlake.ui.views.common import reviewer
 
 PAGES = pages()
 

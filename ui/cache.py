@@ -31,7 +31,7 @@ import polars as pl
 import streamlit as st
 from PIL import Image
 
-from catalog import Catalog
+from medlake.catalog import Catalog
 
 UNCACHED_TABLES = ("reviews",)  # read fresh through catalog.reviews
 

@@ -15,8 +15,8 @@ import polars as pl
 import streamlit as st
 from PIL import Image
 
-from catalog import Catalog, CatalogError
-from ui import cache
+from medlake.catalog import Catalog, CatalogError
+from medlake.ui import cache
 
 # what to run when a page's table does not exist yet
 HINTS: dict[str, str] = {
@@ -80,7 +80,7 @@ def image_paths(cat: Catalog, image_ids: list[str]) -> dict[str, Path | ImagePat
     A path is only returned when it lies inside the workspace and the dataset's images
     root; ``..``, absolute paths and symlinks that leave it give an :class:`ImagePathError`.
     """
-    from catalog.imageio import ImageReadError, resolve_inside
+    from medlake.catalog.imageio import ImageReadError, resolve_inside
 
     if not image_ids:
         return {}
@@ -131,7 +131,7 @@ def load_image(cat: Catalog, image_id: str, *, max_side: int | None = None) -> I
 
 def open_rgb(p: Path, image_id: str, *, max_side: int | None = None) -> Image.Image:
     """The file ``p`` (of ``image_id``, for messages) as 8-bit RGB, shrunk to ``max_side``."""
-    from catalog.imageio import ImageReadError, load_rgb
+    from medlake.catalog.imageio import ImageReadError, load_rgb
 
     if not p.is_file():
         raise ImagePathError(f"image '{image_id}': file {p.name} is missing under its images root")
@@ -270,7 +270,7 @@ def split_counts(vs: pl.DataFrame) -> pl.DataFrame:
 
 
 def version_dir(cat: Catalog, name: str) -> Path | None:
-    from catalog.tables import safe_name
+    from medlake.catalog.tables import safe_name
 
     d = cat.ws.versions_dir / safe_name(name)
     return d if d.is_dir() else None

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from streamlit.logger import get_logger
 
 if TYPE_CHECKING:
-    from catalog import Catalog
+    from medlake.catalog import Catalog
 
 # the bare-mode notes Streamlit logs for calls made outside a session (expected here)
 _QUIET = ("streamlit.runtime.scriptrunner_utils.script_run_context",
@@ -56,8 +56,8 @@ def run_pages(root: str, pages: Mapping[str, ModuleType]) -> dict[str, float | s
         Seconds per page, or the error text of a page that raised (it then fails visibly
         when opened; the warm-up goes on with the next page).
     """
-    from catalog import Catalog
-    from ui import cache
+    from medlake.catalog import Catalog
+    from medlake.ui import cache
 
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -102,7 +102,7 @@ def warm_now(cat: Catalog, pages: Mapping[str, ModuleType], timeout_s: float = 6
 def refresh(cat: Catalog, pages: Mapping[str, ModuleType]) -> bool:
     """In a primed server, warm again in the background when the lake changed since the last
     warm-up. Returns whether a warm-up was started."""
-    from ui import cache
+    from medlake.ui import cache
 
     root = str(cat.ws.root)
     if not _state["primed"] or _state["warmed"].get(root) == cache.signature(cat.ws.tables_dir):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from catalog import Catalog, IngestResult
+from medlake.catalog import Catalog, IngestResult
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def registry() -> dict[str, Adapter]:
 def get(name: str) -> Adapter:
     reg = registry()
     if name not in reg:
-        from catalog import CatalogError
+        from medlake.catalog import CatalogError
 
         raise CatalogError(f"unknown format '{name}'; known formats: {', '.join(sorted(reg))}")
     return reg[name]

@@ -8,8 +8,8 @@ from typing import Any
 
 import polars as pl
 
-from catalog import Catalog, IngestError, Quarantine
-from catalog.ingestkit import require_columns
+from medlake.catalog import Catalog, IngestError, Quarantine
+from medlake.catalog.ingestkit import require_columns
 
 ROW = "__row"  # 1-based data row number (header not counted)
 

@@ -16,10 +16,10 @@ from typing import Any
 import polars as pl
 import yaml
 
-from catalog import IngestError, SchemaError
-from catalog.ingestkit import require_columns
-from catalog.schema import SOURCE_KINDS, VALUE_TYPES
-from pipelines.adapters._csv import ROW
+from medlake.catalog import IngestError, SchemaError
+from medlake.catalog.ingestkit import require_columns
+from medlake.catalog.schema import SOURCE_KINDS, VALUE_TYPES
+from medlake.pipelines.adapters._csv import ROW
 
 STD_COLUMNS = (
     "id", "path", "group", "patient", "study", "series", "split", "sex", "age", "site", "view",

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import polars as pl
 
-from catalog import Catalog, FileReport, IngestResult, Quarantine, __version__, publish
-from catalog.ingestkit import root_versions, sha256_file
-from pipelines.adapters import Adapter
-from pipelines.adapters._csv import (
+from medlake.catalog import Catalog, FileReport, IngestResult, Quarantine, __version__, publish
+from medlake.catalog.ingestkit import root_versions, sha256_file
+from medlake.pipelines.adapters import Adapter
+from medlake.pipelines.adapters._csv import (
     ROW,
     blank,
     dedupe,

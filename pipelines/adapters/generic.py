@@ -34,12 +34,12 @@ from typing import Any
 
 import polars as pl
 
-from catalog import Catalog, FileReport, IngestError, IngestResult, Quarantine, SchemaError, publish
-from catalog.imageio import ImageReadError, inspect_many, resolve_inside
-from catalog.ingestkit import findings_rows, root_versions, sha256_file
-from pipelines.adapters import Adapter
-from pipelines.adapters._csv import ROW, blank, dedupe, quarantine_where
-from pipelines.adapters._generic_config import (
+from medlake.catalog import Catalog, FileReport, IngestError, IngestResult, Quarantine, SchemaError, publish
+from medlake.catalog.imageio import ImageReadError, inspect_many, resolve_inside
+from medlake.catalog.ingestkit import findings_rows, root_versions, sha256_file
+from medlake.pipelines.adapters import Adapter
+from medlake.pipelines.adapters._csv import ROW, blank, dedupe, quarantine_where
+from medlake.pipelines.adapters._generic_config import (
     GenericConfig,
     LabelSpec,
     bad_label,
@@ -214,7 +214,7 @@ def _tables(cat: Catalog, cfg: GenericConfig, df: pl.DataFrame, file: str) -> tu
         splits = splits.drop_nulls("split").sort("image_id")
         if n_blank:
             messages.append(f"{n_blank:,} images have no value in {cols['split']} and are in no split")
-        from catalog import __version__
+        from medlake.catalog import __version__
 
         inputs = {file: sha256_file(cfg.manifest)}
         if cfg.config_file is not None:

@@ -19,11 +19,11 @@ from typing import Any
 
 import polars as pl
 
-from catalog import Catalog, FileReport, IngestError, IngestResult, Quarantine, SchemaError, publish
-from catalog import __version__ as medlake_version
-from catalog.ingestkit import findings_rows, root_versions, sha256_file
-from pipelines.adapters import Adapter
-from pipelines.adapters._csv import (
+from medlake.catalog import Catalog, FileReport, IngestError, IngestResult, Quarantine, SchemaError, publish
+from medlake.catalog import __version__ as medlake_version
+from medlake.catalog.ingestkit import findings_rows, root_versions, sha256_file
+from medlake.pipelines.adapters import Adapter
+from medlake.pipelines.adapters._csv import (
     ROW,
     blank,
     code_map,

@@ -19,10 +19,10 @@ from typing import Any
 
 import polars as pl
 
-from catalog import Catalog, FileReport, IngestError, IngestResult, Quarantine, publish
-from catalog.ingestkit import findings_rows
-from pipelines.adapters import Adapter
-from pipelines.adapters._csv import (
+from medlake.catalog import Catalog, FileReport, IngestError, IngestResult, Quarantine, publish
+from medlake.catalog.ingestkit import findings_rows
+from medlake.pipelines.adapters import Adapter
+from medlake.pipelines.adapters._csv import (
     ROW,
     blank,
     code_map,
@@ -31,7 +31,7 @@ from pipelines.adapters._csv import (
     quarantine_where,
     read_csv,
 )
-from pipelines.adapters.nih_linked import boxes_json, raise_if_strict
+from medlake.pipelines.adapters.nih_linked import boxes_json, raise_if_strict
 
 DATASET = "rsna-pneumonia"
 NIH = "nih-cxr14"

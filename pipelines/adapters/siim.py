@@ -17,10 +17,10 @@ from typing import Any
 
 import polars as pl
 
-from catalog import Catalog, FileReport, IngestResult, Quarantine, SchemaError, publish
-from catalog.ingestkit import findings_rows
-from pipelines.adapters import Adapter
-from pipelines.adapters._csv import (
+from medlake.catalog import Catalog, FileReport, IngestResult, Quarantine, SchemaError, publish
+from medlake.catalog.ingestkit import findings_rows
+from medlake.pipelines.adapters import Adapter
+from medlake.pipelines.adapters._csv import (
     ROW,
     blank,
     code_map,
@@ -29,8 +29,8 @@ from pipelines.adapters._csv import (
     quarantine_where,
     read_csv,
 )
-from pipelines.adapters.nih_linked import raise_if_strict
-from pipelines.adapters.rsna import NIH, _existing, check_options, read_mapping
+from medlake.pipelines.adapters.nih_linked import raise_if_strict
+from medlake.pipelines.adapters.rsna import NIH, _existing, check_options, read_mapping
 
 DATASET = "siim-acr-pneumothorax"
 FINDING = "Pneumothorax"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import polars as pl
 
-from catalog import Catalog, FileReport, IngestResult, Quarantine, publish
-from catalog.ingestkit import findings_rows
-from pipelines.adapters import Adapter
-from pipelines.adapters._csv import (
+from medlake.catalog import Catalog, FileReport, IngestResult, Quarantine, publish
+from medlake.catalog.ingestkit import findings_rows
+from medlake.pipelines.adapters import Adapter
+from medlake.pipelines.adapters._csv import (
     ROW,
     blank,
     code_map,

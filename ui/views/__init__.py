@@ -7,7 +7,7 @@ from types import ModuleType
 
 def pages() -> dict[str, ModuleType]:
     """Page name (the ``?page=`` value) -> module, in sidebar order."""
-    from ui.views import (
+    from medlake.ui.views import (
         catalog_page,
         discrepancies,
         duplicates,

@@ -6,9 +6,9 @@ import altair as alt
 import polars as pl
 import streamlit as st
 
-from catalog import Catalog
-from ui import data
-from ui.views.common import chart, chart_pick, need, show_chart
+from medlake.catalog import Catalog
+from medlake.ui import data
+from medlake.ui.views.common import chart, chart_pick, need, show_chart
 
 TITLE = "Catalog"
 

@@ -12,9 +12,9 @@ from typing import Any
 import streamlit as st
 from PIL import Image
 
-from catalog import Catalog, CatalogError
-from catalog import reviews as rv
-from ui import cache, data
+from medlake.catalog import Catalog, CatalogError
+from medlake.catalog import reviews as rv
+from medlake.ui import cache, data
 
 
 def need(cat: Catalog, table: str) -> bool:

@@ -6,10 +6,10 @@ import altair as alt
 import polars as pl
 import streamlit as st
 
-from catalog import Catalog
-from catalog import reviews as rv
-from ui import data
-from ui.views.common import (
+from medlake.catalog import Catalog
+from medlake.catalog import reviews as rv
+from medlake.ui import data
+from medlake.ui.views.common import (
     chart,
     chart_pick,
     gallery,

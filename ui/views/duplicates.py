@@ -7,10 +7,10 @@ import io
 import streamlit as st
 from PIL import Image
 
-from catalog import Catalog, CatalogError
-from catalog import reviews as rv
-from ui import cache, data
-from ui.views.common import (
+from medlake.catalog import Catalog, CatalogError
+from medlake.catalog import reviews as rv
+from medlake.ui import cache, data
+from medlake.ui.views.common import (
     GALLERY_MAX,
     blend_file,
     gallery,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from catalog import Catalog
-from ui import data
-from ui.views.common import GALLERY_MAX, gallery, need, pager
+from medlake.catalog import Catalog
+from medlake.ui import data
+from medlake.ui.views.common import GALLERY_MAX, gallery, need, pager
 
 TITLE = "Leakage"
 PER_PAGE = 50

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from catalog import Catalog
-from catalog import reviews as rv
-from ui import data
-from ui.views.common import (
+from medlake.catalog import Catalog
+from medlake.catalog import reviews as rv
+from medlake.ui import data
+from medlake.ui.views.common import (
     gallery,
     last_verdict_note,
     latest_verdicts,

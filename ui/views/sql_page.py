@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from catalog import Catalog, CatalogError
+from medlake.catalog import Catalog, CatalogError
 
 TITLE = "SQL"
 MAX_ROWS = 10_000

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import command, open_catalog, workspace_option
+from medlake.cli.common import command, open_catalog, workspace_option
 
 
 @click.command("sql")
@@ -22,7 +22,7 @@ def sql(query, fmt, max_rows, workspace):
     versions and those later stages write. Reading or writing files outside the lake is
     disabled.
     """
-    from catalog import render
+    from medlake.catalog import render
 
     at = open_catalog(workspace).sql(query)
     click.echo(render(at, fmt, max_rows=max_rows).rstrip("\n"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import command, open_catalog, workspace_option
+from medlake.cli.common import command, open_catalog, workspace_option
 
 
 @click.command("synth")
@@ -27,7 +27,7 @@ def synth(out_dir, n_captures, seed, modalities, overwrite, workspace):
     and ground truth: truth_files.csv (which capture each file derives from, and how) and
     truth_pairs.csv (every true duplicate pair). The same arguments give byte-identical files.
     """
-    from pipelines.synthetic import MODALITIES, generate
+    from medlake.demo.synthetic import MODALITIES, generate
 
     if out_dir is None:  # the workspace's raw-data folder, as the demo uses it
         out_dir = open_catalog(workspace).ws.data_dir / "synthetic"

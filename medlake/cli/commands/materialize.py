@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import command, open_catalog, workspace_option
+from medlake.cli.common import command, open_catalog, workspace_option
 
 
 @click.command("materialize")
@@ -20,7 +20,7 @@ def materialize(recipe, all_, processes, workspace):
     The folder holds manifest.parquet, lineage.parquet, annotations.parquet, DATASHEET.md
     and the images; the lineage and versions tables get the version's rows.
     """
-    from pipelines import materialize as stage
+    from medlake.pipelines import materialize as stage
 
     if all_ and recipe:
         raise click.UsageError("Use either RECIPE or --all, not both")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import command, open_catalog, workspace_option
+from medlake.cli.common import command, open_catalog, workspace_option
 
 
 @click.command("ingest")
@@ -27,8 +27,8 @@ def ingest(fmt, path, dataset_id, strict, all_, list_, opts, workspace):
     --strict, stop the command at the first one). Re-ingesting the same file replaces its
     rows, so the tables come out identical.
     """
-    from pipelines import adapters
-    from pipelines import ingest as stage
+    from medlake.pipelines import adapters
+    from medlake.pipelines import ingest as stage
 
     if list_:
         for name, ad in adapters.registry().items():

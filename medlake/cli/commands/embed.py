@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import command, open_catalog, workspace_option
+from medlake.cli.common import command, open_catalog, workspace_option
 
 
 @click.command("embed")
@@ -25,11 +25,11 @@ def embed(model, pretrained, batch_size, workers, limit, engine, address, worksp
     Vectors go to lake/vectors (LanceDB), keyed by image id, sha256 and model; a re-run embeds
     only new or changed images, and a run killed half way keeps its finished batches.
     """
-    from pipelines import embed as stage
+    from medlake.pipelines import embed as stage
 
     cat = open_catalog(workspace)
     if engine == "ray":
-        from pipelines import ray_embed
+        from medlake.pipelines import ray_embed
 
         res = ray_embed.run(cat, address=address, model=model, pretrained=pretrained,
                             batch_size=batch_size, limit=limit)

@@ -19,7 +19,7 @@ Layout of ``out_dir``::
 
 Example
 -------
->>> from pipelines.synthetic import generate
+>>> from medlake.demo.synthetic import generate
 >>> s = generate("data/synthetic", n_captures=300)  # doctest: +SKIP
 >>> print(s.text())  # doctest: +SKIP
 """
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from catalog import CatalogError
-from pipelines import synth_build as build
+from medlake.catalog import CatalogError
+from medlake.demo import synth_build as build
 
 MODALITIES = ("derm", "cxr")
 KINDS = build.KINDS
@@ -193,6 +193,6 @@ def _share(n: int, k: int) -> list[int]:
 
 
 if __name__ == "__main__":
-    from cli.main import run_stage
+    from medlake.cli.main import run_stage
 
     run_stage("synth")

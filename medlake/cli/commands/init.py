@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import command
+from medlake.cli.common import command
 
 
 @click.command("init")
@@ -19,13 +19,13 @@ def init(directory, remote, endpoint_url):
     """Create a medlake workspace in DIRECTORY: git + DVC, a local DVC remote, dvc.yaml,
     params.yaml, findings.yaml, data/, lake/ and recipes/. Running it again on an existing
     workspace only adds what is missing."""
-    from catalog import Workspace
+    from medlake.catalog import Workspace
 
     if endpoint_url and not (remote or "").startswith("s3://"):
         raise click.UsageError("--endpoint-url needs --remote s3://bucket/path")
     ws = Workspace.init(directory, remote=remote)
     if endpoint_url:
-        from catalog.storage import configure_remote_endpoint
+        from medlake.catalog.storage import configure_remote_endpoint
 
         name = configure_remote_endpoint(ws.root, endpoint_url)
         click.echo(f"DVC remote '{name}' uses endpoint {endpoint_url}")

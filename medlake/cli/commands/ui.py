@@ -9,9 +9,16 @@ from pathlib import Path
 
 import click
 
-from cli.common import command, open_catalog
+from medlake.cli.common import command, open_catalog
 
-APP = Path(__file__).resolve().parents[2] / "ui" / "app.py"
+def _app_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("medlake.ui")
+    return Path(spec.origin).resolve().parent / "app.py"
+
+
+APP = _app_path()
 
 
 def streamlit_cmd(root: Path, *, port: int, host: str) -> list[str]:
@@ -56,7 +63,7 @@ def serve(root: Path, *, port: int = 8501, host: str = "127.0.0.1",
             click.echo(f"warning: the UI did not answer on {health} within {wait_s:.0f} s",
                        err=True)
         if proc.poll() is None:  # run every page once so first visits find warm caches
-            from ui.warm import prime
+            from medlake.ui.warm import prime
 
             click.echo("warming the UI: every page runs once ...", err=True)
             prime(url)

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from catalog import Catalog, render, run_dvc
+from medlake.catalog import Catalog, render, run_dvc
 
 SAMPLE_SQL = """\
 SELECT s.source_id, s.kind, s.negatives, count(DISTINCT a.image_id) AS images,
@@ -45,7 +45,7 @@ def env_with_venv() -> dict[str, str]:
 
 def generate_data(catalog: Catalog, *, echo: Callable[[str], None] = print) -> Path:
     """Write the synthetic demo images under ``data/synthetic`` (idempotent, deterministic)."""
-    from pipelines import synthetic
+    from medlake.demo import synthetic
 
     out = catalog.ws.data_dir / "synthetic"
     summary = synthetic.generate(out, n_captures=DEMO_CAPTURES, seed=0, overwrite=True)
@@ -76,7 +76,7 @@ def run(catalog: Catalog, *, repro: bool = True, echo: Callable[[str], None] = p
         out = run_dvc(["repro"], catalog.ws.root, env=env_with_venv())
         echo("\n".join(ln for ln in out.splitlines() if ln.strip())[-3000:])
         echo(push(catalog))
-    from catalog.profile import profile
+    from medlake.catalog.profile import profile
 
     for ds in catalog.dataset_ids():
         echo("\n" + profile(catalog, ds, max_findings=6).render())
@@ -118,6 +118,6 @@ def launch_ui(catalog: Catalog, *, port: int | None = None, host: str = "127.0.0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from cli.main import run_stage
+    from medlake.cli.main import run_stage
 
     run_stage("demo")

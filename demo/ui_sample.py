@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 from PIL import Image, ImageDraw
 
-from catalog import Catalog, Workspace
+from medlake.catalog import Catalog, Workspace
 
 DATASET = "demo-cxr"
 ROOT_VERSION = f"{DATASET}@official"

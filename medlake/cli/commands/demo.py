@@ -6,7 +6,7 @@ import os
 
 import click
 
-from cli.common import command, open_catalog, workspace_option
+from medlake.cli.common import command, open_catalog, workspace_option
 
 
 @click.command("demo")
@@ -18,7 +18,7 @@ from cli.common import command, open_catalog, workspace_option
 def demo(no_repro, no_ui, workspace):
     """Generate the synthetic demo dataset, run the pipeline (dvc repro), print the profile,
     a sample SQL query and what to run next."""
-    from pipelines import demo as stage
+    from medlake.demo import runner as stage
 
     cat = open_catalog(workspace)
     stage.run(cat, repro=not no_repro, echo=click.echo)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import command, open_catalog, workspace_option
+from medlake.cli.common import command, open_catalog, workspace_option
 
 
 @click.command("versions")
@@ -19,7 +19,7 @@ def versions(dataset_id, fmt, workspace):
     """List versions: name, dataset, parent, kind, images, counts per split, creation time."""
     import polars as pl
 
-    from catalog import render
+    from medlake.catalog import render
 
     cat = open_catalog(workspace)
     v = cat.read("versions", required=True, hint="ingest a dataset first")
@@ -46,8 +46,8 @@ def unpack(version, out, overwrite, workspace):
     into a DVC-tracked folder changes that output: use --out elsewhere to keep 'dvc status'
     clean.
     """
-    from catalog import CatalogError
-    from catalog.shards import unpack as run_unpack
+    from medlake.catalog import CatalogError
+    from medlake.catalog.shards import unpack as run_unpack
 
     folder = Path(version)
     if not folder.is_dir():

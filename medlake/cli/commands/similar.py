@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import command, open_catalog, workspace_option
+from medlake.cli.common import command, open_catalog, workspace_option
 
 
 @click.command("similar")
@@ -15,7 +15,7 @@ from cli.common import command, open_catalog, workspace_option
 @command
 def similar(image_id, k, model, workspace):
     """The K images most similar to IMAGE_ID (dataset:native_id), by cosine similarity."""
-    from pipelines.embed import similar as run
+    from medlake.pipelines.embed import similar as run
 
     cat = open_catalog(workspace)
     hits = run(cat, image_id, k=k, model=model)

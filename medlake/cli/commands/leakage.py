@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import command, open_catalog, workspace_option
+from medlake.cli.common import command, open_catalog, workspace_option
 
 
 @click.command("leakage")
@@ -23,7 +23,7 @@ def leakage(dataset, scheme, pairs, no_clusters, workspace):
 
     Without DATASET, every (dataset, split scheme) in the splits table is checked.
     """
-    from pipelines import leakage as stage
+    from medlake.pipelines import leakage as stage
 
     if pairs and not dataset:
         raise click.UsageError("--pairs needs DATASET (the pairs name images of one dataset)")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import command, open_catalog, workspace_option
+from medlake.cli.common import command, open_catalog, workspace_option
 
 
 @click.command("attach-images")
@@ -25,7 +25,7 @@ def attach_images(dataset, folder, strict, dry_run, workspace):
     cannot be read, go to the quarantine table (stage attach-images); ids without a file are
     counted. The dataset's images_root becomes FOLDER.
     """
-    from pipelines import attach_images as stage
+    from medlake.pipelines import attach_images as stage
 
     res = stage.run(open_catalog(workspace), dataset, folder, strict=strict, dry_run=dry_run)
     click.echo(res.summary())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import command, open_catalog, workspace_option
+from medlake.cli.common import command, open_catalog, workspace_option
 
 
 @click.command("diff")
@@ -18,7 +18,7 @@ from cli.common import command, open_catalog, workspace_option
 @command
 def diff(a, b, out, workspace):
     """Semantic diff of versions A and B (names from 'medlake versions', or version folders)."""
-    from pipelines import diff as stage
+    from medlake.pipelines import diff as stage
 
     res = stage.run(open_catalog(workspace), a, b, out=out)
     click.echo(stage.render(res))

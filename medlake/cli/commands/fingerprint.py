@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import command, open_catalog, workspace_option
+from medlake.cli.common import command, open_catalog, workspace_option
 
 
 @click.command("fingerprint")
@@ -19,7 +19,7 @@ def fingerprint(dataset_id, workers, workspace):
     Unreadable images go to the quarantine table (stage 'fingerprint') with the decoder's
     error. Thresholds come from params.yaml 'fingerprint:'.
     """
-    from pipelines import fingerprint as stage
+    from medlake.pipelines import fingerprint as stage
 
     cat = open_catalog(workspace)
     res = stage.run(cat, dataset_id=dataset_id, workers=workers, echo=click.echo)

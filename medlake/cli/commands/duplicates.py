@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import command, open_catalog, workspace_option
+from medlake.cli.common import command, open_catalog, workspace_option
 
 
 @click.command("duplicates")
@@ -24,7 +24,7 @@ def duplicates(external, engine, address, workspace):
     local-feature matching with geometric verification. Writes the 'pairs' and 'clusters'
     tables. Thresholds come from params.yaml 'duplicates:'.
     """
-    from pipelines import duplicates as stage
+    from medlake.pipelines import duplicates as stage
 
     cat = open_catalog(workspace)
     res = stage.run(cat, external=external, echo=click.echo, engine=engine, address=address)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import command, open_catalog, workspace_option
+from medlake.cli.common import command, open_catalog, workspace_option
 
 
 @click.command("agreement")
@@ -31,8 +31,8 @@ def agreement(dataset, plot, no_subgroups, show, workspace):
     """
     import polars as pl
 
-    from catalog import render
-    from pipelines import agreement as stage
+    from medlake.catalog import render
+    from medlake.pipelines import agreement as stage
 
     cat = open_catalog(workspace)
     extra = {"subgroups": [], "annotation_subgroups": []} if no_subgroups else {}

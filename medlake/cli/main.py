@@ -12,15 +12,15 @@ import sys
 
 import click
 
-from catalog import __version__
-from cli import commands as _commands_pkg
-from cli.common import setup_logging
+from medlake.catalog import __version__
+from medlake.cli import commands as _commands_pkg
+from medlake.cli.common import setup_logging
 
 
 def _load_commands() -> dict[str, click.Command]:
     found: dict[str, click.Command] = {}
     for mod in sorted(pkgutil.iter_modules(_commands_pkg.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"cli.commands.{mod.name}")
+        module = importlib.import_module(f"medlake.cli.commands.{mod.name}")
         for cmd in getattr(module, "COMMANDS", []):
             found[cmd.name] = cmd
     return found
@@ -39,7 +39,7 @@ for _cmd in _load_commands().values():
 
 
 def run_stage(name: str, argv: list[str] | None = None) -> None:
-    """``python -m pipelines.<name> ARGS`` == ``medlake <name> ARGS``."""
+    """``python -m medlake.pipelines.<name> ARGS`` == ``medlake <name> ARGS``."""
     main.main(args=[name, *(sys.argv[1:] if argv is None else argv)], prog_name="medlake")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import command, open_catalog, workspace_option
+from medlake.cli.common import command, open_catalog, workspace_option
 
 
 @click.command("profile")
@@ -17,7 +17,7 @@ def profile(dataset, max_findings, workspace):
     """Profile DATASET: images, patients/groups, studies, images per group, finding
     prevalence per source, source coverage and overlap, splits, quarantine.
     Without DATASET, profile every ingested dataset."""
-    from catalog.profile import profile as run
+    from medlake.catalog.profile import profile as run
 
     cat = open_catalog(workspace)
     ids = [dataset] if dataset else cat.dataset_ids()

@@ -1,6 +1,6 @@
 """One synthetic dataset: groups, captures, derived near duplicates, labels, files, config.
 
-Used by :mod:`pipelines.synthetic`; the drawing lives in :mod:`pipelines.synth_draw`.
+Used by :mod:`medlake.demo.synthetic`; the drawing lives in :mod:`medlake.demo.synth_draw`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from pipelines import synth_draw as draw
+from medlake.demo import synth_draw as draw
 
 KINDS = ("exact", "reencoded", "resized", "cropped", "mirrored", "relit", "rotated", "combined")
 _COMBINABLE = ("resized", "cropped", "mirrored", "relit", "rotated")

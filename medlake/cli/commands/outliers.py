@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import command, open_catalog, workspace_option
+from medlake.cli.common import command, open_catalog, workspace_option
 
 
 @click.command("outliers")
@@ -15,7 +15,7 @@ from cli.common import command, open_catalog, workspace_option
 @command
 def outliers(k, show, workspace):
     """Rank images by mean cosine similarity to their k nearest neighbours (lowest first)."""
-    from pipelines import outliers as stage
+    from medlake.pipelines import outliers as stage
 
     cat = open_catalog(workspace)
     res = stage.run(cat, k=k)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 
 import click
 
-from catalog import Catalog, CatalogError, Workspace
+from medlake.catalog import Catalog, CatalogError, Workspace
 
 
 def workspace_option(f: Callable[..., Any]) -> Callable[..., Any]:

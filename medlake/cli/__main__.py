@@ -1,0 +1,3 @@
+from medlake.cli.main import main
+
+main()
