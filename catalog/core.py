@@ -47,21 +47,46 @@ class Catalog:
         return Transaction(self.tables)
 
     # --- SQL --------------------------------------------------------------------------------
-    def sql(self, query: str, *, limit: int | None = None) -> pa.Table:
-        """Run a read-only, sandboxed query over every table (see :mod:`catalog.sql`)."""
-        return _sql.run_query(self.ws.tables_dir, query, limit=limit)
+    def sql(
+        self, query: str, *, limit: int | None = None, timeout_s: float | None = None,
+        memory_limit: str | None = None,
+    ) -> pa.Table:
+        """Run one read-only query over every table in the sandbox (see :mod:`catalog.sql`).
+
+        Parameters
+        ----------
+        query
+            One SELECT-like statement (DuckDB dialect), e.g. written by a user.
+        limit
+            Most rows returned (default ``sql.DEFAULT_ROW_CAP``); the engine stops after
+            ``limit + 1`` rows and a cut result says so (``medlake.catalog.sql.row_cap``).
+        timeout_s
+            Seconds before the query is stopped (default ``sql.DEFAULT_TIMEOUT_S``).
+        memory_limit
+            DuckDB memory limit such as ``"8GB"`` (default ``sql.DEFAULT_MEMORY_LIMIT``).
+
+        Raises
+        ------
+        SQLError
+            When the query is not a read, reaches a limit, meets a broken file or fails.
+        """
+        return _sql.run_query(
+            self.ws.tables_dir, query, limit=limit, timeout_s=timeout_s,
+            memory_limit=memory_limit,
+        )
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         """A trusted DuckDB connection with all table views (for library code, not users)."""
         return _sql.connect(self.ws.tables_dir, sandbox=False)
 
     def query(self, query: str, params: list[Any] | None = None) -> pl.DataFrame:
-        """Run trusted SQL over the table views and return a Polars frame."""
-        con = self.connect()
-        try:
-            at = con.sql(query, params=params or None).to_arrow_table()
-        finally:
-            con.close()
+        """Run trusted SQL over the table views and return a Polars frame.
+
+        A stage rewriting a table meanwhile makes the query run again (see
+        :func:`catalog.sql.trusted_query`); a broken table file raises ``BrokenFileError``
+        (an :class:`SQLError`) naming it.
+        """
+        at = _sql.trusted_query(self.ws.tables_dir, query, params)
         df = pl.from_arrow(at)
         assert isinstance(df, pl.DataFrame)
         return df

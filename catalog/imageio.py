@@ -3,10 +3,12 @@
 Every stage that opens pixels goes through here, so a broken file is described the same way
 everywhere. :func:`inspect` never raises for a bad file: it returns an :class:`ImageInfo`
 whose ``reason`` says what is wrong (zero-byte, not an image, truncated, decompression bomb,
-DICOM without decodable pixels), ready to become a quarantine row. :func:`inspect_many` does
+DICOM without decodable pixels, a malformed DICOM value), ready to become a quarantine row. :func:`inspect_many` does
 the same for many files on a thread pool (Pillow and hashlib release the GIL while decoding
 and hashing). :func:`load_rgb` and :func:`render_8bit` give pixels for thumbnails and models:
 EXIF orientation applied, CMYK / 16-bit / palette / greyscale converted, DICOM windowed.
+DICOM is decoded by :mod:`medlake.catalog.dicom` (transfer syntaxes, photometric
+interpretation, rescale and window, multi-frame policy) and nowhere else.
 
 ``width`` and ``height`` are as displayed, i.e. after the EXIF orientation is applied.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import warnings
 from collections.abc import Iterable
@@ -40,6 +43,8 @@ PHI_TAGS = (
 )
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _EXIF_ORIENTATION = 0x0112
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+_NOT_DICOM = "named like DICOM, but no 'DICM' marker at byte 128 and no DICOM data element at byte 0"
 
 
 class ImageReadError(CatalogError):
@@ -57,8 +62,9 @@ class ImageInfo:
     """What :func:`inspect` learnt about one file. ``reason`` is None when the file is good.
 
     DICOM files also fill ``patient_id``, ``study_uid``, ``series_uid``, ``modality``,
-    ``view`` and ``phi_tags`` (comma-separated names of identifying tags present, '' when
-    none); for other files those are None.
+    ``view``, ``phi_tags`` (comma-separated names of identifying tags present, '' when
+    none) and ``dicom_meta`` (JSON: frames, frame used, frame policy, transfer syntax,
+    photometric interpretation); for other files those are None.
     """
 
     path: Path
@@ -76,6 +82,7 @@ class ImageInfo:
     modality: str | None = None
     view: str | None = None
     phi_tags: str | None = None
+    dicom_meta: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -83,8 +90,14 @@ class ImageInfo:
 
 
 def is_dicom(data: bytes, path: Path | str = "") -> bool:
-    """True when ``data`` has the DICOM preamble ('DICM' at byte 128) or ``path`` ends .dcm."""
-    return data[128:132] == b"DICM" or str(path).lower().endswith((".dcm", ".dicom"))
+    """True when ``data`` is DICOM: 'DICM' at byte 128, or (no preamble) a DICOM data element at byte 0.
+
+    Decided by content only (see :func:`medlake.catalog.dicom.is_dicom`); ``path`` is kept
+    for callers and ignored: a PNG named ``.dcm`` is read as a PNG.
+    """
+    from medlake.catalog import dicom
+
+    return dicom.is_dicom(data)
 
 
 def inspect(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> ImageInfo:
@@ -102,8 +115,10 @@ def inspect(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> ImageInfo:
     ImageInfo
         ``reason`` is None for a good file; otherwise one of: 'missing file', 'not a file',
         'unreadable file', 'zero-byte file', 'not an image', 'decompression bomb',
-        'truncated or corrupt image', 'unreadable DICOM', 'DICOM without pixel data',
-        'undecodable DICOM pixel data' (truncated, or compressed without a decoder).
+        'truncated or corrupt image', 'unreadable DICOM' (also: a ``.dcm`` file that is
+        neither DICOM nor an image), 'DICOM without pixel data', 'malformed DICOM value
+        KEYWORD=\'value\'', 'undecodable DICOM pixel data' (truncated, corrupt, or a transfer
+        syntax without a decoder).
 
     Example
     -------
@@ -131,6 +146,8 @@ def inspect(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> ImageInfo:
             w, h = h, w
         return ImageInfo(**base, width=w, height=h, mode=im.mode, format=im.format)
     except ImageReadError as e:
+        if e.reason == "not an image" and p.suffix.lower() in _DICOM_SUFFIXES:
+            return ImageInfo(**base, format="DICOM", reason="unreadable DICOM", detail=_NOT_DICOM)
         return ImageInfo(**base, reason=e.reason, detail=e.detail)
 
 
@@ -147,16 +164,22 @@ def inspect_many(
 
 
 def open_image(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open and fully decode a (non-DICOM) image, EXIF orientation applied.
+    """Open and fully decode an image, EXIF orientation applied.
+
+    A DICOM file gives its 8-bit rendering (:func:`render_8bit`: mode 'L' or 'RGB',
+    ``format`` 'DICOM').
 
     Raises
     ------
     ImageReadError
-        Zero-byte, not an image, truncated or corrupt, or larger than ``max_pixels``.
+        Zero-byte, not an image, truncated or corrupt, or larger than ``max_pixels``; for
+        DICOM the reasons of :func:`inspect`.
     """
     p = Path(path)
     data = _read(p)
-    im = _open(data, p, max_pixels)
+    if is_dicom(data, p):
+        return _dicom_image(data, p, max_pixels)
+    im = _not_dicom(lambda: _open(data, p, max_pixels), p)
     return ImageOps.exif_transpose(im)
 
 
@@ -169,8 +192,8 @@ def load_rgb(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     p = Path(path)
     data = _read(p)
     if is_dicom(data, p):
-        return Image.fromarray(_dicom_8bit(data, p, max_pixels)).convert("RGB")
-    im = ImageOps.exif_transpose(_open(data, p, max_pixels))
+        return _dicom_image(data, p, max_pixels).convert("RGB")
+    im = ImageOps.exif_transpose(_not_dicom(lambda: _open(data, p, max_pixels), p))
     return to_rgb(im)
 
 
@@ -190,14 +213,14 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def render_8bit(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """An 8-bit greyscale (DICOM: windowed) or RGB rendering of ``path`` for thumbnails.
 
-    DICOM pixels are windowed with the file's first WindowCenter/WindowWidth (after the
-    modality rescale), or with the pixel range when the file has no window; MONOCHROME1 is
-    inverted so that air is black.
+    DICOM (:func:`medlake.catalog.dicom.render_8bit`): one frame by the multi-frame policy;
+    Modality LUT or rescale, then the first VOI LUT or WindowCenter/WindowWidth, else the
+    pixel range; MONOCHROME1 inverted so that air is black; YBR and PALETTE COLOR as RGB.
     """
     p = Path(path)
     data = _read(p)
     if is_dicom(data, p):
-        return Image.fromarray(_dicom_8bit(data, p, max_pixels))
+        return _dicom_image(data, p, max_pixels)
     return load_rgb(p, max_pixels=max_pixels)
 
 
@@ -285,77 +308,39 @@ def _scale(arr: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((arr - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8)
 
 
-def _dcmread(data: bytes, p: Path) -> Any:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
+def _not_dicom(open_fn: Any, p: Path) -> Image.Image:
+    """Run ``open_fn``; a ``.dcm`` file that is no image is reported as unreadable DICOM."""
     try:
-        return pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as e:
-        raise ImageReadError(p, "unreadable DICOM", str(e).splitlines()[0] if str(e) else type(e).__name__) from e
-
-
-def _pixels(ds: Any, p: Path, max_pixels: int) -> np.ndarray:
-    if "PixelData" not in ds:
-        raise ImageReadError(p, "DICOM without pixel data")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if rows * cols * frames > max_pixels:
-        raise ImageReadError(p, "decompression bomb", f"declared {cols}x{rows}x{frames} pixels > {max_pixels:,}")
-    try:
-        return ds.pixel_array
-    except Exception as e:  # pydicom raises many types for short or undecodable pixel data
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageReadError(p, "undecodable DICOM pixel data", detail) from e
-
-
-def _text(ds: Any, name: str) -> str | None:
-    v = ds.get(name)
-    if v is None:
-        return None
-    s = str(v).strip()
-    return s or None
+        return open_fn()
+    except ImageReadError as e:
+        if e.reason == "not an image" and p.suffix.lower() in _DICOM_SUFFIXES:
+            raise ImageReadError(p, "unreadable DICOM", _NOT_DICOM) from e
+        raise
 
 
 def _inspect_dicom(data: bytes, base: dict[str, Any], max_pixels: int) -> ImageInfo:
+    from medlake.catalog import dicom
+
     p = base["path"]
     try:
-        ds = _dcmread(data, p)
-        arr = _pixels(ds, p, max_pixels)
+        img = dicom.decode(data, p, max_pixels=max_pixels)
+        ds = img.ds
+        phi = [t for t in PHI_TAGS if dicom.header_text(ds, t, p)]
+        fields = {k: dicom.header_text(ds, t, p) for k, t in (
+            ("patient_id", "PatientID"), ("study_uid", "StudyInstanceUID"),
+            ("series_uid", "SeriesInstanceUID"), ("modality", "Modality"), ("view", "ViewPosition"))}
     except ImageReadError as e:
         return ImageInfo(**base, format="DICOM", reason=e.reason, detail=e.detail)
-    phi = [t for t in PHI_TAGS if _text(ds, t)]
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
-    bits = int(ds.get("BitsStored", 8) or 8)
-    mode = "RGB" if spp == 3 else ("L" if bits <= 8 else "I;16")
-    h, w = (arr.shape[-3], arr.shape[-2]) if spp == 3 else (arr.shape[-2], arr.shape[-1])
     return ImageInfo(
-        **base, width=int(w), height=int(h), mode=mode, format="DICOM",
-        patient_id=_text(ds, "PatientID"), study_uid=_text(ds, "StudyInstanceUID"),
-        series_uid=_text(ds, "SeriesInstanceUID"), modality=_text(ds, "Modality"),
-        view=_text(ds, "ViewPosition"), phi_tags=",".join(phi),
+        **base, width=img.width, height=img.height, mode=img.mode, format="DICOM", **fields,
+        phi_tags=",".join(phi), dicom_meta=json.dumps(img.meta(), separators=(",", ":")),
     )
 
 
-def _dicom_8bit(data: bytes, p: Path, max_pixels: int) -> np.ndarray:
-    ds = _dcmread(data, p)
-    arr = _pixels(ds, p, max_pixels)
-    if int(ds.get("SamplesPerPixel", 1) or 1) == 3:
-        return np.asarray(arr if arr.ndim == 3 else arr[0], dtype=np.uint8)
-    if arr.ndim == 3:  # multi-frame: the first frame
-        arr = arr[0]
-    arr = arr.astype(np.float64) * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
-    wc, ww = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if wc is not None and ww is not None:
-        c = float(wc[0] if _multi(wc) else wc)
-        w = float(ww[0] if _multi(ww) else ww)
-        out = window(arr, c, w)
-    else:
-        out = _scale(arr)
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-        out = 255 - out
-    return out
+def _dicom_image(data: bytes, p: Path, max_pixels: int) -> Image.Image:
+    """The 8-bit rendering of a DICOM file as a Pillow image (format 'DICOM')."""
+    from medlake.catalog import dicom
 
-
-def _multi(v: Any) -> bool:
-    return not isinstance(v, (str, bytes)) and hasattr(v, "__len__")
+    im = Image.fromarray(dicom.render_8bit(dicom.decode(data, p, max_pixels=max_pixels)))
+    im.format = "DICOM"
+    return im

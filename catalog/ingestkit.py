@@ -8,16 +8,110 @@ writes every table partition in one transaction and returns an :class:`IngestRes
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
 
-from medlake.catalog.errors import IngestError
+from medlake.catalog.errors import IngestError, SchemaError
 
 STAGE = "ingest"
 # code_map key describing the rows an implicit-negative source leaves out
 ABSENT = "(absent)"
+
+#: Dataset ids: 1-64 characters from ``a-z 0-9 . _ -``, first and last a letter or digit, and
+#: no ``--`` (it separates a dataset from a format in partition names, ``<dataset>--<format>``).
+#: Such an id is its own file name on every file system (no case folding, no character
+#: mapping), so two datasets can never share a partition file.
+DATASET_ID_PATTERN = r"[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?"
+DATASET_ID_RULE = (
+    "1-64 characters from a-z, 0-9, '.', '_', '-', starting and ending with a letter or "
+    "digit, without '--'"
+)
+_DATASET_ID = re.compile(DATASET_ID_PATTERN)
+#: The longest native (per-dataset) image id ingest accepts, in characters; longer ids go
+#: to the quarantine (reason ``id longer than 512 characters``).
+MAX_ID_LENGTH = 512
+
+
+def check_dataset_id(dataset_id: Any, *, where: str = "dataset id") -> str:
+    """Return ``dataset_id`` when it matches :data:`DATASET_ID_PATTERN`, else raise.
+
+    Parameters
+    ----------
+    dataset_id
+        The id to check (from an adapter, ``--dataset`` or a generic YAML's ``dataset``).
+    where
+        Where the id came from, for the message (e.g. ``"data.yaml: dataset"``).
+
+    Raises
+    ------
+    SchemaError
+        Naming the id, the allowed character set and a close valid id.
+
+    Example
+    -------
+    >>> check_dataset_id("nih-cxr14")
+    'nih-cxr14'
+    """
+    text = dataset_id if isinstance(dataset_id, str) else str(dataset_id)
+    if isinstance(dataset_id, str) and _DATASET_ID.fullmatch(text) and "--" not in text:
+        return text
+    hint = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9._-]+", "-", text.lower())).strip("._-")[:64]
+    hint = hint.rstrip("._-")
+    raise SchemaError(
+        f"{where} {text[:80]!r}{'...' if len(text) > 80 else ''} is not a valid dataset id: "
+        f"use {DATASET_ID_RULE} (pattern {DATASET_ID_PATTERN})"
+        + (f", e.g. '{hint}'" if hint and _DATASET_ID.fullmatch(hint) else "")
+    )
+
+
+def storage_key(name: str) -> str:
+    """The name a dataset or partition has on disk, case-folded (for collision checks)."""
+    from medlake.catalog.tables import safe_name
+
+    try:
+        return safe_name(name).lower()
+    except ValueError:
+        return name.lower()
+
+
+def check_storage(catalog: Any, dataset_id: str, partition: str) -> None:
+    """Refuse a write that would share a partition file with another dataset.
+
+    Two names collide when they map to the same file name (``safe_name``) or differ only
+    in case (case-insensitive file systems). Checked against the ``datasets`` table and the
+    dataset ids already stored in the ``images`` / ``datasets`` partition being replaced,
+    so a lake written before dataset ids were validated is protected too.
+
+    Raises
+    ------
+    SchemaError
+        Naming both datasets and what to do.
+    """
+    from medlake.catalog.tables import safe_name
+
+    if safe_name(partition) != partition:
+        raise SchemaError(
+            f"partition name '{partition}' of dataset '{dataset_id}' is not a valid file name "
+            f"(it would be stored as '{safe_name(partition)}'); dataset ids must be "
+            f"{DATASET_ID_RULE}"
+        )
+    key = storage_key(dataset_id)
+    others = set(catalog.read("datasets", columns=["dataset_id"])["dataset_id"].drop_nulls().to_list())
+    for table in ("datasets", "images"):
+        f = catalog.tables.path(table, STAGE, partition)
+        if f.is_file():
+            others |= set(pl.read_parquet(f, columns=["dataset_id"])["dataset_id"].drop_nulls().unique().to_list())
+    clash = sorted(o for o in others if o != dataset_id and storage_key(o) == key)
+    if clash:
+        raise SchemaError(
+            f"dataset '{dataset_id}' would be stored under the same name as the existing "
+            f"dataset '{clash[0]}' (partition '{partition}'), and ingesting it would erase "
+            f"that dataset's tables; choose another id with --dataset (or 'dataset:' in the "
+            f"YAML), or remove '{clash[0]}' first"
+        )
 
 
 @dataclass(frozen=True)
@@ -162,7 +256,15 @@ def publish(
     Every table in ``tables`` replaces the partition ``partition`` of the ingest stage, and the
     quarantine partition of the same name is replaced too (emptied when nothing was bad), so
     re-ingesting the same input gives identical files.
+
+    Raises
+    ------
+    SchemaError
+        ``dataset_id`` breaks :data:`DATASET_ID_PATTERN`, or its storage name collides with
+        another dataset's (:func:`check_storage`); nothing is written then.
     """
+    check_dataset_id(dataset_id)
+    check_storage(catalog, dataset_id, partition)
     counts: dict[str, int] = {}
     with catalog.transaction() as tx:
         for name, data in tables.items():

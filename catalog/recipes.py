@@ -63,7 +63,9 @@ CHOICES = {
     ("relabel_from_reviews", "action"): ("drop", "flip", "set"),
     ("relabel_from_reviews", "verdict"): VERDICTS["label"],
 }
-TOP_KEYS = ("name", "dataset", "parent", "description", "labels", "duplicates", "rules", "export")
+TOP_KEYS = ("name", "dataset", "parent", "description", "labels", "duplicates", "rules", "export",
+            "privacy")
+PRIVACY_KEYS = ("acknowledged",)  # text: why a version with identifying tags may be published
 EXPORT_KEYS = ("images", "sizes", "npz", "layout", "pack", "shard_mb")
 DUP_KEYS = ("clusters", "pairs", "exclude_verdict")
 
@@ -121,6 +123,7 @@ class Recipe:
     content: dict[str, Any]
     hash: str
     exclude_verdicts: tuple[str, ...] = ()  # pair verdicts (reviews) that cut duplicate links
+    privacy_ack: str | None = None  # privacy.acknowledged: the publisher's reason (datasheet)
 
     def label_names(self) -> list[str]:
         return [lab.name for lab in self.labels]
@@ -207,7 +210,21 @@ def parse_recipe(data: Any, *, file: str = "<recipe>", default_name: str = "vers
         pairs=tuple(pairs), use_clusters=bool(dup.get("clusters", True)), rules=rules,
         export=export, description=str(data.get("description") or ""), content=content,
         hash=digest, exclude_verdicts=tuple(sorted(set(excl))),
+        privacy_ack=_privacy(where, data.get("privacy")),
     )
+
+
+def _privacy(where: str, raw: Any) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: 'privacy' must be a mapping with keys {list(PRIVACY_KEYS)}")
+    _no_unknown(f"{where}: privacy", raw, PRIVACY_KEYS)
+    ack = raw.get("acknowledged")
+    if ack is not None and (not isinstance(ack, str) or not ack.strip()):
+        raise RecipeError(f"{where}: privacy.acknowledged must be a non-empty text (why this "
+                          "version may be published with identifying DICOM tags)")
+    return ack.strip() if ack else None
 
 
 def _no_unknown(where: str, d: dict[str, Any], allowed: tuple[str, ...]) -> None:

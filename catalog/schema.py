@@ -131,6 +131,9 @@ _table(
     ("n_a", I64), ("prev_a", F64), ("prev_a_lo", F64), ("prev_a_hi", F64),
     ("n_b", I64), ("prev_b", F64), ("prev_b_lo", F64), ("prev_b_hi", F64),
     ("rule", STR), ("note", STR),  # note: why a figure is missing (null + reason, never 0)
+    # the label policies and choices in effect (JSON): {"sources": {source: {meaning or graded
+    # value: exclude|negative|positive|category}}, "kappa_ci", "binarise"?, ...}
+    ("policy", STR),
 )
 _table(
     "fingerprints", ("image_id",), "hashes, size and quality flags per image",
@@ -153,19 +156,29 @@ _table(
     ("image_id", STR), ("cluster_id", STR), ("size", I64), ("datasets", STR), ("params", STR),
 )
 _table(
+    # the storage of record of the embed stage (DVC-tracked, byte-reproducible); LanceDB under
+    # lake/vectors is the working store and search index, rebuilt from this table when absent
+    "embeddings", ("image_id", "model"), "one image vector per (image, model)",
+    ("image_id", STR), ("model", STR), ("sha256", STR), ("vector", pa.list_(pa.float32())),
+)
+_table(
     "outliers", ("image_id",), "outlier score per image",
     ("image_id", STR), ("score", F64), ("rank", I64),
     ("dataset_id", STR), ("mean_sim", F64), ("model", STR), ("k", I64), ("params", STR),
 )
 _table(
     "leakage", ("dataset_id", "scheme", "grouping", "split_a", "split_b"),
-    "groups spanning splits, per split pair and for all splits together (split_a = '*')",
+    "groups spanning splits, per split pair, for all splits together (split_a = '*') and, "
+    "optionally, groups present in every split (split_a = 'all')",
     ("dataset_id", STR), ("scheme", STR), ("split_a", STR), ("split_b", STR),
     ("n_groups", I64),
     # grouping: 'group_id' (patient/lesion) or 'group_id+duplicates' (union with clusters/pairs)
     ("grouping", STR), ("n_images_a", I64), ("n_images_b", I64), ("n_images", I64),
     ("n_pairs", I64), ("n_groups_total", I64), ("n_images_total", I64),
     ("version", STR),  # the version whose splits were checked (root '<dataset>@<scheme>')
+    # rows split_a = split_b = 'all' (groups in every split, params.yaml leakage.all_splits):
+    # JSON {"splits", "images": {split: n}, "pairs": {"a|b": n}}; null on the other rows
+    ("by_split", STR),
 )
 _table(
     "lineage", ("version", "image_id", "rule"), "what happened to each image in a version",

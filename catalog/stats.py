@@ -13,6 +13,9 @@ Each result equals its reference implementation on the same data:
 :func:`wilson`                         ``statsmodels...proportion_confint(method='wilson')``
 =====================================  =========================================================
 
+:func:`bounded_ci` cuts a kappa interval to [-1, 1] (the agreement stage's default,
+``params.yaml: agreement.kappa_ci: clip``, with a note on each row it cut).
+
 Undefined results are ``nan`` here, with a reason from :func:`kappa_note`; the agreement
 stage stores them as null plus that note, never as 0.
 """
@@ -136,6 +139,31 @@ def kappa_from_tables(tables: np.ndarray, *, weights: Weights = None) -> KappaAr
         n=n, observed=observed, expected=np.where(n == 0, np.nan, ew), kappa=kappa, se=se,
         lo=kappa - Z95 * se, hi=kappa + Z95 * se,
     )
+
+
+def bounded_ci(
+    lo: Any, hi: Any, *, lower: float = -1.0, upper: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An interval cut to ``[lower, upper]`` (kappa's range), and where it was cut.
+
+    The asymptotic interval ``kappa +- 1.96 se`` can leave [-1, 1] on small samples (e.g.
+    0.739 +- 0.348 on 91 images gives an upper bound of 1.086); no kappa lies there.
+
+    Returns
+    -------
+    (lo, hi, clipped)
+        ``clipped`` is True where either bound was cut; ``nan`` stays ``nan``.
+
+    Example
+    -------
+    >>> lo, hi, cut = bounded_ci([0.39], [1.086])
+    >>> float(hi[0]), bool(cut[0])
+    (1.0, True)
+    """
+    a, b = np.asarray(lo, float), np.asarray(hi, float)
+    with np.errstate(invalid="ignore"):
+        cut = (a < lower) | (b > upper)
+    return np.clip(a, lower, upper), np.clip(b, lower, upper), cut
 
 
 def kappa_note(k: KappaArrays) -> list[str | None]:
@@ -305,10 +333,14 @@ def krippendorff_alpha(
     return np.where((n < 2) | (de == 0), np.nan, alpha)
 
 
-def cohen_kappa(a: Any, b: Any, *, weights: Weights = None, labels: Any = None) -> dict[str, float]:
+def cohen_kappa(
+    a: Any, b: Any, *, weights: Weights = None, labels: Any = None, clip: bool = True,
+) -> dict[str, float]:
     """Kappa of two equal-length label sequences (a convenience for small data and the UI).
 
-    Returns ``{'n', 'observed', 'kappa', 'se', 'lo', 'hi'}`` (``nan`` where undefined).
+    Returns ``{'n', 'observed', 'kappa', 'se', 'lo', 'hi', 'clipped'}`` (``nan`` where
+    undefined); with ``clip`` (default) the interval is cut to [-1, 1] (:func:`bounded_ci`)
+    and ``clipped`` is 1.0 where it was cut, else 0.0.
     """
     a_, b_ = np.asarray(a), np.asarray(b)
     if a_.shape != b_.shape:
@@ -318,7 +350,13 @@ def cohen_kappa(a: Any, b: Any, *, weights: Weights = None, labels: Any = None) 
     r = kappa_from_tables(
         confusion_tables(np.zeros(len(a_), int), ia, ib, 1, max(len(cats), 1)), weights=weights
     )
-    return {f: float(getattr(r, f)[0]) for f in ("n", "observed", "kappa", "se", "lo", "hi")}
+    out = {f: float(getattr(r, f)[0]) for f in ("n", "observed", "kappa", "se", "lo", "hi")}
+    if clip:
+        lo, hi, cut = bounded_ci(r.lo, r.hi)
+        out.update(lo=float(lo[0]), hi=float(hi[0]), clipped=float(cut[0]))
+    else:
+        out["clipped"] = 0.0
+    return out
 
 
 def agreement_summary(catalog: Any, dataset_id: str) -> pl.DataFrame:

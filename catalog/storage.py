@@ -112,14 +112,61 @@ class RemoteVectorStore(VectorStore):
 
 
 def open_vectors(ws: Workspace) -> VectorStore:
-    """The workspace's vector store (local ``lake/vectors`` or the ``vectors.uri`` bucket)."""
+    """The workspace's vector store (local ``lake/vectors`` or the ``vectors.uri`` bucket).
+
+    The ``embeddings`` table (``lake/tables/embeddings/embed/<model>.parquet``) is the
+    DVC-tracked record of the embed stage; a model it holds that the store lacks (a fresh
+    clone after ``dvc pull``) is loaded into the store first.
+    """
     uri = vectors_uri(ws)
-    return RemoteVectorStore(uri) if is_remote(uri) else VectorStore(uri)
+    vs = RemoteVectorStore(uri) if is_remote(uri) else VectorStore(uri)
+    restore_from_table(vs, ws.tables_dir / "embeddings" / "embed")
+    return vs
+
+
+def restore_from_table(vs: VectorStore, folder: Path) -> list[str]:
+    """Load every model of the ``embeddings`` Parquet files in ``folder`` that ``vs`` lacks;
+    returns the models loaded."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    done = []
+    for f in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
+        at = pq.read_table(f)
+        if at.num_rows == 0:
+            continue
+        model = at["model"][0].as_py()
+        if vs.has(model):
+            continue
+        dim = len(at["vector"][0].as_py())
+        mat = np.asarray(at["vector"].combine_chunks().flatten().to_numpy(),
+                         dtype=np.float32).reshape(at.num_rows, dim)
+        vs.add(model, at["image_id"].to_pylist(), at["sha256"].to_pylist(), mat)
+        done.append(model)
+    return done
 
 
 def table_uri(ws: Workspace, model: str) -> str:
     """The Lance dataset URI of ``model``'s table (what lance-ray writes to)."""
     return f"{vectors_uri(ws)}/{table_name(model)}.lance"
+
+
+def refuse_credentials(url: str, what: str) -> None:
+    """Raise when ``url`` carries credentials (``scheme://user:secret@host``): they would be
+    written into the committed ``.dvc/config`` and printed. The message does not repeat them."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        raise StorageError(f"{what}: not a valid URL ({e})") from None
+    if parts.username or parts.password or "@" in parts.netloc:
+        safe = f"{parts.scheme}://***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+        raise StorageError(
+            f"{what} {safe}... carries credentials; they would be committed in .dvc/config. Pass "
+            "the URL without them and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or 'dvc "
+            "remote modify --local NAME access_key_id ...', kept in the git-ignored "
+            ".dvc/config.local)")
 
 
 def configure_remote_endpoint(root: Path, endpoint_url: str) -> str:
@@ -136,6 +183,7 @@ def configure_remote_endpoint(root: Path, endpoint_url: str) -> str:
     """
     if not endpoint_url.startswith(("http://", "https://")):
         raise StorageError(f"--endpoint-url '{endpoint_url}' must start with http:// or https://")
+    refuse_credentials(endpoint_url, "--endpoint-url")
     name = run_dvc(["remote", "default"], root).strip()
     url = run_dvc(["config", f"remote.{name}.url"], root).strip()
     if not url.startswith("s3://"):

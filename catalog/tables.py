@@ -11,18 +11,20 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import duckdb
 import polars as pl
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from medlake.catalog.errors import MissingTableError, SchemaError
+from medlake.catalog.errors import MissingTableError, SchemaError, SQLError
 from medlake.catalog.schema import TableSpec, spec
 
 log = logging.getLogger(__name__)
@@ -206,28 +208,327 @@ class TableStore:
             frame with the table's schema when no file exists.
         """
         ts = spec(table)
-        files = self.files(table, stage=stage)
-        if not files:
-            if required:
-                raise MissingTableError(table, hint)
-            empty = pl.from_arrow(ts.schema.empty_table())
-            assert isinstance(empty, pl.DataFrame)
-            return empty.select(list(columns)) if columns else empty
-        fast = _read_eq(ts, files, where, columns)
-        if fast is not None:
-            return fast
+        for attempt in range(READ_ATTEMPTS):
+            files = self.files(table, stage=stage)
+            if not files:
+                if required:
+                    raise MissingTableError(table, hint)
+                empty = pl.from_arrow(ts.schema.empty_table())
+                assert isinstance(empty, pl.DataFrame)
+                return empty.select(list(columns)) if columns else empty
+            if attempt == READ_ATTEMPTS - 1:  # writers kept changing files: read a snapshot
+                return self._read_pinned(ts, stage, where, columns)
+            state = file_state(files)
+            try:
+                df = _read_eq(ts, files, where, columns)
+                if df is None:
+                    df = _read_duckdb(files, where, columns)
+            except (duckdb.Error, OSError) as e:
+                if file_state(self.files(table, stage=stage)) != state:
+                    _pause(attempt)  # a stage replaced or removed a file: read the new state
+                    continue
+                broken = find_broken(self.dir, files, data=not sql_mistake(e))
+                if broken is not None:
+                    raise broken from None
+                raise
+            if file_state(self.files(table, stage=stage)) == state:
+                return df
+            _pause(attempt)  # files changed while they were read: the result may mix states
+        raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns
+
+    def _read_pinned(
+        self, ts: TableSpec, stage: str | None, where: str | None,
+        columns: Iterable[str] | None,
+    ) -> pl.DataFrame:
+        """Read from files held open (see :func:`pin_files`): immune to concurrent renames."""
+        pinned = pin_files(self, ts.name, stage=stage)
         cols = ", ".join(f'"{c}"' for c in columns) if columns else "*"
-        sql = f"SELECT {cols} FROM {scan_sql(files)}"
-        if where:
-            sql += f" WHERE {where}"
         con = duckdb.connect()
         try:
-            at = con.sql(sql).to_arrow_table()
+            con.register("__pinned", pinned_dataset(self.dir, ts.name, pinned))
+            sql = f"SELECT {cols} FROM __pinned"
+            if where:
+                sql += f" WHERE {where}"
+            try:
+                at = con.sql(sql).to_arrow_table()
+            except duckdb.Error:
+                broken = find_broken(self.dir, pinned, deep=True)
+                if broken is not None:
+                    raise broken from None
+                raise
         finally:
             con.close()
         df = pl.from_arrow(at)
         assert isinstance(df, pl.DataFrame)
         return df
+
+
+def _read_duckdb(files: list[Path], where: str | None,
+                 columns: Iterable[str] | None) -> pl.DataFrame:
+    cols = ", ".join(f'"{c}"' for c in columns) if columns else "*"
+    sql = f"SELECT {cols} FROM {scan_sql(files)}"
+    if where:
+        sql += f" WHERE {where}"
+    con = duckdb.connect()
+    try:
+        at = con.sql(sql).to_arrow_table()
+    finally:
+        con.close()
+    df = pl.from_arrow(at)
+    assert isinstance(df, pl.DataFrame)
+    return df
+
+
+# --- reading while stages write -------------------------------------------------------------
+# A stage replaces a partition by renaming a new file over it and a reviews compaction removes
+# files, so a file listed a moment ago may be another file (or gone) when it is read. Readers
+# list, read and list again, and read again when the listing changed (READ_ATTEMPTS times);
+# the last attempt reads *pinned* files: each file is read into memory (small ones) or
+# memory-mapped first, so later renames and removals cannot touch what is being read (a
+# mapping keeps the replaced file's data; writers never truncate a file in place).
+
+READ_ATTEMPTS = 5
+_T = TypeVar("_T")
+_SMALL_FILE = 1 << 20  # smaller files are read into memory when pinned, larger ones mapped
+
+
+def _pause(attempt: int) -> None:
+    time.sleep(0.005 * (attempt + 1))
+
+
+def file_state(files: Iterable[Path]) -> tuple[tuple[str, int, int, int], ...]:
+    """``(path, inode, size, mtime_ns)`` per file (``-1`` for a vanished one).
+
+    Two equal states mean that no listed file was replaced, rewritten or removed in between
+    (a replacing rename gives a new inode).
+    """
+    out = []
+    for p in files:
+        try:
+            st = p.stat()
+            out.append((str(p), st.st_ino, st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            out.append((str(p), -1, -1, -1))
+    return tuple(out)
+
+
+def shown_path(tables_dir: Path, path: Path) -> str:
+    """``lake/tables/<table>/<stage>/<file>``: a table file as the user knows it (no machine path)."""
+    tables_dir = Path(tables_dir)
+    try:
+        rel = Path(path).relative_to(tables_dir).as_posix()
+    except ValueError:
+        return Path(path).name
+    return f"{tables_dir.parent.name}/{tables_dir.name}/{rel}"
+
+
+class BrokenFileError(SQLError):
+    """A table file that is not a readable Parquet file (zero bytes, truncated, not Parquet).
+
+    Attributes
+    ----------
+    path
+        The file.
+    reason
+        What is wrong with it.
+    """
+
+    def __init__(self, tables_dir: Path, path: Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        try:
+            parts = self.path.relative_to(tables_dir).parts
+        except ValueError:
+            parts = ()
+        table = parts[0] if parts else "this table"
+        stage = f" ('{parts[1]}')" if len(parts) > 2 else ""
+        super().__init__(
+            f"{shown_path(tables_dir, self.path)} is not a valid Parquet file ({reason}); "
+            f"delete it or re-run the stage that writes {table}{stage}"
+        )
+
+
+def _magic_problem(head: bytes, tail: bytes, size: int) -> str | None:
+    """What the first and last bytes of a Parquet file say is wrong with it, or None."""
+    if size == 0:
+        return "zero bytes"
+    if size < 12:
+        return f"only {size} bytes"
+    if head != b"PAR1":
+        return "no Parquet header: not a Parquet file"
+    if tail[4:] != b"PAR1":
+        return "no Parquet footer: truncated or corrupt"
+    if int.from_bytes(tail[:4], "little") + 12 > size:
+        return "footer longer than the file: truncated or corrupt"
+    return None
+
+
+def parquet_problem(path: Path, *, deep: bool = False, data: bool = False) -> str | None:
+    """Why ``path`` is not a readable Parquet file, or None when it looks fine.
+
+    The quick check reads the magic bytes and the footer length; ``deep`` also parses the
+    footer and ``data`` reads every row group. Raises ``FileNotFoundError`` when the file
+    is gone.
+    """
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(4)
+        if size >= 8:
+            fh.seek(-8, os.SEEK_END)
+        tail = fh.read(8)
+    problem = _magic_problem(head, tail, size)
+    if problem is None and (deep or data):
+        try:
+            if data:
+                for _ in pq.ParquetFile(path).iter_batches(1 << 16):
+                    pass
+            else:
+                pq.read_metadata(path)
+        except FileNotFoundError:
+            raise
+        except (pa.ArrowException, OSError) as e:
+            return first_line(e)
+    return problem
+
+
+def first_line(e: BaseException | str) -> str:
+    """The first line of an error message (the name of the error when it has none)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def find_broken(
+    tables_dir: Path, files: Iterable[Path] | Iterable[tuple[Path, pa.Buffer]], *,
+    deep: bool = True, data: bool = False,
+) -> BrokenFileError | None:
+    """The first file of ``files`` (paths or pinned ``(path, buffer)`` pairs) that is broken.
+
+    The quick check reads magic bytes and footer length; ``deep`` parses the footer too;
+    ``data`` (and ``deep`` on pinned files) reads every row group, so a corrupt data page
+    is found as well (call these only after a read failed).
+    """
+    for f in files:
+        if isinstance(f, tuple):
+            path, buf = f
+            problem = _buffer_problem(buf)
+            if problem is None and deep:
+                try:
+                    for _ in pq.ParquetFile(pa.BufferReader(buf)).iter_batches(1 << 16):
+                        pass
+                except (pa.ArrowException, OSError) as e:
+                    problem = first_line(e)
+        else:
+            path = f
+            try:
+                problem = parquet_problem(path, deep=deep, data=data)
+            except FileNotFoundError:
+                continue
+        if problem is not None:
+            return BrokenFileError(tables_dir, path, problem)
+    return None
+
+
+def sql_mistake(e: BaseException) -> bool:
+    """True when DuckDB error ``e`` is about the SQL text, not about reading a file."""
+    return isinstance(e, (duckdb.ParserException, duckdb.BinderException,
+                          duckdb.CatalogException))
+
+
+def _buffer_problem(buf: pa.Buffer) -> str | None:
+    size = buf.size
+    return _magic_problem(
+        buf[:4].to_pybytes() if size >= 4 else b"",
+        buf[size - 8:].to_pybytes() if size >= 8 else b"", size,
+    )
+
+
+def _pin(path: Path) -> pa.Buffer:
+    """The bytes of ``path`` as they are now (read, or mapped: a later rename cannot change them)."""
+    if path.stat().st_size <= _SMALL_FILE:
+        return pa.py_buffer(path.read_bytes())
+    mm = pa.memory_map(str(path))
+    try:
+        return mm.read_buffer()  # the mapping outlives the closed file
+    finally:
+        mm.close()
+
+
+def pin_files(
+    store: TableStore, table: str, *, stage: str | None = None,
+) -> list[tuple[Path, pa.Buffer]]:
+    """The files of ``table`` pinned as ``(path, bytes)``: a snapshot no writer can change.
+
+    Files are listed, pinned and listed again until the listing holds still (a file removed
+    in between makes a new listing), so the snapshot is one state of the folder.
+    """
+    pinned: list[tuple[Path, pa.Buffer]] = []
+    for attempt in range(4 * READ_ATTEMPTS):
+        files = store.files(table, stage=stage)
+        state = file_state(files)
+        try:
+            pinned = [(p, _pin(p)) for p in files]
+        except FileNotFoundError:
+            _pause(attempt)
+            continue
+        if file_state(store.files(table, stage=stage)) == state:
+            return pinned
+        _pause(attempt)
+    if not pinned:
+        raise SQLError(
+            f"table '{table}' kept changing while it was read; try again when the stage "
+            "writing it has finished"
+        )
+    return pinned  # writers never paused: the last complete set of files read
+
+
+def pinned_dataset(
+    tables_dir: Path, table: str, pinned: list[tuple[Path, pa.Buffer]],
+) -> pads.Dataset:
+    """An Arrow dataset over pinned files with the table's declared schema.
+
+    Columns a file lacks read as nulls. Scanning it needs no file-system access.
+
+    Raises
+    ------
+    BrokenFileError
+        When a file is empty or lacks the Parquet header or footer.
+    """
+    fmt = pads.ParquetFileFormat()
+    frags = []
+    for path, buf in pinned:
+        problem = _buffer_problem(buf)
+        if problem is not None:
+            raise BrokenFileError(tables_dir, path, problem)
+        frags.append(fmt.make_fragment(buf))
+    return pads.FileSystemDataset(frags, schema=spec(table).schema, format=fmt)
+
+
+def read_stable(
+    listing: Callable[[], list[Path]], read: Callable[[int], _T], *,
+    on_error: Callable[[BaseException], None] | None = None,
+    attempts: int = READ_ATTEMPTS,
+) -> _T:
+    """``read(attempt)`` until no file of ``listing()`` changed while it ran.
+
+    An error raised while files changed is retried; otherwise ``on_error`` may raise a
+    better error (e.g. :class:`BrokenFileError`) before the error itself is raised. The last
+    attempt's result is returned whatever happened meanwhile (make it read pinned files).
+    """
+    for attempt in range(attempts):
+        state = file_state(listing())
+        try:
+            out = read(attempt)
+        except (duckdb.Error, OSError) as e:
+            if attempt < attempts - 1 and file_state(listing()) != state:
+                _pause(attempt)
+                continue
+            if on_error is not None:
+                on_error(e)
+            raise
+        if attempt == attempts - 1 or file_state(listing()) == state:
+            return out
+        _pause(attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # declared Arrow types -> Polars (built by hand: pyarrow's empty_table() imports pandas)

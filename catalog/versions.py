@@ -249,6 +249,23 @@ def render_datasheet(info: dict[str, Any]) -> str:
                                                   for s in info.get("sources", [])])]
     lines += ["", "## Known limitations", ""]
     lines += [f"- {x}" for x in info.get("limitations", [])] or ["- None recorded."]
+    priv = info.get("privacy") or {}
+    lines += ["", "## Privacy", ""]
+    if priv.get("identifying"):
+        lines += [f"{priv['identifying']:,} images carry identifying DICOM tags."]
+        lines += ([f"Publishing acknowledged by the recipe (privacy.acknowledged): "
+                   f"\"{priv['acknowledged']}\""] if priv.get("acknowledged") else
+                  ["Not acknowledged: 'medlake publish' refuses this version."])
+    else:
+        lines += ["No image of this version carries identifying DICOM tags known to medlake."
+                  + (f" Acknowledgement recorded: \"{priv['acknowledged']}\"."
+                     if priv.get("acknowledged") else "")]
+    env = info.get("environment") or {}
+    if env:
+        lines += ["", "## Environment", "",
+                  f"- medlake {env.get('medlake_version')}"
+                  + (f", installed from a lock file with sha256 `{env['lock_sha256'][:16]}`"
+                     if env.get("lock_sha256") else "")]
     lines += ["", "## Licence and citation", "",
               (f"- **{ds.get('name')}**: licence: {ds.get('license') or 'not stated'}. "
               f"Cite: {(ds.get('citation') or 'not stated').rstrip('.')}.")]

@@ -134,13 +134,16 @@ class Workspace:
         )
 
     @classmethod
-    def init(cls, root: Path | str, *, remote: str | None = None) -> Workspace:
+    def init(cls, root: Path | str, *, remote: str | None = None,
+             params_text: str | None = None) -> Workspace:
         """Create a workspace at ``root`` or complete an existing one without destroying anything.
 
         Runs ``git init`` and ``dvc init`` where they are missing, adds a default local DVC
-        remote (``<root>/../<name>-dvc-remote`` unless ``remote`` is given), writes
-        ``dvc.yaml``, ``params.yaml`` and ``findings.yaml`` only when absent, and creates
-        ``data/``, ``lake/`` and ``recipes/``.
+        remote (``<root>/../<name>-dvc-remote`` unless ``remote`` is given, stored as an
+        absolute path so that every clone, in any folder, finds the same remote), writes
+        ``params.yaml`` (``params_text``, else the minimal settings) and ``findings.yaml``
+        only when absent, and creates ``data/``, ``lake/`` and ``recipes/``. The pipeline
+        (``dvc.yaml``) is written by the caller (``medlake init`` generates it).
 
         Example
         -------
@@ -160,9 +163,7 @@ class Workspace:
         for d in (ws.data_dir, ws.lake, ws.recipes_dir):
             d.mkdir(exist_ok=True)
         if not ws.params_file.exists():
-            ws.params_file.write_text(yaml.safe_dump(DEFAULT_PARAMS, sort_keys=False))
-        if not (root / "dvc.yaml").exists():
-            (root / "dvc.yaml").write_text("stages: {}\n")
+            ws.params_file.write_text(params_text or yaml.safe_dump(DEFAULT_PARAMS, sort_keys=False))
         if not ws.findings_file.exists():
             from medlake.catalog.vocab import default_findings_yaml
 
@@ -173,11 +174,19 @@ class Workspace:
         if missing:
             gi.write_text("\n".join([*have, *missing]) + "\n")
         if not _dvc_has_remote(root):
+            from medlake.catalog.storage import refuse_credentials
+
             url = remote or str(root.parent / f"{root.name}-dvc-remote")
+            refuse_credentials(url, "--remote")
             if "://" not in url:
-                Path(url).mkdir(parents=True, exist_ok=True)
-                # relative, so that the committed .dvc/config names no machine path
-                url = os.path.relpath(Path(url).resolve(), root)
+                Path(url).expanduser().mkdir(parents=True, exist_ok=True)
+                # absolute (DVC resolves a relative remote against .dvc/ of each clone, so a
+                # clone elsewhere, or DVC's temporary clone for 'dvc import', would miss it);
+                # a path under the home folder is kept as ~/..., the same for every user
+                full = Path(url).expanduser().resolve()
+                home = Path.home().resolve()
+                url = ("~/" + full.relative_to(home).as_posix()) if full.is_relative_to(home) \
+                    else full.as_posix()
             _run([*_dvc_exe(), "remote", "add", "-d", "local", url], root)
         return ws
 

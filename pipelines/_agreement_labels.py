@@ -86,9 +86,14 @@ def own_names(findings: pl.DataFrame, rows: pl.DataFrame, source_id: str,
 
 
 def rater_labels(
-    ann: pl.DataFrame, sources: pl.DataFrame, findings: pl.DataFrame, binarise: BinariseRule
+    ann: pl.DataFrame, sources: pl.DataFrame, findings: pl.DataFrame, binarise: BinariseRule,
+    policy: Any = None,
 ) -> pl.DataFrame:
     """Codes of every annotation row of one dataset (see the module docstring), in one pass.
+
+    ``policy`` (a :class:`pipelines._agreement_policy.Resolved`, optional) applies the code
+    policies of ``params.yaml: agreement.policies`` on top (by meaning or graded value; it
+    needs ``ann.meaning`` for meaning rules).
 
     Returns :data:`LABEL_COLS`. Findings missing from the ``findings`` table keep their own
     name, normalised.
@@ -97,15 +102,18 @@ def rater_labels(
     fmap = findings.select("source_id", pl.col("finding").alias("finding_own"),
                            pl.col("shared_finding").alias("finding")).unique(
         subset=["source_id", "finding_own"], keep="first")
+    extra = ["meaning"] if policy is not None and "meaning" in ann.columns else []
     df = ann.select(
         "source_id", "annotator", image_key(), "value", "category",
-        pl.col("finding").alias("finding_own"),
+        pl.col("finding").alias("finding_own"), *extra,
     ).join(fmap, on=["source_id", "finding_own"], how="left")
     if df["finding"].null_count():  # findings missing from the table: own name, normalised
         df = df.with_columns(pl.coalesce("finding", normalised("finding_own")).alias("finding"))
     df = df.join(meta, on="source_id", how="inner")
     if df.height == 0:
         return pl.DataFrame()
+    if policy is not None:  # answers a policy makes a category of a category-valued source
+        df = df.with_columns(policy.category_text(df).alias("category"))
     vt = pl.col("value_type")
     graded = df.filter(vt == "graded")["value"].drop_nulls().unique().sort()
     ordv = df.filter(vt == "ordinal")["value"].drop_nulls()
@@ -128,6 +136,8 @@ def rater_labels(
         .when(vt == "ordinal").then(o)
         .otherwise(cat_idx.cast(pl.Int32))
     )
+    if policy is not None:
+        c = policy.codes(df, c)
     return df.with_columns(c.alias("c"), o.alias("o"), family.alias("family")).select(LABEL_COLS)
 
 
@@ -217,16 +227,27 @@ def combine_findings(
             pl.concat([findings, pl.DataFrame(new_findings)], how="diagonal_relaxed"))
 
 
+def absent_fill(absent: int | None, by_finding: dict[str, int | None] | None = None) -> pl.Expr:
+    """The code of a missing row: ``absent``, or per shared finding from ``by_finding``."""
+    out = pl.lit(absent, pl.Int32)
+    for f, code in sorted((by_finding or {}).items()):
+        out = pl.when(pl.col("finding") == f).then(pl.lit(code, pl.Int32)).otherwise(out)
+    return out
+
+
 def densify_annotators(
     labels: pl.DataFrame, coverage: pl.DataFrame, findings: pl.DataFrame,
     absent: dict[str, int | None],
+    absent_by_finding: dict[str, dict[str, int | None]] | None = None,
 ) -> tuple[pl.DataFrame, set[str]]:
     """Make implicit-negative sources with several annotators explicit (as ``labels_dense``).
 
     Annotator pairs, Fleiss' kappa and Krippendorff's alpha need every reader's answer on
     every finding of the source's vocabulary. The (image, annotator) pairs judged come from
     ``coverage.annotator`` when the table has it, else from the annotation rows; a missing
-    (image, annotator, finding) gets the source's absent code.
+    (image, annotator, finding) gets the source's absent code (``absent_by_finding``:
+    per source and shared finding, from finding-level policies); a row that exists keeps its
+    code, even a null one (excluded).
 
     Returns
     -------
@@ -249,10 +270,12 @@ def densify_annotators(
         own = own_names(findings, rows, sid)
         first = rows.row(0, named=True)
         dense = judged.join(own, how="cross").join(
-            rows.select("annotator", "img", "finding", "c", "o", "value", "category"),
+            rows.select("annotator", "img", "finding", "c", "o", "value", "category",
+                        pl.lit(True).alias("_row")),
             on=["annotator", "img", "finding"], how="left",
         ).with_columns(
-            pl.col("c").fill_null(pl.lit(absent.get(sid, 0), pl.Int32)),
+            pl.when(pl.col("_row")).then(pl.col("c")).otherwise(
+                absent_fill(absent.get(sid, 0), (absent_by_finding or {}).get(sid))).alias("c"),
             pl.lit(sid).alias("source_id"), pl.lit(first["family"]).alias("family"),
             pl.lit("explicit").alias("negatives"),
         )

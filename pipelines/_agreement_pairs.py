@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 import polars as pl
 
-from medlake.pipelines._agreement_labels import image_key, item_key, own_names
+from medlake.pipelines._agreement_labels import absent_fill, image_key, item_key, own_names
 
 PAIR_KEYS = ["family", "source_a", "annotator_a", "source_b", "annotator_b", "finding",
              "finding_a", "finding_b"]
@@ -38,21 +38,24 @@ class _Keys:
 
 def _dense(
     rows: pl.DataFrame, covered: pl.DataFrame, source_id: str, own: pl.DataFrame,
-    absent: int | None = 0,
+    absent: int | None = 0, by_finding: dict[str, int | None] | None = None,
 ) -> pl.DataFrame:
     """An implicit-negative source's codes on the (img, finding) keys of ``covered``.
 
     ``own`` maps the source's shared finding names to its own (``finding, finding_own``);
     a covered key without a row gets ``absent`` (the source's ``(absent)`` code: 0, or
-    None = excluded).
+    None = excluded; ``by_finding``: per shared finding, from finding-level policies). A
+    key with a row keeps its code, even a null one (an answer a policy excludes).
     """
-    pos = rows.select("img", "finding", "c", "o")
+    pos = rows.select("img", "finding", "c", "o", pl.lit(True).alias("_row"))
     return (
         covered.select("img", "finding").unique()
         .join(own, on="finding", how="inner")
         .join(pos, on=["img", "finding"], how="left")
         .with_columns(pl.lit(source_id).alias("source_id"), pl.lit("").alias("annotator"),
-                      pl.col("c").fill_null(pl.lit(absent, pl.Int32)))
+                      pl.when(pl.col("_row")).then(pl.col("c"))
+                      .otherwise(absent_fill(absent, by_finding)).alias("c"))
+        .drop("_row")
     )
 
 
@@ -103,12 +106,18 @@ def _pair_keys(key: np.ndarray, keys: _Keys) -> pl.DataFrame:
 
 def source_pairs(
     labels: pl.DataFrame, sources: pl.DataFrame, coverage: pl.DataFrame, findings: pl.DataFrame,
-    absent: dict[str, int | None] | None = None,
+    absent: dict[str, int | None] | None = None, *,
+    absent_by_finding: dict[str, dict[str, int | None]] | None = None,
+    skip: set[frozenset[str]] | None = None, compare_categories: bool = False,
 ) -> tuple[pl.DataFrame, pl.DataFrame, list[tuple[str, str, list[str]]]]:
     """Pair rows (one per image, finding and rater pair) for every two sources of a dataset.
 
     An implicit-negative source's vocabulary comes from ``findings`` (a finding it never
     marks positive is still one it judged); the others' from their annotation rows.
+    ``absent_by_finding``: per-finding absent codes (finding-level policies); ``skip``:
+    source pairs not to compare (a pooled source and a member with the same policy);
+    ``compare_categories``: compare two positive-only category sources on the images both
+    labelled (``params.yaml: agreement.positive_only_categories: compare``), as a ``pair``.
 
     Returns
     -------
@@ -119,6 +128,7 @@ def source_pairs(
     """
     neg = dict(zip(sources["source_id"].to_list(), sources["negatives"].to_list()))
     ab = absent or {}
+    abf = absent_by_finding or {}
     ids = sorted(set(labels["source_id"].unique().to_list()))
     by_src = {k[0]: v for k, v in labels.partition_by("source_id", as_dict=True).items()}
     fam = {s: by_src[s]["family"][0] for s in ids}
@@ -138,7 +148,10 @@ def source_pairs(
         for second in ids[i:]:
             a, b = first, second  # swapped below when b is positive-only (not the loop names)
             common = sorted(vocab[a] & vocab[b])
-            if not common or fam[a] != fam[b] or (neg[a] == "none" and neg[b] == "none"):
+            both_none = a != b and neg[a] == "none" and neg[b] == "none"
+            shared_cats = both_none and compare_categories and fam[a] == "category"
+            if (not common or fam[a] != fam[b] or (both_none and not shared_cats)
+                    or frozenset((a, b)) in (skip or set())):
                 continue
             la, lb = (by_src[x] if vocab[x] <= set(common) else  # no filter pass when all
                       by_src[x].filter(pl.col("finding").is_in(common)) for x in (a, b))
@@ -150,13 +163,15 @@ def source_pairs(
                     no_overlap.append((a, b, common))
                     continue
                 grid = both.join(pl.DataFrame({"finding": common}), how="cross")
-                la = _dense(la, grid, a, own[a], ab.get(a, 0))
-                lb = _dense(lb, grid, b, own[b], ab.get(b, 0))
+                la = _dense(la, grid, a, own[a], ab.get(a, 0), abf.get(a))
+                lb = _dense(lb, grid, b, own[b], ab.get(b, 0), abf.get(b))
             elif a != b and neg[a] == "implicit":
-                la = _dense(la, lb.join(cov[a], on="img", how="semi"), a, own[a], ab.get(a, 0))
+                la = _dense(la, lb.join(cov[a], on="img", how="semi"), a, own[a], ab.get(a, 0),
+                            abf.get(a))
             elif a != b and neg[b] == "implicit":
-                lb = _dense(lb, la.join(cov[b], on="img", how="semi"), b, own[b], ab.get(b, 0))
-            if neg[b] == "none":  # the positive-only side always goes first
+                lb = _dense(lb, la.join(cov[b], on="img", how="semi"), b, own[b], ab.get(b, 0),
+                            abf.get(b))
+            if neg[b] == "none" and not shared_cats:  # the positive-only side always goes first
                 a, b, la, lb = b, a, lb, la
             if a == b:
                 j = _annotator_pairs(keys.side(la, "a", a))
@@ -181,7 +196,9 @@ def source_pairs(
                 "source_b": [r[0] for r in rb], "annotator_b": [r[1] for r in rb],
                 "finding": fi, "finding_a": [fa.get(f) for f in fi],
                 "finding_b": [fb.get(f) for f in fi],
-                "negatives_a": [neg[a]] * m.height, "negatives_b": [neg[b]] * m.height,
+                # compared on shared images like explicit sources (positive_only_categories)
+                "negatives_a": ["explicit" if shared_cats else neg[a]] * m.height,
+                "negatives_b": ["explicit" if shared_cats else neg[b]] * m.height,
             }))
     if not out:
         return (pl.DataFrame(schema={c: (pl.UInt64 if c == "img" else pl.Int64) for c in ROW_COLS}),

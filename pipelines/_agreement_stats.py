@@ -32,7 +32,8 @@ def _weighted(cells: pl.DataFrame, a: str, b: str, n_groups: int, k: int) -> np.
 
 def group_stats(
     rows: pl.DataFrame, meta: pl.DataFrame, sgmeta: pl.DataFrame, *,
-    references: set[tuple[str, str]], categories: list[str] | None = None,
+    references: set[tuple[str, str]], categories: list[str] | None = None, ci: str = "clip",
+    code_names: dict[int, str] | None = None,
 ) -> pl.DataFrame:
     """Kappa (+CI), weighted kappas (+CI), off-by-one, positives, PPV/NPV/sens/spec and, for
     category pairs, the most frequent confusions, per group.
@@ -48,6 +49,12 @@ def group_stats(
         ``{(test source, reference source)}`` pairs from ``params.yaml``.
     categories
         The category name of each code (category-family rows), for ``confusion``.
+    ci
+        ``clip``: kappa intervals cut to [-1, 1] (:func:`catalog.stats.bounded_ci`), with a
+        note on each row that was cut; ``asymptotic``: statsmodels' interval as it is.
+    code_names
+        Names of the binary-family codes above 1 (``uncertain`` and the categories that
+        ``agreement.policies`` create): a row whose table uses them says so in its note.
     """
     if rows.height == 0:
         return pl.DataFrame()
@@ -67,7 +74,8 @@ def group_stats(
             g.select("key", "sg", "gid"), on=["key", "sg"])
         k = max(3, int(max(c["ca"].max() or 0, c["cb"].max() or 0)) + 1)  # type: ignore[arg-type]
         t = _weighted(c, "ca", "cb", g.height, k)
-        out.append(_family_frame(g, t, fam, ocells, references, categories or []))
+        out.append(_family_frame(g, t, fam, ocells, references, categories or [], ci,
+                                 code_names or {}))
     return pl.concat(out, how="diagonal_relaxed")
 
 
@@ -89,19 +97,34 @@ def _confusions(t: np.ndarray, names: list[str], top: int = 5) -> list[str | Non
     return out
 
 
+def _bounded(name: str, kappa: np.ndarray, lo: np.ndarray, hi: np.ndarray, ci: str,
+             clipped: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """``lo, hi`` cut to [-1, 1] when ``ci == 'clip'``; a note per cut row into ``clipped``."""
+    if ci != "clip":
+        return lo, hi
+    blo, bhi, cut = stats.bounded_ci(lo, hi)
+    for i in np.nonzero(cut)[0]:
+        clipped[i].append(f"{name} 95% CI clipped to [-1, 1] (asymptotic {lo[i]:.3f} to "
+                          f"{hi[i]:.3f}; agreement.kappa_ci: clip)")
+    return blo, bhi
+
+
 def _family_frame(
     g: pl.DataFrame, t: np.ndarray, fam: str, ocells: pl.DataFrame, refs: set[tuple[str, str]],
-    categories: list[str],
+    categories: list[str], ci: str = "clip", code_names: dict[int, str] | None = None,
 ) -> pl.DataFrame:
     kap = stats.kappa_from_tables(t)
     notes = stats.kappa_note(kap)
     pos_only = (g["negatives_a"] == "none").to_numpy()
+    clipped: list[list[str]] = [[] for _ in range(g.height)]
     cols: dict[str, object] = {
         "n_shared": kap.n.astype(np.int64), "observed": _nan_to_null(kap.observed),
         "expected": _nan_to_null(kap.expected),
     }
-    for name, arr in (("kappa", kap.kappa), ("kappa_se", kap.se), ("kappa_lo", kap.lo),
-                      ("kappa_hi", kap.hi)):
+    lo, hi = _bounded("kappa", kap.kappa, np.where(pos_only, np.nan, kap.lo),
+                      np.where(pos_only, np.nan, kap.hi), ci, clipped)
+    for name, arr in (("kappa", kap.kappa), ("kappa_se", kap.se), ("kappa_lo", lo),
+                      ("kappa_hi", hi)):
         cols[name] = _nan_to_null(np.where(pos_only, np.nan, arr))
     src_a, src_b = g["source_a"].to_list(), g["source_b"].to_list()
     ref_side = [("b" if (a, b) in refs else "a" if (b, a) in refs else None)
@@ -129,7 +152,8 @@ def _family_frame(
         for w in ("linear", "quadratic"):
             kw = stats.kappa_from_tables(to, weights=w)
             cols[f"kappa_{w}"] = _nan_to_null(kw.kappa)
-            cols[f"kappa_{w}_lo"], cols[f"kappa_{w}_hi"] = _nan_to_null(kw.lo), _nan_to_null(kw.hi)
+            wlo, whi = _bounded(f"kappa_{w}", kw.kappa, kw.lo, kw.hi, ci, clipped)
+            cols[f"kappa_{w}_lo"], cols[f"kappa_{w}_hi"] = _nan_to_null(wlo), _nan_to_null(whi)
         cols["off_by_one"] = _nan_to_null(stats.off_by_one(to))
     if fam == "category":
         cols["confusion"] = pl.Series(_confusions(t, categories), dtype=pl.String)
@@ -143,6 +167,13 @@ def _family_frame(
                               ("npv", "no test negatives"), ("spec", "no reference negatives")):
                 if cols[name][i] is None:  # type: ignore[index]
                     parts.append(f"{name} undefined: {why}")
+        if fam == "binary" and t.shape[1] > 2 and t[i, 2:, :].sum() + t[i, :, 2:].sum() > 0:
+            used = np.nonzero(t[i].sum(0) + t[i].sum(1))[0]
+            names = [{0: "negative", 1: "positive"}.get(int(c)) or (code_names or {}).get(
+                int(c), f"code {int(c)}") for c in used]
+            parts.append(f"kappa over {len(used)} categories ({', '.join(names)}); ppv, npv, "
+                         "sens and spec use the negative/positive answers only")
+        parts += clipped[i]
         full.append("; ".join(parts) or None)
     return g.drop("gid", "key", "sg", "negatives_a", "negatives_b", "family").with_columns(
         pl.Series("kind", kind), pl.lit(fam).alias("value_type"),

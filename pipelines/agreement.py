@@ -15,24 +15,97 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 
 from medlake.catalog import Catalog, CatalogError, conform, spec
 from medlake.catalog.consensus import BinariseRule, derive_source
+from medlake.catalog.params import ParamsError, defaults, load, param, to_dict
+from medlake.pipelines.stage import Stage
 from medlake.pipelines import _agreement_labels as al
 from medlake.pipelines import _agreement_pairs as ap
+from medlake.pipelines import _agreement_policy as apol
 from medlake.pipelines._agreement_stats import group_stats, multi_stats, prevalence_rows
 
 log = logging.getLogger(__name__)
 STAGE = "agreement"
-DEFAULTS: dict[str, Any] = {
-    "datasets": [], "references": [], "binarise": {}, "consensus": [],
-    "subgroups": ["view", "sex", "age_band", "site"], "annotation_subgroups": [],
-    "age_bands": [0, 20, 40, 60, 80, 200],
-    "combined": [{"finding": "nodule_or_mass", "of": ["nodule", "mass"]}],
-}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A (test, reference) source pair: PPV/NPV/sensitivity/specificity of test against it."""
+
+    test: str = param(help="source id taken as the test")
+    reference: str = param(help="source id taken as the truth")
+
+
+@dataclass(frozen=True)
+class Binarise:
+    """How graded values in [0, 1] become binary."""
+
+    threshold: float = param(0.5, "value >= threshold is positive", min=0, max=1)
+    middle: float | None = param(0.5, "a value that is mapped by middle_as (null: none)",
+                                 min=0, max=1)
+    middle_as: Literal["positive", "negative", "uncertain", "exclude"] = param(
+        "exclude", "what the middle value becomes")
+
+
+@dataclass(frozen=True)
+class Consensus:
+    """A consensus rule over one multi-annotator source: a derived source."""
+
+    source: str = param(help="source id with several annotators")
+    rule: Literal["all_certain_agree", "majority", "any_positive"] = param("majority", "the rule")
+    name: str | None = param(None, "derived source name (default: <source name>_<rule>)")
+    binarise: Binarise | None = param(None, "binarisation for this rule (default: binarise)")
+
+
+@dataclass(frozen=True)
+class AnnotationSubgroup:
+    """Subgroups by another source's label (yes / no / its meaning)."""
+
+    source: str = param(help="source id")
+    finding: str = param(help="the source's finding name")
+
+
+@dataclass(frozen=True)
+class Combined:
+    """A shared finding that one source labels once and another as several parts (OR)."""
+
+    finding: str = param(help="shared finding name")
+    of: list[str] = param(factory=list, help="shared names of the parts")
+
+
+@dataclass(frozen=True)
+class Params:
+    """``params.yaml: agreement``."""
+
+    datasets: list[str] = param(factory=list, help="datasets to compare (empty: every dataset "
+                                "with label sources)")
+    references: list[Reference] = param(factory=list, help="which side is the truth for PPV")
+    binarise: Binarise = param(factory=Binarise, help="graded -> binary")
+    consensus: list[Consensus] = param(factory=list, help="consensus rules (derived sources)")
+    subgroups: list[str] = param(factory=lambda: ["view", "sex", "age_band", "site"],
+                                 help="images columns to split by (age_band from age_bands)")
+    annotation_subgroups: list[AnnotationSubgroup] = param(
+        factory=list, help="split by another source's label")
+    age_bands: list[float] = param(factory=lambda: [0, 20, 40, 60, 80, 200],
+                                   help="age band edges (years)", min=0)
+    combined: list[Combined] = param(
+        factory=lambda: [Combined("nodule_or_mass", ["nodule", "mass"])],
+        help="findings compared as the OR of their parts")
+
+    def check(self) -> str | None:
+        if list(self.age_bands) != sorted(self.age_bands):
+            return f"age_bands must be increasing, found {list(self.age_bands)}"
+        return None
+
+
+# keys validated by their own modules (e.g. pipelines/_agreement_policy.py), raw values
+EXTRA_DEFAULTS: dict[str, Any] = {
+    "policies": {}, "pooled": [], "kappa_ci": "clip", "positive_only_categories": "skip"}
+DEFAULTS: dict[str, Any] = {**defaults(Params), **EXTRA_DEFAULTS}
 ANN_COLS = ["image_id", "source_id", "annotator", "finding", "value", "category", "meaning"]
 
 
@@ -57,14 +130,21 @@ class AgreementResult:
 
 def settings(catalog: Catalog, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """``params.yaml: agreement`` merged over :data:`DEFAULTS` (and ``overrides``)."""
-    p = catalog.ws.param("agreement") or {}
-    if not isinstance(p, dict):
-        raise CatalogError("params.yaml: 'agreement' must be a mapping (see docs/ARCHITECTURE.md)")
-    unknown = set(p) - set(DEFAULTS)
-    if unknown:
-        raise CatalogError(
-            f"params.yaml agreement: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    return {**DEFAULTS, **p, **(overrides or {})}
+    raw = catalog.ws.params().get("agreement")
+    return resolve_settings(raw, overrides, file=catalog.ws.params_file.name)
+
+
+def resolve_settings(raw: Any, overrides: dict[str, Any] | None = None, *,
+                     file: str = "params.yaml") -> dict[str, Any]:
+    """Validate an ``agreement`` block (:class:`Params`, plus :data:`EXTRA_DEFAULTS` keys) and
+    apply ``overrides``; plain values as the stage uses them."""
+    if isinstance(raw, Params):
+        raw = to_dict(raw)
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{file}: agreement: found {raw!r}; allowed: a mapping")
+    raw = {**(raw or {}), **(overrides or {})}
+    extra = {k: raw.pop(k) for k in list(raw) if k in EXTRA_DEFAULTS}
+    return {**to_dict(load(Params, raw, file=file, key="agreement")), **EXTRA_DEFAULTS, **extra}
 
 
 def compute(
@@ -90,6 +170,7 @@ def compute(
     fnd = tables["findings"].filter(pl.col("source_id").is_in(ids))
     cov = tables["coverage"].filter(pl.col("source_id").is_in(ids))
     br = BinariseRule.from_params(cfg.get("binarise"))
+    choices = apol.parse(cfg)
     derived: dict[str, list[pl.DataFrame]] = {}
     for cons in cfg.get("consensus") or []:
         if not str(cons.get("source", "")).startswith(dataset_id + ":"):
@@ -97,7 +178,7 @@ def compute(
         d = derive_source(
             src, ann, fnd, source_id=cons["source"], rule=cons.get("rule", "majority"),
             binarise=BinariseRule.from_params(cons.get("binarise") or cfg.get("binarise")),
-            name=cons.get("name"),
+            name=cons.get("name"), policy=apol.consensus_policy(choices, cons["source"], fnd),
         )
         for k, v in d.items():
             derived.setdefault(k, []).append(v)
@@ -107,17 +188,24 @@ def compute(
         ann = pl.concat([ann, dtabs["annotations"]], how="diagonal_relaxed")
         fnd = pl.concat([fnd, dtabs["findings"]], how="diagonal_relaxed")
         cov = pl.concat([cov, dtabs["coverage"]], how="diagonal_relaxed")
-    labels = al.rater_labels(ann, src, fnd, br)
+    tabs, dtabs = apol.add_pooled(choices, dataset_id, {"sources": src, "annotations": ann,
+                                                         "findings": fnd, "coverage": cov}, dtabs)
+    src, ann, fnd, cov = tabs["sources"], tabs["annotations"], tabs["findings"], tabs["coverage"]
+    resolved = apol.resolve(choices, src, fnd, dataset_id, br)
+    labels = al.rater_labels(ann, src, fnd, br, resolved)
     if labels.height == 0:
         return pl.from_arrow(spec("agreement").schema.empty_table()), dtabs  # type: ignore[return-value]
-    absent = al.absent_codes(src)
+    absent, absent_f = resolved.absent(al.absent_codes(src))
     labels, fnd = al.combine_findings(labels, fnd, al.parse_combined(cfg.get("combined")), absent)
-    labels, made = al.densify_annotators(labels, cov, fnd, absent)
+    labels, made = al.densify_annotators(labels, cov, fnd, absent, absent_f)
     if made:  # several readers, implicit negatives: now explicit rows
         src = src.with_columns(pl.when(pl.col("source_id").is_in(list(made)))
                                .then(pl.lit("explicit")).otherwise(pl.col("negatives"))
                                .alias("negatives"))
-    rows, meta, no_overlap = ap.source_pairs(labels, src, cov, fnd, absent)
+    rows, meta, no_overlap = ap.source_pairs(
+        labels, src, cov, fnd, absent, absent_by_finding=absent_f,
+        skip=apol.pool_skips(choices, resolved, dataset_id),
+        compare_categories=choices.positive_only_categories == "compare")
     images = tables["images"].filter(pl.col("dataset_id") == dataset_id)
     meaning = pl.col("meaning") if "meaning" in ann.columns else pl.lit(None, pl.String)
     ann_codes = ann.select("image_id", "source_id", pl.col("finding").alias("finding_own"),
@@ -136,7 +224,8 @@ def compute(
     mrows, mmeta = ap.multi_rater_items(labels, src)
     parts = [
         group_stats(ap.with_subgroups(rows, sub), meta, sgmeta, references=refs,
-                    categories=al.category_names(labels)),
+                    categories=al.category_names(labels), ci=choices.kappa_ci,
+                    code_names={c: n for n, c in resolved.categories.items()}),
         multi_stats(ap.with_subgroups(mrows, sub), mmeta, sgmeta) if mrows.height else pl.DataFrame(),
         prevalence_rows(labels, cov, no_overlap, sub, sgmeta),
     ]
@@ -153,6 +242,7 @@ def compute(
             ).alias("rule"),
         ).sort(["finding", "kind", "source_a", "annotator_a", "source_b", "annotator_b",
                 "subgroup", "subgroup_value"])
+        out = apol.with_policy_column(out, resolved)
     if not out.height:  # e.g. only category-valued sources: nothing comparable
         return pl.from_arrow(spec("agreement").schema.empty_table()), dtabs  # type: ignore[return-value]
     return pl.from_arrow(conform("agreement", out)), dtabs  # type: ignore[return-value]
@@ -174,7 +264,8 @@ def _single_reader(catalog: Catalog, ids: list[str], ds: str, cfg: dict[str, Any
     """True when a dataset has one label source with one reader and no consensus rule: no
     pair exists, so its (possibly millions of) annotation rows need not be read."""
     if len(ids) != 1 or any(str(c.get("source", "")).startswith(ds + ":")
-                            for c in cfg.get("consensus") or []):
+                            for c in cfg.get("consensus") or []) or any(
+            p.dataset_id == ds for p in apol.parse(cfg).pooled):
         return False
     return _read(catalog, "annotations", "source_id", ids, ["annotator"])["annotator"].n_unique() < 2
 
@@ -210,6 +301,7 @@ def run(
     """
     t0 = time.perf_counter()
     cfg = settings(catalog, overrides)
+    choices = apol.parse(cfg)  # bad policies, pools or choices fail before any read
     tables = {n: catalog.read(n, required=True, hint="run 'medlake ingest' first")
               for n in ("sources", "findings")}
     known = sorted(set(tables["sources"]["dataset_id"].to_list()))
@@ -232,6 +324,7 @@ def run(
         ids = tables["sources"].filter(pl.col("dataset_id") == ds)["source_id"].to_list()
         by_label = any(str(a.get("source", "")).startswith(ds + ":")
                        for a in cfg["annotation_subgroups"])  # only they need 'meaning'
+        by_label |= any(s.startswith(ds + ":") for s in choices.policies.sources())  # and policies
         if _single_reader(catalog, ids, ds, cfg):  # e.g. CheXpert: nothing to compare, no reads
             agr, dtabs = pl.from_arrow(spec("agreement").schema.empty_table()), {}
         else:
@@ -252,7 +345,8 @@ def run(
         derived += dtabs["sources"]["source_id"].to_list() if "sources" in dtabs else []
         why = "" if agr.height else (
             f"; {len(ids)} label source, nothing to compare" if len(ids) < 2 else
-            "; no two sources share a finding of the same value type")
+            "; " + apol.explain_empty(tables["sources"].filter(pl.col("dataset_id") == ds),
+                                      tables["findings"], tables["annotations"], choices))
         echo(f"[{i}/{len(todo)}] {ds}: {agr.height:,} agreement rows "
              f"({time.perf_counter() - t:.2f} s{why})")
     for name in ("sources", "annotations", "coverage", "findings"):
@@ -264,6 +358,57 @@ def run(
 
         out = plot_agreement(pl.concat(frames, how="vertical_relaxed"), Path(plot))
     return AgreementResult(rows, tuple(derived), out, time.perf_counter() - t0)
+
+
+def run_stage(catalog: Catalog, params: Params | dict[str, Any] | None = None, *,
+              dataset: str | None = None, plot: Path | None = None, no_subgroups: bool = False,
+              show: int = 20, echo: Callable[[str], None] = log.info) -> AgreementResult:
+    """The stage's entry (``medlake agreement``): :func:`run` with the calling convention."""
+    extra = {"subgroups": [], "annotation_subgroups": []} if no_subgroups else {}
+    if params is not None:
+        extra = {**(to_dict(params) if isinstance(params, Params) else dict(params)), **extra}
+    res = run(catalog, dataset, plot=plot, echo=echo, **extra)
+    if show:
+        from medlake.catalog import render
+
+        df = catalog.read("agreement").filter(pl.col("subgroup") == "")
+        if dataset:
+            df = df.filter(pl.col("dataset_id") == dataset)
+        df = df.filter(pl.col("kind") != "prevalence").sort("n_shared", descending=True)
+        cols = ["finding", "source_a", "annotator_a", "source_b", "annotator_b", "n_shared",
+                "kappa", "kappa_lo", "kappa_hi", "ppv", "pos_confirmed", "fleiss", "alpha"]
+        echo(render(df.select(cols).head(show).to_arrow(), "table", max_rows=show))
+    return res
+
+
+def _options() -> tuple[Any, ...]:
+    import click
+
+    return (
+        click.argument("dataset", required=False),
+        click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Write a PNG: kappa heatmap per finding (n shared in each cell) and a "
+                          "forest plot of PPV with Wilson intervals."),
+        click.option("--no-subgroups", is_flag=True,
+                     help="Skip the per-subgroup rows (params.yaml agreement.subgroups)."),
+        click.option("--show", "show", type=int, default=20, show_default=True,
+                     help="Print this many overall rows of the result (0: none)."),
+    )
+
+
+DECLARATION = Stage(
+    name=STAGE, params=Params, run=run_stage,
+    reads=("annotations", "sources", "findings", "coverage", "images"),
+    writes=("agreement", "sources", "annotations", "coverage", "findings"),
+    help="Compare label sources and annotators of DATASET (default: every dataset).\n\n"
+         "Writes the agreement table (kappa with 95% CI, weighted kappas, off-by-one, Fleiss' "
+         "kappa, Krippendorff's alpha, PPV/NPV/sensitivity/specificity against the references "
+         "in params.yaml, prevalence where sources share no image) and the derived consensus "
+         "sources. Query it with 'medlake sql \"SELECT * FROM agreement\"' and the "
+         "discrepancies view.",
+    options=_options(), dvc_args="--show 0", example="medlake agreement padchest --plot kappa.png",
+    check_block=resolve_settings,
+)
 
 
 if __name__ == "__main__":  # pragma: no cover

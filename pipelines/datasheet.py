@@ -70,7 +70,26 @@ def datasheet_info(
         "agreement": agreement, "sources": src.to_dicts(), "limitations": limitations,
         "inputs": {k[5:]: v for k, v in inputs.items() if k.startswith("file:")},
         "images": has_images,
+        "privacy": {"identifying": phi, "acknowledged": rec.privacy_ack},
+        "environment": environment(),
     }
+
+
+def environment() -> dict[str, str]:
+    """The medlake version and the sha256 of the lock file it was installed from (when the
+    workspace is medlake's own checkout or ``MEDLAKE_LOCK`` names one); deterministic."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from medlake import __version__
+
+    out = {"medlake_version": __version__}
+    lock = os.environ.get("MEDLAKE_LOCK")
+    cand = Path(lock) if lock else Path(__file__).resolve().parent.parent / "requirements.lock"
+    if cand.is_file():
+        out["lock_sha256"] = hashlib.sha256(cand.read_bytes()).hexdigest()
+    return out
 
 
 def _agreement_lines(catalog: Catalog, dataset_id: str) -> list[str]:

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import polars as pl
 from scipy.sparse import coo_matrix
@@ -33,14 +35,37 @@ from medlake.catalog import Catalog, CatalogError, conform, spec, to_json
 from medlake.catalog.embedders import DESCRIPTOR
 from medlake.catalog.storage import open_vectors
 from medlake.catalog.vectors import near_pairs
+from medlake.catalog.params import defaults, param, to_dict
 from medlake.pipelines import verify
+from medlake.pipelines.stage import Counts, Stage
 from medlake.pipelines.fingerprint import image_files
 
 STAGE = "duplicates"
-DEFAULTS: dict[str, Any] = {"hamming": 0, "hash_k": 1, "hash_max_group": 4, "k": 3,
-                            "cosine": 0.80, "orb_k": 3, "orb_votes": 2, "orb_features": 300,
-                            "min_inliers": 12, "ncc": 0.75, "model": DESCRIPTOR, "block": 4096,
-                            "workers": 2}
+
+
+@dataclass(frozen=True)
+class Params:
+    """``params.yaml: duplicates``: candidate paths and verification thresholds."""
+
+    hamming: int = param(0, "pHash candidates: at most this many differing bits", min=0, max=64)
+    hash_k: int = param(1, "pHash candidates: each image's k nearest hashes (0: path off)", min=0)
+    hash_max_group: int = param(4, "a hash shared by more images makes no candidates (0: no cap)",
+                                min=0)
+    k: int = param(3, "vector candidates: each image's k nearest vectors (0: path off)", min=0)
+    cosine: float = param(0.80, "vector candidates: cosine similarity at least", min=-1, max=1)
+    orb_k: int = param(3, "ORB-bucket candidates: the k best of either image", min=0)
+    orb_votes: int = param(2, "ORB-bucket candidates: shared buckets at least", min=1)
+    orb_features: int = param(300, "ORB keypoints per image used for bucketing", min=1)
+    match_features: int = param(300, "strongest keypoints matched in verification", min=1)
+    min_inliers: int = param(12, "verification: RANSAC inliers at least", min=4)
+    ncc: float = param(0.75, "verification: band-pass normalised cross-correlation at least "
+                       "(the pair's score; the UI's threshold line)", min=-1, max=1)
+    model: str = param(DESCRIPTOR, "vector model of the vector path")
+    block: int = param(4096, "rows per block of the exact vector search", min=1)
+    workers: int = param(2, "verification threads", min=1)
+
+
+DEFAULTS: dict[str, Any] = defaults(Params)
 
 
 def knn_pairs(vecs: np.ndarray, *, k: int, threshold: float, block: int = 4096) -> np.ndarray:
@@ -146,8 +171,9 @@ def verify_pairs(jobs: list[tuple[str, str, int, int]], p: dict[str, Any], *,
         return list(pool.map(one, jobs, chunksize=64))
 
 
-def run(cat: Catalog, *, params: dict[str, Any] | None = None, external: Path | str | None = None,
-        echo: Any = None, engine: str = "local", address: str | None = None) -> dict[str, int]:
+def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
+        external: Path | str | None = None, echo: Any = None, engine: str = "local",
+        address: str | None = None) -> Counts:
     """Find, verify and cluster duplicate pairs across every dataset; write pairs, clusters.
 
     ``engine="ray"`` runs the vector search and the verification as Ray tasks on the cluster
@@ -155,10 +181,10 @@ def run(cat: Catalog, *, params: dict[str, Any] | None = None, external: Path | 
 
     Returns
     -------
-    dict
+    Counts
         ``candidates``, ``verified``, ``clusters`` (with 2+ images), ``external``.
     """
-    p = {**DEFAULTS, **(params if params is not None else (cat.ws.param("duplicates") or {}))}
+    p = to_dict(DECLARATION.load_params(cat, params))
     fp = cat.read("fingerprints", required=True, hint="run 'medlake fingerprint' first").sort("image_id")
     files = dict(zip(*image_files(cat).select("image_id", "file").get_columns(), strict=True))
     ids = fp["image_id"].to_list()
@@ -200,8 +226,11 @@ def run(cat: Catalog, *, params: dict[str, Any] | None = None, external: Path | 
         tx.write("pairs", pairs, stage=STAGE, partition="all")
         tx.write("clusters", clusters, stage=STAGE, partition="all")
     n_clu = clusters["cluster_id"].n_unique()
-    return {"candidates": len(rows), "verified": sum(r["verified"] for r in rows),
-            "clusters": n_clu, "external": len(ext)}
+    counts = {"candidates": len(rows), "verified": sum(r["verified"] for r in rows),
+              "clusters": n_clu, "external": len(ext)}
+    return Counts(STAGE, counts, f"duplicates: {counts['candidates']:,} candidate pairs, "
+                  f"{counts['verified']:,} verified, {counts['external']:,} external, "
+                  f"{counts['clusters']:,} clusters")
 
 
 def cluster(pairs: pl.DataFrame, params_json: str) -> pl.DataFrame:
@@ -247,6 +276,23 @@ def import_external(cat: Catalog, path: Path | str, params_json: str) -> list[di
              "score": s, "verified": True, "transform": "external", "evidence": "{}",
              "params": params_json}
             for a, b, s in zip(df["image_a"], df["image_b"], score, strict=True) if a != b]
+
+
+DECLARATION = Stage(
+    name=STAGE, params=Params, run=run,
+    reads=("fingerprints", "images", "datasets", "embeddings"), writes=("pairs", "clusters"),
+    help="Find near-duplicate pairs across every dataset, verify them and cluster them.\n\n"
+         "Candidates come from sha256, perceptual hashes, ORB buckets and vector neighbours; "
+         "each is checked by local-feature matching with geometric verification.",
+    options=(
+        click.option("--external", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     default=None, help="CSV of known pairs (image_a, image_b[, score])."),
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+                     show_default=True, help="ray: search and verification as Ray tasks."),
+        click.option("--address", default=None, help="Ray head HOST:PORT (default: RAY_ADDRESS)."),
+    ),
+    example="medlake duplicates --ncc 0.8",
+)
 
 
 if __name__ == "__main__":

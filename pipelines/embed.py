@@ -17,8 +17,10 @@ import logging
 import queue
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import click
 import numpy as np
 import polars as pl
 
@@ -26,12 +28,26 @@ from medlake.catalog import Catalog, CatalogError
 from medlake.catalog.embedders import DESCRIPTOR, make_embedder
 from medlake.catalog.imageio import ImageReadError, load_rgb
 from medlake.catalog.storage import open_vectors
-from medlake.catalog.vectors import VectorStore
+from medlake.catalog.params import defaults, param, to_dict
+from medlake.catalog.vectors import VectorStore, table_name
 from medlake.pipelines.fingerprint import image_files
+from medlake.pipelines.stage import Counts, Stage
 
 log = logging.getLogger(__name__)
-DEFAULTS: dict[str, Any] = {"model": DESCRIPTOR, "pretrained": None, "batch_size": 64,
-                            "workers": 0}
+STAGE = "embed"
+
+
+@dataclass(frozen=True)
+class Params:
+    """``params.yaml: embed``."""
+
+    model: str = param(DESCRIPTOR, "descriptor-v1 (weights-free) or an open_clip model name")
+    pretrained: str | None = param(None, "local checkpoint file (never downloaded); null: none")
+    batch_size: int = param(64, "images per batch (one LanceDB commit)", min=1)
+    workers: int = param(0, "DataLoader worker processes (0: decode in this process)", min=0)
+
+
+DEFAULTS: dict[str, Any] = defaults(Params)
 
 
 class _Images:
@@ -72,9 +88,10 @@ def todo(cat: Catalog, model_name: str, vs: VectorStore) -> pl.DataFrame:
     return df.filter(pl.Series(keep, dtype=pl.Boolean))
 
 
-def run(cat: Catalog, *, model: str | None = None, pretrained: str | None = None,
+def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
+        model: str | None = None, pretrained: str | None = None,
         batch_size: int | None = None, workers: int | None = None, limit: int | None = None,
-        echo: Any = None) -> dict[str, Any]:
+        engine: str = "local", address: str | None = None, echo: Any = None) -> Counts:
     """Embed every fingerprinted image that is not embedded yet with the configured model.
 
     Parameters
@@ -90,11 +107,14 @@ def run(cat: Catalog, *, model: str | None = None, pretrained: str | None = None
         ``model`` (its full name), ``embedded`` (new), ``skipped`` (already there),
         ``unreadable``, ``index`` (whether an ANN index was built).
     """
-    p = {**DEFAULTS, **(cat.ws.param("embed") or {})}
-    for k, v in (("model", model), ("pretrained", pretrained), ("batch_size", batch_size),
-                 ("workers", workers)):
-        if v is not None:
-            p[k] = v
+    prm = DECLARATION.load_params(cat, params, {"model": model, "pretrained": pretrained,
+                                                "batch_size": batch_size, "workers": workers})
+    if engine == "ray":
+        from medlake.pipelines import ray_embed
+
+        out = ray_embed.run(cat, prm, address=address, limit=limit)
+        return _result(out, export_table(cat, out["model"]))
+    p = to_dict(prm)
     emb = make_embedder(p["model"], p["pretrained"])
     vs = open_vectors(cat.ws)
     total = len(cat.read("fingerprints", columns=["image_id"]))
@@ -127,7 +147,37 @@ def run(cat: Catalog, *, model: str | None = None, pretrained: str | None = None
                 echo(f"embedded {out['embedded']:,} of {len(ids):,}")
         out["unreadable"] = len(ids) - out["embedded"]
         out["index"] = vs.ensure_index(emb.name)
-    return out
+    return _result(out, export_table(cat, emb.name, vs))
+
+
+def _result(out: dict[str, Any], exported: int) -> Counts:
+    skipped = "" if out["skipped"] is None else f", {out['skipped']:,} already embedded"
+    return Counts(STAGE, {**out, "exported": exported},
+                  f"embed ({out['model']}): {out['embedded']:,} embedded{skipped}, "
+                  f"{out['unreadable']:,} unreadable" + (", ANN index built" if out["index"] else ""))
+
+
+def export_table(cat: Catalog, model: str, vs: VectorStore | None = None) -> int:
+    """Write the ``embeddings`` table of ``model``: one row per fingerprinted image with a
+    vector, sorted by image id (the DVC-tracked, byte-reproducible record of the stage;
+    LanceDB's files carry random ids and are the working store). Returns the rows written."""
+    import pyarrow as pa
+
+    vs = vs or open_vectors(cat.ws)
+    fp = cat.read("fingerprints", columns=["image_id", "sha256"]).sort("image_id")
+    ids, mat = vs.load(model, fp["image_id"].to_list()) if vs.has(model) else ([], None)
+    sha = dict(zip(fp["image_id"], fp["sha256"], strict=True))
+    mat = np.zeros((0, 1), np.float32) if mat is None else np.ascontiguousarray(mat, np.float32)
+    flat = pa.array(mat.ravel(), pa.float32())
+    offsets = pa.array(np.arange(0, len(ids) * mat.shape[1] + 1, max(mat.shape[1], 1),
+                                 dtype=np.int32)[:len(ids) + 1])
+    at = pa.table({"image_id": pa.array(ids, pa.string()),
+                   "model": pa.array([model] * len(ids), pa.string()),
+                   "sha256": pa.array([sha[i] for i in ids], pa.string()),
+                   "vector": pa.ListArray.from_arrays(offsets, flat)})
+    with cat.transaction() as tx:
+        tx.write("embeddings", at, stage=STAGE, partition=table_name(model))
+    return at.num_rows
 
 
 def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
@@ -237,6 +287,23 @@ def _stored_models(vs: VectorStore) -> list[str]:
             at = vs.db.open_table(t).search().select(["model"]).limit(1).to_arrow()
             out += at["model"].to_pylist()
     return out
+
+
+DECLARATION = Stage(
+    name=STAGE, params=Params, run=run,
+    reads=("fingerprints", "images", "datasets"), writes=("embeddings",),
+    help="Embed every fingerprinted image not yet embedded with the configured model.\n\n"
+         "Vectors go to LanceDB (lake/vectors: working store and index, keyed by image id, "
+         "sha256 and model; a re-run embeds only new or changed images, a killed run keeps its "
+         "finished batches) and to the 'embeddings' table (the tracked record).",
+    options=(
+        click.option("--limit", type=int, default=None, help="Stop after this many new images."),
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+                     show_default=True, help="ray: a Ray Data pipeline on a cluster."),
+        click.option("--address", default=None, help="Ray head HOST:PORT (default: RAY_ADDRESS)."),
+    ),
+    example="medlake embed --model ViT-B-32 --pretrained weights/vit_b32.pt",
+)
 
 
 if __name__ == "__main__":

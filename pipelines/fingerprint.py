@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import cv2
 import imagehash
 import numpy as np
@@ -22,14 +24,32 @@ import polars as pl
 from PIL import Image
 
 from medlake.catalog import Catalog, CatalogError, spec, to_json
+from medlake.catalog.params import defaults, param, to_dict
 from medlake.catalog.imageio import ImageReadError, open_image, sha256_bytes, to_rgb
+from medlake.pipelines.stage import Counts, Stage
 
 log = logging.getLogger(__name__)
 STAGE = "fingerprint"
-DEFAULTS: dict[str, Any] = {
-    "dark": 0.12, "bright": 0.90, "low_contrast": 0.05, "blurry": 15.0, "low_information": 3.0,
-    "tiny": 64, "extreme_aspect": 3.0, "grey_tolerance": 2.0,
-}
+
+
+@dataclass(frozen=True)
+class Params:
+    """``params.yaml: fingerprint``: the quality-flag thresholds."""
+
+    dark: float = param(0.12, "flag 'dark' below this mean brightness (0..1)", min=0, max=1)
+    bright: float = param(0.90, "flag 'bright' above this mean brightness (0..1)", min=0, max=1)
+    low_contrast: float = param(0.05, "flag 'low_contrast' below this grey-level std (0..1)",
+                                min=0, max=1)
+    blurry: float = param(15.0, "flag 'blurry' below this Laplacian variance", min=0)
+    low_information: float = param(3.0, "flag 'low_information' below this entropy (bits)",
+                                   min=0, max=16)
+    tiny: int = param(64, "flag 'tiny' when the shorter side has fewer pixels", min=0)
+    extreme_aspect: float = param(3.0, "flag 'extreme_aspect' above this side ratio", min=1)
+    grey_tolerance: float = param(2.0, "an RGB image whose channels differ by at most this is "
+                                  "'grey_as_colour'", min=0, max=255)
+
+
+DEFAULTS: dict[str, Any] = defaults(Params)
 
 
 def image_files(cat: Catalog, dataset_id: str | None = None) -> pl.DataFrame:
@@ -157,8 +177,8 @@ def _one(row: dict[str, Any], p: dict[str, Any], root: Path) -> dict[str, Any]:
     }
 
 
-def run(cat: Catalog, *, dataset_id: str | None = None, params: dict[str, Any] | None = None,
-        workers: int = 2, echo: Any = None) -> dict[str, int]:
+def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
+        dataset_id: str | None = None, workers: int = 2, echo: Any = None) -> Counts:
     """Fingerprint every image (of one dataset, or all) and publish per dataset.
 
     Parameters
@@ -166,17 +186,17 @@ def run(cat: Catalog, *, dataset_id: str | None = None, params: dict[str, Any] |
     cat : Catalog
     dataset_id : str, optional
         Only this dataset (default: every dataset with images).
-    params : dict, optional
-        Thresholds; default ``params.yaml: fingerprint`` over :data:`DEFAULTS`.
+    params : Params or dict, optional
+        Thresholds; default ``params.yaml: fingerprint``.
     workers : int
         Threads decoding in parallel (Pillow and numpy release the GIL).
 
     Returns
     -------
-    dict
+    Counts
         ``{"images": n, "fingerprinted": n, "quarantined": n}``.
     """
-    p = {**DEFAULTS, **(params if params is not None else (cat.ws.param("fingerprint") or {}))}
+    p = to_dict(DECLARATION.load_params(cat, params))
     files = image_files(cat, dataset_id)
     if dataset_id and files.is_empty():
         raise CatalogError(f"fingerprint: dataset '{dataset_id}' has no images with a path")
@@ -202,7 +222,21 @@ def run(cat: Catalog, *, dataset_id: str | None = None, params: dict[str, Any] |
                 echo(f"{ds}: {len(good):,} fingerprinted, {len(bad):,} quarantined")
     if counts["fingerprinted"] + counts["quarantined"] != counts["images"]:
         raise CatalogError("fingerprint: rows in != rows out + quarantined (a bug; please report)")
-    return counts
+    return Counts(STAGE, counts, f"fingerprint: {counts['images']:,} images, "
+                  f"{counts['fingerprinted']:,} fingerprinted, {counts['quarantined']:,} quarantined")
+
+
+DECLARATION = Stage(
+    name=STAGE, params=Params, run=run,
+    reads=("images", "datasets"), writes=("fingerprints", "quarantine"),
+    help="Fingerprint every image: sha256, perceptual hashes, size, mode and quality flags.\n\n"
+         "Unreadable images go to the quarantine table (stage 'fingerprint') with the "
+         "decoder's reason.",
+    options=(click.option("--dataset", "dataset_id", help="Only this dataset (default: all)."),
+             click.option("--workers", type=int, default=2, show_default=True,
+                          help="Threads decoding images in parallel.")),
+    example="medlake fingerprint --dark 0.08",
+)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,12 @@ from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any
 
+from dataclasses import dataclass
+
 from medlake.catalog import Catalog, CatalogError, IngestResult, Workspace
+from medlake.catalog.params import param, to_dict
 from medlake.pipelines import adapters
+from medlake.pipelines.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +83,11 @@ def plan(catalog: Catalog) -> list[dict[str, Any]]:
     workspace, or to the real-data folder when it starts with ``real:``. Entries whose file
     is absent are kept with ``missing: True`` so the caller can say what was skipped.
     """
-    entries = catalog.ws.param("ingest") or []
-    if not isinstance(entries, list):
-        raise CatalogError("params.yaml: 'ingest' must be a list of {format, path} entries")
+    entries = [{k: v for k, v in e.items() if v not in (None, {})}
+               for e in to_dict(DECLARATION.load_params(catalog).entries)]
     real = catalog.ws.real_data_dir()
     out = []
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict) or "format" not in e or "path" not in e:
-            raise CatalogError(f"params.yaml: ingest entry {i + 1} needs 'format' and 'path': {e}")
+    for e in entries:
         raw = str(e["path"])
         if raw.startswith("real:"):
             p = (real / raw[5:]) if real else None
@@ -203,6 +204,112 @@ def _context() -> BaseContext:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["medlake.pipelines.ingest", "pyarrow.compute"])
     return ctx
+
+
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One input file of ``medlake ingest --all``."""
+
+    format: str = param(help="input format ('medlake ingest --list')")
+    path: str = param(help="relative to the workspace, or to real_data with 'real:'")
+    dataset: str | None = param(None, "dataset id instead of the format's default")
+    options: dict[str, Any] = param(factory=dict, help="adapter options (as -o KEY=VALUE)")
+
+
+@dataclass(frozen=True)
+class Params:
+    """``params.yaml: ingest``: a list of entries (the block is a YAML list)."""
+
+    entries: list[Entry] = param(factory=list, help="what 'medlake ingest --all' ingests, in order")
+
+
+@dataclass(frozen=True)
+class IngestRun:
+    """What one ``medlake ingest`` call did."""
+
+    results: tuple[IngestResult, ...] = ()
+    text: str = ""
+
+    def summary(self) -> str:
+        return self.text or "\n".join(r.summary() for r in self.results)
+
+
+def run_stage(catalog: Catalog, params: Params | list | None = None, *, fmt: str | None = None,
+              path: Path | None = None, dataset_id: str | None = None, strict: bool = False,
+              all_: bool = False, list_: bool = False, opts: tuple[str, ...] = (),
+              echo: Callable[[str], None] = log.info) -> IngestRun:
+    """The stage's entry (``medlake ingest``).
+
+    ``--all`` ingests every entry of ``params.yaml: ingest`` (the pipeline's stage);
+    ``FORMAT PATH`` ingests one file and records it as an entry of ``params.yaml: ingest``
+    (and in the pipeline), so ``dvc repro`` reproduces what was done by hand.
+    """
+    if list_:
+        return IngestRun(text="\n".join(
+            f"{name:22s} {ad.description}" + (f" (labels images of '{ad.links_to}')"
+                                               if ad.links_to else "")
+            for name, ad in adapters.registry().items()))
+    if all_ and (fmt or path):
+        raise CatalogError("ingest: use either --all or FORMAT PATH, not both")
+    if all_:
+        if isinstance(params, list):
+            params = {"entries": params}
+        DECLARATION.load_params(catalog, params)  # validated before anything runs
+        run_all(catalog, strict=strict, echo=echo)
+        return IngestRun(text="ingest: done")
+    if not fmt or not path:
+        raise CatalogError("ingest: give FORMAT and PATH (or --all); 'medlake ingest --list' "
+                           "shows formats")
+    options: dict[str, Any] = {}
+    for o in opts:
+        if "=" not in o:
+            raise CatalogError(f"ingest: --option '{o}' must look like KEY=VALUE")
+        k, v = o.split("=", 1)
+        k = k.strip()
+        # a repeated key (-o label=a:... -o label=b:...) collects its values in a list
+        options[k] = ([*(options[k] if isinstance(options[k], list) else [options[k]]), v]
+                      if k in options else v)
+    from medlake.pipelines import workspace_pipeline as wp
+
+    entry = wp.ingest_entry(catalog.ws, fmt, Path(path), dataset_id, options, echo=echo)
+    res = run(catalog, fmt, wp.entry_path(catalog.ws, entry), dataset_id=dataset_id,
+              strict=strict, **options)
+    wp.record_ingest(catalog.ws, entry, echo=echo)  # only once it ingested
+    wp.refresh(catalog.ws, echo=echo)
+    return IngestRun((res,))
+
+
+def _options() -> tuple[Any, ...]:
+    import click
+
+    return (
+        click.argument("fmt", metavar="FORMAT", required=False),
+        click.argument("path", required=False, type=click.Path(path_type=Path)),
+        click.option("--dataset", "dataset_id", help="Dataset id instead of the format's default."),
+        click.option("--strict", is_flag=True, help="Stop at the first bad row instead of "
+                     "quarantining it."),
+        click.option("--all", "all_", is_flag=True, help="Ingest every entry under 'ingest:' in "
+                     "params.yaml (what the pipeline runs)."),
+        click.option("--list", "list_", is_flag=True, help="List the known formats and exit."),
+        click.option("--option", "-o", "opts", multiple=True, metavar="KEY=VALUE",
+                     help="Adapter option, repeatable (e.g. -o mapping=ids.csv)."),
+    )
+
+
+DECLARATION = Stage(
+    name="ingest", params=Params, run=run_stage,
+    writes=("datasets", "images", "sources", "annotations", "coverage", "splits", "findings",
+            "versions", "quarantine"),
+    help="Ingest PATH in FORMAT into the workspace's tables (or --all: every params.yaml entry).\n\n"
+         "Rows that cannot be ingested go to the quarantine table with a reason (or, with "
+         "--strict, stop the command at the first one). Re-ingesting the same file replaces "
+         "its rows, so the tables come out identical. FORMAT PATH is recorded under 'ingest:' "
+         "in params.yaml, so 'dvc repro' does the same.",
+    options=_options(), dvc_args="--all", extra_params=("real_data",), list_field="entries",
+    example="medlake ingest ham10000 data/HAM10000_metadata.csv",
+)
 
 
 if __name__ == "__main__":  # pragma: no cover

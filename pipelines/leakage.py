@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -24,6 +26,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from medlake.catalog import Catalog, CatalogError, Quarantine
+from medlake.catalog.params import param
+from medlake.pipelines.stage import Stage
 
 log = logging.getLogger(__name__)
 STAGE = "leakage"
@@ -191,7 +195,7 @@ def scheme_frame(catalog: Catalog, dataset_id: str, scheme: str) -> pl.DataFrame
 
 def run(
     catalog: Catalog, dataset_id: str | None = None, *, scheme: str | None = None,
-    pairs: Iterable[Path | str] = (), use_clusters: bool = True,
+    pairs: Iterable[Path | str] = (), use_clusters: bool = True, params: Any = None,
 ) -> pl.DataFrame:
     """Compute and write the ``leakage`` table for one or every (dataset, split scheme).
 
@@ -226,7 +230,7 @@ def run(
     if not sp.height:
         raise CatalogError(f"no split scheme {scheme or ''} for dataset '{dataset_id}' in the "
                            "splits table; ingest one first (e.g. 'medlake ingest dermamnist FILE')")
-    param_pairs = catalog.ws.param("leakage.pairs") or {}
+    param_pairs = DECLARATION.load_params(catalog, params).pairs
     rows, qs = [], {}
     for ds, sch in sorted(sp.iter_rows()):
         q = qs.setdefault(ds, Quarantine(ds, stage=STAGE))
@@ -263,6 +267,58 @@ def summary(df: pl.DataFrame) -> str:
             lines.append(f"  {p['split_a']}-{p['split_b']}: {p['n_groups']:,} groups, "
                          f"{p['n_images_a']:,} + {p['n_images_b']:,} images, {p['n_pairs']:,} pairs")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Params:
+    """``params.yaml: leakage``."""
+
+    pairs: dict[str, list[str]] = param(
+        factory=dict, help="duplicate-pair CSVs per dataset (similarity,from_img,to_img); paths "
+        "relative to the workspace, or to real_data with 'real:'")
+
+
+@dataclass(frozen=True)
+class LeakageResult:
+    """The leakage rows written (:func:`run`)."""
+
+    rows: pl.DataFrame
+
+    def summary(self) -> str:
+        return summary(self.rows)
+
+
+def run_stage(catalog: Catalog, params: Params | dict[str, Any] | None = None, *,
+              dataset: str | None = None, scheme: str | None = None,
+              pairs: Iterable[Path | str] = (), no_clusters: bool = False) -> LeakageResult:
+    """The stage's entry (``medlake leakage``): :func:`run` with the stage's calling convention."""
+    if pairs and not dataset:
+        raise CatalogError("leakage: --pairs needs DATASET (the pairs name images of one dataset)")
+    return LeakageResult(run(catalog, dataset, scheme=scheme, pairs=pairs,
+                             use_clusters=not no_clusters, params=params))
+
+
+def _options() -> tuple[Any, ...]:
+    import click
+
+    return (
+        click.argument("dataset", required=False),
+        click.option("--split-scheme", "scheme", help="Split scheme (default: every scheme)."),
+        click.option("--pairs", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+                     help="Duplicate-pairs CSV (similarity,from_img,to_img), repeatable; default: "
+                          "params.yaml leakage.pairs.<dataset>."),
+        click.option("--no-clusters", is_flag=True, help="Ignore the clusters table."),
+    )
+
+
+DECLARATION = Stage(
+    name=STAGE, params=Params, run=run_stage,
+    reads=("splits", "images", "clusters"), writes=("leakage", "quarantine"),
+    help="Count groups (patients, lesions, duplicate clusters) that span train/val/test.\n\n"
+         "Without DATASET, every (dataset, split scheme) in the splits table is checked.",
+    options=_options(), extra_params=("real_data",),
+    example="medlake leakage ham10000 --split-scheme dermamnist",
+)
 
 
 def evidence(unit: str, members: int) -> str:

@@ -14,7 +14,6 @@ import json
 import logging
 import subprocess
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,8 @@ from medlake.pipelines.datasheet import datasheet_info
 from medlake.pipelines.leakage import duplicate_links, leakage_rows, units
 from medlake.pipelines.rules import RULE_FUNCS, Context
 from medlake.pipelines.rules_reviews import exclude_pairs
+from medlake.pipelines.stage import Stage
+from medlake.catalog.params import param
 
 log = logging.getLogger(__name__)
 STAGE = "materialize"
@@ -320,8 +321,10 @@ def run(catalog: Catalog, recipe: str | Path, *, processes: int = 1) -> Material
     row = {"name": rec.name, "dataset_id": rec.dataset, "parent": rec.parent, "kind": "derived",
            "scheme": rec.name, "recipe": f"recipes/{rec.file}", "recipe_hash": rec.hash,
            "params": json.dumps(rec.content, sort_keys=True), "inputs": json.dumps(inputs, sort_keys=True),
-           "git_commit": _git_commit(ws.root), "medlake_version": __version__,
-           "created_at": datetime.now(UTC), "n_images": manifest.height,
+           # no commit or wall-clock time in a DVC-tracked table: both would change the output
+           # on every run; 'medlake publish' records them in the git tag instead
+           "git_commit": None, "medlake_version": __version__,
+           "created_at": None, "n_images": manifest.height,
            "counts": json.dumps({"split": counts, "label": info["label_totals"]}, sort_keys=True),
            "path": f"lake/versions/{rec.name}"}
     q = st["quarantine"]
@@ -363,6 +366,70 @@ def run_all(catalog: Catalog, *, processes: int = 1) -> list[MaterializeResult]:
     """Materialise every ``recipes/*.yaml`` of the workspace, in name order."""
     return [run(catalog, p, processes=processes)
             for p in sorted(catalog.ws.recipes_dir.glob("*.yaml"))]
+
+
+@dataclass(frozen=True)
+class Params:
+    """``params.yaml: materialize``."""
+
+    processes: int = param(1, "worker processes for resizing images", min=1)
+    recipes: list[str] = param(factory=list, help="recipes/NAME.yaml in the pipeline, in order "
+                               "('medlake materialize NAME' adds NAME)", cli=False)
+
+
+@dataclass(frozen=True)
+class MaterializeRun:
+    """What one ``medlake materialize`` call built."""
+
+    results: tuple[MaterializeResult, ...]
+    root: Path
+
+    def summary(self) -> str:
+        lines = []
+        for r in self.results:
+            lines += [r.summary(), f"  -> {r.path.relative_to(self.root) if r.path.is_relative_to(self.root) else r.path}"]
+        return "\n".join(lines)
+
+
+def run_stage(catalog: Catalog, params: Params | dict[str, Any] | None = None, *,
+              recipe: str | None = None, all_: bool = False,
+              echo: Any = log.info) -> MaterializeRun:
+    """The stage's entry (``medlake materialize``); a recipe under ``recipes/`` that the
+    pipeline does not list yet is added to ``params.yaml: materialize.recipes`` and the
+    pipeline, so ``dvc repro`` reproduces it."""
+    prm = DECLARATION.load_params(catalog, params)
+    if all_ and recipe:
+        raise CatalogError("materialize: use either RECIPE or --all, not both")
+    if not all_ and not recipe:
+        raise CatalogError("materialize: give RECIPE (a name under recipes/ or a YAML path) "
+                           "or --all")
+    if all_:
+        return MaterializeRun(tuple(run_all(catalog, processes=prm.processes)), catalog.ws.root)
+    res = run(catalog, recipe, processes=prm.processes)
+    from medlake.pipelines import workspace_pipeline as wp
+
+    wp.record_recipe(catalog.ws, res.name, echo=echo)
+    return MaterializeRun((res,), catalog.ws.root)
+
+
+def _options() -> tuple[Any, ...]:
+    import click
+
+    return (click.argument("recipe", required=False),
+            click.option("--all", "all_", is_flag=True, help="Materialise every recipes/*.yaml."))
+
+
+DECLARATION = Stage(
+    name=STAGE, params=Params, run=run_stage, foreach="recipes",
+    reads=("images", "annotations", "sources", "findings", "splits", "versions", "leakage",
+           "clusters", "pairs", "outliers", "fingerprints"),
+    writes=("lineage", "versions", "quarantine"),
+    help="Write lake/versions/NAME/ from recipes/RECIPE.yaml (or a YAML path), atomically.\n\n"
+         "The folder holds manifest.parquet, lineage.parquet, annotations.parquet, "
+         "DATASHEET.md and the images; the lineage and versions tables get the version's rows.",
+    options=_options(), extra_params=("real_data",),
+    example="medlake materialize ham10000-corrected",
+)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,12 +15,29 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from dataclasses import dataclass
+
+import click
+
 from medlake.catalog import Catalog, CatalogError, to_json
 from medlake.catalog.embedders import DESCRIPTOR
+from medlake.catalog.params import defaults, param, to_dict
 from medlake.catalog.storage import open_vectors
+from medlake.pipelines.stage import Counts, Stage
 
 STAGE = "outliers"
-DEFAULTS: dict[str, Any] = {"k": 10, "model": None, "block": 4096}
+
+
+@dataclass(frozen=True)
+class Params:
+    """``params.yaml: outliers``."""
+
+    k: int = param(10, "neighbours per image whose mean cosine similarity is the score", min=1)
+    model: str | None = param(None, "vector model (null: embed.model)")
+    block: int = param(4096, "rows per block of the exact neighbour search", min=1)
+
+
+DEFAULTS: dict[str, Any] = defaults(Params)
 
 
 def knn_mean(vecs: np.ndarray, *, k: int, block: int = 4096) -> np.ndarray:
@@ -54,8 +71,8 @@ def knn_mean(vecs: np.ndarray, *, k: int, block: int = 4096) -> np.ndarray:
     return out
 
 
-def run(cat: Catalog, *, k: int | None = None, model: str | None = None,
-        params: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *, k: int | None = None,
+        model: str | None = None, show: int = 0, echo: Any = None) -> Counts:
     """Score and rank every fingerprinted image with a vector; write the ``outliers`` table.
 
     Parameters
@@ -65,22 +82,20 @@ def run(cat: Catalog, *, k: int | None = None, model: str | None = None,
         Neighbours (default ``params.yaml: outliers.k``, else 10).
     model : str, optional
         Vector model (default ``outliers.model``, else ``embed.model``, else descriptor-v1).
-    params : dict, optional
+    params : Params or dict, optional
         Replaces ``params.yaml: outliers``.
+    show : int
+        Lines of the top of the ranking in the summary.
 
     Returns
     -------
-    dict
+    Counts
         ``images`` (ranked), ``missing`` (fingerprinted but without a vector), ``k``,
         ``model``, ``top`` (the 20 highest-ranked rows as dicts).
     """
-    p = {**DEFAULTS, **(params if params is not None else (cat.ws.param("outliers") or {}))}
-    if k is not None:
-        p["k"] = k
-    if int(p["k"]) < 1:
-        raise CatalogError(f"outliers: k must be at least 1 (got {p['k']}); set outliers.k "
-                           "in params.yaml")
-    name = model or p.get("model") or cat.ws.param("embed.model") or DESCRIPTOR
+    p = to_dict(DECLARATION.load_params(cat, params, {"k": k, "model": model}))
+    embed_model = (cat.ws.params().get("embed") or {}).get("model")
+    name = p.get("model") or embed_model or DESCRIPTOR
     p["model"] = name
     fp = cat.read("fingerprints", columns=["image_id", "dataset_id"], required=True,
                   hint="run 'medlake fingerprint' and 'medlake embed' first").sort("image_id")
@@ -103,8 +118,23 @@ def run(cat: Catalog, *, k: int | None = None, model: str | None = None,
                         pl.lit(kk, dtype=pl.Int64).alias("k"), pl.lit(to_json(p)).alias("params")))
     with cat.transaction() as tx:
         tx.write("outliers", df.sort("image_id"), stage=STAGE, partition="all")
-    return {"images": len(df), "missing": len(fp) - len(ids), "k": kk, "model": name,
-            "top": df.head(20).to_dicts()}
+    counts = {"images": len(df), "missing": len(fp) - len(ids), "k": kk, "model": name,
+              "top": df.head(20).to_dicts()}
+    lines = [f"outliers ({name}, k={kk}): {len(df):,} images ranked"]
+    lines += [f"{r['rank']:>5}  {r['image_id']:30s}  mean_sim={r['mean_sim']:.3f}"
+              for r in counts["top"][:show]]
+    return Counts(STAGE, counts, "\n".join(lines))
+
+
+DECLARATION = Stage(
+    name=STAGE, params=Params, run=run,
+    reads=("fingerprints", "embeddings"), writes=("outliers",),
+    help="Rank images by mean cosine similarity to their k nearest neighbours (lowest first).",
+    options=(click.option("--show", type=int, default=10, show_default=True,
+                          help="Print the top N."),),
+    dvc_args="--show 0", example="medlake outliers --k 20 --show 5",
+    extra_params=("embed.model",),
+)
 
 
 if __name__ == "__main__":

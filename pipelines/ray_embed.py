@@ -72,7 +72,7 @@ def blocks(table: pa.Table, batch_size: int, actors: int, *, per_actor: int = 4)
     return [table.slice(s, rows) for s in range(0, n, rows)] or [table]
 
 
-def run(cat: Catalog, *, address: str | None = None, model: str | None = None,
+def run(cat: Catalog, params: Any = None, *, address: str | None = None, model: str | None = None,
         pretrained: str | None = None, batch_size: int | None = None, limit: int | None = None,
         actors: int | None = None, commit_rows: int = 1024, echo: Any = None) -> dict[str, Any]:
     """Embed every fingerprinted image not embedded yet, on the Ray cluster at ``address``.
@@ -93,10 +93,10 @@ def run(cat: Catalog, *, address: str | None = None, model: str | None = None,
     dict
         As :func:`pipelines.embed.run`, plus ``engine`` = ``'ray'`` and ``actors``.
     """
-    p = {**local.DEFAULTS, **(cat.ws.param("embed") or {})}
-    for key, val in (("model", model), ("pretrained", pretrained), ("batch_size", batch_size)):
-        if val is not None:
-            p[key] = val
+    from medlake.catalog.params import to_dict
+
+    p = to_dict(local.DECLARATION.load_params(cat, params, {
+        "model": model, "pretrained": pretrained, "batch_size": batch_size}))
     name = make_embedder(p["model"], p["pretrained"]).name  # fails early on missing weights
     if p["pretrained"]:  # actors run in other folders: a path relative to here must be absolute
         p["pretrained"] = str(Path(p["pretrained"]).resolve())

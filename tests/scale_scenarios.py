@@ -63,7 +63,7 @@ def compare_embed(cat: Any, cl: Any) -> dict[str, Any]:
     root = cat.ws.root
     set_vectors(root, None)
     t = time.time()
-    out["local"] = embed.run(cat, workers=0, batch_size=16)
+    out["local"] = dict(embed.run(cat, workers=0, batch_size=16).counts)
     out["local_s"] = time.time() - t
     ids_l, vec_l = open_vectors(cat.ws).load(out["local"]["model"])
     set_vectors(root, "s3://vectors/ws")
@@ -100,12 +100,12 @@ def compare_duplicates(cat: Any, cl: Any) -> dict[str, Any]:
     root = cat.ws.root
     set_vectors(root, None)
     t = time.time()
-    out["local"] = duplicates.run(cat)
+    out["local"] = dict(duplicates.run(cat).counts)
     out["local_s"] = time.time() - t
     pairs_l, clu_l = cat.read("pairs"), cat.read("clusters")
     set_vectors(root, "s3://vectors/ws")
     t = time.time()
-    out["ray"] = duplicates.run(cat, engine="ray", address=cl.address)
+    out["ray"] = dict(duplicates.run(cat, engine="ray", address=cl.address).counts)
     out["ray_s"] = time.time() - t
     pairs_r, clu_r = cat.read("pairs"), cat.read("clusters")
     out["n_pairs"] = pairs_l.height
@@ -143,7 +143,7 @@ def compare_clip(cat: Any, cl: Any, work: Path) -> dict[str, Any]:
     try:
         set_vectors(root, None)
         t = time.time()
-        out["local"] = embed.run(cat, workers=0, limit=CLIP_IMAGES)
+        out["local"] = dict(embed.run(cat, workers=0, limit=CLIP_IMAGES).counts)
         out["local_s"] = time.time() - t
         name = out["local"]["model"]
         ids_l, vec_l = open_vectors(cat.ws).load(name)

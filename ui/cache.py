@@ -9,6 +9,9 @@
   different threads never share a cursor.
 * :func:`query` caches query results per (signature, SQL, parameters) (``st.cache_data``):
   aggregates over 50k pairs or 600k labels run once per lake state, not once per rerun.
+  When the signature changed while a query ran (a stage replaced or removed a file) the
+  query runs again on the new state, so readers never fail because of a concurrent write;
+  a broken table file gives :class:`~medlake.catalog.SQLError` with one line naming it.
 * :func:`cached_file` writes rendered images (thumbnails, converted full-size images,
   blends) once under ``lake/cache/ui/`` with an atomic rename, keyed by their inputs' paths,
   sizes and mtimes, so a thumbnail is decoded once per file version, across restarts.
@@ -31,7 +34,9 @@ import polars as pl
 import streamlit as st
 from PIL import Image
 
-from medlake.catalog import Catalog
+from medlake.catalog import Catalog, SQLError
+from medlake.catalog.sql import broken_file_message
+from medlake.catalog.tables import READ_ATTEMPTS
 
 UNCACHED_TABLES = ("reviews",)  # read fresh through catalog.reviews
 
@@ -101,13 +106,28 @@ def query(cat: Catalog, sql: str, params: list[Any] | tuple = ()) -> pl.DataFram
     -------
     polars.DataFrame
         A copy: callers may change it freely.
+
+    Raises
+    ------
+    SQLError
+        When a table the query reads has a file that is not valid Parquet.
     """
-    root = str(cat.ws.root)
-    try:
-        return _query(root, signature(cat.ws.tables_dir), sql, tuple(params or ()))
-    except duckdb.IOException:
-        # a stage replaced a file between the signature and the scan: read the new state
-        return _query(root, signature(cat.ws.tables_dir), sql, tuple(params or ()))
+    root, tables_dir, args = str(cat.ws.root), cat.ws.tables_dir, tuple(params or ())
+    for attempt in range(READ_ATTEMPTS):
+        last = attempt == READ_ATTEMPTS - 1
+        sig = signature(tables_dir)
+        try:
+            df = _query(root, sig, sql, args)
+        except duckdb.Error as e:
+            if not last and signature(tables_dir) != sig:
+                continue  # a stage replaced or removed a file meanwhile: read the new state
+            msg = broken_file_message(e)
+            if msg is not None:  # one line naming the file, not a DuckDB traceback
+                raise SQLError(msg) from None
+            raise
+        if last or signature(tables_dir) == sig:
+            return df
+    raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns
 
 
 def cache_dir(cat: Catalog) -> Path:

@@ -23,7 +23,14 @@ def workspace_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def open_catalog(workspace: Path | None) -> Catalog:
-    return Catalog(Workspace.find(workspace))
+    """The workspace's catalog; in a user's workspace ``params.yaml: medlake_version`` is kept
+    equal to the installed medlake (the pipeline's code dependency there)."""
+    ws = Workspace.find(workspace)
+    if (ws.root / "dvc.yaml").exists():
+        from medlake.pipelines.workspace_pipeline import set_version
+
+        set_version(ws)
+    return Catalog(ws)
 
 
 @contextlib.contextmanager

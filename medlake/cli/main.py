@@ -1,7 +1,9 @@
-"""``medlake``: the click group. Each module in ``cli/commands/`` adds its command(s).
+"""``medlake``: the click group.
 
-A command module defines click commands and lists them in ``COMMANDS``; it imports
-``pipelines`` lazily inside the command body, so ``medlake --help`` stays fast.
+The stage commands (``medlake ingest``, ``fingerprint``, ... ``materialize``) are built from
+the stage declarations (:mod:`medlake.cli.stages`). Each module in ``cli/commands/`` adds the
+other commands and lists them in ``COMMANDS``; it imports ``pipelines`` lazily inside the
+command body.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 
 import click
 
-from medlake.catalog import __version__
+from medlake import __version__
 from medlake.cli import commands as _commands_pkg
 from medlake.cli.common import setup_logging
 
@@ -34,7 +36,13 @@ def main(verbose: bool) -> None:
     setup_logging(verbose)
 
 
-for _cmd in _load_commands().values():
+def _stage_commands() -> dict[str, click.Command]:
+    from medlake.cli.stages import commands
+
+    return {c.name: c for c in commands()}
+
+
+for _cmd in {**_load_commands(), **_stage_commands()}.values():
     main.add_command(_cmd)
 
 

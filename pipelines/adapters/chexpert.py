@@ -81,8 +81,7 @@ def ingest(
     no_options("chexpert", options)
     file = path.name
     q = Quarantine(dataset_id)
-    df = read_csv(path, COLUMNS)
-    total = df.height
+    df, total = read_csv(path, COLUMNS, q, ids=["Path"])
     df = df.with_columns(pl.col("Path").str.strip_chars())
     df = quarantine_where(q, file, df, blank("Path"), "empty Path", ROW, total=total)
     df = dedupe(q, file, df, "Path", total=total)

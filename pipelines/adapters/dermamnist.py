@@ -68,8 +68,7 @@ def ingest(
     """
     file = path.name
     q = Quarantine(dataset_id)
-    df = read_csv(path, COLUMNS)
-    total = df.height
+    df, total = read_csv(path, COLUMNS, q, ids=["image_id"])
     df = df.with_columns(pl.col(c).str.strip_chars() for c in COLUMNS)
     df = quarantine_where(q, file, df, blank("image_id"), "empty image_id", ROW, total=total)
     df = quarantine_where(

@@ -68,8 +68,7 @@ DATASET_ROW = {
 def _read(path: Path, skin_cols: list[str], q: Quarantine) -> tuple[pl.DataFrame, int]:
     """Read, strip and check one release file; bad rows go to ``q``."""
     file = path.name
-    df = read_csv(path, ["md5hash", *skin_cols, *LABELS, "qc"])
-    total = df.height
+    df, total = read_csv(path, ["md5hash", *skin_cols, *LABELS, "qc"], q, ids=["md5hash"])
     df = df.with_columns(pl.col(c).str.strip_chars() for c in ["md5hash", *skin_cols, *LABELS, "qc"])
     df = quarantine_where(q, file, df, blank("md5hash"), "empty md5hash", ROW, total=total)
     df = quarantine_where(

@@ -82,13 +82,15 @@ def _check_paths(q: Quarantine, file: str, df: pl.DataFrame, cfg: GenericConfig,
             "sha256": info.sha256, "width": info.width, "height": info.height, "mode": info.mode,
             "_d_patient": info.patient_id, "_d_study": info.study_uid, "_d_series": info.series_uid,
             "_d_modality": info.modality, "_d_view": info.view, "phi_tags": info.phi_tags,
+            "_d_meta": info.dicom_meta,
         })
     if bad:
         q.add_frame(file, pl.DataFrame(bad, schema={"row": pl.Int64, "item": pl.String,
                                                    "reason": pl.String, "detail": pl.String}).sort("row"), total=total)
     schema = {ROW: pl.Int64, "_path": pl.String, "sha256": pl.String, "width": pl.Int32,
               "height": pl.Int32, "mode": pl.String, "_d_patient": pl.String, "_d_study": pl.String,
-              "_d_series": pl.String, "_d_modality": pl.String, "_d_view": pl.String, "phi_tags": pl.String}
+              "_d_series": pl.String, "_d_modality": pl.String, "_d_view": pl.String, "phi_tags": pl.String,
+              "_d_meta": pl.String}
     return df.join(pl.DataFrame(recs, schema=schema), on=ROW, how="inner", maintain_order="left")
 
 
@@ -135,7 +137,8 @@ def ingest(
         df = _check_paths(q, file, df, cfg, total)
     else:
         df = df.with_columns(*(pl.lit(None, pl.String).alias(c) for c in (
-            "_path", "sha256", "mode", "_d_patient", "_d_study", "_d_series", "_d_modality", "_d_view", "phi_tags")),
+            "_path", "sha256", "mode", "_d_patient", "_d_study", "_d_series", "_d_modality", "_d_view", "phi_tags",
+            "_d_meta")),
             pl.lit(None, pl.Int32).alias("width"), pl.lit(None, pl.Int32).alias("height"))
     if strict and q.count():
         first = q.frame().sort("row").row(0, named=True)
@@ -159,6 +162,11 @@ def _tables(cat: Catalog, cfg: GenericConfig, df: pl.DataFrame, file: str) -> tu
     group = pl.coalesce(_col(cfg, "group"), patient)
     meta = (pl.struct([pl.col(c) for c in cfg.meta_columns]).struct.json_encode()
             if cfg.meta_columns else pl.lit(None, pl.String))
+    # DICOM decode facts (frames, frame used, policy, transfer syntax, photometric) under "dicom"
+    dicom = pl.lit('"dicom":') + pl.col("_d_meta")
+    meta = (pl.when(pl.col("_d_meta").is_null()).then(meta)
+            .when(meta.is_null()).then(pl.lit("{") + dicom + pl.lit("}"))
+            .otherwise(meta.str.strip_suffix("}") + pl.lit(",") + dicom + pl.lit("}")))
     info = dict(cfg.info)
     images = df.select(
         (pref + pl.col(cols["id"])).alias("image_id"), pl.lit(ds).alias("dataset_id"),

@@ -89,8 +89,7 @@ def ingest(
     """
     file = path.name
     q = Quarantine(dataset_id)
-    df = read_csv(path, COLUMNS)
-    total = df.height
+    df, total = read_csv(path, COLUMNS, q, ids=["image_id"])
     df = df.with_columns(
         pl.col(c).str.strip_chars() for c in ("lesion_id", "image_id", "dx", "dx_type")
     )

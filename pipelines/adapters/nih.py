@@ -41,8 +41,7 @@ def ingest(
 ) -> IngestResult:
     file = path.name
     q = Quarantine(dataset_id, strict=strict)
-    df = read_csv(path, COLUMNS)
-    total = df.height
+    df, total = read_csv(path, COLUMNS, q, ids=["Image Index"])
     df = quarantine_where(q, file, df, blank("Image Index"), "empty Image Index", ROW, total=total)
     df = dedupe(q, file, df, "Image Index", total=total)
     df = df.with_columns(

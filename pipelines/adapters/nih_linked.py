@@ -114,8 +114,7 @@ def ingest_bbox(
     no_options("nih-bbox", options)
     file = path.name
     q = Quarantine(dataset_id)
-    df = read_csv(path, BOX_COLUMNS)
-    total = df.height
+    df, total = read_csv(path, BOX_COLUMNS, q, ids=["Image Index"])
     cols = box_columns(file, [c for c in df.columns if c != ROW])
     trailing = [c for c in df.columns[df.columns.index(cols[-1]) + 1 :] if c != ROW]
     df = df.rename(dict(zip(cols, BOX_NAMES)))
@@ -223,8 +222,7 @@ def ingest_google(
     no_options("google2019", options)
     file = path.name
     q = Quarantine(dataset_id)
-    df = read_csv(path, GOOGLE_COLUMNS)
-    total = df.height
+    df, total = read_csv(path, GOOGLE_COLUMNS, q, ids=["Image Index"])
     df = quarantine_where(q, file, df, blank("Image Index"), "empty Image Index", ROW, total=total)
     df = df.with_columns(
         [pl.col(c).str.strip_chars().str.to_uppercase() for c in GOOGLE_FINDINGS]

@@ -27,6 +27,7 @@ from medlake.pipelines.adapters._csv import (
     meta_json,
     quarantine_where,
     read_csv,
+    read_header,
 )
 from medlake.pipelines.adapters.nih_linked import no_options, raise_if_strict
 
@@ -118,8 +119,7 @@ def ingest(
     no_options("padchest", options)
     file = path.name
     q = Quarantine(dataset_id)
-    df = _read(path)
-    total = df.height
+    df, total = _read(path, q)
     df = df.with_columns(pl.col("ImageID").str.strip_chars(), pl.col("PatientID").str.strip_chars())
     df = quarantine_where(q, file, df, blank("ImageID"), "empty ImageID", ROW, total=total)
     df = dedupe(q, file, df, "ImageID", total=total)
@@ -211,11 +211,11 @@ def ingest(
     )
 
 
-def _read(path: Path) -> pl.DataFrame:
-    """Only the columns used: the file has 36, among them the long report texts."""
-    header = read_csv(path, COLUMNS, n_rows=0).columns
+def _read(path: Path, q: Quarantine) -> tuple[pl.DataFrame, int]:
+    """Only the columns used (the file has 36, among them the long report texts); rows read."""
+    header = read_header(path)
     wanted = set(COLUMNS) | set(META.values()) | {"ImageDir", "StudyID"}
-    return read_csv(path, COLUMNS, columns=[c for c in header if c in wanted])
+    return read_csv(path, COLUMNS, q, ids=["ImageID"], columns=[c for c in header if c in wanted])
 
 
 def _source(dataset_id: str, sid: str, name: str, method: str, file: str) -> dict[str, Any]:

@@ -62,8 +62,7 @@ def read_mapping(
     Rows naming ids not in ``known``, blank or repeated ids go to the quarantine.
     """
     file = path.name
-    df = read_csv(path, [id_col, "nih_image"])
-    total = df.height
+    df, total = read_csv(path, [id_col, "nih_image"], q, ids=[id_col])
     df = df.with_columns(pl.col(id_col).str.strip_chars(), pl.col("nih_image").str.strip_chars())
     df = quarantine_where(q, file, df, blank(id_col) | blank("nih_image"),
                           f"empty {id_col} or nih_image", ROW, total=total)
@@ -115,8 +114,7 @@ def read_headers(
 ) -> tuple[pl.DataFrame, FileReport]:
     """DICOM header rows per ``PatientID`` (age, sex, view, modality, extras for meta)."""
     file = path.name
-    df = read_csv(path, HEADER_COLUMNS)
-    total = df.height
+    df, total = read_csv(path, HEADER_COLUMNS, q, ids=["PatientID"])
     df = df.with_columns(pl.col("PatientID").str.strip_chars())
     df = quarantine_where(q, file, df, blank("PatientID"), "empty PatientID", ROW, total=total)
     df = dedupe(q, file, df, "PatientID", total=total)
@@ -178,8 +176,7 @@ def ingest(
     check_options("rsna-pneumonia", options, ("headers", "mapping"))
     file = path.name
     q = Quarantine(dataset_id)
-    df = read_csv(path, COLUMNS)
-    total = df.height
+    df, total = read_csv(path, COLUMNS, q, ids=["patientId"])
     df = df.with_columns(pl.col("patientId").str.strip_chars(), pl.col("Target").str.strip_chars())
     df = quarantine_where(q, file, df, blank("patientId"), "empty patientId", ROW, total=total)
     df = quarantine_where(

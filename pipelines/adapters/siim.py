@@ -28,6 +28,7 @@ from medlake.pipelines.adapters._csv import (
     meta_json,
     quarantine_where,
     read_csv,
+    read_header,
 )
 from medlake.pipelines.adapters.nih_linked import raise_if_strict
 from medlake.pipelines.adapters.rsna import NIH, _existing, check_options, read_mapping
@@ -80,8 +81,7 @@ def ingest(
     check_options("siim-acr", options, ("mapping",))
     file = path.name
     q = Quarantine(dataset_id)
-    df = _read(path)
-    total = df.height
+    df, total = _read(path, q)
     df = df.with_columns(pl.col(ID).str.strip_chars(), pl.col(RLE).str.strip_chars())
     df = quarantine_where(q, file, df, blank(ID), "empty ImageId", ROW, total=total)
     df = quarantine_where(q, file, df, blank(RLE), "empty EncodedPixels", ID, total=total)
@@ -163,9 +163,10 @@ def ingest(
     )
 
 
-def _read(path: Path) -> pl.DataFrame:
-    """The CSV with its header names stripped (Kaggle's `` EncodedPixels``)."""
-    df = read_csv(path, [])
+def _read(path: Path, q: Quarantine) -> tuple[pl.DataFrame, int]:
+    """The CSV with its header names stripped (Kaggle's `` EncodedPixels``), and rows read."""
+    ids = [c for c in read_header(path) if c.strip() == ID]
+    df, total = read_csv(path, [], q, ids=ids)
     found = [c for c in df.columns if c != ROW]
     if ID not in [c.strip() for c in found] or RLE not in [c.strip() for c in found]:
         raise SchemaError(
@@ -173,7 +174,7 @@ def _read(path: Path) -> pl.DataFrame:
             f"Expected: {[ID, RLE]} (surrounding spaces are ignored). "
             "Is this the SIIM-ACR train-rle.csv?"
         )
-    return df.rename({c: c.strip() for c in found if c != c.strip()})
+    return df.rename({c: c.strip() for c in found if c != c.strip()}), total
 
 
 ADAPTERS = [

@@ -97,8 +97,8 @@ def ingest_raw(
     cols = {a: {f: f"{f}_{a}" for f in RAW_FINDINGS} for a in ANNOTATORS}
     notes = {a: f"Notes_{a}" for a in ANNOTATORS}
     q = Quarantine(dataset_id)
-    df = read_csv(path, ["ImageID", *[c for a in ANNOTATORS for c in [*cols[a].values(), notes[a]]]])
-    total = df.height
+    df, total = read_csv(path, ["ImageID", *[c for a in ANNOTATORS for c in [*cols[a].values(), notes[a]]]], q,
+                         ids=["ImageID"])
     df = df.with_columns(pl.col("ImageID").str.strip_chars())
     df = quarantine_where(q, file, df, blank("ImageID"), "empty ImageID", ROW, total=total)
     df = dedupe(q, file, df, "ImageID", total=total)
@@ -178,8 +178,7 @@ def ingest_aggregated(
     """
     file = path.name
     q = Quarantine(dataset_id)
-    df = read_csv(path, ["ImageID", *AGG_FINDINGS])
-    total = df.height
+    df, total = read_csv(path, ["ImageID", *AGG_FINDINGS], q, ids=["ImageID"])
     df = df.with_columns(pl.col(c).str.strip_chars() for c in ["ImageID", *AGG_FINDINGS])
     df = df.with_columns(pl.col(c).str.replace(r"^(-?\d)\.0+$", "${1}") for c in AGG_FINDINGS)
     df = quarantine_where(q, file, df, blank("ImageID"), "empty ImageID", ROW, total=total)

@@ -74,8 +74,7 @@ def ingest(
     no_options("vindr-cxr", options)
     file = path.name
     q = Quarantine(dataset_id)
-    df = read_csv(path, COLUMNS)
-    total = df.height
+    df, total = read_csv(path, COLUMNS, q, ids=["image_id"])
     df = df.with_columns(
         [pl.col(c).str.strip_chars() for c in ("image_id", "class_name", "class_id", "rad_id")]
     )
