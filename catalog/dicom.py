@@ -254,6 +254,15 @@ def decode(data: bytes, path: Path | str = "", *, max_pixels: int, frame: int | 
         required element missing, or a transfer syntax without a decoder).
     """
     policy = frame_policy(frame)
+    try:
+        return _decode(data, path, max_pixels, policy)
+    except (ImageReadError, CatalogError):
+        raise
+    except Exception as e:  # anything unforeseen in a file is that file's problem, not the run's
+        raise ImageReadError(path, "undecodable DICOM pixel data", f"{type(e).__name__}: {_first_line(e)}") from e
+
+
+def _decode(data: bytes, path: Path | str, max_pixels: int, policy: str) -> DicomImage:
     ds, guessed = _read(data, path)
     _check_values(ds, path)
     if not any(k in ds for k in PIXEL_KEYWORDS):
@@ -276,13 +285,25 @@ def decode(data: bytes, path: Path | str = "", *, max_pixels: int, frame: int | 
                       transfer_syntax=ts, photometric=photometric, syntax_guessed=guessed)
 
 
-def render_8bit(img: DicomImage) -> np.ndarray:
+def render_8bit(img: DicomImage, path: Path | str = "") -> np.ndarray:
     """The 8-bit picture of a decoded frame: ``(rows, cols)`` greyscale or ``(rows, cols, 3)`` RGB.
 
     Greyscale: Modality LUT / rescale, then the first VOI LUT or window (scaled from its
     output range to 0..255), else the value range; MONOCHROME1 inverted afterwards.
     Colour: values scaled from ``BitsStored`` (or the palette's 16 bits) to 8 bits.
+
+    Raises
+    ------
+    ImageReadError
+        'undecodable DICOM pixel data' when a lookup table or value breaks the rendering.
     """
+    try:
+        return _render(img)
+    except Exception as e:  # a broken Modality LUT and the like: that file's problem
+        raise ImageReadError(path, "undecodable DICOM pixel data", f"rendering: {_first_line(e)}") from e
+
+
+def _render(img: DicomImage) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
     ds, arr = img.ds, img.pixels
@@ -302,7 +323,7 @@ def render_8bit(img: DicomImage) -> np.ndarray:
             n, first = int(voi[0].LUTDescriptor[0]) or 65536, int(voi[0].LUTDescriptor[1])
             entries = apply_voi(np.arange(first, first + n, dtype=np.float64), ds, 0)
             out = _span(apply_voi(values, ds, 0), float(np.min(entries)), float(np.max(entries)))
-        except Exception:  # a broken VOI LUT: fall back to the window or the value range
+        except Exception:  # noqa: BLE001 - a broken VOI LUT: fall back to the window or the value range
             out = None
     if out is None and _window_ok(ds):
         lo, hi = _window_range(ds)
@@ -332,7 +353,7 @@ def _raw(ds: Any, keyword: str) -> str:
     """The stored text of an element, for messages (at most 64 characters)."""
     try:
         v = ds.get_item(keyword).value
-    except Exception:
+    except Exception:  # noqa: BLE001 - only for a message
         return "?"
     if isinstance(v, bytes):
         v = v.decode("latin-1", "replace")

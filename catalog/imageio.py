@@ -324,6 +324,7 @@ def _inspect_dicom(data: bytes, base: dict[str, Any], max_pixels: int) -> ImageI
     p = base["path"]
     try:
         img = dicom.decode(data, p, max_pixels=max_pixels)
+        dicom.render_8bit(img, p)  # what every later stage will need: refuse it here if it fails
         ds = img.ds
         phi = [t for t in PHI_TAGS if dicom.header_text(ds, t, p)]
         fields = {k: dicom.header_text(ds, t, p) for k, t in (
@@ -341,6 +342,6 @@ def _dicom_image(data: bytes, p: Path, max_pixels: int) -> Image.Image:
     """The 8-bit rendering of a DICOM file as a Pillow image (format 'DICOM')."""
     from medlake.catalog import dicom
 
-    im = Image.fromarray(dicom.render_8bit(dicom.decode(data, p, max_pixels=max_pixels)))
+    im = Image.fromarray(dicom.render_8bit(dicom.decode(data, p, max_pixels=max_pixels), p))
     im.format = "DICOM"
     return im

@@ -52,11 +52,21 @@ class PackResult:
 
 
 def _members(root: Path, folders: list[str]) -> list[tuple[str, Path]]:
+    """Every regular file under ``root/<folder>``; a symlink there is refused (export writes
+    hardlinks or copies, so a link means the folder was changed by hand)."""
     out = []
     for name in folders:
         base = root / name
+        if base.is_symlink():
+            raise CatalogError(f"{root.name}/{name} is a symlink; refusing to pack what it points to")
         if base.is_dir():
-            out += [(p.relative_to(root).as_posix(), p) for p in base.rglob("*") if p.is_file()]
+            for p in base.rglob("*"):
+                if p.is_symlink():
+                    raise CatalogError(
+                        f"{p.relative_to(root).as_posix()} in {root.name} is a symlink; refusing "
+                        "to pack what it points to (replace it with the file itself)")
+                if p.is_file():
+                    out.append((p.relative_to(root).as_posix(), p))
     return sorted(out)
 
 
@@ -214,7 +224,8 @@ def unpack(version: Path | str, out: Path | str | None = None, *, overwrite: boo
     ------
     CatalogError
         Not packed, a shard missing or truncated, a checksum mismatch, an index entry
-        leaving the folder, or a differing existing file without ``overwrite``.
+        leaving the folder (by ``..``, an absolute path or a symlinked folder under ``out``),
+        or a differing existing file without ``overwrite``.
 
     Example
     -------
@@ -232,6 +243,11 @@ def unpack(version: Path | str, out: Path | str | None = None, *, overwrite: boo
             raise CatalogError(f"{version.name}: '{name}' in {idx[name][0]} does not match its "
                                "sha256 in the index; pull the version again")
         target = dest.joinpath(*rel.parts)
+        base = dest.resolve()
+        if base not in target.parent.resolve().parents and target.parent.resolve() != base \
+                or target.is_symlink():
+            raise CatalogError(f"'{name}' would be written through a symlink that leaves "
+                               f"{dest.name}/; refusing to unpack it there (remove the link)")
         if target.is_file():
             if target.read_bytes() == data:
                 continue

@@ -486,7 +486,7 @@ def run_query(
             if n > cap:
                 break
         at = pa.Table.from_batches(batches, schema=reader.schema)
-    except (duckdb.Error, pa.ArrowException) as e:
+    except (duckdb.Error, pa.ArrowException, OSError) as e:  # OSError: from the reader
         raise _user_error(e, lake, timeout, memory_limit, stopped.is_set()) from None
     finally:
         timer.cancel()

@@ -6,31 +6,74 @@ members carry no timestamps, and Parquet goes through ``catalog.write_parquet_at
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
-import re
 import shutil
 import uuid
 import zipfile
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote
 
 import numpy as np
 import polars as pl
 
 from medlake.catalog import CatalogError
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+#: characters a file-name component keeps as they are; every other character (and ``.``,
+#: ``_`` or ``-`` in first place, so no hidden files, ``..`` or option-like names) is written as
+#: ``%XX`` per UTF-8 byte. ``%`` itself is encoded, so :func:`decode_name` reverses it.
+_KEEP = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+#: the longest encoded component; a longer one is cut and ends in ``~`` + 16 hex digits of the
+#: sha256 of the original text (``~`` never appears otherwise), so it stays unique
+MAX_NAME = 200
+#: the component for a missing value (a real ``_unknown`` is written ``%5Funknown``)
+UNKNOWN = "_unknown"
 
 
-def safe(part: str | None, default: str = "_unknown") -> str:
-    """One path component from a label or native id (no slashes, no leading dots)."""
+def encode_name(part: object, default: str = UNKNOWN) -> str:
+    """One reversible, collision-free path component from a native id, split or label.
+
+    Letters, digits and ``. _ -`` stay (except in first place); everything else becomes
+    ``%XX`` per UTF-8 byte, so ``a'b`` -> ``a%27b`` and ``a|b`` -> ``a%7Cb`` (distinct names,
+    where the old mapping gave ``a_b`` twice). None or ``''`` gives ``default``.
+
+    Example
+    -------
+    >>> encode_name("CheXpert/train/p1.jpg")
+    'CheXpert%2Ftrain%2Fp1.jpg'
+    >>> decode_name(encode_name("a|b"))
+    'a|b'
+    """
     if part is None or part == "":
         return default
-    out = _UNSAFE.sub("_", str(part)).strip("._")
-    return out or default
+    text = str(part)
+    out = "".join(
+        ch if ch in _KEEP and not (i == 0 and ch in "._-")
+        else "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
+        for i, ch in enumerate(text)
+    )
+    if len(out) > MAX_NAME:
+        out = f"{out[:MAX_NAME - 17]}~{hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]}"
+    return out
+
+
+def decode_name(name: str) -> str | None:
+    """The text :func:`encode_name` encoded (None for :data:`UNKNOWN`).
+
+    Raises
+    ------
+    ValueError
+        For a shortened name (it holds ``~``): read the id from the manifest instead.
+    """
+    if name == UNKNOWN:
+        return None
+    if "~" in name:
+        raise ValueError(f"'{name[:40]}...' is a shortened name; the manifest holds the full id")
+    return unquote(name, errors="strict")
 
 
 def link_or_copy(src: Path, dst: Path) -> str:
@@ -78,43 +121,121 @@ def write_files(
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """Place originals and resizes under ``out``; return the manifest with file columns.
 
+    Files are named ``images/<split>[/<label>]/<native id><ext>`` and
+    ``images_<size>/.../<native id>.png``, every component through :func:`encode_name`.
+    Each original is resolved inside the images root (``catalog.imageio.resolve_inside``:
+    ``..``, absolute paths and symlinks that leave it are refused), hardlinked (or copied),
+    and what was written is checked against the ``images`` table: its size against the
+    source file's and its sha256 against ``images.sha256`` (the manifest's ``sha256``).
+    Resizes are made from the checked file. An image without a recorded sha256 is counted
+    as ``unverified`` and the manifest gets the sha256 of the bytes written.
+
+    Returns
+    -------
+    (DataFrame, dict)
+        The manifest with ``file`` and ``file_<size>`` (and ``sha256`` filled where it was
+        null), and counts: link, copy, resized, verified, unverified.
+
     Raises
     ------
     CatalogError
-        When an image's file is missing under the dataset's images root.
+        An image without a file, a path leaving the images root, two names that differ only
+        in case, or a written file whose size or sha256 differs from the images table (the
+        file changed after ingest). The caller builds the version in a temporary folder, so
+        nothing is published then.
     """
-    stats = {"link": 0, "copy": 0, "resized": 0}
+    from medlake.catalog.imageio import ImageReadError, resolve_inside
+
+    stats = {"link": 0, "copy": 0, "resized": 0, "verified": 0, "unverified": 0}
     if images_root is None:
         cols = [pl.lit(None, pl.String).alias("file")]
         cols += [pl.lit(None, pl.String).alias(f"file_{s}") for s in sizes]
         return manifest.with_columns(cols), stats
     files, resized = [], {s: [] for s in sizes}
+    checks: list[tuple[str, str, Path, int, str | None]] = []
     jobs = []
+    seen: dict[str, str] = {}
     for r in manifest.iter_rows(named=True):
-        src = images_root / r["path"] if r["path"] else None
+        try:  # the one resolver's rule: nothing outside the images root
+            src = resolve_inside(images_root, r["path"]) if r["path"] else None
+        except ImageReadError as e:
+            raise CatalogError(f"image file for {r['image_id']}: {e}; fix the path or re-ingest "
+                               "the dataset") from e
         if src is None or not src.is_file():
             raise CatalogError(
                 f"image file for {r['image_id']} not found ({r['path']!r} under the dataset's "
                 "images root); attach images ('medlake attach-images') or fix the path"
             )
-        sub = safe(r["split"]) if layout == "split" else \
-            f"{safe(r['split'])}/{safe(r[label] if label else None)}"
-        name = safe(r["native_id"])
-        rel = f"images/{sub}/{name}{src.suffix.lower() if not name.endswith(src.suffix) else ''}"
+        sub = encode_name(r["split"]) if layout == "split" else \
+            f"{encode_name(r['split'])}/{encode_name(r[label] if label else None)}"
+        stem = encode_name(r["native_id"])
+        ext = PurePosixPath(r["path"].strip().replace("\\", "/")).suffix.lower()
+        ext = f".{encode_name(ext[1:])}" if ext else ""
+        rel = f"images/{sub}/{stem}{ext}"
+        other = seen.setdefault(rel.lower(), r["image_id"])
+        if other != r["image_id"]:
+            raise CatalogError(
+                f"images {other} and {r['image_id']} would be exported as file names that differ "
+                f"only in case ('{rel}'), which collide on case-insensitive file systems; give "
+                "one of them another native id"
+            )
+        size = src.stat().st_size
         stats[link_or_copy(src, out / rel)] += 1
         files.append(rel)
+        checks.append((r["image_id"], r["path"], out / rel, size, r["sha256"]))
         outs = []
         for s in sizes:
-            rs = f"images_{s}/{sub}/{name.rsplit('.', 1)[0]}.png"
+            rs = f"images_{s}/{sub}/{stem}.png"
             resized[s].append(rs)
             outs.append((s, str(out / rs)))
         if outs:
-            jobs.append((str(src), outs))
+            jobs.append((str(out / rel), outs))
+    digests = verify_files(checks)
+    stats["verified"] = sum(want is not None for *_, want in checks)
+    stats["unverified"] = len(checks) - stats["verified"]
     stats["resized"] = resize_all(jobs, processes)
-    m = manifest.with_columns(pl.Series("file", files, pl.String))
+    m = manifest.with_columns(pl.Series("file", files, pl.String),
+                              pl.coalesce(pl.col("sha256"), pl.Series(digests, dtype=pl.String)).alias("sha256"))
     for s in sizes:
         m = m.with_columns(pl.Series(f"file_{s}", resized[s], pl.String))
     return m, stats
+
+
+def _sha256(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return n, h.hexdigest()
+
+
+def verify_files(checks: list[tuple[str, str, Path, int, str | None]], threads: int = 4) -> list[str]:
+    """Hash each written file; raise when its size or sha256 is not what the catalog says.
+
+    ``checks`` holds ``(image_id, images.path, written file, source size, images.sha256)``;
+    returns the written files' sha256 in the same order.
+
+    Raises
+    ------
+    CatalogError
+        The first mismatch, naming the image, its path and both values.
+    """
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(checks)))) as ex:
+        got = list(ex.map(lambda c: _sha256(c[2]), checks))
+    for (image_id, path, _dst, size, want), (n, digest) in zip(checks, got):
+        if n != size or (want is not None and digest != want):
+            raise CatalogError(
+                f"image {image_id} ('{path}' under the images root): the exported file has "
+                f"{n:,} bytes and sha256 {digest[:16]}..., but "
+                + (f"the source has {size:,} bytes" if n != size else
+                   f"the images table records sha256 {want[:16]}...")
+                + "; the file changed after ingest. Re-ingest the dataset (or run 'medlake "
+                "attach-images') to record the new file, or restore the original; the version "
+                "was not written"
+            )
+    return [d for _, d in got]
 
 
 def write_npz(manifest: pl.DataFrame, *, out: Path, name: str, label: str,

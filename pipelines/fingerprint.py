@@ -52,19 +52,16 @@ class Params:
 DEFAULTS: dict[str, Any] = defaults(Params)
 
 
-def image_files(cat: Catalog, dataset_id: str | None = None) -> pl.DataFrame:
-    """``image_id, dataset_id, sha256, file`` (absolute path) of every image with a path."""
-    images = cat.read("images", columns=["image_id", "dataset_id", "path", "sha256", "modality"],
-                      required=True, hint="ingest a dataset first")
-    roots = cat.read("datasets", columns=["dataset_id", "images_root", "modality"])
-    df = images.join(roots.rename({"modality": "ds_modality"}), on="dataset_id", how="left")
-    if dataset_id:
-        df = df.filter(pl.col("dataset_id") == dataset_id)
-    df = df.filter(pl.col("path").is_not_null() & pl.col("images_root").is_not_null())
-    root = cat.ws.root
-    files = [str(Path(root / r) / p) for r, p in zip(df["images_root"], df["path"], strict=True)]
-    return df.with_columns(pl.Series("file", files),
-                           pl.coalesce("modality", "ds_modality").alias("modality")).sort("image_id")
+def image_files(cat: Catalog, dataset_id: str | None = None, *,
+                with_refused: bool = False) -> pl.DataFrame:
+    """``image_id, dataset_id, sha256, modality, file`` of every image with a path, through
+    the one resolver (:func:`medlake.catalog.paths.image_files`); rows whose path is refused
+    (escaping the images root) are left out unless ``with_refused`` (then ``file`` is null
+    and ``error`` says why)."""
+    from medlake.catalog.paths import image_files as resolved
+
+    df = resolved(cat, dataset_id)
+    return df if with_refused else df.filter(pl.col("error").is_null())
 
 
 def quality(im: Image.Image, *, xray: bool, p: dict[str, Any],
@@ -152,6 +149,8 @@ def whash(grey: Image.Image, hash_size: int = 8) -> str:
 
 
 def _one(row: dict[str, Any], p: dict[str, Any], root: Path) -> dict[str, Any]:
+    if row.get("error"):  # refused by the path resolver
+        return {"error": row["error"], "detail": f"{row.get('path')}: {row['error']}"}
     try:
         path = Path(row["file"])
         data = path.read_bytes() if path.is_file() else b""
@@ -197,7 +196,7 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
         ``{"images": n, "fingerprinted": n, "quarantined": n}``.
     """
     p = to_dict(DECLARATION.load_params(cat, params))
-    files = image_files(cat, dataset_id)
+    files = image_files(cat, dataset_id, with_refused=True)
     if dataset_id and files.is_empty():
         raise CatalogError(f"fingerprint: dataset '{dataset_id}' has no images with a path")
     rows = files.to_dicts()

@@ -6,6 +6,10 @@ duplicate pair from an imported list (a CSV ``similarity,from_img,to_img`` whose
 native ids with or without a file extension). For each split scheme the stage reports, per
 split pair and for all splits together (``split_a = '*'``), how many units span them, how
 many images those units hold in each split and how many cross-split image pairs they form.
+With ``params.yaml: leakage.all_splits: true`` it adds, per grouping, one row
+``split_a = split_b = 'all'``: the units present in *every* split of the scheme (e.g. the
+DermaMNIST audit's lesions in train, val and test at once), their images and cross-split
+pairs, with the per-split counts in ``by_split`` (JSON).
 
 Run as ``medlake leakage [DATASET] [--split-scheme S] [--pairs CSV]``.
 """
@@ -146,10 +150,17 @@ def units(frame: pl.DataFrame, links: pl.DataFrame | None = None) -> pl.DataFram
     return df.join(label, on="_c", how="left").drop("_c", "_g")
 
 
-def leakage_rows(frame: pl.DataFrame) -> list[dict]:
+ALL = "all"  # split_a = split_b of the rows for units present in every split
+
+
+def leakage_rows(frame: pl.DataFrame, *, all_splits: bool = False) -> list[dict]:
     """Leakage counts of ``frame`` (image_id, split, unit); images without a split are ignored.
 
-    One row per split pair plus one for all splits together (``split_a = split_b = '*'``).
+    One row per split pair plus one for all splits together (``split_a = split_b = '*'``);
+    with ``all_splits`` (and two splits or more) one more, ``split_a = split_b = 'all'``:
+    the units with images in every split, ``n_images`` = all their images, ``n_pairs`` =
+    their image pairs from different splits, and ``by_split`` = JSON ``{"splits": [...],
+    "images": {split: n}, "pairs": {"a-b": n}}``.
     """
     f = frame.filter(pl.col("split").is_not_null())
     splits = sorted(f["split"].unique().to_list(), key=lambda s: (SPLIT_ORDER.get(s, 9), s))
@@ -174,6 +185,14 @@ def leakage_rows(frame: pl.DataFrame) -> list[dict]:
                 "n_images": int(multi.select(pl.sum_horizontal(splits)).to_series().sum())
                 if splits and multi.height else 0,
                 "n_pairs": pairs_all})
+    if all_splits and len(splits) >= 2:
+        every = wide.filter(pl.all_horizontal([pl.col(s) > 0 for s in splits]))
+        pairs = {f"{a}-{b}": int((every[a] * every[b]).sum()) for a, b in combinations(splits, 2)}
+        images = {s: int(every[s].sum()) for s in splits}
+        out.append({"split_a": ALL, "split_b": ALL, "n_groups": every.height,
+                    "n_images_a": None, "n_images_b": None, "n_images": sum(images.values()),
+                    "n_pairs": sum(pairs.values()),
+                    "by_split": json.dumps({"splits": splits, "images": images, "pairs": pairs})})
     for r in out:
         r.update(n_groups_total=n_units, n_images_total=n_images)
     return out
@@ -196,6 +215,7 @@ def scheme_frame(catalog: Catalog, dataset_id: str, scheme: str) -> pl.DataFrame
 def run(
     catalog: Catalog, dataset_id: str | None = None, *, scheme: str | None = None,
     pairs: Iterable[Path | str] = (), use_clusters: bool = True, params: Any = None,
+    all_splits: bool | None = None,
 ) -> pl.DataFrame:
     """Compute and write the ``leakage`` table for one or every (dataset, split scheme).
 
@@ -208,6 +228,9 @@ def run(
         ``leakage.pairs.<dataset>`` (paths relative to the workspace or ``real:``).
     use_clusters
         Also join images of one duplicate cluster (``clusters`` table, when it exists).
+    all_splits
+        Add the ``split_a = split_b = 'all'`` rows (units in every split); None:
+        ``params.yaml: leakage.all_splits`` (default false).
 
     Returns
     -------
@@ -230,7 +253,9 @@ def run(
     if not sp.height:
         raise CatalogError(f"no split scheme {scheme or ''} for dataset '{dataset_id}' in the "
                            "splits table; ingest one first (e.g. 'medlake ingest dermamnist FILE')")
-    param_pairs = DECLARATION.load_params(catalog, params).pairs
+    prm = DECLARATION.load_params(catalog, params)
+    param_pairs = prm.pairs
+    every = prm.all_splits if all_splits is None else bool(all_splits)
     rows, qs = [], {}
     for ds, sch in sorted(sp.iter_rows()):
         q = qs.setdefault(ds, Quarantine(ds, stage=STAGE))
@@ -240,10 +265,10 @@ def run(
         frame = scheme_frame(catalog, ds, sch)
         links = duplicate_links(catalog, ds, paths, use_clusters=use_clusters, q=q)
         for grouping, lk in (("group_id", None), ("group_id+duplicates", links)):
-            for r in leakage_rows(units(frame, lk)):
+            for r in leakage_rows(units(frame, lk), all_splits=every):
                 rows.append({"dataset_id": ds, "scheme": sch, "grouping": grouping,
                              "version": f"{ds}@{sch}", **r})
-    out = pl.DataFrame(rows)
+    out = pl.DataFrame(rows, infer_schema_length=None)
     with catalog.transaction() as tx:
         for (ds, sch), part in out.group_by("dataset_id", "scheme", maintain_order=True):
             tx.write("leakage", part, stage=STAGE, partition=f"{ds}--{sch}")
@@ -264,6 +289,14 @@ def summary(df: pl.DataFrame) -> str:
         pairs = df.filter((pl.col("dataset_id") == r["dataset_id"]) & (pl.col("scheme") == r["scheme"])
                           & (pl.col("grouping") == r["grouping"]) & (pl.col("split_a") != "*"))
         for p in pairs.iter_rows(named=True):
+            if p["split_a"] == ALL:
+                d = json.loads(p["by_split"])
+                lines.append(
+                    f"  in every split ({', '.join(d['splits'])}): {p['n_groups']:,} groups, "
+                    + " + ".join(f"{d['images'][s]:,}" for s in d["splits"])
+                    + f" images, {p['n_pairs']:,} pairs ("
+                    + ", ".join(f"{k} {v:,}" for k, v in d["pairs"].items()) + ")")
+                continue
             lines.append(f"  {p['split_a']}-{p['split_b']}: {p['n_groups']:,} groups, "
                          f"{p['n_images_a']:,} + {p['n_images_b']:,} images, {p['n_pairs']:,} pairs")
     return "\n".join(lines)
@@ -276,6 +309,8 @@ class Params:
     pairs: dict[str, list[str]] = param(
         factory=dict, help="duplicate-pair CSVs per dataset (similarity,from_img,to_img); paths "
         "relative to the workspace, or to real_data with 'real:'")
+    all_splits: bool = param(False, "also write rows split_a = split_b = 'all': groups with "
+                             "images in every split of the scheme, their images and pairs")
 
 
 @dataclass(frozen=True)

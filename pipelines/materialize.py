@@ -273,7 +273,9 @@ def run(catalog: Catalog, recipe: str | Path, *, processes: int = 1) -> Material
     root = dsinfo.get("images_root")
     images_root = None
     if root and rec.export.images:
-        images_root = Path(root) if Path(root).is_absolute() else ws.root / root
+        from medlake.catalog.paths import images_root as resolve_root
+
+        images_root = resolve_root(ws.root, root)  # inside the workspace, or an error
     kinds = {r.kind for r in rec.rules}
     extra = (("reviews",) if rec.exclude_verdicts or "relabel_from_reviews" in kinds else ()) + (
         ("fingerprints",) if "drop_quality" in kinds else ())

@@ -99,6 +99,14 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *, k: int |
     p["model"] = name
     fp = cat.read("fingerprints", columns=["image_id", "dataset_id"], required=True,
                   hint="run 'medlake fingerprint' and 'medlake embed' first").sort("image_id")
+    if fp.height == 0:  # a metadata-only workspace: nothing to rank, an empty table
+        from medlake.catalog import spec
+
+        with cat.transaction() as tx:
+            tx.write("outliers", spec("outliers").schema.empty_table(), stage=STAGE,
+                     partition="all")
+        return Counts(STAGE, {"images": 0, "missing": 0, "k": 0, "model": name, "top": []},
+                      "outliers: no fingerprinted images (metadata only?); nothing to rank")
     vs = open_vectors(cat.ws)
     if not vs.has(name):
         raise CatalogError(f"outliers: no vectors of model '{name}' in {vs.path.name}; "

@@ -88,13 +88,10 @@ def privacy_report(catalog: Catalog, name: str) -> PrivacyReport:
 def _marked(catalog: Catalog, root: str | None, path: str | None) -> bool:
     import pydicom
 
-    from medlake.catalog.imageio import resolve_inside
+    from medlake.catalog.paths import image_file
 
-    if root is None or path is None:
-        return False
-    base = catalog.ws.root / root
     try:
-        f = resolve_inside(base, path)
+        f = image_file(catalog.ws.root, root, path)
         ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
     except Exception:  # noqa: BLE001 - an unreadable header has no markers
         return False

@@ -123,9 +123,36 @@ def writers() -> dict[str, list[str]]:
     return out
 
 
+def _command(name: str) -> str:
+    s = stages()[name]
+    return "medlake ingest FORMAT PATH" if name == "ingest" else (
+        f"medlake {name} RECIPE" if s.foreach else f"medlake {name}")
+
+
+def upstream(name: str) -> list[str]:
+    """The stages ``name`` needs, in pipeline order, ending with ``name`` itself."""
+    st = stages()
+    need, todo = {name}, [name]
+    while todo:
+        s = st[todo.pop()]
+        pos = ORDER.index(s.name)
+        for t in s.reads:
+            for w in ORDER[:pos]:
+                if t in st[w].writes and not st[w].foreach and w not in need:
+                    need.add(w)
+                    todo.append(w)
+    return [n for n in ORDER if n in need]
+
+
 def hints() -> dict[str, str]:
-    """``{table: what to run}`` for pages and errors whose table is missing."""
-    return {t: " or ".join(f"'medlake {w}'" for w in ws) for t, ws in writers().items()}
+    """``{table: what to run}`` for pages and errors whose table is missing, e.g.
+    ``pairs``: ``medlake fingerprint, medlake embed, then medlake duplicates`` (ingest,
+    which every chain starts with, is named only for the tables it writes)."""
+    out = {}
+    for t, ws in writers().items():  # the first writer creates the table
+        cmds = [_command(n) for n in upstream(ws[0]) if n != "ingest" or ws[0] == "ingest"]
+        out[t] = cmds[0] if len(cmds) == 1 else ", ".join(cmds[:-1]) + ", then " + cmds[-1]
+    return out
 
 
 def docs_table() -> str:

@@ -76,6 +76,21 @@ class Stage:
     summary: Callable[[Any], str] | None = None
     module: str = field(default="", compare=False)
 
+    def ensure_outputs(self, catalog: Catalog) -> list[str]:
+        """Write an empty ``empty`` partition for each table the stage declares but wrote no
+        file of (e.g. no quarantined row, a metadata-only dataset), so every DVC output of
+        the stage exists; returns those tables. Readers see zero rows from it."""
+        from medlake.catalog import spec
+
+        if self.foreach:
+            return []
+        made = []
+        for t in self.writes:
+            if not catalog.tables.files(t, stage=self.name):
+                catalog.write(t, spec(t).schema.empty_table(), stage=self.name, partition="empty")
+                made.append(t)
+        return made
+
     def wrap(self, raw: Any) -> Any:
         """The block as a mapping: a list block (``ingest:``) becomes ``{list_field: raw}``."""
         if self.list_field and (raw is None or isinstance(raw, list)):

@@ -19,21 +19,14 @@ from medlake.catalog import Catalog, CatalogError
 from medlake.ui import cache
 
 # what to run when a page's table does not exist yet
-HINTS: dict[str, str] = {
-    "datasets": "medlake ingest FORMAT PATH (or medlake demo)",
-    "images": "medlake ingest FORMAT PATH",
-    "sources": "medlake ingest FORMAT PATH",
-    "versions": "medlake ingest FORMAT PATH (roots) and medlake materialize RECIPE",
-    "lineage": "medlake materialize RECIPE",
-    "agreement": "medlake agreement",
-    "pairs": "medlake fingerprint, medlake embed, then medlake duplicates",
-    "clusters": "medlake duplicates",
-    "outliers": "medlake outliers",
-    "fingerprints": "medlake fingerprint",
-    "leakage": "medlake leakage",
-    "splits": "medlake ingest FORMAT PATH",
-    "annotations": "medlake ingest FORMAT PATH",
-}
+def _hints() -> dict[str, str]:
+    from medlake.pipelines.registry import hints
+
+    return hints()
+
+
+#: table -> the commands that write it (derived from the stage declarations)
+HINTS: dict[str, str] = _hints()
 
 
 class ImagePathError(CatalogError):
@@ -80,7 +73,8 @@ def image_paths(cat: Catalog, image_ids: list[str]) -> dict[str, Path | ImagePat
     A path is only returned when it lies inside the workspace and the dataset's images
     root; ``..``, absolute paths and symlinks that leave it give an :class:`ImagePathError`.
     """
-    from medlake.catalog.imageio import ImageReadError, resolve_inside
+    from medlake.catalog.imageio import ImageReadError
+    from medlake.catalog.paths import image_file
 
     if not image_ids:
         return {}
@@ -101,7 +95,7 @@ def image_paths(cat: Catalog, image_ids: list[str]) -> dict[str, Path | ImagePat
                 "'medlake attach-images DATASET FOLDER'")
             continue
         try:
-            out[iid] = resolve_inside(resolve_inside(cat.ws.root, root or "."), rel)
+            out[iid] = image_file(cat.ws.root, root, rel)
         except ImageReadError as e:
             out[iid] = ImagePathError(
                 f"image '{iid}': refusing to read {rel!r} under images_root {root!r}: {e}. "

@@ -61,6 +61,8 @@ def make_command(stage: Any) -> click.Command:
         if "echo" in accepts:
             kw["echo"] = click.echo
         res = stage.run(cat, prm, **kw)
+        if not kw.get("list_"):
+            stage.ensure_outputs(cat)  # every declared output exists for DVC
         text = res.summary()
         if text:
             click.echo(text)

@@ -162,8 +162,7 @@ def _sniff(path: Path) -> tuple[list[str], str | None]:
     else:
         end = head.find(b"\n")
         first = head if end < 0 else head[:end]
-        if first.startswith(codecs.BOM_UTF8):
-            first = first[len(codecs.BOM_UTF8):]
+        first = first.removeprefix(codecs.BOM_UTF8)
         try:
             text = first.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -204,8 +203,7 @@ def _to_utf8(name: str, data: bytes) -> bytes:
                     f"{name}: starts with a {codec.upper()} byte-order mark but is not valid "
                     f"{codec.upper()} at line {line}; save it again as UTF-8 and ingest again"
                 ) from e
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
+    data = data.removeprefix(codecs.BOM_UTF8)
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -9,6 +9,7 @@ one label column as Polars expressions.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,10 @@ from typing import Any
 import polars as pl
 import yaml
 
-from medlake.catalog import IngestError, SchemaError
-from medlake.catalog.ingestkit import require_columns
+from medlake.catalog import IngestError, Quarantine, SchemaError
+from medlake.catalog.ingestkit import check_dataset_id, require_columns
 from medlake.catalog.schema import SOURCE_KINDS, VALUE_TYPES
-from medlake.pipelines.adapters._csv import ROW
+from medlake.pipelines.adapters._csv import ROW, check_rows, read_csv
 
 STD_COLUMNS = (
     "id", "path", "group", "patient", "study", "series", "split", "sex", "age", "site", "view",
@@ -93,6 +94,7 @@ def load_config(path: Path, options: dict[str, Any], dataset_id: str | None = No
     dataset = dataset_id or raw.get("dataset")
     if not dataset:
         raise SchemaError(f"{where}: no dataset id; add 'dataset: NAME' or pass --dataset NAME")
+    check_dataset_id(dataset, where="--dataset" if dataset_id else f"{where}: dataset")
     if not raw.get("manifest"):
         raise SchemaError(f"{where}: no manifest; add 'manifest: FILE.csv' (or -o manifest=FILE)")
     manifest = _under(base, str(raw["manifest"]))
@@ -175,20 +177,27 @@ def _label(x: Any, i: int, where: str) -> LabelSpec:
     )
 
 
-def read_manifest(path: Path, expected: list[str]) -> pl.DataFrame:
-    """A CSV or Parquet manifest with every column as text plus a 1-based ``__row``."""
+def read_manifest(
+    path: Path, expected: list[str], q: Quarantine, *, ids: Sequence[str] = ()
+) -> tuple[pl.DataFrame, int]:
+    """A CSV or Parquet manifest with every column as text plus a 1-based ``__row``.
+
+    CSV goes through the shared reader (:func:`pipelines.adapters._csv.read_csv`: encoding,
+    repeated header names, short/long rows, control bytes, over-long ids); a Parquet manifest
+    gets the same row checks. Returns the good rows and the number of rows read.
+    """
     if not path.is_file():
         raise IngestError(f"{path.name}: manifest not found; check 'manifest' in the config")
+    if path.suffix.lower() not in (".parquet", ".pq"):
+        return read_csv(path, expected, q, ids=ids)
     try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            df = pl.read_parquet(path)
-            df = df.with_columns(pl.all().cast(pl.String))
-        else:
-            df = pl.read_csv(path, infer_schema=False, truncate_ragged_lines=False)
-    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as e:
-        raise IngestError(f"{path.name}: cannot be read as CSV or Parquet ({str(e).splitlines()[0]})") from e
+        df = pl.read_parquet(path)
+        df = df.with_columns(pl.all().cast(pl.String))
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise IngestError(f"{path.name}: cannot be read as Parquet ({str(e).splitlines()[0]})") from e
     require_columns(path.name, df.columns, expected)
-    return df.with_row_index(ROW, offset=1).with_columns(pl.col(ROW).cast(pl.Int64))
+    df = df.with_row_index(ROW, offset=1).with_columns(pl.col(ROW).cast(pl.Int64))
+    return check_rows(q, path.name, df, ids=ids, total=df.height), df.height
 
 
 def parse_label(lb: LabelSpec) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
@@ -204,7 +213,7 @@ def parse_label(lb: LabelSpec) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
         value = pl.when((num >= 0) & (num <= 1)).then(num)
         meaning = pl.lit("graded")
     elif lb.value_type == "ordinal":
-        value = num
+        value = pl.when(num.is_finite()).then(num)  # NaN and infinity (1e400) are not grades
         meaning = pl.lit("ordinal")
     else:
         value = pl.lit(None, pl.Float64)

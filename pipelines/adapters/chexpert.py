@@ -16,7 +16,16 @@ import polars as pl
 from medlake.catalog import Catalog, FileReport, IngestResult, Quarantine, publish
 from medlake.catalog.ingestkit import ABSENT, findings_rows
 from medlake.pipelines.adapters import Adapter
-from medlake.pipelines.adapters._csv import ROW, blank, code_map, dedupe, quarantine_where, read_csv
+from medlake.pipelines.adapters._csv import (
+    AGE_RANGE,
+    ROW,
+    blank,
+    code_map,
+    dedupe,
+    parse_number,
+    quarantine_where,
+    read_csv,
+)
 from medlake.pipelines.adapters.nih_linked import no_options, raise_if_strict
 
 DATASET = "chexpert"
@@ -96,7 +105,6 @@ def ingest(
     )
     df = df.with_columns(
         [pl.col(f).str.strip_chars().fill_null("") for f in FINDINGS]
-        + [pl.col("Age").str.strip_chars().cast(pl.Float64, strict=False).alias("_age")]
     )
     known = [*CODES, *ALIASES, ""]
     bad = pl.any_horizontal([~pl.col(f).is_in(known) for f in FINDINGS])
@@ -108,10 +116,8 @@ def ingest(
         pl.lit("unparseable label (expected 1.0, 0.0, -1.0 or blank): ") + first_bad, "Path",
         total=total,
     )
-    df = quarantine_where(
-        q, file, df, pl.col("_age").is_null() & ~blank("Age"),
-        pl.lit("unparseable Age: ") + pl.col("Age"), "Path", total=total,
-    )
+    df = parse_number(q, file, df, "Age", alias="_age", lo=AGE_RANGE[0], hi=AGE_RANGE[1],
+                      item="Path", total=total)
     frontal = pl.col("Frontal/Lateral").str.strip_chars() == "Frontal"
     images = df.select(
         (pl.lit(dataset_id + ":") + pl.col("Path")).alias("image_id"),

@@ -34,11 +34,26 @@ from typing import Any
 
 import polars as pl
 
-from medlake.catalog import Catalog, FileReport, IngestError, IngestResult, Quarantine, SchemaError, publish
+from medlake.catalog import (
+    Catalog,
+    FileReport,
+    IngestError,
+    IngestResult,
+    Quarantine,
+    SchemaError,
+    publish,
+)
 from medlake.catalog.imageio import ImageReadError, inspect_many, resolve_inside
 from medlake.catalog.ingestkit import findings_rows, root_versions, sha256_file
 from medlake.pipelines.adapters import Adapter
-from medlake.pipelines.adapters._csv import ROW, blank, dedupe, quarantine_where
+from medlake.pipelines.adapters._csv import (
+    AGE_RANGE,
+    ROW,
+    blank,
+    dedupe,
+    parse_number,
+    quarantine_where,
+)
 from medlake.pipelines.adapters._generic_config import (
     GenericConfig,
     LabelSpec,
@@ -111,23 +126,24 @@ def ingest(
     if cfg.images_root is not None and not cfg.images_root.is_dir():
         raise IngestError(f"images_root {cfg.images_root.name}: no such folder; check 'images_root' in {path.name}")
     expected = list(dict.fromkeys([*cols.values(), *(lb.column for lb in cfg.labels), *cfg.meta_columns]))
-    df = read_manifest(cfg.manifest, expected)
-    total = df.height
-    named = {posixpath.normpath(str(x).strip().replace("\\", "/"))
-             for x in (df[cols["path"]].drop_nulls().to_list() if "path" in cols else [])}
     q = Quarantine(ds, strict=False)  # strict is applied at the end, naming the first bad row
     idc = cols["id"]
+    df, total = read_manifest(cfg.manifest, expected, q, ids=[idc])
+    named = {posixpath.normpath(str(x).strip().replace("\\", "/"))
+             for x in (df[cols["path"]].drop_nulls().to_list() if "path" in cols else [])}
     df = df.with_columns(pl.col(idc).str.strip_chars())
     df = quarantine_where(q, file, df, blank(idc), "empty id", ROW, total=total)
     df = dedupe(q, file, df, idc, total=total)
     if "age" in cols:
-        df = df.with_columns(pl.col(cols["age"]).str.strip_chars().cast(pl.Float64, strict=False).alias("_age"))
-        df = quarantine_where(q, file, df, pl.col("_age").is_null() & ~blank(cols["age"]),
-                              pl.lit(f"unparseable {cols['age']} (age): ") + pl.col(cols["age"]), idc, total=total)
+        df = parse_number(q, file, df, cols["age"], alias="_age", what=f"{cols['age']} (age)",
+                          lo=AGE_RANGE[0], hi=AGE_RANGE[1], item=idc, total=total)
     if "follow_up" in cols:
         df = df.with_columns(pl.col(cols["follow_up"]).str.strip_chars().cast(pl.Int32, strict=False).alias("_fu"))
         df = quarantine_where(q, file, df, pl.col("_fu").is_null() & ~blank(cols["follow_up"]),
                               pl.lit(f"unparseable {cols['follow_up']} (follow_up): ") + pl.col(cols["follow_up"]),
+                              idc, total=total)
+        df = quarantine_where(q, file, df, pl.col("_fu") < 0,
+                              pl.lit(f"negative {cols['follow_up']} (follow_up): ") + pl.col(cols["follow_up"]),
                               idc, total=total)
     for lb in cfg.labels:
         df = quarantine_where(q, file, df, bad_label(lb),

@@ -17,10 +17,12 @@ from medlake.catalog import Catalog, FileReport, IngestResult, Quarantine, publi
 from medlake.catalog.ingestkit import findings_rows
 from medlake.pipelines.adapters import Adapter
 from medlake.pipelines.adapters._csv import (
+    AGE_RANGE,
     ROW,
     blank,
     code_map,
     dedupe,
+    parse_number,
     quarantine_where,
     read_csv,
     stop_if_strict,
@@ -107,11 +109,8 @@ def ingest(
         + pl.lit(f"' (known: {', '.join(DX_TYPES)})"),
         "image_id", total=total,
     )
-    df = df.with_columns(pl.col("age").str.strip_chars().cast(pl.Float64, strict=False).alias("_age"))
-    df = quarantine_where(
-        q, file, df, pl.col("_age").is_null() & ~blank("age"),
-        pl.lit("unparseable age: ") + pl.col("age"), "image_id", total=total,
-    )
+    df = parse_number(q, file, df, "age", alias="_age", lo=AGE_RANGE[0], hi=AGE_RANGE[1],
+                      item="image_id", total=total)
 
     def known(col: str) -> pl.Expr:
         v = pl.col(col).str.strip_chars()

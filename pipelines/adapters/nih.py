@@ -14,7 +14,16 @@ import polars as pl
 from medlake.catalog import Catalog, FileReport, IngestResult, Quarantine, publish
 from medlake.catalog.ingestkit import ABSENT, findings_rows
 from medlake.pipelines.adapters import Adapter
-from medlake.pipelines.adapters._csv import ROW, blank, code_map, dedupe, quarantine_where, read_csv
+from medlake.pipelines.adapters._csv import (
+    AGE_RANGE,
+    ROW,
+    blank,
+    code_map,
+    dedupe,
+    parse_number,
+    quarantine_where,
+    read_csv,
+)
 
 DATASET = "nih-cxr14"
 FINDINGS = [
@@ -45,13 +54,14 @@ def ingest(
     df = quarantine_where(q, file, df, blank("Image Index"), "empty Image Index", ROW, total=total)
     df = dedupe(q, file, df, "Image Index", total=total)
     df = df.with_columns(
-        pl.col("Patient Age").str.strip_chars().cast(pl.Float64, strict=False).alias("_age"),
         pl.col("Follow-up #").str.strip_chars().cast(pl.Int32, strict=False).alias("_fu"),
         pl.col("Finding Labels").str.split("|").alias("_labels"),
     )
+    df = parse_number(q, file, df, "Patient Age", alias="_age", lo=AGE_RANGE[0], hi=AGE_RANGE[1],
+                      item="Image Index", total=total)
     df = quarantine_where(
-        q, file, df, pl.col("_age").is_null() & ~blank("Patient Age"),
-        pl.lit("unparseable Patient Age: ") + pl.col("Patient Age"), "Image Index", total=total,
+        q, file, df, pl.col("_fu") < 0,
+        pl.lit("negative Follow-up #: ") + pl.col("Follow-up #"), "Image Index", total=total,
     )
     df = quarantine_where(q, file, df, blank("Patient ID"), "empty Patient ID", "Image Index", total=total)
     unknown = pl.col("_labels").list.eval(pl.element().is_in(FINDINGS).not_()).list.any()

@@ -19,7 +19,15 @@ from typing import Any
 
 import polars as pl
 
-from medlake.catalog import Catalog, FileReport, IngestError, IngestResult, Quarantine, SchemaError, publish
+from medlake.catalog import (
+    Catalog,
+    FileReport,
+    IngestError,
+    IngestResult,
+    Quarantine,
+    SchemaError,
+    publish,
+)
 from medlake.catalog import __version__ as medlake_version
 from medlake.catalog.ingestkit import findings_rows, root_versions, sha256_file
 from medlake.pipelines.adapters import Adapter
@@ -28,6 +36,7 @@ from medlake.pipelines.adapters._csv import (
     blank,
     code_map,
     dedupe,
+    finite,
     link_to_images,
     quarantine_where,
     read_csv,
@@ -123,7 +132,7 @@ def ingest_bbox(
         q, file, df, blank("Finding Label"), "empty Finding Label", "Image Index", total=total
     )
     df = df.with_columns(
-        [pl.col(c).str.strip_chars().cast(pl.Float64, strict=False).alias(f"_{c}") for c in BOX_NAMES]
+        [finite(c).alias(f"_{c}") for c in BOX_NAMES]
     )
     bad_box = pl.any_horizontal([pl.col(f"_{c}").is_null() for c in BOX_NAMES])
     bad_box = bad_box | (pl.col("_w") <= 0) | (pl.col("_h") <= 0)

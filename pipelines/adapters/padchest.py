@@ -20,6 +20,7 @@ from medlake.catalog import Catalog, FileReport, IngestResult, Quarantine, publi
 from medlake.catalog.ingestkit import findings_rows
 from medlake.pipelines.adapters import Adapter
 from medlake.pipelines.adapters._csv import (
+    AGE_RANGE,
     ROW,
     blank,
     code_map,
@@ -149,6 +150,14 @@ def ingest(
     df = quarantine_where(
         q, file, df, pl.col("_date").is_null() & pl.col("_date_raw").is_not_null(),
         pl.lit("unparseable StudyDate_DICOM (expected YYYYMMDD): ") + pl.col("StudyDate_DICOM"),
+        "ImageID", total=total,
+    )
+    age = pl.col("_date").dt.year() - pl.col("_birth")
+    df = quarantine_where(
+        q, file, df, ~age.is_between(*AGE_RANGE) | (pl.col("_birth").is_not_null() & ~pl.col("_birth").is_finite()),
+        pl.format("age out of range ({} to {}): StudyDate_DICOM {} - PatientBirth {}",
+                  pl.lit(f"{AGE_RANGE[0]:g}"), pl.lit(f"{AGE_RANGE[1]:g}"),
+                  pl.col("StudyDate_DICOM"), pl.col("PatientBirth")),
         "ImageID", total=total,
     )
     df = df.with_columns(

@@ -23,11 +23,14 @@ from medlake.catalog import Catalog, FileReport, IngestError, IngestResult, Quar
 from medlake.catalog.ingestkit import findings_rows
 from medlake.pipelines.adapters import Adapter
 from medlake.pipelines.adapters._csv import (
+    AGE_RANGE,
     ROW,
     blank,
     code_map,
     dedupe,
+    finite,
     meta_json,
+    parse_number,
     quarantine_where,
     read_csv,
 )
@@ -122,11 +125,8 @@ def read_headers(
         q, file, df, ~pl.col("PatientID").is_in(known.implode()),
         "names a patientId that is not in the labels file", "PatientID", total=total,
     )
-    df = df.with_columns(pl.col("PatientAge").str.strip_chars().cast(pl.Float64, strict=False).alias("_age"))
-    df = quarantine_where(
-        q, file, df, pl.col("_age").is_null() & ~blank("PatientAge"),
-        pl.lit("unparseable PatientAge: ") + pl.col("PatientAge"), "PatientID", total=total,
-    )
+    df = parse_number(q, file, df, "PatientAge", alias="_age", lo=AGE_RANGE[0], hi=AGE_RANGE[1],
+                      item="PatientID", total=total)
     extra = {
         k: c for k, c in {
             "body_part": "BodyPartExamined", "conversion_type": "ConversionType",
@@ -186,7 +186,7 @@ def ingest(
     )
     box = ["x", "y", "width", "height"]
     df = df.with_columns(
-        [pl.col(c).str.strip_chars().cast(pl.Float64, strict=False).alias(f"_{c}") for c in box]
+        [finite(c).alias(f"_{c}") for c in box]
     )
     has_box = pl.all_horizontal([pl.col(f"_{c}").is_not_null() for c in box])
     any_text = pl.any_horizontal([~blank(c) for c in box])

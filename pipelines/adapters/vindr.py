@@ -16,7 +16,15 @@ import polars as pl
 from medlake.catalog import Catalog, FileReport, IngestResult, Quarantine, publish
 from medlake.catalog.ingestkit import findings_rows
 from medlake.pipelines.adapters import Adapter
-from medlake.pipelines.adapters._csv import ROW, blank, code_map, dedupe, quarantine_where, read_csv
+from medlake.pipelines.adapters._csv import (
+    ROW,
+    blank,
+    code_map,
+    dedupe,
+    finite,
+    quarantine_where,
+    read_csv,
+)
 from medlake.pipelines.adapters.nih_linked import boxes_json, no_options, raise_if_strict
 
 DATASET = "vindr-cxr"
@@ -91,7 +99,7 @@ def ingest(
         + pl.concat_str("class_id", "class_name", separator=" vs "), "image_id", total=total,
     )
     df = df.with_columns(
-        [pl.col(c).str.strip_chars().cast(pl.Float64, strict=False).alias(f"_{c}") for c in BOX]
+        [finite(c).alias(f"_{c}") for c in BOX]
     )
     is_nf = pl.col("class_name") == NO_FINDING
     ok_box = pl.all_horizontal([pl.col(f"_{c}").is_not_null() for c in BOX]) & (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import streamlit as st
 from PIL import Image
@@ -93,13 +94,24 @@ def _histogram(cat: Catalog) -> None:
     h = data.score_histogram(cat)
     if h.height == 0:
         return
-    thr = cat.ws.param("duplicates.threshold")
-    thr = float(thr) if isinstance(thr, (int, float)) else None
+    thr = duplicates_threshold(cat)
     rows = tuple(h.select("method", "score", "n").rows())
     png = cache.cached_file(cat, cache.file_key("score-histogram", rows, thr),
                             lambda: _histogram_png(rows, thr))
     st.image(str(png), caption="pairs per score bin and method" + (
         f"; red line: duplicates.threshold = {thr:g} (params.yaml)" if thr is not None else ""))
+
+
+def duplicates_threshold(cat: Any) -> float | None:
+    """The verification threshold pairs are scored against (``params.yaml: duplicates.ncc``,
+    validated by the stage's own params class); None when params.yaml is invalid."""
+    from medlake.catalog import CatalogError
+    from medlake.pipelines.registry import stages
+
+    try:
+        return float(stages()["duplicates"].load_params(cat).ncc)
+    except CatalogError:
+        return None
 
 
 def _histogram_png(rows: tuple, thr: float | None) -> Image.Image:
