@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export STREAMLIT_BROWSER_GATHER_USAGE_STATS := false
 
-.PHONY: demo test install lint clean-lake browser
+.PHONY: demo test install lint clean-lake browser generated
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
@@ -38,6 +38,11 @@ test: $(STAMP) browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check medlake catalog pipelines ui demo tests bench
+
+# regenerate what the stage declarations define: dvc.yaml and the tables in docs/ARCHITECTURE.md
+generated: $(STAMP)
+	$(BIN)/medlake pipeline
+	$(BIN)/python -m medlake.pipelines.registry
 
 clean-lake:
 	rm -rf lake

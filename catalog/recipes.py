@@ -6,6 +6,7 @@ A recipe lives in ``recipes/NAME.yaml`` of a workspace::
     parent: ham10000@dermamnist          # a root '<dataset>@<scheme>' or a derived version
     labels:                              # manifest label columns: name -> source[/finding]
       dx: {source: "ham10000:dx", finding: dx}
+      # edema: {source: "chexpert:report_nlp", finding: Edema, policy: U-Ones}
     duplicates:                          # duplicate evidence besides the clusters table
       clusters: true
       pairs: ["real:derm_corrected/ham10000_newly_discovered_duplicates.csv"]
@@ -76,12 +77,18 @@ class RecipeError(CatalogError):
 
 @dataclass(frozen=True)
 class LabelSpec:
-    """A manifest label column: values of ``source``'s ``finding`` (category, else value)."""
+    """A manifest label column: values of ``source``'s ``finding`` (category, else value).
+
+    ``policy``: ``(key, action)`` pairs of a :class:`catalog.consensus.CodePolicy` (what
+    ``uncertain``, ``not_mentioned``, a graded value ... become: exclude -> null, negative
+    -> ``0``, positive -> ``1``, category -> the meaning); empty: the stored values as they are.
+    """
 
     name: str
     source: str
     finding: str | None = None
     annotator: str = ""
+    policy: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -243,12 +250,20 @@ def _labels(where: str, raw: Any) -> tuple[LabelSpec, ...]:
             src, _, fin = v.partition("/")
             out.append(LabelSpec(str(name), src, fin or None))
         elif isinstance(v, dict) and isinstance(v.get("source"), str):
-            _no_unknown(f"{where}: labels.{name}", v, ("source", "finding", "annotator"))
+            _no_unknown(f"{where}: labels.{name}", v, ("source", "finding", "annotator", "policy"))
+            policy: tuple[tuple[str, str], ...] = ()
+            if v.get("policy") is not None:
+                from medlake.catalog.consensus import CodePolicy
+
+                try:
+                    policy = CodePolicy.parse(v["policy"], where=f"{where}: labels.{name}.policy").rules
+                except CatalogError as e:
+                    raise RecipeError(str(e)) from None
             out.append(LabelSpec(str(name), v["source"], v.get("finding"),
-                                 str(v.get("annotator") or "")))
+                                 str(v.get("annotator") or ""), policy))
         else:
             raise RecipeError(f"{where}: labels.{name} must be 'SOURCE[/FINDING]' or "
-                              "{source: ..., finding: ...}")
+                              "{source: ..., finding: ..., annotator: ..., policy: ...}")
     return tuple(out)
 
 

@@ -316,16 +316,21 @@ def _native_view(con: duckdb.DuckDBPyConnection, store: TableStore, name: str) -
     return []  # pragma: no cover - the loop returns or raises
 
 
-def _lock(con: duckdb.DuckDBPyConnection, memory_limit: str) -> None:
-    """Limit memory, drop every path-holding setting, then disable file access and lock."""
+def _check_memory_limit(memory_limit: str) -> str:
     if not _MEMORY.match(memory_limit):
         raise SQLError(
             f"memory limit '{memory_limit}' is not a size; give a number and a unit, "
             "e.g. '4GB' or '512MB'"
         )
+    return memory_limit.strip()
+
+
+def _lock(con: duckdb.DuckDBPyConnection, memory_limit: str) -> None:
+    """Limit memory, drop every path-holding setting, then disable file access and lock."""
+    memory_limit = _check_memory_limit(memory_limit)
     for stmt in _SANDBOX_SETTINGS:
         con.execute(stmt)
-    con.execute(f"SET memory_limit = {_quote(memory_limit.strip())}")
+    con.execute(f"SET memory_limit = {_quote(memory_limit)}")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
 
@@ -464,18 +469,22 @@ def run_query(
     timeout = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
     if timeout <= 0:
         raise SQLError(f"time limit {timeout_s} s is not positive; give seconds > 0")
+    memory_limit = _check_memory_limit(memory_limit or DEFAULT_MEMORY_LIMIT)
     lake = _open(tables_dir, pinned=True)
     con = lake.con
     stopped = threading.Event()
 
     def stop() -> None:
         stopped.set()
-        con.interrupt()
+        try:
+            con.interrupt()
+        except duckdb.Error:  # the query ended (and the connection closed) meanwhile
+            pass
 
     timer = threading.Timer(timeout, stop)
     timer.daemon = True
     try:
-        _lock(con, memory_limit or DEFAULT_MEMORY_LIMIT)
+        _lock(con, memory_limit)
         timer.start()
         reader = con.sql(stmt).to_arrow_reader(max(1, min(cap + 1, 1 << 16)))
         batches: list[pa.RecordBatch] = []

@@ -313,7 +313,7 @@ def file_state(files: Iterable[Path]) -> tuple[tuple[str, int, int, int], ...]:
 
 
 def shown_path(tables_dir: Path, path: Path) -> str:
-    """``lake/tables/<table>/<stage>/<file>``: a table file as the user knows it (no machine path)."""
+    """``lake/tables/<table>/<stage>/<file>``: a table file as users know it (no machine path)."""
     tables_dir = Path(tables_dir)
     try:
         rel = Path(path).relative_to(tables_dir).as_posix()
@@ -443,7 +443,7 @@ def _buffer_problem(buf: pa.Buffer) -> str | None:
 
 
 def _pin(path: Path) -> pa.Buffer:
-    """The bytes of ``path`` as they are now (read, or mapped: a later rename cannot change them)."""
+    """The bytes of ``path`` now (read, or mapped: a later rename cannot change them)."""
     if path.stat().st_size <= _SMALL_FILE:
         return pa.py_buffer(path.read_bytes())
     mm = pa.memory_map(str(path))

@@ -110,7 +110,47 @@ def load_label(catalog: Catalog, dataset_id: str, spec: LabelSpec) -> pl.DataFra
         pl.col("value").cast(pl.Int64).cast(pl.String)).otherwise(pl.col("value").cast(pl.String))
     text = (pl.when(pl.col("meaning") == "unknown").then(None)
             .otherwise(pl.coalesce(pl.col("category"), val)))
-    return ann.select("image_id", text.alias(spec.name))
+    if not spec.policy:
+        return ann.select("image_id", text.alias(spec.name))
+    return _with_policy(catalog, spec, ann, text)
+
+
+def _with_policy(catalog: Catalog, spec: LabelSpec, ann: pl.DataFrame,
+                 text: pl.Expr) -> pl.DataFrame:
+    """``image_id, <spec.name>`` with the label's code policy (``labels.NAME.policy``):
+    exclude -> null, negative -> ``'0'``, positive -> ``'1'``, category -> the meaning. For
+    an implicit-negative source a policy on its absent meaning (code_map ``(absent)``, else
+    ``not_mentioned``) also labels the covered images that have no row."""
+    from medlake.catalog.consensus import ABSENT_MEANING, CodePolicy, policy_key
+
+    pol = CodePolicy(spec.policy)
+
+    def as_text(action: str, name: pl.Expr) -> pl.Expr:
+        return {"exclude": pl.lit(None, pl.String), "negative": pl.lit("0"),
+                "positive": pl.lit("1")}.get(action, name)
+
+    for k, a in pol.meaning_rules():
+        text = pl.when(pl.col("meaning") == k).then(as_text(a, pl.lit(k))).otherwise(text)
+    for v, a in pol.value_rules():  # value rules win over meaning rules
+        text = pl.when(pl.col("value") == v).then(
+            as_text(a, pl.coalesce(pl.col("meaning"), pl.lit(policy_key(v))))).otherwise(text)
+    out = ann.select("image_id", text.alias(spec.name))
+    esc = spec.source.replace("'", "''")
+    src = catalog.read("sources", where=f"source_id = '{esc}'", columns=["negatives", "code_map"])
+    if src.height and src["negatives"][0] == "implicit":
+        try:
+            entry = (json.loads(src["code_map"][0] or "{}") or {}).get("(absent)") or {}
+        except ValueError:
+            entry = {}
+        meaning = entry.get("meaning") or ABSENT_MEANING
+        action = pol.as_dict().get(meaning)
+        if action is not None:
+            cov = catalog.read("coverage", where=f"source_id = '{esc}'", columns=["image_id"])
+            missing = cov.unique().join(ann.select("image_id"), on="image_id", how="anti")
+            out = pl.concat([out, missing.select(
+                "image_id", pl.lit(None, pl.String).alias(spec.name)).with_columns(
+                as_text(action, pl.lit(meaning)).alias(spec.name))])
+    return out
 
 
 def label_finding(catalog: Catalog, spec: LabelSpec) -> str:

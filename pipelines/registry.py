@@ -186,3 +186,23 @@ def params_doc() -> str:
 
 __all__ = ["ORDER", "ParamsError", "WorkspaceParams", "default_params", "default_params_yaml",
            "docs_table", "hints", "params_doc", "stages", "to_dict", "validate", "writers"]
+
+
+def write_docs(path: str = "docs/ARCHITECTURE.md") -> bool:
+    """Refresh the generated tables of docs/ARCHITECTURE.md (``make docs``); True if changed."""
+    from pathlib import Path
+
+    p = Path(path)
+    text = old = p.read_text()
+    for a, b, body in (("<!-- stages:begin -->", "<!-- stages:end -->", docs_table()),
+                       ("<!-- params:begin -->", "<!-- params:end -->", params_doc())):
+        pre, rest = text.split(a, 1)
+        _, post = rest.split(b, 1)
+        text = pre + a + "\n" + body + "\n" + b + post
+    if text != old:
+        p.write_text(text)
+    return text != old
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print("docs/ARCHITECTURE.md", "updated" if write_docs() else "current")

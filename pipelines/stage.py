@@ -145,6 +145,15 @@ class Counts:
     def __getitem__(self, key: str) -> Any:
         return self.counts[key]
 
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return dict(self.counts) == dict(other)
+        if isinstance(other, Counts):
+            return dict(self.counts) == dict(other.counts) and self.stage == other.stage
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.counts.get(key, default)
 

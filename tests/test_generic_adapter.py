@@ -311,7 +311,16 @@ def test_missing_manifest_column_is_a_schema_error(catalog: Catalog, data, tmp_p
 # --- flags-configured ingest through the CLI ------------------------------------------------------
 def test_flags_configured_ingest_via_cli(catalog: Catalog, data, tmp_path):
     runner = CliRunner()
-    args = ["ingest", "generic", str(tmp_path / "img"), "--dataset", "flagged", "-w", str(catalog.ws.root),
+    # a folder outside the workspace cannot become a pipeline input: a clear error
+    r = runner.invoke(main, ["ingest", "generic", str(tmp_path / "img"), "--dataset", "flagged",
+                             "-w", str(catalog.ws.root), "-o", "manifest=../m.csv", "-o", "id=image_id"])
+    assert r.exit_code == 1 and "outside the workspace" in r.output and "data/" in r.output
+    import shutil
+
+    shutil.copytree(tmp_path / "img", catalog.ws.root / "data/ext/img")
+    shutil.copy(tmp_path / "m.csv", catalog.ws.root / "data/ext/m.csv")
+    args = ["ingest", "generic", str(catalog.ws.root / "data/ext/img"), "--dataset", "flagged",
+            "-w", str(catalog.ws.root),
             "-o", "manifest=../m.csv", "-o", "id=image_id", "-o", "path=file", "-o", "group=lesion",
             "-o", "split=split", "-o", "label=dx:non_expert:category:clinic:diagnosis",
             "-o", "label=pneumo:expert:binary", "-o", "unknown=unknown", "-o", "meta=capture"]
@@ -322,11 +331,15 @@ def test_flags_configured_ingest_via_cli(catalog: Catalog, data, tmp_path):
     assert src == ["flagged:clinic", "flagged:pneumo"]
     im = catalog.read("images")
     assert im.height == 9 and set(im["dataset_id"]) == {"flagged"}
-    assert catalog.read("datasets")["images_root"].to_list() == ["../img"]
+    assert catalog.read("datasets")["images_root"].to_list() == ["data/ext/img"]
+    entry = catalog.ws.params()["ingest"][-1]  # recorded for 'dvc repro'
+    assert entry["path"] == "data/ext/img" and entry["dataset"] == "flagged"
+    assert entry["options"]["label"] == ["dx:non_expert:category:clinic:diagnosis",
+                                         "pneumo:expert:binary"]
     r = runner.invoke(main, [*args[:7], "-o", "manifest=../m.csv", "-o", "id=image_id", "-o", "colour=red"])
     assert r.exit_code == 1 and "unknown option 'colour'" in r.output
-    r = runner.invoke(main, ["ingest", "generic", str(tmp_path / "img"), "-w", str(catalog.ws.root),
-                             "-o", "manifest=../m.csv", "-o", "id=image_id"])
+    r = runner.invoke(main, ["ingest", "generic", str(catalog.ws.root / "data/ext/img"),
+                             "-w", str(catalog.ws.root), "-o", "manifest=../m.csv", "-o", "id=image_id"])
     assert r.exit_code == 1 and "--dataset" in r.output
 
 

@@ -35,6 +35,7 @@ def test_query_returns_rows(filled: Catalog):
     ("SELECT * FROM read_csv('/etc/passwd')", "disabled"),
     ("SELECT * FROM read_text('/etc/hostname')", "disabled"),
     ("COPY (SELECT 1) TO 'lake/out.csv'", "only read queries"),
+    ("EXPLAIN ANALYZE COPY (SELECT 1) TO 'lake/out.csv'", "only read queries"),
     ("COPY images TO '/srv/medlake-leak.csv'", "only read queries"),
     ("CREATE TABLE t AS SELECT 1", "only read queries"),
     ("ATTACH 'x.db'", "only read queries"),

@@ -313,7 +313,8 @@ def check_rows(
         Fields in the header; more is a long row.
     ids
         Id columns (values longer than ``MAX_ID_LENGTH`` characters are refused); the first
-        present one gives the quarantine ``item`` (control bytes escaped, cut at 80 characters).
+        present one gives the quarantine ``item`` (control bytes escaped, cut at 80 characters;
+        the row number when the id is blank).
     control
         Look for control bytes (False when the caller knows the input has none).
 
@@ -351,7 +352,7 @@ def check_rows(
                 col = reason[len(_CTRL_PREFIX):]
                 m = _CONTROL.search(r[col])
                 reason = f"control character (0x{ord(m.group()) if m else 0:02X}) in {col}"
-            item = None if key is None or r[key] is None else _escape(r[key])
+            item = str(r[ROW]) if key is None or not r[key] else _escape(r[key])
             rows.append({"row": r[ROW], "item": item, "reason": reason})
         q.add_frame(file, pl.DataFrame(rows, schema={"row": pl.Int64, "item": pl.String,
                                                      "reason": pl.String}), total=total)
