@@ -74,11 +74,13 @@ VIEWS: dict[str, str] = {
     "discrepancies": """
         WITH pol AS (
             SELECT DISTINCT g.finding, e.key AS source_id, m.key AS code,
-                   m.value ->> '$' AS action
+                   TRY_CAST(m.key AS DOUBLE) AS v, m.value ->> '$' AS action
             FROM (SELECT x.finding, to_json(x) ->> 'policy' AS policy
                   FROM (SELECT * FROM agreement WHERE subgroup = '') x) g,
                  json_each(g.policy, '$.sources') e, json_each(e.value) m
             WHERE g.policy IS NOT NULL
+        ), polv AS (SELECT * FROM pol WHERE v IS NOT NULL
+        ), polm AS (SELECT * FROM pol WHERE v IS NULL
         ), raw AS (
             SELECT a.image_id, f.shared_finding AS finding, a.source_id,
                    a.source_id || CASE WHEN a.annotator = '' THEN '' ELSE '/' || a.annotator END
@@ -92,10 +94,10 @@ VIEWS: dict[str, str] = {
                        WHEN 'positive' THEN '1.0' WHEN 'category' THEN coalesce(r.meaning, r.label)
                        ELSE r.label END AS label
             FROM raw r
-            LEFT JOIN pol pv ON pv.source_id = r.source_id AND pv.finding = r.finding
-                            AND TRY_CAST(pv.code AS DOUBLE) = r.value
-            LEFT JOIN pol pm ON pm.source_id = r.source_id AND pm.finding = r.finding
-                            AND pm.code = r.meaning
+            LEFT JOIN polv pv ON pv.source_id = r.source_id AND pv.finding = r.finding
+                             AND pv.v = r.value
+            LEFT JOIN polm pm ON pm.source_id = r.source_id AND pm.finding = r.finding
+                             AND pm.code = r.meaning
         ), implicit_neg AS (
             SELECT k.image_id, k.finding, s.source_id, s.source_id AS rater,
                    CASE p.action
@@ -109,7 +111,7 @@ VIEWS: dict[str, str] = {
             JOIN coverage c ON c.image_id = k.image_id
             JOIN sources s ON s.source_id = c.source_id AND s.negatives = 'implicit'
             JOIN findings f ON f.source_id = s.source_id AND f.shared_finding = k.finding
-            LEFT JOIN pol p ON p.source_id = s.source_id AND p.finding = k.finding
+            LEFT JOIN polm p ON p.source_id = s.source_id AND p.finding = k.finding
                 AND p.code = coalesce(json_extract_string(s.code_map, '$."(absent)".meaning'),
                                       'not_mentioned')
             ANTI JOIN raw l ON l.image_id = k.image_id AND l.finding = k.finding

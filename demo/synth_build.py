@@ -13,16 +13,30 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import yaml
 from PIL import Image
 
 from medlake.demo import synth_draw as draw
 
-KINDS = ("exact", "reencoded", "resized", "cropped", "mirrored", "relit", "rotated", "combined")
+KINDS = ("exact", "reencoded", "resized", "cropped", "mirrored", "relit", "rotated", "combined",
+         "crop_resized", "crop_combined")
+# how often each kind is drawn: crops resized afterwards (how derived datasets are made, e.g.
+# DermaMNIST from HAM10000, "centre crop + resize to 224") and crops combined with another
+# change count twice
+KIND_WEIGHTS = (1, 1, 1, 1, 1, 1, 1, 1, 2, 2)
 _COMBINABLE = ("resized", "cropped", "mirrored", "relit", "rotated")
+# what happened to a crop's pixels after cropping (the ``crop`` column of truth_files.csv):
+# kept at the cropped size, resized to the original's width x height (aspect changes when the
+# crop's differs), to a fixed 224 x 224, to a small square (28-64 px, MedMNIST-like), or
+# scaled up / down with the crop's aspect kept
+CROP_KINDS = ("kept", "to_original", "to_224", "to_small", "scaled_up", "scaled_down")
+_CROP_AFTER = ("mirrored", "rotated", "relit", "reencoded")  # crop_combined: crop, then one of
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area", "lanczos")
+_KIND_P = np.array(KIND_WEIGHTS, dtype=np.float64) / sum(KIND_WEIGHTS)
 TRUTH_COLUMNS = ["file", "modality", "image_id", "capture_id", "group_id", "patient_id",
-                 "role", "transform", "detail"]
+                 "role", "transform", "crop", "detail"]
 SPLITS, SPLIT_P = ["train", "val", "test"], [0.7, 0.15, 0.15]
 DX = list(draw.DX_COLOUR)
 DX_P = [0.6, 0.12, 0.12, 0.07, 0.05, 0.02, 0.02]
@@ -71,20 +85,71 @@ def decode(data: bytes) -> np.ndarray:
         return np.asarray(im.convert(im.mode))
 
 
+_PIL_INTERP = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+               "bicubic": Image.Resampling.BICUBIC, "area": Image.Resampling.BOX,
+               "lanczos": Image.Resampling.LANCZOS}
+_CV_INTERP = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR,
+              "bicubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
+
+
+def resize(rng: np.random.Generator, arr: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """``arr`` resized to ``size`` (w, h) with a drawn interpolation and library.
+
+    PIL filters over the source pixels a downscale covers (antialiased); OpenCV's nearest,
+    bilinear, bicubic and Lanczos sample a fixed neighbourhood (aliasing when shrinking), as
+    pipelines that call ``cv2.resize`` do. Returns the pixels and e.g. ``224x224,cv2-area``.
+    """
+    interp = INTERPOLATIONS[int(rng.integers(len(INTERPOLATIONS)))]
+    lib = "cv2" if rng.random() < 0.5 else "pil"
+    size = (max(1, int(size[0])), max(1, int(size[1])))
+    if lib == "cv2":
+        out = cv2.resize(np.ascontiguousarray(arr), size, interpolation=_CV_INTERP[interp])
+    else:
+        out = np.asarray(Image.fromarray(arr).resize(size, _PIL_INTERP[interp]))
+    return out, f"{size[0]}x{size[1]},{lib}-{interp}"
+
+
+def crop(rng: np.random.Generator, arr: np.ndarray) -> tuple[np.ndarray, str]:
+    """A crop of 40-90% of the area at a random place, its aspect changed by up to 4:3."""
+    h, w = arr.shape[:2]
+    area = rng.uniform(0.4, 0.9)
+    ar = float(np.exp(rng.uniform(np.log(0.75), np.log(4 / 3))))
+    cw, ch = min(w, round(w * np.sqrt(area * ar))), min(h, round(h * np.sqrt(area / ar)))
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return arr[y0:y0 + ch, x0:x0 + cw].copy(), f"box={x0},{y0},{cw},{ch}"
+
+
+def crop_then(rng: np.random.Generator, arr: np.ndarray, how: str) -> tuple[np.ndarray, str]:
+    """:func:`crop`, then its pixels resized as ``how`` (one of :data:`CROP_KINDS`) says."""
+    h, w = arr.shape[:2]
+    out, d = crop(rng, arr)
+    ch, cw = out.shape[:2]
+    if how == "kept":
+        return out, d
+    if how == "to_original":
+        size = (w, h)
+    elif how == "to_224":
+        size = (224, 224)
+    elif how == "to_small":
+        side = int(rng.integers(28, 65))
+        size = (side, side)
+    else:
+        s = rng.uniform(1.2, 2.0) if how == "scaled_up" else rng.uniform(0.35, 0.8)
+        size = (max(16, round(cw * s)), max(16, round(ch * s)))
+    out, r = resize(rng, out, size)
+    return out, f"{d},resize={r}"
+
+
 def transform(rng: np.random.Generator, arr: np.ndarray, kind: str) -> tuple[np.ndarray, str]:
     """Apply one geometric or photometric change; returns the pixels and its parameters."""
     im = Image.fromarray(arr)
     w, h = im.size
     if kind == "resized":
-        s = rng.uniform(0.3, 0.9)
-        size = (max(16, round(w * s)), max(16, round(h * s)))
-        return np.asarray(im.resize(size, Image.Resampling.BILINEAR)), f"scale={s:.3f}"
+        s = rng.uniform(0.3, 0.9) if rng.random() < 0.75 else rng.uniform(1.1, 1.6)
+        out, r = resize(rng, arr, (max(16, round(w * s)), max(16, round(h * s))))
+        return out, f"scale={s:.3f},{r}"
     if kind == "cropped":
-        area = rng.uniform(0.55, 0.7)
-        ar = rng.uniform(0.85, 1.15)
-        cw, ch = min(w, round(w * np.sqrt(area) * ar)), min(h, round(h * np.sqrt(area) / ar))
-        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        return np.asarray(im.crop((x0, y0, x0 + cw, y0 + ch))), f"box={x0},{y0},{cw},{ch}"
+        return crop(rng, arr)
     if kind == "mirrored":
         if arr.ndim == 3 and rng.random() < 0.4:  # dermoscopy has no up or down
             return arr[::-1].copy(), "flip=vertical"
@@ -102,23 +167,40 @@ def transform(rng: np.random.Generator, arr: np.ndarray, kind: str) -> tuple[np.
     raise ValueError(f"unknown transform '{kind}'")
 
 
-def _derive(rng: np.random.Generator, original: bytes, fmt: str, kind: str) -> tuple[bytes, str, str]:
-    """A near duplicate of an encoded original: (bytes, extension, detail)."""
+def _derive(rng: np.random.Generator, original: bytes, fmt: str,
+            kind: str) -> tuple[bytes, str, str, str]:
+    """A near duplicate of an encoded original: (bytes, extension, crop kind, detail).
+
+    The crop kind is one of :data:`CROP_KINDS` when the file was cropped, else "".
+    """
     if kind == "exact":
-        return original, fmt, ""
+        return original, fmt, "", ""
     arr = decode(original)
     if kind == "reencoded":
-        q = int(rng.integers(55, 80))
-        return encode(arr, "jpg", q), "jpg", f"jpeg_quality={q}"
+        q = int(rng.integers(30, 96))
+        return encode(arr, "jpg", q), "jpg", "", f"jpeg_quality={q}"
     if kind == "combined":
         picks = rng.choice(len(_COMBINABLE), size=2, replace=False)
         details = []
         for p in sorted(int(i) for i in picks):
             arr, d = transform(rng, arr, _COMBINABLE[p])
             details.append(f"{_COMBINABLE[p]}({d})")
-        return encode(arr, fmt), fmt, "+".join(details)
+        return encode(arr, fmt), fmt, "kept" if "cropped" in details[-1] else "", "+".join(details)
+    if kind == "crop_resized":
+        how = CROP_KINDS[1 + int(rng.integers(len(CROP_KINDS) - 1))]
+        arr, d = crop_then(rng, arr, how)
+        return encode(arr, fmt), fmt, how, d
+    if kind == "crop_combined":
+        how = CROP_KINDS[int(rng.integers(len(CROP_KINDS)))]
+        arr, d = crop_then(rng, arr, how)
+        after = _CROP_AFTER[int(rng.integers(len(_CROP_AFTER)))]
+        if after == "reencoded":
+            q = int(rng.integers(30, 96))
+            return encode(arr, "jpg", q), "jpg", how, f"cropped({d})+reencoded(jpeg_quality={q})"
+        arr, d2 = transform(rng, arr, after)
+        return encode(arr, fmt), fmt, how, f"cropped({d})+{after}({d2})"
     arr, d = transform(rng, arr, kind)
-    return encode(arr, fmt), fmt, d
+    return encode(arr, fmt), fmt, "kept" if kind == "cropped" else "", d
 
 
 def _draw_capture(m: str, rng: np.random.Generator, anatomy: dict[str, Any],
@@ -253,14 +335,15 @@ def _capture_items(m: str, cap: dict[str, Any], ci: int, seed: int, mi: int, dup
     rng = rng_for(seed, mi, 1, ci)
     data, ext = _draw_capture(m, rng, cap["anatomy"], cap)
     out = [{"cap": cap, "ci": ci, "data": data, "ext": ext, "role": "original",
-            "transform": "", "detail": "", "hidden": False}]
+            "transform": "", "crop": "", "detail": "", "hidden": False}]
     if rng.random() >= dup_rate:
         return out
     for _ in range(1 if rng.random() < 0.8 else 2):
-        kind = KINDS[int(rng.integers(len(KINDS)))]
-        d, e, detail = _derive(rng, data, ext, kind)
+        kind = KINDS[int(rng.choice(len(KINDS), p=_KIND_P))]
+        d, e, how, detail = _derive(rng, data, ext, kind)
         out.append({"cap": cap, "ci": ci, "data": d, "ext": e, "role": "derived",
-                    "transform": kind, "detail": detail, "hidden": rng.random() < hidden_rate})
+                    "transform": kind, "crop": how, "detail": detail,
+                    "hidden": rng.random() < hidden_rate})
     return out
 
 
@@ -292,7 +375,8 @@ def _write(m: str, items: list[dict[str, Any]], seed: int, mi: int,
         truth.append({"file": f"images/{m}/{name}", "modality": m, "image_id": image_id,
                       "capture_id": cap.get("capture_id", ""), "group_id": group,
                       "patient_id": cap.get("patient_id", ""), "role": it["role"],
-                      "transform": it["transform"], "detail": it["detail"]})
+                      "transform": it["transform"], "crop": it.get("crop", ""),
+                      "detail": it["detail"]})
     rows.sort(key=lambda r: r["image_id"])
     write_csv(root / f"{m}_manifest.csv", rows, MANIFEST[m])
     (root / f"{m}.yaml").write_text(yaml.safe_dump(adapter_config(m), sort_keys=False),

@@ -3,8 +3,10 @@
 ``generate(out_dir, n_captures=...)`` writes two datasets (dermoscopy-like colour images and
 chest-X-ray-like greyscale images) that carry the problems medlake audits: patients and
 lesions with several images whose images are split per image (so groups leak across
-train/val/test), label sources that disagree, near duplicates of eight kinds derived from one
-capture, repeat captures of the same lesion or patient that look alike but are *not*
+train/val/test), label sources that disagree, near duplicates of ten kinds derived from one
+capture (crops of 40-90% of the area, kept or resized to the original size, to 224 x 224, to
+a small square or by a factor, with five interpolations; JPEG quality 30-95; crops combined
+with a mirror, rotation, relighting or JPEG), repeat captures of the same lesion or patient that look alike but are *not*
 duplicates, non-medical outliers and one truncated file. Output is byte-identical for the same
 arguments: a seeded numpy Generator per capture, fixed encoder settings, sorted listings and
 no timestamps.
@@ -14,8 +16,9 @@ Layout of ``out_dir``::
     images/derm/D00001.jpg ...     images/cxr/C00001.png ...
     derm_manifest.csv  cxr_manifest.csv    one row per image file (labels, split, groups)
     derm.yaml  cxr.yaml                    generic-adapter configs (medlake ingest generic)
-    truth_files.csv   every file: capture_id, role (original/derived/outlier/corrupt), transform
-    truth_pairs.csv   every pair of files derived from one capture: file_a, file_b, kind
+    truth_files.csv   every file: capture_id, role (original/derived/outlier/corrupt), transform,
+                      crop (what followed a crop: kept, to_original, to_224, to_small, ...)
+    truth_pairs.csv   every pair of files derived from one capture: file_a, file_b, kind, crop
 
 Example
 -------
@@ -37,6 +40,7 @@ from medlake.demo import synth_build as build
 
 MODALITIES = ("derm", "cxr")
 KINDS = build.KINDS
+CROP_KINDS = build.CROP_KINDS
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class SynthSummary:
     groups: dict[str, int] = field(default_factory=dict)  # lesions (derm) / patients (cxr)
     roles: dict[str, int] = field(default_factory=dict)  # original/derived/outlier/corrupt
     kinds: dict[str, int] = field(default_factory=dict)  # derived files per transform kind
+    crops: dict[str, int] = field(default_factory=dict)  # cropped derived files per crop kind
     true_pairs: int = 0
 
     @property
@@ -61,9 +66,10 @@ class SynthSummary:
         per = ", ".join(f"{m}: {n}" for m, n in self.images.items())
         roles = ", ".join(f"{k} {v}" for k, v in self.roles.items())
         kinds = ", ".join(f"{k} {v}" for k, v in self.kinds.items())
+        crops = ", ".join(f"{k} {v}" for k, v in self.crops.items())
         return (
             f"wrote {self.n_images} images ({per}) to {self.out_dir}\n"
-            f"  roles: {roles}\n  derived kinds: {kinds}\n"
+            f"  roles: {roles}\n  derived kinds: {kinds}\n  crops by what followed: {crops}\n"
             f"  true duplicate pairs: {self.true_pairs}; groups: {self.groups}"
         )
 
@@ -133,7 +139,8 @@ def generate(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    counts: dict[str, Any] = {k: {} for k in ("images", "captures", "groups", "roles", "kinds")}
+    counts: dict[str, Any] = {k: {} for k in ("images", "captures", "groups", "roles", "kinds",
+                                              "crops")}
     n_pairs = 0
     try:
         truth: list[dict[str, Any]] = []
@@ -150,12 +157,16 @@ def generate(
             counts["roles"][f["role"]] = counts["roles"].get(f["role"], 0) + 1
             if f["role"] == "derived":
                 counts["kinds"][f["transform"]] = counts["kinds"].get(f["transform"], 0) + 1
+                if f.get("crop"):
+                    counts["crops"][f["crop"]] = counts["crops"].get(f["crop"], 0) + 1
         counts["kinds"] = {k: counts["kinds"][k] for k in KINDS if k in counts["kinds"]}
+        counts["crops"] = {k: counts["crops"][k] for k in CROP_KINDS if k in counts["crops"]}
         truth.sort(key=lambda f: f["file"])
         build.write_csv(tmp / "truth_files.csv", truth, build.TRUTH_COLUMNS)
         pairs = true_pairs(truth)
         n_pairs = len(pairs)
-        build.write_csv(tmp / "truth_pairs.csv", pairs, ["file_a", "file_b", "kind", "capture_id"])
+        build.write_csv(tmp / "truth_pairs.csv", pairs,
+                        ["file_a", "file_b", "kind", "crop", "capture_id"])
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +181,8 @@ def true_pairs(truth: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every pair of files derived from one capture (original and derived, or two derived).
 
     ``kind`` is the derived file's transform for an (original, derived) pair and
-    ``sibling`` for two files derived from the same original. Repeat captures of one
+    ``sibling`` for two files derived from the same original; ``crop`` is the derived file's
+    crop kind (:data:`CROP_KINDS`; "" when it was not cropped, and for siblings). Repeat captures of one
     patient or lesion have different capture ids, so they never form a true pair.
     """
     by_cap: dict[str, list[dict[str, Any]]] = {}
@@ -180,11 +192,14 @@ def true_pairs(truth: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for cap in sorted(by_cap):
         for a, b in itertools.combinations(sorted(by_cap[cap], key=lambda f: f["file"]), 2):
+            crop = ""
             if "original" in (a["role"], b["role"]):
-                kind = b["transform"] if a["role"] == "original" else a["transform"]
+                d = b if a["role"] == "original" else a
+                kind, crop = d["transform"], d.get("crop", "")
             else:
                 kind = "sibling"
-            rows.append({"file_a": a["file"], "file_b": b["file"], "kind": kind, "capture_id": cap})
+            rows.append({"file_a": a["file"], "file_b": b["file"], "kind": kind, "crop": crop,
+                         "capture_id": cap})
     return rows
 
 

@@ -413,8 +413,8 @@ def resolve(
         for k, a in e.policy.rules:
             if a not in FAMILY_ACTIONS[inf.family]:
                 raise CatalogError(
-                    f"{where}: {k!r}: {a!r} is not possible for a {inf.family}-valued source; "
-                    f"use {' or '.join(FAMILY_ACTIONS[inf.family])}")
+                    f"{where}: {k!r}: {a!r} is not possible for '{e.source}' (value type "
+                    f"{inf.family}); use {' or '.join(FAMILY_ACTIONS[inf.family])}")
             if not inf.has_code_map:
                 continue
             known = k in inf.values if key_value(k) is not None else k in inf.meanings

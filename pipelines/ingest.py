@@ -66,6 +66,10 @@ def run(
     if not p.exists():
         raise CatalogError(f"{path}: no such file or folder (format '{fmt}')")
     ds = dataset_id or ad.dataset_id
+    if dataset_id:  # before reading anything (publish checks every id again)
+        from medlake.catalog.ingestkit import check_dataset_id
+
+        check_dataset_id(dataset_id, where="--dataset")
     if ad.links_to and not catalog.image_ids(ds).height:
         raise CatalogError(
             f"format '{fmt}' labels images of dataset '{ds}', which is not ingested yet; "

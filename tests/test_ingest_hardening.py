@@ -227,6 +227,24 @@ def test_packed_export_and_symlinks_in_shards(catalog, tmp_path):
 
 
 # --- 3. bad ingest input ---------------------------------------------------------------------
+@pytest.mark.parametrize("row,reason", [
+    ("a2,a2.png,train,-5,nv,", "age (age) out of range (0 to 200): -5"),
+    ("a2,a2.png,train,1e400,nv,", "age (age) out of range (0 to 200): 1e400"),
+    ("a2,a2.png,train", "short row: 3 of 6 fields"),
+    ("a2,a2.png,train,40,n\x00v,", "control character (0x00) in dx"),
+    ("a2,a2.png,train,40,nv,x,extra", "long row: 7 fields, the header has 6"),
+    ("x" * 100_000 + ",a2.png,train,40,nv,", "image_id longer than 512 characters (100000 characters)"),
+])
+def test_each_bad_row_is_quarantined_with_a_reason(catalog, row, reason):
+    """One defect per case, between two good rows (each was ingested, or crashed, before)."""
+    res = ingest.run(catalog, "generic", dataset(catalog, ["a1,a1.png,train,40,nv,", row,
+                                                           "a3,a3.png,train,40,nv,"]))
+    balanced(res)
+    assert (res.rows_read, res.rows_quarantined) == (3, 1)
+    assert quarantine(catalog) == {2: reason}
+    assert sorted(catalog.read("images")["native_id"]) == ["a1", "a3"]
+
+
 def test_bad_cells_short_rows_control_bytes_long_ids(catalog):
     long_id = "x" * 100_000
     rows = [
@@ -279,9 +297,9 @@ def test_public_adapter_uses_the_same_reader(catalog):
     p = catalog.ws.root / "data" / "ham.csv"
     p.parent.mkdir(parents=True)
     head = "lesion_id,image_id,dx,dx_type,age,sex,localization"
-    p.write_text("\n".join([head, "H1,I1,nv,histo,40,male,back", "H2,I2,nv,histo,-5,male,back",
-                            "H3,I3,nv,histo,1e400,male,back", "H4,I4,nv,histo,40",
-                            "H5,I5,n\x00v,histo,40,male,back"]) + "\n")
+    lines = [head, "H1,I1,nv,histo,40,male,back", "H2,I2,nv,histo,-5,male,back",
+             "H3,I3,nv,histo,1e400,male,back", "H4,I4,nv,histo,40", "H5,I5,n\x00v,histo,40,male,back"]
+    p.write_text("".join(f"{line}\n" for line in lines))
     res = ingest.run(catalog, "ham10000", p)
     balanced(res)
     q = quarantine(catalog)
@@ -334,3 +352,18 @@ def test_ids_at_the_limit_and_materialize_after_quarantine(catalog):
     m = load_version(catalog.ws.versions_dir / "lim")
     assert sorted(len(n) for n in m["native_id"]) == [1, MAX_ID_LENGTH]
     assert all(len(Path(f).name) <= MAX_NAME + 4 for f in m["file"])
+
+
+def test_parquet_manifest_gets_the_same_row_checks(catalog):
+    cfg = dataset(catalog, ["a1,a1.png,train,40,nv,", "a2,a2.png,train,40,nv,", "a3,a3.png,train,40,nv,"],
+                  name="pq")
+    root = cfg.parent
+    pl.DataFrame({"image_id": ["a1", "a2", "z" * 600], "file": ["a1.png", "a2.png", "a3.png"],
+                  "split": ["train"] * 3, "age": [40.0, float("inf"), 40.0],
+                  "dx": ["nv", "nv", "n\x1bv"], "note": [None] * 3}).write_parquet(root / "m.parquet")
+    cfg.write_text(cfg.read_text().replace("manifest: m.csv", "manifest: m.parquet"))
+    res = ingest.run(catalog, "generic", cfg)
+    balanced(res)
+    assert quarantine(catalog) == {2: "age (age) out of range (0 to 200): inf",
+                                   3: "control character (0x1B) in dx"}
+    assert catalog.read("images")["native_id"].to_list() == ["a1"]

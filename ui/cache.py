@@ -1,17 +1,19 @@
 """What makes pages open fast on a big lake: one DuckDB connection, cached results, thumbnails.
 
 * :func:`signature` is the state of the lake's tables: the modification times of every table
-  and stage folder (a stage publishes a partition by renaming a file into its stage folder,
-  which changes that folder's mtime). It is cheap (a few dozen ``stat`` calls) and is part
-  of every cache key below, so new stage output is seen on the next rerun.
+  and stage folder and the inode, size and modification time of every table file (a stage
+  publishes a partition by renaming a new file into its stage folder). It is cheap (one
+  ``stat`` per folder and file) and is part of every cache key below, so new stage output is
+  seen on the next rerun.
 * :func:`connection` is one DuckDB connection with the table views per signature, shared by
   every session (``st.cache_resource``); each query runs on its own cursor, so sessions in
   different threads never share a cursor.
 * :func:`query` caches query results per (signature, SQL, parameters) (``st.cache_data``):
   aggregates over 50k pairs or 600k labels run once per lake state, not once per rerun.
   When the signature changed while a query ran (a stage replaced or removed a file) the
-  query runs again on the new state, so readers never fail because of a concurrent write;
-  a broken table file gives :class:`~medlake.catalog.SQLError` with one line naming it.
+  query runs again on the new state (the last time uncached, through ``Catalog.query``,
+  which ends on pinned files), so readers never fail because of a concurrent write; a
+  broken table file gives :class:`~medlake.catalog.SQLError` with one line naming it.
 * :func:`cached_file` writes rendered images (thumbnails, converted full-size images,
   blends) once under ``lake/cache/ui/`` with an atomic rename, keyed by their inputs' paths,
   sizes and mtimes, so a thumbnail is decoded once per file version, across restarts.
@@ -41,8 +43,12 @@ from medlake.catalog.tables import READ_ATTEMPTS
 UNCACHED_TABLES = ("reviews",)  # read fresh through catalog.reviews
 
 
-def signature(tables_dir: Path) -> tuple[tuple[str, int], ...]:
-    """``(folder, mtime_ns)`` of every table folder and stage folder under ``tables_dir``.
+def signature(tables_dir: Path) -> tuple[tuple[Any, ...], ...]:
+    """The state of the lake's table files (reviews left out), as a hashable key.
+
+    ``(folder, mtime_ns)`` of every table and stage folder and ``(file, inode, size,
+    mtime_ns)`` of every Parquet file in them. Folder times alone miss a file replaced twice
+    within one tick of the file-system clock; a replacing rename always gives a new inode.
 
     Parameters
     ----------
@@ -52,9 +58,9 @@ def signature(tables_dir: Path) -> tuple[tuple[str, int], ...]:
     Returns
     -------
     tuple
-        Sorted pairs; equal signatures mean no partition was added, replaced or removed.
+        Sorted entries; equal signatures mean no partition was added, replaced or removed.
     """
-    out: list[tuple[str, int]] = []
+    out: list[tuple[Any, ...]] = []
     try:
         tables = sorted(os.scandir(tables_dir), key=lambda e: e.name)
     except FileNotFoundError:
@@ -62,11 +68,27 @@ def signature(tables_dir: Path) -> tuple[tuple[str, int], ...]:
     for t in tables:
         if not t.is_dir() or t.name in UNCACHED_TABLES:
             continue
-        out.append((t.name, t.stat().st_mtime_ns))
-        for s in sorted(os.scandir(t.path), key=lambda e: e.name):
-            if s.is_dir():
-                out.append((f"{t.name}/{s.name}", s.stat().st_mtime_ns))
+        try:
+            out.append((t.name, t.stat().st_mtime_ns))
+            _add_folder(out, t.name, t.path)
+        except FileNotFoundError:  # removed meanwhile: the signature differs anyway
+            out.append((t.name, -1))
     return tuple(out)
+
+
+def _add_folder(out: list[tuple[Any, ...]], name: str, path: str) -> None:
+    for e in sorted(os.scandir(path), key=lambda e: e.name):
+        if e.name.startswith("."):  # temporary files of writers in progress
+            continue
+        if e.is_dir():
+            out.append((f"{name}/{e.name}", e.stat().st_mtime_ns))
+            _add_folder(out, f"{name}/{e.name}", e.path)
+        elif e.name.endswith(".parquet"):
+            try:
+                st_ = e.stat()
+                out.append((f"{name}/{e.name}", st_.st_ino, st_.st_size, st_.st_mtime_ns))
+            except FileNotFoundError:
+                out.append((f"{name}/{e.name}", -1))
 
 
 @st.cache_resource(max_entries=2, show_spinner=False)
@@ -113,21 +135,21 @@ def query(cat: Catalog, sql: str, params: list[Any] | tuple = ()) -> pl.DataFram
         When a table the query reads has a file that is not valid Parquet.
     """
     root, tables_dir, args = str(cat.ws.root), cat.ws.tables_dir, tuple(params or ())
-    for attempt in range(READ_ATTEMPTS):
-        last = attempt == READ_ATTEMPTS - 1
+    for _ in range(READ_ATTEMPTS - 1):
         sig = signature(tables_dir)
         try:
             df = _query(root, sig, sql, args)
         except duckdb.Error as e:
-            if not last and signature(tables_dir) != sig:
+            if signature(tables_dir) != sig:
                 continue  # a stage replaced or removed a file meanwhile: read the new state
             msg = broken_file_message(e)
             if msg is not None:  # one line naming the file, not a DuckDB traceback
                 raise SQLError(msg) from None
             raise
-        if last or signature(tables_dir) == sig:
+        if signature(tables_dir) == sig:
             return df
-    raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns
+    # files kept changing: read once more without the cache (retries, then pinned files)
+    return cat.query(sql, list(args))
 
 
 def cache_dir(cat: Catalog) -> Path:

@@ -41,6 +41,7 @@ ROW = "__row"  # 1-based data row number (header not counted)
 #: control bytes refused in any cell (tab, LF and CR are allowed)
 CONTROL = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F]"
 _CONTROL = re.compile(CONTROL)
+_CONTROL_CHARS = [chr(b) for b in (*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F)]
 _CTRL_PREFIX = "control character in "
 #: accepted ages in years, both ends included (wider than any real age, so only sign errors,
 #: overflow and unit mistakes are caught; RSNA's DICOM headers hold ages up to 155)
@@ -89,12 +90,12 @@ def read_csv(
     header, codec = _sniff(path)
     data = load_text(path) if codec else None  # UTF-16/32: decoded to UTF-8 first
     counts = None
+    src: Path | bytes = path if data is None else data
     try:
-        df = _polars_read(path if data is None else data, name, ragged=False, **kw)
+        df = _polars_read(src, name, ragged=False, **kw)
     except _Ragged:  # a row longer than the header: count every row's fields, then read
-        data = load_text(path) if data is None else data
-        counts = _field_counts(name, data)
-        df = _polars_read(data, name, ragged=True, **kw)
+        counts = _field_counts(name, src)
+        df = _polars_read(src, name, ragged=True, **kw)
     require_columns(name, df.columns, expected)
     df = df.with_row_index(ROW, offset=1).with_columns(pl.col(ROW).cast(pl.Int64))
     total = df.height
@@ -104,7 +105,7 @@ def read_csv(
     pos = [i for i, h in enumerate(header) if h.strip() and h in read]
     need = pos[-1] + 1 if pos else 0
     if counts is None and need and df[header[need - 1]].null_count():
-        counts = _field_counts(name, load_text(path) if data is None else data)
+        counts = _field_counts(name, src)
     if counts is not None and len(counts) != total:
         raise IngestError(
             f"{name}: found {len(counts):,} rows when counting fields but {total:,} when reading; "
@@ -252,19 +253,29 @@ def _header(name: str, line: str) -> list[str]:
     return names
 
 
-def _field_counts(name: str, data: bytes) -> Any:
+def _field_counts(name: str, src: Path | bytes) -> Any:
     """Fields per data row (numpy int64 array; 0 for a blank line), header not included.
 
-    Lines are counted one by one (Polars, no quoting): commas in a line without quote
-    characters; otherwise commas outside quoted text, with the lines of a quoted field that
-    spans line breaks joined to their row first. Falls back to Python's ``csv`` module when
-    every candidate separator byte occurs in the file.
+    Lines are read one by one by Polars (no quoting, a separator byte the file lacks):
+    commas in a line without quote characters; otherwise commas outside quoted text, with
+    the lines of a quoted field that spans line breaks joined to their row first. Falls back
+    to Python's ``csv`` module when no candidate separator byte is free.
     """
-    sep = next((c for c in ("\x1f", "\x1e", "\x1d", "\x1c", "\x01") if c.encode() not in data), None)
-    if sep is None:
-        return _field_counts_slow(name, data)
-    lines = pl.read_csv(io.BytesIO(data), has_header=False, separator=sep, quote_char=None,
-                        new_columns=["l"], infer_schema=False).with_columns(pl.col("l").fill_null(""))
+    lines = None
+    if isinstance(src, Path):  # Polars decompresses; \x1f (unit separator) is rare in text
+        try:
+            lines = pl.read_csv(src, has_header=False, separator="\x1f", quote_char=None,
+                                new_columns=["l"], infer_schema=False)
+        except (pl.exceptions.PolarsError, OSError):
+            src = load_text(src)  # the byte occurs: pick another below
+    if lines is None:
+        assert isinstance(src, bytes)
+        sep = next((c for c in ("\x1f", "\x1e", "\x1d", "\x1c", "\x01") if c.encode() not in src), None)
+        if sep is None:
+            return _field_counts_slow(name, src)
+        lines = pl.read_csv(io.BytesIO(src), has_header=False, separator=sep, quote_char=None,
+                            new_columns=["l"], infer_schema=False)
+    lines = lines.with_columns(pl.col("l").fill_null(""))
     odd = (pl.col("l").str.count_matches('"', literal=True) % 2).cast(pl.Int64)
     lines = lines.with_columns(odd.alias("odd"))
     # a line starts inside a quoted field when the lines before it hold an odd number of quotes
@@ -334,7 +345,7 @@ def check_rows(
             .then(pl.format("long row: {} fields, the header has {}", pl.col("__fields"), pl.lit(ncols)))
         )
     if control:
-        why += [pl.when(pl.col(c).str.contains(CONTROL)).then(pl.lit(_CTRL_PREFIX + c))
+        why += [pl.when(pl.col(c).str.contains_any(_CONTROL_CHARS)).then(pl.lit(_CTRL_PREFIX + c))
                 for c, t in df.schema.items() if t == pl.String]
     why += [pl.when(pl.col(c).str.len_chars() > MAX_ID_LENGTH).then(pl.format(
         "{} longer than {} characters ({} characters)", pl.lit(c), pl.lit(MAX_ID_LENGTH),
