@@ -98,7 +98,7 @@ def policy_key(key: Any) -> str:
     ('0.5', '0.5', 'uncertain')
     """
     if isinstance(key, bool):
-        raise ValueError(f"{key!r} is neither a meaning nor a graded value")
+        raise ValueError(f"{key!r} is neither a meaning nor a graded value")  # noqa: TRY004
     if isinstance(key, (int, float)):
         if not math.isfinite(float(key)):
             raise ValueError(f"{key!r} is not a finite graded value")

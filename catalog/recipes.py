@@ -256,7 +256,8 @@ def _labels(where: str, raw: Any) -> tuple[LabelSpec, ...]:
                 from medlake.catalog.consensus import CodePolicy
 
                 try:
-                    policy = CodePolicy.parse(v["policy"], where=f"{where}: labels.{name}.policy").rules
+                    policy = CodePolicy.parse(
+                        v["policy"], where=f"{where}: labels.{name}.policy").rules
                 except CatalogError as e:
                     raise RecipeError(str(e)) from None
             out.append(LabelSpec(str(name), v["source"], v.get("finding"),
@@ -376,22 +377,39 @@ def _export(where: str, raw: Any, labels: set[str]) -> Export:
                   pack or None, shard_mb)
 
 
-def resolve_path(raw: str, *, ws_root: Path, real_data: Path | None) -> Path:
-    """A recipe path: ``real:REL`` is under the real-data folder, anything else under the workspace.
+def resolve_path(raw: str, *, ws_root: Path, real_data: Path | None, key: str = "") -> Path:
+    """A path from a recipe or params.yaml: ``real:REL`` is under the real-data folder,
+    anything else under the workspace; nothing may lead outside those two roots.
+
+    Parameters
+    ----------
+    key
+        Where the path came from (e.g. ``leakage.pairs.ham10000``), for messages.
 
     Raises
     ------
     RecipeError
-        When a ``real:`` path is used but no real-data folder exists, or the file is missing.
+        When a ``real:`` path is used but no real-data folder exists, the path is absolute or
+        leads (through ``..`` or a symlink) outside the workspace / real-data folder, or the
+        file is missing.
     """
+    where = f"{key}: " if key else ""
     if raw.startswith("real:"):
         if real_data is None:
-            raise RecipeError(f"'{raw}': the real-data folder is not available (params.yaml "
-                              "real_data or MEDLAKE_REAL_DATA)")
-        p = real_data / raw[5:]
+            raise RecipeError(f"{where}'{raw}': the real-data folder is not available "
+                              "(params.yaml real_data or MEDLAKE_REAL_DATA)")
+        base, rel = Path(real_data), raw[5:]
     else:
-        p = Path(raw)
-        p = p if p.is_absolute() else ws_root / p
+        base, rel = Path(ws_root), raw
+    if Path(rel).is_absolute() or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        raise RecipeError(f"{where}'{raw}': absolute paths are not allowed; give a path relative "
+                          "to the workspace, or 'real:PATH' under the real_data folder")
+    p = (base / rel).resolve()
+    root = base.resolve()
+    if p != root and root not in p.parents:
+        raise RecipeError(f"{where}'{raw}' leads outside the "
+                          f"{'real_data folder' if raw.startswith('real:') else 'workspace'} "
+                          "(via '..' or a symlink); keep inputs under the workspace or real_data")
     if not p.exists():
         raise RecipeError(f"'{raw}': file not found (looked at {p.name} under {p.parent.name}/)")
     return p

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import polars as pl
@@ -40,6 +39,7 @@ FIXED_VERSION = f"{DATASET}@fixed"
 FINDINGS = ("Effusion", "Pneumothorax", "Cardiomegaly")
 SOURCES = (f"{DATASET}:nlp", f"{DATASET}:expert")
 STAGE = "sample"
+WHOLE_LAKE = ("pairs", "clusters", "outliers")  # tables written in one partition, "all"
 
 DERM = "demo-derm"
 DERM_SCHEME = "dermamnist"
@@ -134,12 +134,19 @@ def build(root: Path | str, *, n_images: int = 60, n_pairs: int = 20, n_files: i
         xrng = np.random.default_rng([seed, 1])
         parts[DERM] = _derm(root, xrng)
         parts[META] = _meta(xrng)
+    # like the duplicates and outliers stages: one partition for all datasets, ranked together
+    together = {t: pl.concat([tabs.pop(t) for tabs in parts.values() if t in tabs],
+                             how="diagonal_relaxed") for t in WHOLE_LAKE}
+    together["outliers"] = together["outliers"].with_columns(
+        pl.col("score").rank("ordinal", descending=True).cast(pl.Int64).alias("rank"))
     with cat.transaction() as tx:
         for ds, tabs in parts.items():
             for name, df in tabs.items():
                 tx.write(name, df, stage=STAGE, partition=ds)
+        for name, df in together.items():
+            tx.write(name, df, stage=STAGE, partition="all")
     fp = fingerprint.run(cat, workers=2)  # the real stage: schema and flags as in a lake
-    counts: dict[str, int] = {}
+    counts = {name: len(df) for name, df in together.items()}
     for tabs in parts.values():
         for name, df in tabs.items():
             counts[name] = counts.get(name, 0) + len(df)
@@ -255,8 +262,7 @@ def _cxr(root: Path, rng: np.random.Generator, n_images: int, n_pairs: int,
     clusters = pl.DataFrame({"image_id": ids[: min(12, n_images)],
                              "cluster_id": [f"c{i // 3}" for i in range(min(12, n_images))]})
     o = rng.random(n_images)
-    outliers = pl.DataFrame({"image_id": ids, "score": o}).with_columns(
-        pl.col("score").rank("ordinal", descending=True).cast(pl.Int64).alias("rank"))
+    outliers = pl.DataFrame({"image_id": ids, "score": o})
     return {
         "datasets": pl.DataFrame([{"dataset_id": DATASET, "name": "Demo CXR", "modality": "CXR",
                                    "images_root": "data/sample", "license": "CC0"}]),
@@ -305,8 +311,7 @@ def _derm(root: Path, rng: np.random.Generator) -> dict[str, pl.DataFrame]:
     # the second image of a lesion is its near copy: pairs with high scores
     pairs = pl.DataFrame({"image_a": ids[0:6:2], "image_b": ids[1:7:2], "method": "descriptor",
                           "score": [0.995, 0.97, 0.94], "verified": [True, True, False]})
-    outliers = pl.DataFrame({"image_id": ids, "score": rng.random(N_DERM)}).with_columns(
-        pl.col("score").rank("ordinal", descending=True).cast(pl.Int64).alias("rank"))
+    outliers = pl.DataFrame({"image_id": ids, "score": rng.random(N_DERM)})
     return {
         "datasets": pl.DataFrame([{"dataset_id": DERM, "name": "Demo dermoscopy",
                                    "modality": "dermoscopy", "images_root": "data/derm",

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import polars as pl
@@ -40,7 +40,6 @@ from medlake.catalog import CatalogError
 from medlake.catalog.consensus import (
     ABSENT_MEANING,
     ACTIONS,
-    POLICY_ALIASES,
     UNCERTAIN,
     BinariseRule,
     CodePolicy,
@@ -125,9 +124,11 @@ def parse_policies(raw: Any) -> Policies:
 
     Example
     -------
-    >>> p = parse_policies({"chexpert:report_nlp": "U-Ones", "padchest:tubes_raw": {0.5: "category"}})
-    >>> [(e.key, e.policy.rules) for e in p.entries]
-    [('chexpert:report_nlp', (('uncertain', 'positive'),)), ('padchest:tubes_raw', (('0.5', 'category'),))]
+    >>> p = parse_policies({"chexpert:report_nlp": "U-Ones",
+    ...                     "padchest:tubes_raw": {0.5: "category"}})
+    >>> [(e.key, e.policy.rules) for e in p.entries]  # doctest: +NORMALIZE_WHITESPACE
+    [('chexpert:report_nlp', (('uncertain', 'positive'),)),
+     ('padchest:tubes_raw', (('0.5', 'category'),))]
     """
     if raw is None or raw == {} or raw == []:
         return Policies()
@@ -151,7 +152,9 @@ def parse_pooled(raw: Any) -> tuple[Pool, ...]:
 
     Example
     -------
-    >>> parse_pooled([{"name": "report_labels", "of": ["padchest:physician", "padchest:rnn"]}])[0].source_id
+    >>> pools = parse_pooled([{"name": "report_labels",
+    ...                        "of": ["padchest:physician", "padchest:rnn"]}])
+    >>> pools[0].source_id
     'padchest:report_labels'
     """
     if raw is None or raw == []:
@@ -342,8 +345,8 @@ class Resolved:
             for scope, pol in scoped:  # later (finding-level) scopes win
                 for k, a in pol.meaning_rules():
                     hit = scope & (pl.col("meaning") == k) & pl.col("category").is_null()
-                    out = pl.when(hit).then(pl.lit(k) if a == "category" else pl.lit(None, pl.String)
-                                            ).otherwise(out)
+                    name = pl.lit(k) if a == "category" else pl.lit(None, pl.String)
+                    out = pl.when(hit).then(name).otherwise(out)
         return out
 
     def absent(self, defaults: dict[str, int | None]) -> tuple[
@@ -435,17 +438,10 @@ def resolve(
     cats = {"uncertain": UNCERTAIN}
     for n in sorted(names - {"uncertain"}):
         cats[n] = UNCERTAIN + len(cats)
-    from dataclasses import asdict
-
     bins = {sid: asdict(binarise) for sid, r in rows.items() if r.get("value_type") == "graded"}
     shared = {(s, f): sh for s, f, sh in findings.select(
         "source_id", "finding", "shared_finding").iter_rows() if s in rows}
     return Resolved(choices, info, cats, bins, shared)
-
-
-def aliases_text() -> str:
-    """``U-Ignore = exclude, ...`` for messages and docs."""
-    return ", ".join(f"{k} = {{uncertain: {v}}}" for k, v in POLICY_ALIASES.items())
 
 
 def consensus_policy(choices: Choices, source_id: str,

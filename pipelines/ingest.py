@@ -91,12 +91,17 @@ def plan(catalog: Catalog) -> list[dict[str, Any]]:
                for e in to_dict(DECLARATION.load_params(catalog).entries)]
     real = catalog.ws.real_data_dir()
     out = []
-    for e in entries:
+    from medlake.catalog.recipes import RecipeError, resolve_path
+
+    for i, e in enumerate(entries):
         raw = str(e["path"])
-        if raw.startswith("real:"):
-            p = (real / raw[5:]) if real else None
-        else:
-            p = catalog.ws.root / raw
+        try:  # confined to the workspace and real_data; a missing file is only skipped
+            p = resolve_path(raw, ws_root=catalog.ws.root, real_data=real,
+                             key=f"{catalog.ws.params_file.name}: ingest[{i}].path")
+        except RecipeError as err:
+            if "file not found" not in str(err) and "not available" not in str(err):
+                raise CatalogError(str(err)) from None
+            p = None
         out.append({**e, "resolved": p, "missing": p is None or not p.exists()})
     return out
 

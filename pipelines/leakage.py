@@ -259,8 +259,11 @@ def run(
     rows, qs = [], {}
     for ds, sch in sorted(sp.iter_rows()):
         q = qs.setdefault(ds, Quarantine(ds, stage=STAGE))
-        files = list(pairs) if (pairs and ds == dataset_id) else list(param_pairs.get(ds) or [])
-        paths = [resolve_path(str(f), ws_root=catalog.ws.root, real_data=catalog.ws.real_data_dir())
+        explicit = bool(pairs and ds == dataset_id)  # typed by the user (--pairs): taken as given
+        files = list(pairs) if explicit else list(param_pairs.get(ds) or [])
+        paths = [Path(f) if explicit and Path(f).is_absolute() else
+                 resolve_path(str(f), ws_root=catalog.ws.root, real_data=catalog.ws.real_data_dir(),
+                              key=f"params.yaml leakage.pairs.{ds}" if not explicit else "--pairs")
                  for f in files]
         frame = scheme_frame(catalog, ds, sch)
         links = duplicate_links(catalog, ds, paths, use_clusters=use_clusters, q=q)

@@ -224,7 +224,8 @@ def apply_rules(catalog: Catalog, recipe: Recipe) -> dict[str, Any]:
     ws = catalog.ws
     files: dict[str, Path] = {}
     for raw in [*recipe.pairs, *[r.params["list"] for r in recipe.rules if r.params.get("list")]]:
-        files[raw] = resolve_path(raw, ws_root=ws.root, real_data=ws.real_data_dir())
+        files[raw] = resolve_path(raw, ws_root=ws.root, real_data=ws.real_data_dir(),
+                                  key=f"recipes/{recipe.file}")
     parent, prow = parent_frame(catalog, recipe)
     ds = recipe.dataset.replace("'", "''")
     img = catalog.read("images", where=f"dataset_id = '{ds}'", columns=[

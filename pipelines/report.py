@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-
 from medlake.catalog import Catalog, CatalogError, __version__
 
 #: ``(key, title)`` of the sections every dataset gets, in page order.
@@ -128,9 +127,9 @@ class ReportResult:
     def summary(self) -> str:
         """A few lines for the terminal."""
         size = self.html.stat().st_size if self.html.exists() else 0
-        lines = [f"report of {len(self.datasets)} dataset(s) ({', '.join(self.datasets)}): "
-                 f"{self.html} ({size / 1e6:.1f} MB, self-contained), {self.markdown}; "
-                 f"{self.figures} charts, {self.images} thumbnails"]
+        lines = [(f"report of {len(self.datasets)} dataset(s) ({', '.join(self.datasets)}): "
+                  f"{self.html} ({size / 1e6:.1f} MB, self-contained), {self.markdown}; "
+                  f"{self.figures} charts, {self.images} thumbnails")]
         if self.missing:
             lines.append(f"not computed ({len(self.missing)}):")
             lines += [f"  {m}" for m in self.missing[:20]]
@@ -172,6 +171,21 @@ def _fmt(v: Any) -> str:
             return f"{v:.2g}"
         return f"{v:.3f}".rstrip("0").rstrip(".")
     return str(v)
+
+
+def _cis(df: pl.DataFrame, col: str) -> list[str]:
+    """``col [col_lo, col_hi]`` per row of ``df``."""
+    return [_ci(*v) for v in zip(df[col], df[f"{col}_lo"], df[f"{col}_hi"])]
+
+
+def _at(r: dict[str, Any], metric: str) -> str:
+    """``female: 0.44 (n=10)``: one subgroup's metric."""
+    return f"{r['subgroup_value']}: {r[metric]:.2f} (n={r['n_shared']})"
+
+
+def _n(n: int, word: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 def _ci(p: Any, lo: Any, hi: Any, digits: int = 2) -> str:
@@ -227,7 +241,8 @@ class _Doc:
         cols = df.columns
         num = set(numeric) | {c for c, t in zip(cols, df.dtypes) if t.is_numeric()}
         rows = df.head(max_rows).rows()
-        h = ["<table><thead><tr>" + "".join(f"<th>{_esc(c)}</th>" for c in cols) + "</tr></thead><tbody>"]
+        head = "".join(f"<th>{_esc(c)}</th>" for c in cols)
+        h = [f"<table><thead><tr>{head}</tr></thead><tbody>"]
         for r in rows:
             h.append("<tr>" + "".join(
                 f'<td class="n">{_esc(_fmt(v))}</td>' if c in num else f"<td>{_esc(_fmt(v))}</td>"
@@ -292,8 +307,9 @@ class _Doc:
         fence = "````" if "```" in text else "```"
         self.md.append(f"{fence}{lang}\n{text.rstrip()}\n{fence}\n")
 
-    def details(self, summary: str, html_body: str, md_body: str) -> None:
-        self.html.append(f"<details><summary>{_esc(summary)}</summary>{html_body}</details>")
+    def details(self, summary: str, html_body: str, md_body: str, *, open_: bool = False) -> None:
+        o = " open" if open_ else ""
+        self.html.append(f"<details{o}><summary>{_esc(summary)}</summary>{html_body}</details>")
         self.md.append(f"<details><summary>{_esc(summary)}</summary>\n\n{md_body.rstrip()}\n\n"
                        "</details>\n")
 
@@ -518,7 +534,7 @@ class _Report:
         d, s = self.doc, prof.summary
         d.para(f"{s['images']:,} images, {s['groups']:,} groups (patients/lesions), "
                f"{s['studies']:,} studies, {s['sources']} label sources, "
-               f"{s['quarantined']:,} quarantined rows.")
+               f"{_n(s['quarantined'], 'quarantined row')}.")
         per = self.cat.query(
             "SELECT group_id, count(*) AS images, count(DISTINCT study_id) AS studies "
             "FROM images WHERE dataset_id = ? AND group_id IS NOT NULL GROUP BY group_id", [ds])
@@ -527,16 +543,18 @@ class _Report:
             img = [int(per.filter(pl.col("images").is_between(a, b)).height) for _, a, b in bins]
             st = [int(per.filter(pl.col("studies").is_between(a, b)).height) for _, a, b in bins]
             no_study = int(per.filter(pl.col("studies") == 0).height)
+            has_st = no_study < per.height
             d.heading(4, "Images and studies per group", slug(ds, "profile", "groups"))
-            d.table(pl.DataFrame({
-                "per group": [b[0] for b in bins],
-                "groups with this many images": img,
-                "groups with this many studies": st,
-            }))
-            mean_st = per["studies"].mean()
-            d.para(f"mean {per['images'].mean():.2f} images and {mean_st:.2f} studies per group; "
-                   f"largest group {per['images'].max():,} images"
-                   + (f"; {no_study:,} groups without a study id" if no_study else "") + ".")
+            tab = {"per group": [b[0] for b in bins], "groups with this many images": img}
+            if has_st:
+                tab["groups with this many studies"] = st
+            d.table(pl.DataFrame(tab))
+            d.para(f"mean {per['images'].mean():.2f} images"
+                   + (f" and {per.filter(pl.col('studies') > 0)['studies'].mean():.2f} studies"
+                      if has_st else "")
+                   + f" per group; largest group {_n(per['images'].max(), 'image')}"
+                   + ("; no study ids recorded" if not has_st else
+                      f"; {_n(no_study, 'group')} without a study id" if no_study else "") + ".")
             d.figure(bar_chart([b[0] for b in bins], img, f"{ds}: images per group",
                                "images in the group"), f"{ds}-images-per-group",
                      f"{ds}: number of groups by images per group")
@@ -601,10 +619,12 @@ class _Report:
         def rater(s: str, a: str) -> str:
             return s.split(":", 1)[-1] + (f"/{a}" if a else "")
 
+        def pair(r: dict[str, Any]) -> str:
+            return (f"{rater(r['source_a'], r['annotator_a'] or '')} vs "
+                    f"{rater(r['source_b'], r['annotator_b'] or '')}")
+
         ag = ag.with_columns(pl.struct("source_a", "annotator_a", "source_b", "annotator_b")
-                             .map_elements(lambda r: f"{rater(r['source_a'], r['annotator_a'] or '')}"
-                                           f" vs {rater(r['source_b'], r['annotator_b'] or '')}",
-                                           return_dtype=pl.String).alias("pair"))
+                             .map_elements(pair, return_dtype=pl.String).alias("pair"))
         self._kappa(ds, ag)
         self._ppv(ds, ag)
         self._strata(ds, ag)
@@ -653,12 +673,10 @@ class _Report:
         out = {
             "finding": tab["finding"].to_list(), "pair": tab["pair"].to_list(),
             "shared images": tab["n_shared"].to_list(),
-            "kappa [95% CI]": [_ci(*v) for v in zip(tab["kappa"], tab["kappa_lo"], tab["kappa_hi"])],
+            "kappa [95% CI]": _cis(tab, "kappa"),
         }
         if weighted:
-            out["weighted kappa (quadratic) [95% CI]"] = [
-                _ci(*v) for v in zip(tab["kappa_quadratic"], tab["kappa_quadratic_lo"],
-                                     tab["kappa_quadratic_hi"])]
+            out["weighted kappa (quadratic) [95% CI]"] = _cis(tab, "kappa_quadratic")
         out["observed agreement"] = tab["observed"].to_list()
         out["note"] = tab["note"].to_list()
         d.table(pl.DataFrame(out, strict=False), max_rows=60)
@@ -694,9 +712,9 @@ class _Report:
             "reference": [r or DASH for r in rows["reference"].to_list()],
             "shared images": rows["n_shared"].to_list(),
             "PPV [95% CI]": [_ci(*v) for v in zip(p, lo, hi)],
-            "sensitivity [95% CI]": [_ci(*v) for v in zip(rows["sens"], rows["sens_lo"], rows["sens_hi"])],
-            "NPV [95% CI]": [_ci(*v) for v in zip(rows["npv"], rows["npv_lo"], rows["npv_hi"])],
-            "specificity [95% CI]": [_ci(*v) for v in zip(rows["spec"], rows["spec_lo"], rows["spec_hi"])],
+            "sensitivity [95% CI]": _cis(rows, "sens"),
+            "NPV [95% CI]": _cis(rows, "npv"),
+            "specificity [95% CI]": _cis(rows, "spec"),
         }, strict=False))
 
     def _strata(self, ds: str, ag: pl.DataFrame) -> None:
@@ -715,8 +733,7 @@ class _Report:
                 out.append({
                     "pair": key[0], "finding": key[1], "subgroup": key[2], "metric": metric,
                     "gap": round(hi_r[metric] - lo_r[metric], 3),
-                    "lowest": f"{lo_r['subgroup_value']}: {lo_r[metric]:.2f} (n={lo_r['n_shared']})",
-                    "highest": f"{hi_r['subgroup_value']}: {hi_r[metric]:.2f} (n={hi_r['n_shared']})",
+                    "lowest": _at(lo_r, metric), "highest": _at(hi_r, metric),
                     "all subgroups": "; ".join(
                         f"{r['subgroup_value']} {r[metric]:.2f} (n={r['n_shared']})"
                         for r in g.sort("subgroup_value").iter_rows(named=True)),
@@ -847,8 +864,9 @@ class _Report:
                 "annotations", where=f"image_id IN ({chunk})",
                 columns=["image_id", "source_id", "annotator", "finding", "value", "category"]))
         ann = pl.concat(parts)
-        val = pl.when(pl.col("value") == pl.col("value").round(0)).then(
-            pl.col("value").cast(pl.Int64).cast(pl.String)).otherwise(pl.col("value").cast(pl.String))
+        v = pl.col("value")
+        val = pl.when(v == v.round(0)).then(v.cast(pl.Int64).cast(pl.String)).otherwise(
+            v.cast(pl.String))
         return ann.with_columns(pl.coalesce(pl.col("category"), val).alias("label")).filter(
             pl.col("label").is_not_null()).select("image_id", "source_id", "annotator",
                                                   "finding", "label")
@@ -858,7 +876,7 @@ class _Report:
         ann = self._annotations(ids)
         if not ann.height:
             return {}
-        ann = ann.filter((pl.col("label") != "0")).sort("source_id", "annotator", "finding")
+        ann = ann.filter(pl.col("label") != "0").sort("source_id", "annotator", "finding")
         txt = ann.with_columns(
             pl.when(pl.col("label") == "1").then(pl.col("finding"))
             .otherwise(pl.col("source_id").str.split(":").list.last() + "=" + pl.col("label"))
@@ -906,8 +924,8 @@ class _Report:
         unflagged = fp.height - fl["image_id"].n_unique()
         d.para(f"{fp.height:,} images fingerprinted; {fp.height - unflagged:,} carry at least one "
                f"flag, {unflagged:,} none.")
-        fq = self.cat.read("quarantine", where=f"dataset_id = {_sql_str(ds)} AND stage = 'fingerprint'",
-                           columns=["reason"])
+        fq = self.cat.read("quarantine", columns=["reason"],
+                           where=f"dataset_id = {_sql_str(ds)} AND stage = 'fingerprint'")
         if fq.height:
             d.para(f"{fq.height:,} image files could not be read by the fingerprint stage "
                    "(see Profile, Quarantine).", "note")
@@ -916,7 +934,7 @@ class _Report:
         d.table(counts)
         for r in counts.iter_rows(named=True):
             ex = fl.filter(pl.col("flag") == r["flag"]).sort("image_id")["image_id"].to_list()
-            d.heading(4, f"Flag {r['flag']} ({r['images']:,} images)",
+            d.heading(4, f"Flag {r['flag']} ({_n(r['images'], 'image')})",
                       slug(ds, "flag", r["flag"]))
             shown = ex[:min(self.top, 8)]
             caps = {i: " · ".join(x for x in (native.get(i, i), split.get(i)) if x) for i in shown}
@@ -969,7 +987,8 @@ class _Report:
                     if "croissant.json" in extras else ""), "note")
             if sheet.is_file():
                 text = sheet.read_text(encoding="utf-8", errors="replace")
-                d.details(f"DATASHEET.md of {name}", _markdown_html(text), _demote(text))
+                d.details(f"DATASHEET.md of {name}", _markdown_html(text), _demote(text),
+                          open_=True)
             else:
                 d.para(f"no datasheet: the folder is absent here (dvc pull {r['path'] or ''}).",
                        "note")
@@ -1009,8 +1028,8 @@ class _Report:
                 "verdicts": ", ".join(f"{v} {vc[v]:,}" for v in rv.VERDICTS[kind] if v in vc),
                 "reviewers": hist.filter(pl.col("kind") == kind)["reviewer"].n_unique(),
             })
-        d.para(f"{hist.height:,} verdicts recorded ({latest.height:,} items, the latest verdict "
-               "per item counts). 'of': candidate pairs (pair) or scored images (image).")
+        d.para(f"{_n(hist.height, 'verdict')} recorded ({_n(latest.height, 'item')}, the latest "
+               "verdict per item counts). 'of': candidate pairs (pair) or scored images (image).")
         d.table(pl.DataFrame(rows, schema_overrides={"of": pl.Int64, "share": pl.Float64}))
         d.heading(4, "PPV of positive labels from label verdicts", slug(ds, "reviews", "ppv"))
         ppv = rv.ppv_by_class(self.cat, reviews=hist).filter(pl.col("n") > 0)
@@ -1128,12 +1147,15 @@ def run(catalog: Catalog, datasets: Iterable[str] | None = None, *, out: Path | 
     doc.para(f"Workspace {ws.root.name}: {len(ids)} dataset(s): {', '.join(ids)}.")
     doc.heading(2, "Provenance", "provenance")
     commit = git_commit(ws.root)
-    doc.table(pl.DataFrame({"": ["medlake version", "git commit", "params"],
-                            "value": [__version__, commit, "params.yaml (below)"]}))
     pf = ws.params_file
-    if pf.is_file():
-        doc.details("params.yaml", f"<pre>{_esc(pf.read_text(encoding='utf-8'))}</pre>",
-                    "```yaml\n" + pf.read_text(encoding="utf-8").rstrip() + "\n```")
+    ptxt = pf.read_text(encoding="utf-8") if pf.is_file() else None
+    doc.table(pl.DataFrame({"": ["medlake version", "git commit", "params"],
+                            "value": [__version__, commit,
+                                      "params.yaml (below)" if ptxt is not None
+                                      else "no params.yaml (every stage's defaults)"]}))
+    if ptxt is not None:
+        doc.details("params.yaml", f"<pre>{_esc(ptxt)}</pre>",
+                    "```yaml\n" + ptxt.rstrip() + "\n```", open_=True)
     else:
         doc.para("no params.yaml: every stage ran with its defaults.", "note")
     doc.heading(2, "Overview", "overview")

@@ -21,7 +21,7 @@ from sklearn.metrics import cohen_kappa_score
 from statsmodels.stats.inter_rater import cohens_kappa as sm_kappa
 
 from medlake.catalog import Catalog, CatalogError, Workspace
-from medlake.catalog.consensus import CodePolicy, consensus, derive_source
+from medlake.catalog.consensus import CodePolicy, consensus
 from medlake.catalog.recipes import RecipeError, parse_recipe
 from medlake.catalog.stats import bounded_ci, cohen_kappa
 from medlake.pipelines import _agreement_policy as apol
@@ -404,14 +404,15 @@ def test_graded_value_policy_and_consensus_honour_it(catalog):
     meaning = {v["value"]: v["meaning"] for v in gm.values()}
     ann = [(i, "t:g", ann_, "tube", g, None, meaning[g])
            for i, pair in zip(img, grades) for ann_, g in zip(("a1", "a2"), pair)]
-    fnd = [{"source_id": "t:g", "finding": "tube", "shared_finding": "tube", "value_type": "graded"}]
+    fnd = [{"source_id": "t:g", "finding": "tube", "shared_finding": "tube",
+            "value_type": "graded"}]
     _lake(catalog, [_src("t:g", "graded", code_map=gm)], ann, fnd, img)
     (catalog.ws.root / "params.yaml").write_text(
         "agreement:\n  subgroups: []\n  policies: {'t:g': {0.5: category}}\n"
         "  consensus: [{source: 't:g', rule: majority}]\n")
     agreement.run(catalog, "t")
     r = _row(catalog.read("agreement"), "t:g", "t:g", "tube", "a1", "a2")
-    three = lambda g: "unsure" if g == 0.5 else "pos" if g > 0.5 else "neg"  # noqa: E731
+    three = lambda g: "unsure" if g == 0.5 else "pos" if g > 0.5 else "neg"
     a, b = [three(x) for x, _ in grades], [three(y) for _, y in grades]
     assert r["kappa"] == pytest.approx(cohen_kappa_score(a, b), abs=1e-12)
     assert r["n_shared"] == len(grades)
@@ -539,11 +540,11 @@ def test_policy_errors_checked_against_the_sources(catalog):
                                                      "-1": {"value": None, "meaning": "unknown"}})],
           ann, fnd, img)
     for text, msg in (
-        ("{'t:a': {uncertian: positive}}", r"'t:a' never stores 'uncertian' \(meanings: "
-                                           r"negative, positive, uncertain"),
+        ("{'t:a': {uncertian: positive}}", (r"'t:a' never stores 'uncertian' \(meanings: "
+                                            r"negative, positive, uncertain")),
         ("{'t:zz': U-Ones}", r"no source 't:zz' in dataset 't'"),
-        ("{'t:o': {unknown: category}}", r"'category' is not possible for 't:o' \(value type "
-                                         r"ordinal\); use exclude"),
+        ("{'t:o': {unknown: category}}", (r"'category' is not possible for 't:o' \(value type "
+                                          r"ordinal\); use exclude")),
     ):
         (catalog.ws.root / "params.yaml").write_text(f"agreement:\n  policies: {text}\n")
         with pytest.raises(CatalogError, match=msg):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -20,7 +22,11 @@ def test_init_creates_git_dvc_remote_and_folders(tmp_path):
     cfg = ConfigObj(str(root / ".dvc" / "config"))
     assert cfg["core"]["remote"] == "local"
     url = cfg['remote "local"']["url"]
-    assert url and not url.startswith("/")  # relative: no machine path committed
+    # absolute (or ~/...): a relative remote resolves against each clone's .dvc/ folder
+    import os
+
+    assert os.path.isabs(os.path.expanduser(url))
+    assert Path(os.path.expanduser(url)).resolve() == (tmp_path / "ws-dvc-remote").resolve()
     assert (tmp_path / "ws-dvc-remote").is_dir()
 
 

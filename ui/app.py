@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # `streamlit run ui/app.py` runs this file as a s
 from medlake.catalog import Catalog, CatalogError
 from medlake.ui import warm
 from medlake.ui.views import pages
-from medlake.ui.views.common import reviewer
+from medlake.ui.views.common import begin_run, reviewer
 
 PAGES = pages()
 
@@ -64,6 +64,7 @@ def main() -> None:
     if choice != st.query_params.get("page"):
         st.query_params["page"] = choice
     t = time.perf_counter()
+    begin_run()  # once-per-run notices (e.g. a dataset without image files) are due again
     PAGES[choice].render(cat)
     if os.environ.get("MEDLAKE_UI_TIMING"):  # bench/ui.py: server-side time per page run
         warm.log.info("page %s ran in %.3f s", choice, time.perf_counter() - t)

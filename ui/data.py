@@ -8,6 +8,7 @@ read as empty with their declared columns; pages then say what to run.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,17 @@ HINTS: dict[str, str] = _hints()
 
 class ImagePathError(CatalogError):
     """An image whose stored path would leave the workspace, or that has no file."""
+
+
+class NoFileError(ImagePathError):
+    """An image with no file recorded: its dataset is metadata-only until
+    ``medlake attach-images DATASET FOLDER`` gives it pixels (pages say so once, not per image).
+    """
+
+    def __init__(self, image_id: str, dataset_id: str | None) -> None:
+        self.image_id, self.dataset_id = image_id, dataset_id
+        super().__init__(f"image '{image_id}' has no file recorded; attach its folder with "
+                         f"'medlake attach-images {dataset_id or 'DATASET'} FOLDER'")
 
 
 def lit(value: Any) -> str:
@@ -78,7 +90,8 @@ def image_paths(cat: Catalog, image_ids: list[str]) -> dict[str, Path | ImagePat
 
     if not image_ids:
         return {}
-    df = q(cat, "SELECT i.image_id, any_value(i.path) AS path, any_value(d.images_root) AS root "
+    df = q(cat, "SELECT i.image_id, any_value(i.path) AS path, any_value(d.images_root) AS root, "
+                "any_value(i.dataset_id) AS dataset_id "
                 "FROM images i LEFT JOIN datasets d USING (dataset_id) "
                 f"WHERE i.image_id IN ({', '.join(lit(i) for i in image_ids)}) GROUP BY 1")
     found = {r["image_id"]: r for r in df.iter_rows(named=True)}
@@ -90,9 +103,7 @@ def image_paths(cat: Catalog, image_ids: list[str]) -> dict[str, Path | ImagePat
             continue
         rel, root = r["path"], r["root"]
         if not rel:
-            out[iid] = ImagePathError(
-                f"image '{iid}' has no file recorded; attach its folder with "
-                "'medlake attach-images DATASET FOLDER'")
+            out[iid] = NoFileError(iid, r["dataset_id"])
             continue
         try:
             out[iid] = image_file(cat.ws.root, root, rel)
@@ -148,12 +159,52 @@ def blend(a: Image.Image, b: Image.Image, mode: str) -> Image.Image:
     return Image.blend(a, b2, 0.5)
 
 
-def image_info(cat: Catalog, image_ids: list[str], scheme: str | None = None) -> dict[str, dict]:
-    """Group, split (of ``scheme``, else any) and positive labels of each image."""
+# --- split schemes ----------------------------------------------------------------------------
+Schemes = str | Mapping[str, str] | None
+"""A split scheme for every dataset (str), one per dataset (``dataset_id -> scheme``; datasets
+left out have no split shown), or None (any scheme)."""
+
+
+def schemes_of(cat: Catalog, dataset_id: str | None = None) -> list[str]:
+    """The split schemes in the ``splits`` table (of one dataset, or of all), sorted."""
+    where = f"WHERE dataset_id = {lit(dataset_id)}" if dataset_id else ""
+    return q(cat, f"SELECT DISTINCT scheme FROM splits {where} ORDER BY 1")["scheme"].to_list()
+
+
+def default_schemes(cat: Catalog) -> dict[str, str]:
+    """Each dataset's default split scheme: the scheme of its root version when the splits
+    table has it, else ``official`` when present, else its first scheme by name."""
+    df = q(cat, """
+        WITH s AS (SELECT DISTINCT dataset_id, scheme FROM splits WHERE scheme IS NOT NULL),
+        r AS (SELECT dataset_id, any_value(scheme) AS root_scheme FROM versions
+              WHERE kind = 'root' GROUP BY 1)
+        SELECT s.dataset_id, s.scheme FROM s LEFT JOIN r USING (dataset_id)
+        QUALIFY row_number() OVER (PARTITION BY s.dataset_id ORDER BY
+            coalesce(s.scheme = r.root_scheme, false) DESC, s.scheme = 'official' DESC,
+            s.scheme) = 1
+        ORDER BY 1""")
+    return dict(zip(df["dataset_id"].to_list(), df["scheme"].to_list()))
+
+
+def scheme_condition(scheme: Schemes, alias: str = "") -> str:
+    """A SQL condition on ``splits`` rows (table alias ``alias``) for :data:`Schemes`."""
+    a = f"{alias}." if alias else ""
+    if scheme is None:
+        return "true"
+    if isinstance(scheme, str):
+        return f"{a}scheme = {lit(scheme)}"
+    conds = [f"({a}dataset_id = {lit(d)} AND {a}scheme = {lit(s)})"
+             for d, s in sorted(scheme.items())]
+    return "(" + " OR ".join(conds) + ")" if conds else "false"
+
+
+def image_info(cat: Catalog, image_ids: list[str], scheme: Schemes = None) -> dict[str, dict]:
+    """Group, split (of ``scheme``, see :data:`Schemes`; None: any) and positive labels of
+    each image."""
     if not image_ids:
         return {}
     ids = ", ".join(lit(i) for i in image_ids)
-    sch = f"AND s.scheme = {lit(scheme)}" if scheme else ""
+    sch = f"AND {scheme_condition(scheme, 's')}"
     info = q(cat, f"""
         SELECT i.image_id, any_value(i.group_id) AS group_id,
                string_agg(DISTINCT s.split, '/') AS split
@@ -171,19 +222,34 @@ def image_info(cat: Catalog, image_ids: list[str], scheme: str | None = None) ->
 
 
 # --- duplicates ------------------------------------------------------------------------------
+def pair_datasets(cat: Catalog) -> list[str]:
+    """The datasets whose images appear in candidate pairs, sorted."""
+    return q(cat, """
+        SELECT DISTINCT dataset_id FROM images
+        WHERE image_id IN (SELECT image_a FROM pairs UNION SELECT image_b FROM pairs)
+          AND dataset_id IS NOT NULL ORDER BY 1""")["dataset_id"].to_list()
+
+
 def pairs_page(cat: Catalog, *, offset: int, limit: int, method: str | None = None,
                verified: bool | None = None, min_score: float = 0.0,
-               cross_only: bool = False, scheme: str | None = None) -> tuple[pl.DataFrame, int]:
-    """One page of candidate pairs, best score first, and the number of pairs matching."""
+               cross_only: bool = False, scheme: Schemes = None,
+               dataset: str | None = None) -> tuple[pl.DataFrame, int]:
+    """One page of candidate pairs, best score first, and the number of pairs matching.
+
+    ``scheme`` picks the splits shown (see :data:`Schemes`); ``dataset`` keeps the pairs
+    with an image of that dataset.
+    """
     conds = [f"p.score >= {float(min_score)}"]
     if method:
         conds.append(f"p.method = {lit(method)}")
     if verified is not None:
         conds.append(f"p.verified = {'true' if verified else 'false'}")
-    sch = f"AND scheme = {lit(scheme)}" if scheme else ""
+    if dataset:
+        ds = f"(SELECT image_id FROM images WHERE dataset_id = {lit(dataset)})"
+        conds.append(f"(p.image_a IN {ds} OR p.image_b IN {ds})")
     base = f"""
-        WITH s AS (SELECT image_id, any_value(split) AS split FROM splits WHERE true {sch}
-                   GROUP BY image_id),
+        WITH s AS (SELECT image_id, any_value(split) AS split FROM splits
+                   WHERE {scheme_condition(scheme)} GROUP BY image_id),
         x AS (SELECT p.*, sa.split AS split_a, sb.split AS split_b,
                      coalesce(sa.split <> sb.split, false) AS crosses_splits
               FROM pairs p LEFT JOIN s sa ON sa.image_id = p.image_a

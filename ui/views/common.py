@@ -72,13 +72,44 @@ def blend_file(cat: Catalog, a: str, b: str, mode: str) -> Path:
         data.open_rgb(pa_, a), data.open_rgb(pb, b), mode))
 
 
+NOTED = "_no-file-noted"  # session key: datasets whose "no image files" notice this run showed
+
+
+def begin_run() -> None:
+    """Start a script run: notices shown once per page run are due again (``ui/app.py``)."""
+    st.session_state[NOTED] = set()
+
+
+def no_file_notice(dataset_id: str | None) -> None:
+    """Say once per page run that ``dataset_id`` has no image files, with the command that
+    attaches them (instead of one warning per image of a metadata-only dataset)."""
+    noted = st.session_state.get(NOTED)
+    if not isinstance(noted, set):
+        noted = set()
+        st.session_state[NOTED] = noted
+    if dataset_id in noted:
+        return
+    noted.add(dataset_id)
+    ds = dataset_id or "DATASET"
+    st.info(f"Dataset `{ds}` has no image files recorded (metadata only), so its images "
+            f"are listed without pictures. Attach them with "
+            f"`medlake attach-images {ds} FOLDER`; this page shows them once attached.")
+
+
 def show_image(cat: Catalog, image_id: str, *, max_side: int | None = None,
                caption: str | None = None, path: Path | data.ImagePathError | None = None) -> None:
-    """Show an image, or why it cannot be shown (never a file outside the workspace)."""
+    """Show an image, or why it cannot be shown (never a file outside the workspace).
+
+    An image without a file (a metadata-only dataset) shows its caption and one notice per
+    page run and dataset (:func:`no_file_notice`), not a warning of its own.
+    """
     try:
         if isinstance(path, data.ImagePathError):
             raise path
         st.image(str(image_file(cat, image_id, max_side, path=path)), caption=caption or image_id)
+    except data.NoFileError as e:
+        no_file_notice(e.dataset_id)
+        st.caption(f"{caption or image_id} · no image file")
     except CatalogError as e:
         st.warning(str(e))
 
@@ -92,6 +123,9 @@ def gallery(cat: Catalog, image_ids: list[str], captions: list[str] | None = Non
     """
     caps = captions or image_ids
     paths = data.image_paths(cat, image_ids)
+    for p in paths.values():  # the notice above the grid, not inside its first cell
+        if isinstance(p, data.NoFileError):
+            no_file_notice(p.dataset_id)
     for start in range(0, len(image_ids), per_row):
         cols = st.columns(per_row)
         for col, iid, cap in zip(cols, image_ids[start:start + per_row],
@@ -136,13 +170,16 @@ def show_chart(spec: dict, key: str) -> None:
     st.vega_lite_chart(spec=spec, key=key)
 
 
-def chart_pick(spec: dict, key: str, param: str, fields: tuple[str, ...]) -> tuple | None:
+def chart_pick(spec: dict, key: str, param: str, fields: tuple[str, ...], *,
+               width: str | int | None = None) -> tuple | None:
     """Show a chart spec whose point selection ``param`` reruns the page on a click.
 
     Returns the clicked point's ``fields`` when the selection changed since the last rerun,
     else None, so a page can copy a click into its selectboxes (which stay usable too).
+    ``width``: Streamlit's chart width (``"content"`` keeps the spec's own sizes).
     """
-    ev = st.vega_lite_chart(spec=spec, on_select="rerun", selection_mode=param, key=key)
+    ev = st.vega_lite_chart(spec=spec, on_select="rerun", selection_mode=param, key=key,
+                            width=width)
     points = (ev.get("selection") or {}).get(param) or [] if ev else []
     first = points[0] if isinstance(points, list) and points else None
     pick = tuple(first.get(f) for f in fields) if isinstance(first, dict) else None
@@ -150,6 +187,18 @@ def chart_pick(spec: dict, key: str, param: str, fields: tuple[str, ...]) -> tup
     changed = pick is not None and pick != st.session_state.get(last_key)
     st.session_state[last_key] = pick
     return pick if changed else None
+
+
+def select(container: Any, label: str, options: list, *, key: str, default: Any = None,
+           **kw: Any) -> Any:
+    """A selectbox whose remembered value is dropped when it is no longer an option (another
+    dataset was chosen), starting at ``default`` (else the first option)."""
+    if key in st.session_state and st.session_state[key] not in options:
+        del st.session_state[key]
+    index = 0  # a remembered value wins; index 0 keeps Streamlit from warning about both
+    if key not in st.session_state and default in options:
+        index = options.index(default)
+    return container.selectbox(label, options, index=index if options else None, key=key, **kw)
 
 
 def reviewer() -> str:

@@ -19,12 +19,15 @@ from medlake.ui.views.common import (
     latest_verdicts,
     need,
     pager,
+    select,
     show_image,
     verdict_buttons,
 )
 
 TITLE = "Duplicates"
 PER_PAGE = 4  # pairs per page: at most this many pairs of full-size images are loaded
+ALL = "all datasets"
+PER_DATASET = "each dataset's own"  # split scheme: every image's dataset's default scheme
 
 
 def render(cat: Catalog) -> None:
@@ -33,17 +36,20 @@ def render(cat: Catalog) -> None:
         return
     last_verdict_note()
     methods = data.q(cat, "SELECT DISTINCT method FROM pairs ORDER BY 1")["method"].to_list()
-    schemes = data.q(cat, "SELECT DISTINCT scheme FROM splits ORDER BY 1")["scheme"].to_list()
-    c1, c2, c3, c4 = st.columns(4)
+    c0, c4 = st.columns(2)
+    dataset = select(c0, "dataset", [ALL, *data.pair_datasets(cat)], key="dup-dataset",
+                     help="pairs with an image of this dataset")
+    scheme = _scheme_choice(cat, c4, None if dataset == ALL else dataset)
+    c1, c2, c3 = st.columns(3)
     method = c1.selectbox("method", ["all", *methods], key="dup-method")
     ver = c2.selectbox("verified", ["all", "verified", "not verified"], key="dup-verified")
     min_score = c3.number_input("minimum score", value=0.0, step=0.01, key="dup-min")
-    scheme = c4.selectbox("split scheme", schemes or [None], key="dup-scheme")
     cross = st.checkbox("only pairs that cross splits", key="dup-cross")
     view = st.radio("third panel", ["blend", "difference"], horizontal=True, key="dup-view")
     filters = {"method": None if method == "all" else method,
-                   "verified": None if ver == "all" else ver == "verified", "min_score": min_score,
-                   "cross_only": cross, "scheme": scheme}
+               "verified": None if ver == "all" else ver == "verified", "min_score": min_score,
+               "cross_only": cross, "scheme": scheme,
+               "dataset": None if dataset == ALL else dataset}
     _, total = data.pairs_page(cat, offset=0, limit=0, **filters)
     st.metric("pairs", f"{total:,}")
     offset = pager("dup", total, PER_PAGE)
@@ -55,6 +61,30 @@ def render(cat: Catalog) -> None:
         _pair(cat, r, info, verdict_of, view, offset + i)
     _histogram(cat)
     _clusters(cat)
+
+
+def _scheme_choice(cat: Catalog, container: Any, dataset: str | None) -> data.Schemes:
+    """The split-scheme selectbox; its default follows the pairs' datasets.
+
+    With one dataset chosen: that dataset's schemes (in the splits table), its default
+    scheme first (:func:`ui.data.default_schemes`). With all datasets: each image's split
+    comes from its own dataset's default scheme, or from one scheme picked for every dataset.
+    """
+    defaults = data.default_schemes(cat)
+    if dataset is not None:
+        schemes = data.schemes_of(cat, dataset)
+        if not schemes:
+            container.selectbox("split scheme", ["—"], key=f"dup-scheme:{dataset}",
+                                disabled=True, help=f"{dataset} has no splits")
+            return {}
+        return select(container, "split scheme", schemes, key=f"dup-scheme:{dataset}",
+                      default=defaults.get(dataset),
+                      help=f"the split schemes of {dataset} (splits table)")
+    own = ", ".join(f"{d}: {s}" for d, s in defaults.items())
+    choice = select(container, "split scheme", [PER_DATASET, *data.schemes_of(cat)],
+                    key="dup-scheme", help=f"{PER_DATASET}: {own or 'no splits'}",
+                    format_func=lambda s: f"{s} ({own})" if s == PER_DATASET and own else s)
+    return defaults if choice == PER_DATASET else choice
 
 
 def _caption(info: dict, iid: str) -> str:
@@ -99,7 +129,8 @@ def _histogram(cat: Catalog) -> None:
     png = cache.cached_file(cat, cache.file_key("score-histogram", rows, thr),
                             lambda: _histogram_png(rows, thr))
     st.image(str(png), caption="pairs per score bin and method" + (
-        f"; red line: duplicates.threshold = {thr:g} (params.yaml)" if thr is not None else ""))
+        f"; red line: duplicates.ncc = {thr:g} (params.yaml), the verification threshold"
+        if thr is not None else ""))
 
 
 def duplicates_threshold(cat: Any) -> float | None:
