@@ -60,9 +60,10 @@ VIEWS: dict[str, str] = {
                coalesce(json_extract_string(s.code_map, '$."(absent)".meaning'), 'negative') AS meaning,
                false AS is_invalid, true AS implicit
         FROM coverage c JOIN sources s USING (source_id) JOIN findings f USING (source_id)
+        -- an anti-join (a correlated NOT EXISTS took 108 s on the demo's PadChest, this ~1 s)
+        ANTI JOIN annotations a
+               ON a.image_id = c.image_id AND a.source_id = c.source_id AND a.finding = f.finding
         WHERE s.negatives = 'implicit'
-          AND NOT EXISTS (SELECT 1 FROM annotations a WHERE a.image_id = c.image_id
-                          AND a.source_id = c.source_id AND a.finding = f.finding)
     """,
     # one row per image and shared finding where raters (source or source/annotator) give
     # different usable values; implicit-negative sources count as their code_map "(absent)"

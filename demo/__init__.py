@@ -1,0 +1,1 @@
+"""medlake.demo: demo-only code (synthetic data, the demo runner, the UI sample workspace)."""

@@ -1,0 +1,1 @@
+"""One module per pipeline stage (each ends with its ``DECLARATION``); see registry.py."""

@@ -119,7 +119,8 @@ class AgreementResult:
     seconds: float
 
     def summary(self) -> str:
-        lines = [f"{ds}: {n:,} agreement rows" for ds, n in self.rows.items()]
+        # the per-dataset lines were printed as progress already
+        lines = [f"agreement: {sum(self.rows.values()):,} rows for {len(self.rows)} datasets"]
         if self.derived:
             lines.append(f"derived sources: {', '.join(self.derived)}")
         if self.plot:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from medlake.catalog import Catalog, CatalogError, IngestResult, Workspace
 from medlake.catalog.params import param, to_dict
 from medlake.pipelines import adapters
-from medlake.pipelines.stage import Stage
+from medlake.pipelines.stage import Stage, UsageProblem
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def run_stage(catalog: Catalog, params: Params | list | None = None, *, fmt: str
                                                if ad.links_to else "")
             for name, ad in adapters.registry().items()))
     if all_ and (fmt or path):
-        raise CatalogError("ingest: use either --all or FORMAT PATH, not both")
+        raise UsageProblem("Use either --all or FORMAT PATH, not both")
     if all_:
         if isinstance(params, list):
             params = {"entries": params}
@@ -269,12 +269,11 @@ def run_stage(catalog: Catalog, params: Params | list | None = None, *, fmt: str
         run_all(catalog, strict=strict, echo=echo)
         return IngestRun(text="ingest: done")
     if not fmt or not path:
-        raise CatalogError("ingest: give FORMAT and PATH (or --all); 'medlake ingest --list' "
-                           "shows formats")
+        raise UsageProblem("Give FORMAT and PATH (or --all); 'medlake ingest --list' shows formats")
     options: dict[str, Any] = {}
     for o in opts:
         if "=" not in o:
-            raise CatalogError(f"ingest: --option '{o}' must look like KEY=VALUE")
+            raise UsageProblem(f"--option '{o}' must look like KEY=VALUE")
         k, v = o.split("=", 1)
         k = k.strip()
         # a repeated key (-o label=a:... -o label=b:...) collects its values in a list

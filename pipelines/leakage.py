@@ -31,7 +31,7 @@ from scipy.sparse.csgraph import connected_components
 
 from medlake.catalog import Catalog, CatalogError, Quarantine
 from medlake.catalog.params import param
-from medlake.pipelines.stage import Stage
+from medlake.pipelines.stage import Stage, UsageProblem
 
 log = logging.getLogger(__name__)
 STAGE = "leakage"
@@ -331,7 +331,7 @@ def run_stage(catalog: Catalog, params: Params | dict[str, Any] | None = None, *
               pairs: Iterable[Path | str] = (), no_clusters: bool = False) -> LeakageResult:
     """The stage's entry (``medlake leakage``): :func:`run` with the stage's calling convention."""
     if pairs and not dataset:
-        raise CatalogError("leakage: --pairs needs DATASET (the pairs name images of one dataset)")
+        raise UsageProblem("--pairs needs DATASET (the pairs name images of one dataset)")
     return LeakageResult(run(catalog, dataset, scheme=scheme, pairs=pairs,
                              use_clusters=not no_clusters, params=params))
 

@@ -36,7 +36,7 @@ from medlake.pipelines.datasheet import datasheet_info
 from medlake.pipelines.leakage import duplicate_links, leakage_rows, units
 from medlake.pipelines.rules import RULE_FUNCS, Context
 from medlake.pipelines.rules_reviews import exclude_pairs
-from medlake.pipelines.stage import Stage
+from medlake.pipelines.stage import Stage, UsageProblem
 from medlake.catalog.params import param
 
 log = logging.getLogger(__name__)
@@ -360,6 +360,9 @@ def run(catalog: Catalog, recipe: str | Path, *, processes: int = 1) -> Material
         from medlake.catalog.versions import render_datasheet
 
         (tmp / "DATASHEET.md").write_text(render_datasheet(info))
+        from medlake.pipelines import croissant  # croissant.json: Croissant 1.0 + RAI fields
+
+        croissant.write(tmp, catalog, info=info, quarantined=st["quarantine"].count())
     counts = info["counts"]
     row = {"name": rec.name, "dataset_id": rec.dataset, "parent": rec.parent, "kind": "derived",
            "scheme": rec.name, "recipe": f"recipes/{rec.file}", "recipe_hash": rec.hash,
@@ -442,10 +445,9 @@ def run_stage(catalog: Catalog, params: Params | dict[str, Any] | None = None, *
     pipeline, so ``dvc repro`` reproduces it."""
     prm = DECLARATION.load_params(catalog, params)
     if all_ and recipe:
-        raise CatalogError("materialize: use either RECIPE or --all, not both")
+        raise UsageProblem("Use either RECIPE or --all, not both")
     if not all_ and not recipe:
-        raise CatalogError("materialize: give RECIPE (a name under recipes/ or a YAML path) "
-                           "or --all")
+        raise UsageProblem("Give RECIPE (a name under recipes/ or a YAML path) or --all")
     if all_:
         return MaterializeRun(tuple(run_all(catalog, processes=prm.processes)), catalog.ws.root)
     res = run(catalog, recipe, processes=prm.processes)

@@ -18,11 +18,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from medlake.catalog import Catalog
+from medlake.catalog import Catalog, CatalogError
 from medlake.catalog.params import ParamsError, load, to_dict
 
 #: A path a stage writes or reads that is not a table (relative to the workspace root).
 Path_ = str
+
+
+class UsageProblem(CatalogError):
+    """Options of a stage command that do not go together (the CLI exits 2, as click does)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,14 @@ class Stage:
         ``params.yaml`` block, with ``overrides`` (e.g. command-line flags) applied."""
         if self.params is None:
             return None
+        if self.check_block is not None:  # a block with keys validated by their own modules
+            if isinstance(params, self.params):
+                params = to_dict(params)
+            raw = (catalog.ws.params().get(self.name) if catalog is not None else None) \
+                if params is None else params
+            over = {k: v for k, v in (overrides or {}).items() if v is not None}
+            file = catalog.ws.params_file.name if catalog is not None else "params.yaml"
+            return self.check_block({**(raw or {}), **over}, file=file)
         if params is None:
             raw = catalog.ws.params().get(self.name) if catalog is not None else None
             base = load(self.params, self.wrap(raw), file=catalog.ws.params_file.name if catalog else

@@ -259,7 +259,7 @@ def test_bad_input_errors(toy, catalog):
     with pytest.raises(CatalogError, match="no label sources"):
         agreement.run(cat, "nope")
     (cat.ws.root / "params.yaml").write_text("agreement:\n  refrences: []\n")
-    with pytest.raises(CatalogError, match="unknown keys"):
+    with pytest.raises(CatalogError, match=r"agreement\.refrences: unknown key \(did you mean 'references'\?\)"):
         agreement.run(cat, "toy")
     (cat.ws.root / "params.yaml").write_text(
         "agreement:\n  consensus: [{source: 'toy:missing', rule: majority}]\n")

@@ -1,0 +1,1 @@
+"""medlake.ui: the Streamlit catalog and review app (``medlake ui``)."""

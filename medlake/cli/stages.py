@@ -60,7 +60,12 @@ def make_command(stage: Any) -> click.Command:
         prm = stage.load_params(cat, None, overrides)
         if "echo" in accepts:
             kw["echo"] = click.echo
-        res = stage.run(cat, prm, **kw)
+        from medlake.pipelines.stage import UsageProblem
+
+        try:
+            res = stage.run(cat, prm, **kw)
+        except UsageProblem as e:
+            raise click.UsageError(str(e)) from None
         if not kw.get("list_"):
             stage.ensure_outputs(cat)  # every declared output exists for DVC
         text = res.summary()

@@ -40,7 +40,7 @@ def init(directory, remote, endpoint_url):
 
         name = configure_remote_endpoint(ws.root, endpoint_url)
         click.echo(f"DVC remote '{name}' uses endpoint {endpoint_url}")
-    click.echo(f"workspace ready at {ws.root}")
+    click.echo(f"workspace ready at {directory}")
     click.echo("next: medlake ingest --list   (formats you can ingest)")
     click.echo("      medlake ingest FORMAT FILE; add recipes/NAME.yaml; dvc repro; medlake publish NAME")
 
