@@ -95,13 +95,26 @@ def label_sources(path: Path | str) -> dict[str, str]:
     return json.loads((pq.read_schema(f).metadata or {}).get(LABELS_KEY, b"{}"))
 
 
+DEFAULT_SIZE = 224  # VersionDataset's default square side (a DataLoader batches it as it is)
+
+
 class VersionDataset:
     """A map-style torch dataset over one split of a materialised version.
 
-    Items are ``(image, label_index)``: ``image`` a float tensor ``C x H x W`` in [0, 1]
-    (or whatever ``transform`` returns from the PIL image), ``label_index`` the position of
-    the image's label in :attr:`classes` (the sorted labels of the whole version, so indices
-    agree across splits). Works with ``torch.utils.data.DataLoader``.
+    Items are ``(image, label_index)``: ``image`` a float tensor ``3 x R x R`` in [0, 1] with
+    ``R = resize`` (default :data:`DEFAULT_SIZE` = 224, bicubic), so a ``DataLoader`` batches
+    it as it is (or whatever ``transform`` returns from the PIL image; ``resize=None`` keeps
+    each image's own size); ``label_index`` the position of the image's label in
+    :attr:`classes` (the sorted labels of the whole version, so indices agree across splits),
+    or what ``target_transform`` returns from it.
+
+    Example
+    -------
+    >>> from torch.utils.data import DataLoader                      # doctest: +SKIP
+    >>> ds = VersionDataset("lake/versions/synth-derm-clean", "train")  # doctest: +SKIP
+    >>> x, y = next(iter(DataLoader(ds, batch_size=16)))             # doctest: +SKIP
+    >>> x.shape                                                      # doctest: +SKIP
+    torch.Size([16, 3, 224, 224])
 
     Parameters
     ----------
@@ -112,7 +125,13 @@ class VersionDataset:
     label
         Label column (default: the first one).
     size
-        Read the ``images_<size>`` copies instead of the originals.
+        Read the exported ``images_<size>`` copies instead of the originals.
+    resize
+        Square side the image is resized to when no ``transform`` is given; ``"auto"``
+        (default): :data:`DEFAULT_SIZE`, or as stored when ``size`` picks exported copies;
+        None: as stored.
+    transform, target_transform
+        Applied to the PIL image (RGB) and to the label index.
 
     Raises
     ------
@@ -123,6 +142,8 @@ class VersionDataset:
     def __init__(
         self, path: Path | str, split: str, *, label: str | None = None, size: int | None = None,
         transform: Callable[[Any], Any] | None = None,
+        target_transform: Callable[[int], Any] | None = None,
+        resize: int | None | str = "auto",
     ) -> None:
         self.root = Path(path)
         m = load_version(self.root)
@@ -150,6 +171,9 @@ class VersionDataset:
         self.targets = [index.get(v, -1) for v in rows[label].to_list()]
         self.image_ids = rows["image_id"].to_list()
         self.transform = transform
+        self.target_transform = target_transform
+        # default: DEFAULT_SIZE, unless an exported size was chosen (already square)
+        self.resize = (None if size is not None else DEFAULT_SIZE) if resize == "auto" else resize
         # a packed version (export pack: shards) is read straight from its tar shards
         self._index = shards.index(self.root) if shards.is_packed(self.root) else None
 
@@ -166,13 +190,18 @@ class VersionDataset:
             src = self.root / f
         with Image.open(src) as im:
             img = im.convert("RGB")
+        y: Any = self.targets[i]
+        if self.target_transform is not None:
+            y = self.target_transform(y)
         if self.transform is not None:
-            return self.transform(img), self.targets[i]
+            return self.transform(img), y
         import numpy as np
         import torch
 
+        if self.resize is not None and img.size != (self.resize, self.resize):
+            img = img.resize((self.resize, self.resize), Image.Resampling.BICUBIC)
         arr = np.asarray(img, dtype=np.float32) / 255.0
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), self.targets[i]
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), y
 
 
 # --- datasheet ------------------------------------------------------------------------------

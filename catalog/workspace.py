@@ -31,6 +31,17 @@ DEFAULT_PARAMS: dict[str, Any] = {
 
 GITIGNORE_LINES = ["/data/", "/lake/", "/.venv/", "__pycache__/"]
 
+# leftovers of a writer killed mid-write (removed by the next medlake process, see
+# catalog/tables.py: recover) must never be hashed into a DVC output
+DVCIGNORE_LINES = [
+    "# medlake: temporary files of writers in progress, leftovers of a killed run",
+    ".*.tmp",
+    ".*.tmp-*",
+    ".*.old-*",
+    ".journal/",
+    "*.intent",
+]
+
 
 @dataclass(frozen=True)
 class Workspace:
@@ -125,9 +136,15 @@ class Workspace:
             When no parent folder is a DVC repository.
         """
         here = Path(start or Path.cwd()).resolve()
+        if start is not None and not here.is_dir():
+            raise WorkspaceError(f"--workspace {start}: no such folder; give the folder of a "
+                                 f"workspace, or create one with 'medlake init {start}'")
         for cand in (here, *here.parents):
             if (cand / ".dvc").is_dir():
                 return cls(cand)
+        if start is not None:
+            raise WorkspaceError(f"--workspace {start}: not a medlake workspace (no .dvc/ folder "
+                                 f"at or above it); create one with 'medlake init {start}'")
         raise WorkspaceError(
             f"no medlake workspace at or above {here} (no .dvc/ folder found); "
             "run 'medlake init DIR' to create one, or pass --workspace DIR"
@@ -142,7 +159,8 @@ class Workspace:
         remote (``<root>/../<name>-dvc-remote`` unless ``remote`` is given, stored as an
         absolute path so that every clone, in any folder, finds the same remote), writes
         ``params.yaml`` (``params_text``, else the minimal settings) and ``findings.yaml``
-        only when absent, and creates ``data/``, ``lake/`` and ``recipes/``. The pipeline
+        only when absent, adds medlake's temporary-file patterns to ``.dvcignore``
+        (:data:`DVCIGNORE_LINES`), and creates ``data/``, ``lake/`` and ``recipes/``. The pipeline
         (``dvc.yaml``) is written by the caller (``medlake init`` generates it).
 
         Example
@@ -173,6 +191,7 @@ class Workspace:
         missing = [ln for ln in GITIGNORE_LINES if ln not in have]
         if missing:
             gi.write_text("\n".join([*have, *missing]) + "\n")
+        write_dvcignore(root)
         if not _dvc_has_remote(root):
             from medlake.catalog.storage import refuse_credentials
 
@@ -189,6 +208,15 @@ class Workspace:
                     else full.as_posix()
             _run([*_dvc_exe(), "remote", "add", "-d", "local", url], root)
         return ws
+
+
+def write_dvcignore(root: Path) -> None:
+    """Add :data:`DVCIGNORE_LINES` that ``<root>/.dvcignore`` lacks (the others are kept)."""
+    path = Path(root) / ".dvcignore"
+    have = path.read_text().splitlines() if path.exists() else []
+    missing = [ln for ln in DVCIGNORE_LINES if ln not in have]
+    if missing:
+        path.write_text("\n".join([*have, *missing]) + "\n")
 
 
 def _dvc_exe() -> list[str]:

@@ -10,7 +10,6 @@ import hashlib
 import io
 import os
 import shutil
-import uuid
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -21,7 +20,8 @@ from urllib.parse import unquote
 import numpy as np
 import polars as pl
 
-from medlake.catalog import CatalogError
+from medlake.catalog import CatalogError, Transaction
+from medlake.catalog.tables import clean_orphans, replace_dir, temp_dir_path
 
 #: characters a file-name component keeps as they are; every other character (and ``.``,
 #: ``_`` or ``-`` in first place, so no hidden files, ``..`` or option-like names) is written as
@@ -240,8 +240,11 @@ def verify_files(checks: list[tuple[str, str, Path, int, str | None]], threads: 
 
 def write_npz(manifest: pl.DataFrame, *, out: Path, name: str, label: str,
               sizes: tuple[int, ...]) -> list[str]:
-    """MedMNIST-style ``<name>_<size>.npz``: ``{split}_images`` (N,S,S[,3]) uint8 and
-    ``{split}_labels`` (N,1) int64 indices into the sorted label values (``label_names``)."""
+    """MedMNIST-style arrays: ``{split}_images`` (N,S,S[,3]) uint8 and ``{split}_labels``
+    (N,1) indices into the sorted label values (``label_names``, an extra key MedMNIST's own
+    files lack). As MedMNIST names and types them: ``<name>.npz`` at size 28,
+    ``<name>_<size>.npz`` otherwise; labels uint8 (int64, with -1 for an unknown label, only
+    when a label is unknown or there are more than 256 classes)."""
     from PIL import Image
 
     classes = sorted(manifest[label].drop_nulls().unique().to_list())
@@ -255,7 +258,11 @@ def write_npz(manifest: pl.DataFrame, *, out: Path, name: str, label: str,
             arrays[f"{split}_images"] = np.stack(imgs) if imgs else np.zeros((0, s, s), np.uint8)
             arrays[f"{split}_labels"] = np.array(
                 [[index.get(v, -1)] for v in g[label].to_list()], dtype=np.int64).reshape(-1, 1)
-        fname = f"{name}_{s}.npz"
+        labs = [a for k, a in arrays.items() if k.endswith("_labels")]
+        if len(classes) <= 256 and all((a >= 0).all() for a in labs):
+            for k in [k for k in arrays if k.endswith("_labels")]:
+                arrays[k] = arrays[k].astype(np.uint8)
+        fname = f"{name}.npz" if s == 28 else f"{name}_{s}.npz"
         _savez_deterministic(out / fname, arrays)
         written.append(fname)
     return written
@@ -274,36 +281,37 @@ def _savez_deterministic(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 @contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, tx: Transaction | None = None) -> Iterator[Path]:
     """Build a folder in a temporary sibling and swap it in on success.
 
-    A crash or kill while building leaves ``final`` untouched; the swap itself is two
-    renames, and a leftover ``.<name>.old-*`` from a crash between them is restored by the
-    next call.
+    With ``tx`` the swap is one operation of that transaction (the folder and the table
+    rows describing it become visible together when ``tx`` commits; a failed ``tx`` removes
+    the folder built). Without, the folder is swapped in at once (two renames,
+    ``catalog.tables.replace_dir``). A crash or kill while building leaves ``final``
+    untouched; leftovers of a killed build (``.<name>.tmp-<pid>-*``, ``.<name>.old-<pid>-*``)
+    are removed, or restored, by the next call and whenever a lake is opened
+    (``catalog.tables.recover``).
     """
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
     recover(final)
-    tmp = parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temp_dir_path(final)
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    if tx is not None:
+        tx.publish_dir(tmp, final)
+    else:
+        replace_dir(tmp, final)
 
 
 def recover(final: Path) -> None:
-    """Undo a half-finished swap and remove stale temporary folders of ``final``."""
-    parent = final.parent
-    olds = sorted(parent.glob(f".{final.name}.old-*"))
-    if olds and not final.exists():
-        os.rename(olds[0], final)
-        olds = olds[1:]
-    for p in [*olds, *parent.glob(f".{final.name}.tmp-*")]:
-        shutil.rmtree(p, ignore_errors=True)
+    """Undo a half-finished swap and remove stale temporary folders of ``final``.
+
+    Only leftovers of processes that no longer run are touched (their names carry the
+    process id), so a concurrent build of the same folder is left alone.
+    """
+    clean_orphans(final.parent, name=final.name)

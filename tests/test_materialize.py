@@ -63,6 +63,8 @@ def test_toy_version_contents(toy: Catalog) -> None:
     z = np.load(folder / "toy-clean_8.npz")
     assert z["train_images"].shape == ((m["split"] == "train").sum(), 8, 8, 3)
     assert sorted(z["label_names"].tolist()) == sorted(m["dx"].unique().to_list())
+    # as MedMNIST's own files: (N, 1) uint8 labels
+    assert z["train_labels"].dtype == np.uint8 and z["train_labels"].shape[1] == 1
     # datasheet and versions row
     ds = (folder / "DATASHEET.md").read_text()
     for part in ("Counts per split", "What changed", "Leakage", "Licence", "CC-BY-NC-4.0"):
@@ -85,6 +87,15 @@ def test_torch_dataset_reads_split(toy: Catalog) -> None:
     assert set(y.tolist()) <= set(range(len(ds.classes)))
     with pytest.raises(CatalogError, match="no split 'holdout'"):
         VersionDataset(folder, "holdout")
+    # the originals differ in size: the default resize still batches them
+    from medlake.catalog.versions import DEFAULT_SIZE
+
+    orig = VersionDataset(folder, "train", target_transform=lambda i: ds.classes[i])
+    x, y = next(iter(DataLoader(orig, batch_size=4)))
+    assert x.shape == (min(4, len(orig)), 3, DEFAULT_SIZE, DEFAULT_SIZE)
+    assert set(y) <= set(ds.classes)  # labels as names through target_transform
+    small = VersionDataset(folder, "train", resize=32)
+    assert small[0][0].shape == (3, 32, 32)
 
 
 def test_rerun_is_byte_identical(toy: Catalog) -> None:

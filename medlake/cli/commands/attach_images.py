@@ -24,6 +24,10 @@ def attach_images(dataset, folder, strict, dry_run, workspace):
     without the extension) and read for size, mode and sha256. Files that match no id, or
     cannot be read, go to the quarantine table (stage attach-images); ids without a file are
     counted. The dataset's images_root becomes FOLDER.
+
+    \b
+    Example:
+      medlake attach-images ham10000 data/HAM10000_images --dry-run
     """
     from medlake.pipelines import attach_images as stage
 

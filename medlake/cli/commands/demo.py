@@ -17,7 +17,12 @@ from medlake.cli.common import command, open_catalog, workspace_option
 @command
 def demo(no_repro, no_ui, workspace):
     """Generate the synthetic demo dataset, run the pipeline (dvc repro), print the profile,
-    a sample SQL query and what to run next."""
+    a sample SQL query and what to run next.
+
+    \b
+    Example:
+      MEDLAKE_NO_UI=1 medlake demo
+    """
     from medlake.demo import runner as stage
 
     cat = open_catalog(workspace)

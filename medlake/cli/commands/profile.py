@@ -16,7 +16,12 @@ from medlake.cli.common import command, open_catalog, workspace_option
 def profile(dataset, max_findings, workspace):
     """Profile DATASET: images, patients/groups, studies, images per group, finding
     prevalence per source, source coverage and overlap, splits, quarantine.
-    Without DATASET, profile every ingested dataset."""
+    Without DATASET, profile every ingested dataset.
+
+    \b
+    Example:
+      medlake profile padchest --max-findings 10
+    """
     from medlake.catalog.profile import profile as run
 
     cat = open_catalog(workspace)

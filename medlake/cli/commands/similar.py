@@ -14,7 +14,12 @@ from medlake.cli.common import command, open_catalog, workspace_option
 @workspace_option
 @command
 def similar(image_id, k, model, workspace):
-    """The K images most similar to IMAGE_ID (dataset:native_id), by cosine similarity."""
+    """The K images most similar to IMAGE_ID (dataset:native_id), by cosine similarity.
+
+    \b
+    Example:
+      medlake similar synth-derm:d0001 -k 5
+    """
     from medlake.pipelines.embed import similar as run
 
     cat = open_catalog(workspace)

@@ -26,6 +26,10 @@ def synth(out_dir, n_captures, seed, modalities, overwrite, workspace):
     Each has a manifest CSV, a generic-adapter YAML (medlake ingest generic OUT_DIR/derm.yaml)
     and ground truth: truth_files.csv (which capture each file derives from, and how) and
     truth_pairs.csv (every true duplicate pair). The same arguments give byte-identical files.
+
+    \b
+    Example:
+      medlake synth data/synthetic --captures 100 --modality derm
     """
     from medlake.demo.synthetic import MODALITIES, generate
 

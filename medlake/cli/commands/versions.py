@@ -16,7 +16,12 @@ from medlake.cli.common import command, open_catalog, workspace_option
 @workspace_option
 @command
 def versions(dataset_id, fmt, workspace):
-    """List versions: name, dataset, parent, kind, images, counts per split, creation time."""
+    """List versions: name, dataset, parent, kind, images, counts per split, creation time.
+
+    \b
+    Example:
+      medlake versions --dataset ham10000
+    """
     import polars as pl
 
     from medlake.catalog import render
@@ -33,7 +38,7 @@ def versions(dataset_id, fmt, workspace):
 
 @click.command("unpack")
 @click.argument("version")
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write the files here (default: into the version folder itself).")
 @click.option("--overwrite", is_flag=True, help="Replace existing files whose content differs.")
 @workspace_option
@@ -45,6 +50,10 @@ def unpack(version, out, overwrite, workspace):
     a version folder. Every file is checked against the shard index (size, sha256). Unpacking
     into a DVC-tracked folder changes that output: use --out elsewhere to keep 'dvc status'
     clean.
+
+    \b
+    Example:
+      medlake unpack lake/versions/synth-derm-packed --out /tmp/plain
     """
     from medlake.catalog import CatalogError
     from medlake.catalog.shards import unpack as run_unpack
