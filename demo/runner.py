@@ -2,10 +2,13 @@
 
 1. generate the synthetic image dataset into ``data/synthetic`` (byte-identical on every
    machine, so the committed ``data.dvc`` stays valid);
-2. ``dvc repro``: every stage of ``dvc.yaml`` (ingest first; later stages add theirs);
-3. ``dvc push`` to the workspace's DVC remote (``medlake init`` sets a local one), so the
-   corrected versions can be pulled from a clone once ``dvc.lock`` is committed;
-4. print each dataset's profile, a sample SQL query and what to run next.
+2. ``dvc repro``: every stage of the generated ``dvc.yaml``; its whole log goes to
+   ``lake/demo.log``;
+3. ``dvc push`` to the workspace's DVC remote, so the corrected versions can be pulled from a
+   clone once ``dvc.lock`` is committed;
+4. ``medlake report`` into ``lake/report/``;
+5. print one screen: one line of findings per dataset, where the log and the report are, and
+   the next three commands (``--verbose``: each dataset's full profile and a sample query).
 """
 
 from __future__ import annotations
@@ -25,10 +28,9 @@ GROUP BY ALL ORDER BY images DESC LIMIT 8"""
 
 NEXT_STEPS = """\
 next:
-  .venv/bin/medlake sql "SELECT * FROM sources"          SQL over every table
-  .venv/bin/medlake profile synth-derm                   one dataset's profile
-  .venv/bin/medlake ingest --list                        formats you can ingest
-  .venv/bin/dvc status                                   the pipeline is up to date"""
+  .venv/bin/medlake sql "SELECT * FROM discrepancies LIMIT 20"   label disagreements, per image
+  .venv/bin/medlake profile ham10000                               one dataset in full
+  .venv/bin/dvc pull lake/versions/ham10000-corrected             (in a clone) a corrected version"""
 
 DEMO_CAPTURES = 300  # about 450 images in both modalities, generated in a few seconds
 
@@ -43,14 +45,16 @@ def env_with_venv() -> dict[str, str]:
     return env
 
 
-def generate_data(catalog: Catalog, *, echo: Callable[[str], None] = print) -> Path:
-    """Write the synthetic demo images under ``data/synthetic`` (idempotent, deterministic)."""
+def generate_data(catalog: Catalog, *, echo: Callable[[str], None] = print) -> str:
+    """Write the synthetic demo images under ``data/synthetic`` (idempotent, deterministic);
+    returns a one-line summary."""
     from medlake.demo import synthetic
 
     out = catalog.ws.data_dir / "synthetic"
     summary = synthetic.generate(out, n_captures=DEMO_CAPTURES, seed=0, overwrite=True)
     echo(summary.text())
-    return out
+    first = summary.text().splitlines()[0]
+    return first.replace(str(out), catalog.ws.relpath(out))
 
 
 def push(catalog: Catalog) -> str:
@@ -68,21 +72,87 @@ def push(catalog: Catalog) -> str:
         "\n(commit dvc.lock so that a clone can 'dvc pull' these versions)")
 
 
-def run(catalog: Catalog, *, repro: bool = True, echo: Callable[[str], None] = print) -> None:
+def run(catalog: Catalog, *, repro: bool = True, verbose: bool = False,
+        echo: Callable[[str], None] = print) -> None:
     """Run the demo in ``catalog``'s workspace (see the module docstring)."""
-    generate_data(catalog, echo=echo)
+    summary = generate_data(catalog, echo=echo if verbose else (lambda s: None))
+    echo(f"medlake demo: {summary}")
+    log = catalog.ws.lake / "demo.log"
     if repro:
-        echo("dvc repro ...")
+        echo("dvc repro ... (every stage; the whole log goes to lake/demo.log)")
         out = run_dvc(["repro"], catalog.ws.root, env=env_with_venv())
-        echo("\n".join(ln for ln in out.splitlines() if ln.strip())[-3000:])
-        echo(push(catalog))
-    from medlake.catalog.profile import profile
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(out)
+        if verbose:
+            echo(out.rstrip())
+        echo(push(catalog).splitlines()[0])
+    echo("")
+    echo("what it found:")
+    for line in findings(catalog):
+        echo("  " + line)
+    try:
+        from medlake.pipelines import report
 
-    for ds in catalog.dataset_ids():
-        echo("\n" + profile(catalog, ds, max_findings=6).render())
-    echo("\nsample query:\n" + SAMPLE_SQL + "\n")
-    echo(render(catalog.sql(SAMPLE_SQL)))
+        res = report.run(catalog, out=catalog.ws.lake / "report")
+        echo(f"\nreport: {catalog.ws.relpath(res.html)} (and report.md; opens offline)")
+    except Exception as e:  # noqa: BLE001 - the demo goes on without its report
+        echo(f"\nreport: not written ({e})")
+    if verbose:
+        from medlake.catalog.profile import profile
+
+        for ds in catalog.dataset_ids():
+            echo("\n" + profile(catalog, ds, max_findings=6).render())
+        echo("\nsample query:\n" + SAMPLE_SQL + "\n")
+        echo(render(catalog.sql(SAMPLE_SQL)))
     echo("\n" + NEXT_STEPS)
+
+
+def findings(catalog: Catalog) -> list[str]:
+    """One line per dataset: images, leaking groups, duplicate clusters, the two sources that
+    agree least, and the corrected versions built from it."""
+    import json
+
+    def q(sql: str) -> list[dict]:
+        try:
+            return catalog.query(sql).to_dicts()
+        except Exception:  # noqa: BLE001 - a table a stage did not write: nothing to say
+            return []
+
+    imgs = {r["dataset_id"]: r["n"] for r in q(
+        "SELECT dataset_id, count(*) AS n FROM images GROUP BY 1")}
+    leak = {}
+    for r in q("SELECT dataset_id, scheme, n_groups, n_groups_total FROM leakage "
+               "WHERE split_a = '*' AND grouping = 'group_id+duplicates' ORDER BY 1, 2"):
+        if r["n_groups"]:
+            leak.setdefault(r["dataset_id"], f"{r['n_groups']:,} of {r['n_groups_total']:,} "
+                            f"groups leak across {r['scheme']} splits")
+    dup = {}
+    for r in q("SELECT datasets, count(DISTINCT cluster_id) AS n FROM clusters GROUP BY 1"):
+        for ds in str(r["datasets"]).split(","):
+            dup[ds] = dup.get(ds, 0) + r["n"]
+    worst = {}
+    for r in q("SELECT dataset_id, finding, source_a, annotator_a, source_b, annotator_b, "
+               "kappa, n_shared FROM agreement WHERE subgroup = '' AND kappa IS NOT NULL "
+               "AND n_shared >= 50 ORDER BY dataset_id, kappa"):
+        if r["dataset_id"] not in worst:
+            a = r["source_a"].split(":", 1)[-1] + (f"/{r['annotator_a']}" if r["annotator_a"] else "")
+            b = r["source_b"].split(":", 1)[-1] + (f"/{r['annotator_b']}" if r["annotator_b"] else "")
+            worst[r["dataset_id"]] = (f"lowest kappa {r['kappa']:.2f} ({a} vs {b} on "
+                                      f"{r['finding']}, n {r['n_shared']:,})")
+    vers: dict[str, list[str]] = {}
+    for r in q("SELECT name, dataset_id, counts FROM versions WHERE kind = 'derived' ORDER BY 1"):
+        split = (json.loads(r["counts"] or "{}") or {}).get("split") or {}
+        parts = "/".join(f"{split[s]:,}" for s in ("train", "val", "test") if s in split)
+        vers.setdefault(r["dataset_id"], []).append(f"version {r['name']} {parts}".strip())
+    out = []
+    for ds in sorted(imgs):
+        bits = [f"{imgs[ds]:,} images"]
+        bits += [leak[ds]] if ds in leak else []
+        bits += [f"{dup[ds]:,} duplicate clusters"] if dup.get(ds) else []
+        bits += [worst[ds]] if ds in worst else []
+        bits += vers.get(ds, [])
+        out.append(f"{ds}: " + "; ".join(bits))
+    return out
 
 
 def free_port(host: str = "127.0.0.1", preferred: int = 8501) -> int:
