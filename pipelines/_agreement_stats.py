@@ -115,7 +115,8 @@ def _family_frame(
 ) -> pl.DataFrame:
     kap = stats.kappa_from_tables(t)
     notes = stats.kappa_note(kap)
-    pos_only = (g["negatives_a"] == "none").to_numpy()
+    # a source whose 'negatives' is unset (null) is read as explicit, as the schema's default
+    pos_only = (g["negatives_a"].cast(pl.String).fill_null("explicit") == "none").to_numpy()
     clipped: list[list[str]] = [[] for _ in range(g.height)]
     cols: dict[str, object] = {
         "n_shared": kap.n.astype(np.int64), "observed": _nan_to_null(kap.observed),

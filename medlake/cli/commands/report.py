@@ -11,7 +11,7 @@ from medlake.cli.common import command, open_catalog, workspace_option
 
 @click.command("report")
 @click.argument("datasets", nargs=-1)
-@click.option("--out", "-o", "out", required=True,
+@click.option("--out", "out", required=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Folder for report.html, report.md and assets/ (created).")
 @click.option("--top", type=click.IntRange(min=1), default=12, show_default=True,
