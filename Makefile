@@ -39,11 +39,13 @@ lock: | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/medlake demo
 
-# Debian's chromium for the browser tests, when apt-get is there and it is missing.
+# Debian's chromium for the browser tests and nginx for the reverse-proxy identity test
+# (tests/test_ui_identity.py), when apt-get is there and they are missing.
 browser:
-	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-	  || echo "could not install chromium; browser tests will skip (or fail under CI)"; \
+	@if ! { command -v chromium && { command -v nginx || test -x /usr/sbin/nginx; }; } >/dev/null 2>&1 \
+	  && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium nginx >/dev/null) \
+	  || echo "could not install chromium/nginx; browser and proxy tests will skip (or fail under CI)"; \
 	fi
 
 test: $(STAMP) browser

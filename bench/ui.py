@@ -42,6 +42,7 @@ from medlake.catalog import Catalog
 from tests.test_ui_browser import (
     CHROMIUM_ARGS,
     PAGES,
+    READY_JS,
     free_port,
     start_ui,
     stop,
@@ -78,22 +79,6 @@ def wait_healthy(proc: subprocess.Popen, port: int, tries: int, error: str,
     raise RuntimeError(f"{error}: {log.read_text()[-2000:]}" if log else error)
 
 
-# the page is complete: the script run finished, no element still shows its loading
-# skeleton, every image is loaded, every chart and table on screen is drawn (Streamlit
-# loads the chart and table code on first use)
-READY_JS = """() => {
-  const app = document.querySelector("[data-testid='stApp']");
-  if (!app || app.getAttribute("data-test-script-state") !== "notRunning") return false;
-  if (document.querySelector("[data-testid='stSkeleton']")) return false;  // not drawn yet
-  for (const im of document.images) if (!im.complete) return false;
-  const shown = (sel) => [...document.querySelectorAll(sel)].filter(
-    (e) => e.getClientRects().length > 0);  // charts and tables in hidden tabs draw later
-  for (const c of shown("[data-testid='stVegaLiteChart']"))
-    if (!c.querySelector("canvas, svg")) return false;
-  for (const d of shown("[data-testid='stDataFrame']"))
-    if (!d.querySelector("canvas")) return false;
-  return true;
-}"""
 COUNT_JS = """() => ({images: document.images.length,
   buttons: document.querySelectorAll("button").length,
   charts: document.querySelectorAll("[data-testid='stVegaLiteChart']").length,

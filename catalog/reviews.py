@@ -16,9 +16,10 @@ history stays, and :func:`latest` picks the newest row per (item, reviewer) — 
 ``review_id`` sorts by time (it starts with the nanosecond clock), which breaks ties.
 
 Many small files slow reading down, so :func:`compact` merges them into one file. It is
-safe to run while others record: it only merges files that exist when it starts, writes
-the merged file before deleting the originals, and readers drop the rare duplicate row
-(same ``review_id``) seen in between.
+safe to run while others record: it only merges files that exist when it starts, and the
+merged file and the removal of the originals are one commit (``catalog.tables.Transaction``),
+so readers, and a compaction killed at any moment, see the originals or the merged file,
+never both (readers still drop a duplicate ``review_id``, should one appear).
 
 Kinds and verdicts
 ------------------
@@ -44,7 +45,13 @@ import polars as pl
 
 from medlake.catalog.errors import CatalogError
 from medlake.catalog.schema import spec
-from medlake.catalog.tables import conform, scan_sql, write_parquet_atomic
+from medlake.catalog.tables import (
+    TableStore,
+    Transaction,
+    conform,
+    scan_sql,
+    write_parquet_atomic,
+)
 
 TABLE = "reviews"
 STAGE = "ui"
@@ -54,6 +61,21 @@ VERDICTS: dict[str, tuple[str, ...]] = {
     "label": ("correct", "wrong", "unsure"),
     "image": ("ok", "outlier", "unsure"),
 }
+
+
+# ``Verdict.identity``: how the UI knew the reviewer. 'typed' (a loopback server, the name
+# typed in the sidebar), 'insecure-open' (typed on an open address), 'proxy-header:<NAME>'
+# (request header NAME set by an authenticating reverse proxy); None: not recorded.
+IDENTITY_MODES = ("typed", "insecure-open", "proxy-header:<NAME>")
+
+
+def valid_identity(identity: str | None) -> bool:
+    """Whether ``identity`` is None or one of :data:`IDENTITY_MODES`."""
+    if identity is None or identity in ("typed", "insecure-open"):
+        return True
+    name = identity.removeprefix("proxy-header:")
+    return (name != identity and bool(name)
+            and all(c.isascii() and (c.isalnum() or c == "-") for c in name))
 
 
 class ReviewError(CatalogError):
@@ -77,6 +99,7 @@ class Verdict:
     label: str | None = None
     label_shown: bool | None = None
     session: str | None = None
+    identity: str | None = None  # how the reviewer was identified (:data:`IDENTITY_MODES`)
 
 
 def pair_item(image_a: str, image_b: str) -> str:
@@ -122,6 +145,9 @@ def _check(v: Verdict) -> None:
         raise ReviewError(f"verdict on {v.item}: no reviewer name; enter your name first")
     if not (v.item or "").strip():
         raise ReviewError("a verdict needs an item (the image, pair or label it is about)")
+    if not valid_identity(v.identity):
+        raise ReviewError(f"verdict on {v.item}: identity '{v.identity}' is not one of "
+                          f"{list(IDENTITY_MODES)} (or None)")
 
 
 def folder(catalog: Any) -> Path:
@@ -195,7 +221,12 @@ def read(catalog: Any, *, where: str | None = None) -> pl.DataFrame:
         con.close()
     df = pl.from_arrow(at)
     assert isinstance(df, pl.DataFrame)
-    return df.sort("review_id")
+    # files written before a column existed (e.g. identity) read as null in it
+    declared = pl.from_arrow(spec(TABLE).schema.empty_table())
+    assert isinstance(declared, pl.DataFrame)
+    missing = [pl.lit(None, dtype=declared.schema[c]).alias(c)
+               for c in declared.columns if c not in df.columns]
+    return (df.with_columns(missing) if missing else df).sort("review_id")
 
 
 def latest(
@@ -231,7 +262,8 @@ def compact(catalog: Any) -> int:
         return 0
     with open(base / ".compact.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        files = sorted(p for p in base.glob("*.parquet") if not p.name.startswith("."))
+        store = TableStore(catalog.ws.tables_dir)
+        files = store.files(TABLE, stage=STAGE)  # an interrupted compaction is finished first
         if len(files) < 2:
             return 0
         con = duckdb.connect()
@@ -242,9 +274,13 @@ def compact(catalog: Any) -> int:
         finally:
             con.close()
         last = files[-1].stem
-        write_parquet_atomic(conform(TABLE, at), base / f"{last}-merged.parquet")
-        for p in files:
-            p.unlink(missing_ok=True)
+        # one commit: the merged file appears and the originals go together, so a reader (or
+        # a kill at any moment) sees either the originals or the merged file, never both
+        with Transaction(store) as tx:
+            merged = tx.write(TABLE, at, stage=STAGE, partition=f"{last}-merged")
+            for p in files:
+                if p != merged:
+                    tx.delete_file(p)
     return len(files)
 
 

@@ -193,6 +193,9 @@ _table(
     # what the item is made of, so recipes need not parse `item` (see catalog/reviews.py)
     ("image_id", STR), ("image_b", STR), ("source_id", STR), ("finding", STR),
     ("label", STR), ("label_shown", BOOL), ("session", STR),
+    # how the reviewer was identified: 'typed' | 'proxy-header:<NAME>' | 'insecure-open'
+    # (medlake ui); null for rows recorded before the column existed or by library code
+    ("identity", STR),
 )
 
 

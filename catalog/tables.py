@@ -2,15 +2,40 @@
 
 Each table lives in ``lake/tables/<table>/<stage>/<partition>.parquet``. A write goes to a
 temporary file in the same folder and is renamed into place, so a reader (or a crash) never
-sees half a table. :class:`Transaction` stages several files and renames them together at the
-end, so a stage that writes images *and* annotations publishes both or neither.
+sees half a file. :class:`Transaction` stages several files (and version folders) and
+publishes them together, so a stage that writes images *and* annotations publishes both or
+neither, whatever moment the process dies:
+
+1. every new file is written and fsynced under a temporary name (``.<name>.<pid>-<rand>.tmp``,
+   folders ``.<name>.tmp-<pid>-<rand>``);
+2. an *intent* file listing the renames and deletions is written, fsynced and renamed into
+   ``lake/tables/.journal/<pid>-<rand>.intent`` -- this rename is the commit point;
+3. the renames and deletions are applied, then the intent is removed.
+
+Recovery rolls a committed intent forward: readers (:meth:`TableStore.files`, hence
+``Catalog.read``/``query``/``sql`` and the UI) finish an intent whose writer died before they
+list files, and wait for one whose writer is still renaming (it holds a lock on the intent),
+so they only ever see files of complete commits. Opening a lake (:class:`TableStore`, hence
+``Catalog``) also removes the temporary files and folders of dead writers
+(:func:`recover`). Final files keep their names, so plain DuckDB/Polars globs read the
+same files; only between a crash and the next medlake process may a glob see a partly
+renamed commit.
+
+Fault injection (tests and ``bench/faults.py``): ``MEDLAKE_FAULT`` makes the commit code
+kill its own process at a chosen rename or deletion (see :func:`fault_point`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
 import logging
 import os
 import re
+import shutil
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -129,15 +154,35 @@ def _check_key(ts: TableSpec, df: pl.DataFrame) -> None:
 
 
 def write_parquet_atomic(at: pa.Table, dest: Path) -> Path:
-    """Write ``at`` to ``dest`` via a temporary file and rename; deterministic bytes."""
+    """Write ``at`` to ``dest`` via a temporary file and rename; deterministic bytes.
+
+    The temporary file (``.<name>.<pid>-<rand>.tmp``) names its writer's process, so a
+    leftover of a killed writer is removed by the next :func:`recover`.
+    """
+    dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_path(dest)
     try:
         _write(at, tmp)
+        fault_point("rename", dest)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def temp_path(dest: Path) -> Path:
+    """A temporary sibling of ``dest``: ``.<name>.<pid>-<random>.tmp`` (see :func:`recover`)."""
+    return dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def temp_dir_path(final: Path, kind: str = "tmp") -> Path:
+    """A temporary sibling folder of ``final``: ``.<name>.<kind>-<pid>-<random>``.
+
+    ``kind`` is ``tmp`` (a folder being built) or ``old`` (the folder it replaces, moved
+    aside during the swap).
+    """
+    return final.with_name(f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 # min/max statistics only where readers filter (keys, dataset, scheme): statistics on long
@@ -163,14 +208,21 @@ class TableStore:
 
     def __init__(self, tables_dir: Path) -> None:
         self.dir = Path(tables_dir)
+        _recover_once(self.dir)
 
     def path(self, table: str, stage: str, partition: str) -> Path:
         spec(table)  # validates the name
         return self.dir / table / safe_name(stage) / f"{safe_name(partition)}.parquet"
 
     def files(self, table: str, *, stage: str | None = None) -> list[Path]:
-        """The Parquet files of a table (all stages, or one), sorted by path."""
+        """The Parquet files of a table (all stages, or one), sorted by path.
+
+        Only files of complete commits: a commit whose writer died after its commit point
+        is finished first, and one whose writer is still renaming is waited for (see
+        :func:`settle`).
+        """
         spec(table)
+        settle(self.dir)
         base = self.dir / table
         if stage is not None:
             base = base / safe_name(stage)
@@ -575,13 +627,19 @@ def scan_sql(files: list[Path]) -> str:
 
 
 class Transaction:
-    """Stage several partitions and publish them together.
+    """Stage several partitions (and version folders) and publish them together.
 
     ``write`` checks the data against the schema at once (a :class:`SchemaError` is raised
     there) and encodes and syncs the temporary file on a background thread, so the caller
     prepares the next table meanwhile and the files' fsyncs overlap; leaving the ``with``
-    block waits for every file, then renames them all (or, on any error, none). Arrow data
-    passed in (or NumPy buffers behind it) must not be changed in place before the block ends.
+    block waits for every file, then commits (or, on any error, removes every temporary file
+    and publishes nothing). Arrow data passed in (or NumPy buffers behind it) must not be
+    changed in place before the block ends.
+
+    The commit is all or nothing for readers, whatever moment the process dies: an intent
+    file naming every rename and deletion is published first (the commit point), then the
+    renames are done and the intent removed; a reader or the next process finishes the
+    renames of a writer that died after the commit point (see :func:`settle`).
 
     Example
     -------
@@ -594,19 +652,35 @@ class Transaction:
         self.store = store
         self._pending: list[tuple[Path, Path]] = []
         self._deletes: list[Path] = []
+        self._dirs: list[tuple[Path, Path]] = []
         self._jobs: list[Future[None]] = []
+        self._published = False
 
     def write(self, table: str, data: Any, *, stage: str, partition: str = "all") -> Path:
+        """Stage ``data`` as partition ``partition`` of ``table``; returns the final path."""
         at = conform(table, data)
         dest = self.store.path(table, stage, partition)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = temp_path(dest)
         self._pending.append((tmp, dest))
         self._jobs.append(_writer().submit(_write, at, tmp))
         return dest
 
     def delete(self, table: str, *, stage: str, partition: str) -> None:
+        """Remove partition ``partition`` of ``table`` with the commit (absent: nothing)."""
         self._deletes.append(self.store.path(table, stage, partition))
+
+    def delete_file(self, path: Path) -> None:
+        """Remove ``path`` (a file of the lake) with the commit."""
+        self._deletes.append(Path(path))
+
+    def publish_dir(self, tmp: Path, final: Path) -> None:
+        """Swap the finished folder ``tmp`` in at ``final`` with the commit.
+
+        ``tmp`` should be a sibling of ``final`` named by :func:`temp_dir_path`; on failure
+        the transaction removes it.
+        """
+        self._dirs.append((Path(tmp), Path(final)))
 
     def __enter__(self) -> Self:
         return self
@@ -616,16 +690,31 @@ class Transaction:
             wait(self._jobs)
             if exc_type is None:
                 for job in self._jobs:
-                    job.result()  # re-raises a failed write: nothing is renamed
-                for tmp, dest in self._pending:
-                    os.replace(tmp, dest)
-                for p in self._deletes:
-                    p.unlink(missing_ok=True)
+                    job.result()  # re-raises a failed write: nothing is published
+                ops: list[list[str]] = []
+                for tmp, final in self._dirs:
+                    ops.append(["dir", str(tmp), str(final), str(temp_dir_path(final, "old"))])
+                ops += [["file", str(tmp), str(dest)] for tmp, dest in self._pending]
+                written = {dest for _, dest in self._pending}
+                ops += [["delete", str(p)] for p in self._deletes if p not in written]
+                if ops:
+                    self._commit(ops)
         finally:
-            for tmp, _ in self._pending:
-                tmp.unlink(missing_ok=True)
+            if not self._published:  # nothing was committed: no temporary file may stay
+                for tmp, _ in self._pending:
+                    tmp.unlink(missing_ok=True)
+                for tmp, _ in self._dirs:
+                    shutil.rmtree(tmp, ignore_errors=True)
             self._pending.clear()
+            self._deletes.clear()
+            self._dirs.clear()
             self._jobs.clear()
+
+    def _commit(self, ops: list[list[str]]) -> None:
+        """Publish the intent (the commit point), then apply it (see :func:`commit`)."""
+        intent = begin_commit(self.store.dir, ops)
+        self._published = True  # from here on the temporary files belong to the intent
+        intent.finish()
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -637,3 +726,422 @@ def _writer() -> ThreadPoolExecutor:
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="medlake-write")
     return _POOL
+
+
+# --- the commit protocol: intent (write-ahead) files and recovery ---------------------------
+# An intent is JSON {"version": 1, "ops": [...]} in lake/tables/.journal/<pid>-<rand>.intent.
+# Ops (paths relative to the lake folder, the parent of lake/tables):
+#   ["file", tmp, dest]          os.replace(tmp, dest)
+#   ["dir", tmp, final, old]     final -> old (when final exists), tmp -> final, remove old
+#   ["delete", path]             unlink path
+# Every op is idempotent given the files left by any earlier partial application: an op
+# whose temporary source is gone was done. The writer holds an exclusive flock on the intent
+# while it applies it; a reader that gets the lock knows the writer died and finishes it.
+
+JOURNAL = ".journal"
+"""Folder of intent files, inside ``lake/tables`` (not a table; no DVC output contains it)."""
+INTENT_SUFFIX = ".intent"
+SETTLE_WAIT_S = 60.0
+"""Seconds a reader waits for a live writer to finish the renames of a commit."""
+
+
+def _rel(lake: Path, p: Path | str) -> str:
+    p = Path(p)
+    try:
+        return p.relative_to(lake).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def _abs(lake: Path, p: str) -> Path:
+    q = Path(p)
+    return q if q.is_absolute() else lake / q
+
+
+class Intent:
+    """A published commit of this process: its intent file (locked) and its operations."""
+
+    def __init__(self, tables_dir: Path, path: Path, fd: int, ops: list[list[str]]) -> None:
+        self.tables_dir = tables_dir
+        self.path = path
+        self.fd = fd
+        self.ops = ops
+
+    def finish(self) -> None:
+        """Apply the operations, remove the intent and release its lock.
+
+        When an operation fails the intent stays (unlocked) and the next reader or process
+        finishes it; the error is raised.
+        """
+        try:
+            apply_ops(self.tables_dir.parent, self.ops)
+            fault_point("delete", self.path)
+            os.unlink(self.path)
+            _fsync_dir(self.path.parent)
+            _log_commit(self.tables_dir.parent, None)
+        finally:
+            _close_intent_fd(self.fd)
+
+
+_INTENT_FDS: set[int] = set()
+_FD_LOCK = threading.Lock()
+
+
+def _close_intent_fd(fd: int) -> None:
+    with _FD_LOCK:
+        _INTENT_FDS.discard(fd)
+    os.close(fd)
+
+
+def _forget_intent_fds() -> None:
+    """In a forked child: close the inherited intent descriptors (without unlocking them).
+
+    The parent keeps its lock (a flock is held while any descriptor of it is open); the
+    child must not keep the parent's intents looking alive after the parent died.
+    """
+    for fd in list(_INTENT_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _INTENT_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_intent_fds)
+
+
+def begin_commit(tables_dir: Path, ops: list[list[str]]) -> Intent:
+    """Publish an intent for ``ops`` (absolute paths) in ``tables_dir/.journal``.
+
+    The intent is written to a temporary file, fsynced and renamed into place: that rename is
+    the commit point. Dead writers' intents are finished first, so commits apply in order.
+    Returns the locked :class:`Intent`; call :meth:`Intent.finish` to apply it.
+    """
+    tables_dir = Path(tables_dir)
+    lake = tables_dir.parent
+    settle(tables_dir)
+    journal = tables_dir / JOURNAL
+    journal.mkdir(parents=True, exist_ok=True)
+    rel = [[o[0], *(_rel(lake, x) for x in o[1:])] for o in ops]
+    _log_commit(lake, rel)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    tmp = journal / f".intent.{token}.tmp"
+    final = journal / f"{token}{INTENT_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    with _FD_LOCK:
+        _INTENT_FDS.add(fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        data = json.dumps({"version": 1, "ops": rel}, indent=0).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        fault_point("rename", final)
+        os.rename(tmp, final)  # the commit point
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        _close_intent_fd(fd)
+        raise
+    _fsync_dir(journal)
+    return Intent(tables_dir, final, fd, ops)
+
+
+def commit(tables_dir: Path, ops: list[list[str]]) -> None:
+    """Publish ``ops`` atomically (intent, renames, intent removed); see :class:`Transaction`."""
+    begin_commit(tables_dir, ops).finish()
+
+
+def apply_ops(lake: Path, ops: list[list[str]]) -> None:
+    """Apply commit operations (idempotent; see the comment above :data:`JOURNAL`)."""
+    touched: set[Path] = set()
+    for op in ops:
+        kind, paths = op[0], [_abs(lake, x) for x in op[1:]]
+        if kind == "dir":
+            tmp, final, old = paths
+            replace_dir(tmp, final, old)
+            touched.add(final.parent)
+    for op in ops:
+        kind, paths = op[0], [_abs(lake, x) for x in op[1:]]
+        if kind == "file":
+            tmp, dest = paths
+            if os.path.lexists(tmp):
+                fault_point("rename", dest)
+                os.replace(tmp, dest)
+                touched.add(dest.parent)
+    for op in ops:
+        kind, paths = op[0], [_abs(lake, x) for x in op[1:]]
+        if kind == "delete" and os.path.lexists(paths[0]):
+            fault_point("delete", paths[0])
+            paths[0].unlink(missing_ok=True)
+            touched.add(paths[0].parent)
+    for d in sorted(touched):
+        _fsync_dir(d)
+
+
+def replace_dir(tmp: Path, final: Path, old: Path | None = None) -> None:
+    """Swap folder ``tmp`` in at ``final``: ``final`` -> ``old``, ``tmp`` -> ``final``, remove
+    ``old``. Idempotent: an interrupted swap is completed by calling it again."""
+    old = old or temp_dir_path(final, "old")
+    if os.path.lexists(tmp):
+        if os.path.lexists(final):
+            fault_point("rename", old)
+            os.rename(final, old)
+        fault_point("rename", final)
+        os.rename(tmp, final)
+    if os.path.lexists(old):
+        fault_point("delete", old)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _intents(tables_dir: Path) -> list[Path]:
+    try:
+        with os.scandir(Path(tables_dir) / JOURNAL) as it:
+            names = [e.name for e in it
+                     if e.name.endswith(INTENT_SUFFIX) and not e.name.startswith(".")]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [Path(tables_dir) / JOURNAL / n for n in sorted(names)]
+
+
+def _try_finish(tables_dir: Path, path: Path) -> str:
+    """Finish the intent at ``path`` when its writer is gone: ``done``, ``busy`` or ``failed``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return "done"
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "busy"  # its writer (or another reader finishing it) holds the lock
+        try:
+            if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                return "done"
+        except FileNotFoundError:
+            return "done"  # finished by its writer meanwhile
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            raw = fh.read()
+        try:
+            ops = json.loads(raw)["ops"]
+        except (ValueError, KeyError, TypeError):
+            log.error("%s is not a valid intent file; moved aside (check the tables it "
+                      "names and re-run the stage that wrote them)", path)
+            os.replace(path, path.with_name(f".{path.name}.invalid"))
+            return "failed"
+        apply_ops(Path(tables_dir).parent, ops)
+        fault_point("delete", path)
+        os.unlink(path)
+        _fsync_dir(path.parent)
+        log.info("finished the commit of a writer that stopped: %s", path.name)
+        return "done"
+    except OSError as e:  # e.g. a read-only lake: read what is there
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            log.warning("could not finish the interrupted commit %s: %s", path.name, e)
+        return "failed"
+    finally:
+        os.close(fd)
+
+
+def settle(tables_dir: Path, *, wait_s: float = SETTLE_WAIT_S) -> int:
+    """Finish the commits of dead writers and wait for those of live ones.
+
+    Called before every listing of table files (:meth:`TableStore.files`), so readers see
+    complete commits only. One ``scandir`` of an empty folder when nothing is pending.
+
+    Returns
+    -------
+    int
+        Intents that were pending.
+    """
+    pending = _intents(tables_dir)
+    deadline = time.monotonic() + wait_s
+    for path in pending:
+        pause = 0.001
+        while _try_finish(tables_dir, path) == "busy":
+            if time.monotonic() > deadline:
+                log.warning("a writer has been renaming %s for %.0f s; reading anyway",
+                            path.name, wait_s)
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+    return len(pending)
+
+
+# --- leftovers of killed writers --------------------------------------------------------------
+_TMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?:(?P<pid>\d+)-)?[0-9a-f]{8,}\.tmp$")
+_TMP_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8,}$")
+LEGACY_TEMP_AGE_S = 3600.0
+"""A temporary name without a process id (written by older medlake) is removed when older."""
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _orphaned(entry: os.DirEntry, pid: str | None) -> bool:
+    if pid is not None:
+        return not _alive(int(pid))
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime > LEGACY_TEMP_AGE_S
+    except FileNotFoundError:
+        return False
+
+
+def clean_orphans(folder: Path, *, name: str | None = None) -> list[Path]:
+    """Remove the temporary files and folders of dead writers directly in ``folder``.
+
+    ``.<x>.<pid>-<rand>.tmp`` files and ``.<x>.tmp-<pid>-<rand>`` folders are removed; an
+    ``.<x>.old-<pid>-<rand>`` folder (moved aside by a folder swap that never finished) is
+    moved back to ``<x>`` when that is missing, else removed. Entries of live processes are
+    kept. ``name`` limits the cleaning to one final name. Returns what was removed or restored.
+    """
+    done: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return done
+    for e in sorted(entries, key=lambda e: e.name):
+        if not e.name.startswith("."):
+            continue
+        m = _TMP_DIR.match(e.name)
+        if m and e.is_dir(follow_symlinks=False):
+            if (name is not None and m["name"] != name) or not _orphaned(e, m["pid"]):
+                continue
+            final = Path(folder) / m["name"]
+            if m["kind"] == "old" and not os.path.lexists(final):
+                os.rename(e.path, final)  # a half-done swap without intent: roll back
+            else:
+                shutil.rmtree(e.path, ignore_errors=True)
+            done.append(Path(e.path))
+            continue
+        m = _TMP_FILE.match(e.name)
+        if m and not e.is_dir(follow_symlinks=False):
+            if (name is not None and m["name"] != name) or not _orphaned(e, m["pid"]):
+                continue
+            Path(e.path).unlink(missing_ok=True)
+            done.append(Path(e.path))
+    return done
+
+
+def recover(tables_dir: Path, *, extra: Iterable[Path] = ()) -> list[Path]:
+    """Make the lake whole after a crash: finish interrupted commits, remove leftovers.
+
+    Committed intents of dead writers are rolled forward (:func:`settle`); then temporary
+    files and folders of dead writers are removed from every ``<table>/<stage>/`` folder,
+    the journal and the ``extra`` folders (and the lake's ``versions`` folder). Run when a
+    lake is opened (:class:`TableStore`, once per process and folder); safe while other
+    processes write (their files name live processes and are kept).
+
+    Returns
+    -------
+    list of Path
+        What was removed or restored.
+    """
+    tables_dir = Path(tables_dir)
+    settle(tables_dir)
+    done: list[Path] = []
+    folders = [tables_dir / JOURNAL, tables_dir.parent / "versions", *map(Path, extra)]
+    try:
+        with os.scandir(tables_dir) as it:
+            tables = [e.path for e in it if e.is_dir() and not e.name.startswith(".")]
+    except (FileNotFoundError, NotADirectoryError):
+        tables = []
+    for t in tables:
+        folders.append(Path(t))
+        try:
+            with os.scandir(t) as it:
+                folders += [Path(e.path) for e in it if e.is_dir() and not e.name.startswith(".")]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    for f in dict.fromkeys(folders):
+        done += clean_orphans(f)
+    if done:
+        log.info("removed %d leftover temporary files of stopped writers", len(done))
+    return done
+
+
+_RECOVERED: set[tuple[int, int]] = set()
+
+
+def _recover_once(tables_dir: Path) -> None:
+    """:func:`recover` the first time this process opens the lake at ``tables_dir``."""
+    try:
+        st = os.stat(tables_dir)
+    except OSError:
+        return
+    key = (st.st_dev, st.st_ino)
+    if key in _RECOVERED:
+        settle(tables_dir)
+        return
+    _RECOVERED.add(key)
+    try:
+        recover(tables_dir)
+    except OSError as e:  # a read-only lake, a folder removed meanwhile: read what is there
+        log.debug("recovery of %s skipped: %s", tables_dir, e)
+
+
+# --- fault injection ------------------------------------------------------------------------
+FAULT_ENV = "MEDLAKE_FAULT"
+"""``MEDLAKE_FAULT``: comma-separated items for the fault-injection harness.
+
+``rename:N`` kill this process (SIGKILL) just before its Nth rename of a commit or atomic
+write; ``delete:N`` before its Nth deletion; ``step:N`` before its Nth step of either kind;
+``delay:S`` sleep S seconds before every step (so a kill from outside lands between steps);
+``log:PATH`` append one JSON line per step and per commit (its operations) to PATH.
+"""
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault_point(kind: str, path: Path | str) -> None:
+    """A rename (``kind='rename'``) or deletion (``'delete'``) of the commit code is next.
+
+    Does nothing unless ``MEDLAKE_FAULT`` is set (see :data:`FAULT_ENV`).
+    """
+    spec_ = os.environ.get(FAULT_ENV)
+    if not spec_:
+        return
+    items = dict(it.split(":", 1) for it in spec_.split(",") if ":" in it)
+    for k in (kind, "step"):
+        _FAULT_COUNTS[k] = _FAULT_COUNTS.get(k, 0) + 1
+    if "log" in items:
+        _fault_log(items["log"], {"step": kind, "n": _FAULT_COUNTS["step"], "path": str(path)})
+    if "delay" in items:
+        time.sleep(float(items["delay"]))
+    for k in (kind, "step"):
+        if k in items and _FAULT_COUNTS[k] == int(items[k]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _log_commit(lake: Path, ops: list[list[str]] | None) -> None:
+    """Log a commit's operations (``ops``) or its end (None) for the fault harness."""
+    spec_ = os.environ.get(FAULT_ENV) or ""
+    for it in spec_.split(","):
+        if it.startswith("log:"):
+            _fault_log(it[4:], {"commit": ops} if ops is not None else {"end": lake.name})
+
+
+def _fault_log(path: str, rec: dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(rec) + "\n")

@@ -87,7 +87,7 @@ def _png(path: Path, rng: np.random.Generator, size: int, *, base: int | None = 
     im.save(path, format="PNG")
 
 
-def _derm_png(path: Path, rng: np.random.Generator, size: int = 80) -> None:
+def _derm_image(rng: np.random.Generator, size: int = 80) -> Image.Image:
     skin = rng.uniform(150, 235, 3)
     arr = (skin + rng.normal(0, 6, (size, size, 3))).clip(0, 255).astype(np.uint8)
     im = Image.fromarray(arr, "RGB")
@@ -96,7 +96,13 @@ def _derm_png(path: Path, rng: np.random.Generator, size: int = 80) -> None:
     cx, cy = (int(v) for v in rng.integers(size // 3, 2 * size // 3, 2))
     d.ellipse((cx - r, cy - r, cx + r, cy + int(r * 0.8)),
               fill=tuple(int(v) for v in rng.uniform(40, 120, 3)))
-    im.save(path, format="PNG")
+    return im
+
+
+def _near_copy(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """``im`` shifted by a few pixels with fresh noise: a second capture of one lesion."""
+    arr = np.roll(np.asarray(im).astype(np.int16), int(rng.integers(2, 5)), axis=1)
+    return Image.fromarray((arr + rng.normal(0, 4, arr.shape)).clip(0, 255).astype(np.uint8))
 
 
 def build(root: Path | str, *, n_images: int = 60, n_pairs: int = 20, n_files: int | None = None,
@@ -294,8 +300,10 @@ def _derm(root: Path, rng: np.random.Generator) -> dict[str, pl.DataFrame]:
     """``demo-derm``: colour images with files, scheme ``dermamnist``, a few duplicate pairs."""
     img_dir = root / "data" / "derm"
     img_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(N_DERM):
-        _derm_png(img_dir / f"derm{i:04d}.png", rng)
+    im = None
+    for i in range(N_DERM):  # images 2k and 2k + 1: one lesion, two captures
+        im = _derm_image(rng) if i % 2 == 0 or im is None else _near_copy(im, rng)
+        im.save(img_dir / f"derm{i:04d}.png", format="PNG")
     ids = [f"{DERM}:derm{i:04d}" for i in range(N_DERM)]
     groups = [f"{DERM}:lesion{i // 2:03d}" for i in range(N_DERM)]
     images = pl.DataFrame({

@@ -331,7 +331,10 @@ def run(catalog: Catalog, recipe: str | Path, *, processes: int = 1) -> Material
         schema_overrides={k: pl.String for k in ("from_split", "to_split", "old_value", "new_value",
                                                  "into", "label", "evidence")},
         infer_schema_length=None).sort("image_id", "step"))
-    with export.atomic_dir(final) as tmp:
+    # the folder and its lineage/versions/quarantine rows are one commit: readers (and a
+    # kill at any moment) see both old or both new
+    tx = catalog.transaction()
+    with export.atomic_dir(final, tx=tx) as tmp:
         manifest, fstats = export.write_files(
             manifest, out=tmp, images_root=images_root, label=rec.export.npz or (labels[0] if labels else None),
             sizes=rec.export.sizes if images_root else (), layout=rec.export.layout,
@@ -374,7 +377,7 @@ def run(catalog: Catalog, recipe: str | Path, *, processes: int = 1) -> Material
            "counts": json.dumps({"split": counts, "label": info["label_totals"]}, sort_keys=True),
            "path": f"lake/versions/{rec.name}"}
     q = st["quarantine"]
-    with catalog.transaction() as tx:
+    with tx:
         tx.write("lineage", lin, stage=STAGE, partition=rec.name)
         tx.write("versions", [row], stage=STAGE, partition=rec.name)
         # always written (possibly empty): dvc.yaml declares it as an output
@@ -392,9 +395,10 @@ def _skip(catalog: Catalog, name: str, dataset_id: str, why: str) -> Materialize
     quarantine partition carries one row with the reason, so nothing is silently missing.
     """
     dest = catalog.ws.versions_dir / name
-    with export.atomic_dir(dest) as tmp:
+    tx = catalog.transaction()  # the folder and the rows: one commit
+    with export.atomic_dir(dest, tx=tx) as tmp:
         (tmp / "SKIPPED.md").write_text(f"# {name}: not materialised\n\n{why}.\n")
-    with catalog.transaction() as tx:
+    with tx:
         tx.write("lineage", pl.DataFrame(schema={"version": pl.String, "image_id": pl.String,
                                                   "rule": pl.String}),
                  stage="materialize", partition=name)

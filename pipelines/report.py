@@ -1002,7 +1002,7 @@ class _Report:
             return
         hist = rv.read(self.cat)
         pre = ds + ":"
-        hist = hist.filter(pl.col("image_id").str.starts_with(pre)
+        hist = hist.filter(pl.col("image_id").fill_null("").str.starts_with(pre)
                            | pl.col("image_b").fill_null("").str.starts_with(pre))
         if not hist.height:
             d.para(f"no verdicts on images of {ds} yet ({REVIEWS_HINT}).", "note")

@@ -43,7 +43,7 @@ def test_scores_match_sklearn(synth_lake):
 
 
 def test_bad_k_and_cli(synth_lake):
-    with pytest.raises(CatalogError, match="k must be at least 1"):
+    with pytest.raises(CatalogError, match=r"outliers\.k: found 0 .*>= 1"):
         outliers.run(synth_lake, k=0)
     r = CliRunner().invoke(main, ["outliers", "-w", str(synth_lake.ws.root), "--k", "3", "--show", "2"])
     assert r.exit_code == 0, r.output

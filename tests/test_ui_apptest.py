@@ -42,8 +42,8 @@ def texts(at: AppTest) -> str:
 
 def test_catalog_page(ws, monkeypatch):
     at = open_page(ws, "catalog", monkeypatch)
-    assert at.table[0].value.shape[0] == 1  # datasets
-    assert at.table[1].value.shape[0] == 2  # sources
+    assert at.table[0].value.shape[0] == 3  # datasets: demo-cxr, demo-derm, demo-pc
+    assert at.table[1].value.shape[0] == 5  # sources
     assert "2 versions" in texts(at)
     at.selectbox(key="version").set_value(sample.FIXED_VERSION).run()
     assert "Parent: demo-cxr@official" in texts(at)  # the datasheet
@@ -107,19 +107,22 @@ def test_discrepancies_page_counts(ws, monkeypatch):
 def test_leakage_outliers_sql_pages(ws, monkeypatch):
     cat = Catalog.open(ws)
     leak = cat.query("""SELECT count(*) FROM (SELECT i.group_id FROM splits s JOIN images i
-                        USING (image_id) GROUP BY 1 HAVING count(DISTINCT s.split) > 1)""").item()
+                        USING (image_id) WHERE s.dataset_id = 'demo-cxr' GROUP BY 1
+                        HAVING count(DISTINCT s.split) > 1)""").item()
     at = open_page(ws, "leakage", monkeypatch)
+    assert at.selectbox(key="leak-dataset").value == sample.DATASET  # the first dataset
     assert at.metric[0].value == f"{leak:,}"
-    assert len(at.dataframe[0].value) == 1
+    assert len(at.dataframe[0].value) == 1  # its row of the leakage table
     at = open_page(ws, "outliers", monkeypatch)
-    assert at.metric[0].value == "60"
+    assert at.metric[0].value == f"{cat.read('outliers').height:,}"
     from medlake.ui.views.outliers import PER_PAGE
 
-    assert len(at.image) == PER_PAGE  # one page of the ranked gallery
+    ranked = [c for i in at.image for c in i.captions if c.startswith("#")]
+    assert len(ranked) == PER_PAGE  # one page of the ranked gallery
     at = open_page(ws, "sql", monkeypatch)
     at.text_area(key="sql-query").input("SELECT split, count(*) AS n FROM splits GROUP BY 1").run()
     at.button(key="sql-run").click().run()
-    assert len(at.dataframe[0].value) == 3
+    assert len(at.dataframe[-1].value) == 3  # the result, below the schema browser's tables
     at.text_area(key="sql-query").input("SELECT * FROM read_csv('/etc/passwd')").run()
     assert at.error and "lake" in at.error[0].value
     at.text_area(key="sql-query").input("DROP VIEW images").run()
@@ -165,7 +168,7 @@ def test_empty_workspace_says_what_to_run(tmp_path, monkeypatch):
 
 
 def test_image_paths_cannot_leave_the_workspace(tmp_path):
-    root = sample.build(tmp_path / "ws", n_images=6, n_pairs=2).root
+    root = sample.build(tmp_path / "ws", n_images=6, n_pairs=2, extra_datasets=False).root
     secret = tmp_path / "secret.png"
     secret.write_bytes((root / "data" / "sample" / "img000000.png").read_bytes())
     (root / "data" / "sample" / "link.png").symlink_to(secret)
@@ -277,7 +280,7 @@ def test_demo_ui_step_prints_a_working_url(tmp_path):
 
     from medlake.demo.runner import free_port
 
-    root = sample.build(tmp_path / "ws", n_images=6, n_pairs=2).root
+    root = sample.build(tmp_path / "ws", n_images=6, n_pairs=2, extra_datasets=False).root
     port = free_port(preferred=0)
     code = ("import sys; from catalog import Catalog; from medlake.demo.runner import launch_ui; "
             "sys.exit(launch_ui(Catalog.open(sys.argv[1]), port=int(sys.argv[2])))")
@@ -318,16 +321,17 @@ def test_warm_up_renders_every_page_outside_a_session(tmp_path):
     assert set(result) == set(pages())
     assert all(isinstance(v, float) for v in result.values()), result
     assert len(list(cache.cache_dir(cat).rglob("*.png"))) >= 12  # thumbnails and blends
-    # the outliers page's count query was answered during the warm-up: hide the table's file
-    # (keeping the folders' mtimes, i.e. the lake's signature) and the cached answer remains
+    # the outliers page's count query was answered during the warm-up: overwrite the table's
+    # files in place with zeros of the same size, keeping their inodes and mtimes (i.e. the
+    # lake's signature); a query reading them would fail, the cached answer remains
+    n = cat.read("outliers").height
     sql = 'SELECT count(*) AS n FROM "outliers" WHERE true'
-    files = list((cat.ws.tables_dir / "outliers").rglob("*.parquet"))
-    folders = {d: d.stat().st_mtime_ns for d in {f.parent for f in files}}
-    for f in files:
-        f.rename(f.with_suffix(".hidden"))
-    for d, m in folders.items():
-        os.utime(d, ns=(m, m))
-    assert data.q(cat, sql)["n"][0] == 30
+    for f in (cat.ws.tables_dir / "outliers").rglob("*.parquet"):
+        st_ = f.stat()
+        with f.open("r+b") as fh:
+            fh.write(bytes(st_.st_size))
+        os.utime(f, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+    assert data.q(cat, sql)["n"][0] == n
     assert not warm.refresh(cat, pages())  # this process was never primed: no thread started
 
 
@@ -335,3 +339,181 @@ def test_prime_without_a_server_is_harmless():
     from medlake.ui import warm
 
     assert warm.prime("http://127.0.0.1:9", timeout_s=5) is False
+
+
+# --- issue 15: the UI at real scale -------------------------------------------------------------
+def _chart_spec(at: AppTest) -> dict:
+    """The Vega-Lite spec of the page's (first) chart."""
+    import json
+
+    return json.loads(at.get("vega_lite_chart")[0].proto.spec)
+
+
+def test_discrepancies_dataset_first_and_findings_paged(ws, monkeypatch):
+    """At PadChest's ~190 findings the heatmap shows one dataset's pairs and one page of
+    findings (the old page drew every dataset's cells in one chart)."""
+    from medlake.ui.views.discrepancies import FINDINGS_PER_PAGE
+
+    cat = Catalog.open(ws)
+    ag = cat.read("agreement").filter((pl.col("dataset_id") == sample.META)
+                                      & pl.col("kappa").is_not_null())
+    at = open_page(ws, "discrepancies", monkeypatch)
+    at.selectbox(key="disc-dataset").set_value(sample.META).run()
+    assert not at.exception
+    spec = _chart_spec(at)
+    shown = spec["layer"][0]["encoding"]["y"]["sort"]  # the findings on this page, in order
+    assert len(shown) == FINDINGS_PER_PAGE
+    worst = ag.group_by("finding").agg(pl.col("kappa").min()).sort(["kappa", "finding"])
+    assert shown == worst["finding"].head(FINDINGS_PER_PAGE).to_list()  # lowest kappa first
+    pairs = spec["layer"][0]["encoding"]["x"]["sort"]  # short names: no dataset prefix
+    assert pairs == sorted(["nlp vs model", "physician vs model", "physician vs nlp"])
+    n_all = ag["finding"].n_unique()
+    assert f"{n_all:,} of {n_all:,} findings of {sample.META}" in texts(at)
+    assert f"page 1 of {-(-n_all // FINDINGS_PER_PAGE)}" in texts(at)
+    # a minimum number of shared images filters findings; pages follow
+    at.number_input(key="disc-min-n").set_value(25).run()
+    keep = ag.filter(pl.col("n_shared") >= 25)["finding"].n_unique()
+    assert 0 < keep < n_all
+    assert f"{keep:,} of {n_all:,} findings" in texts(at)
+    at.selectbox(key="disc-order").set_value("name").run()
+    at.number_input(key="disc-f-page").set_value(2).run()
+    names = sorted(ag.filter(pl.col("n_shared") >= 25)["finding"].unique().to_list())
+    assert _chart_spec(at)["layer"][0]["encoding"]["y"]["sort"] == names[25:50]
+    # a click on a cell still opens the images the two sources disagree on; the dataset has
+    # no image files: one notice with the attach command, no warning per image
+    finding = names[25]
+    at.session_state["disc-heat"] = {"selection": {"cell": [
+        {"pair": f"{sample.META_SOURCES[0]} vs {sample.META_SOURCES[1]}", "finding": finding}]}}
+    at.run()
+    assert not at.exception
+    assert at.selectbox(key="disc-finding").value == finding
+    ann = cat.read("annotations").filter(pl.col("finding") == finding)
+    a = ann.filter(pl.col("source_id") == sample.META_SOURCES[0]).select("image_id", "value")
+    b = ann.filter(pl.col("source_id") == sample.META_SOURCES[1]).select("image_id", "value")
+    n = a.join(b, on="image_id").filter(
+        (pl.col("value") > 0) != (pl.col("value_right") > 0)).height
+    assert f"{n:,} images where the two sources disagree" in texts(at)
+    if n:
+        notes = [i.value for i in at.info if "attach-images" in i.value]
+        assert len(notes) == 1 and f"medlake attach-images {sample.META} FOLDER" in notes[0]
+        assert not at.warning
+
+
+def test_quality_flags_from_the_fingerprint_stage(ws, monkeypatch):
+    """The sample's fingerprints come from the real stage; the page reads its `flags` text."""
+    cat = Catalog.open(ws)
+    fp = cat.read("fingerprints")
+    assert (cat.ws.tables_dir / "fingerprints" / "fingerprint").is_dir()  # the stage wrote it
+    counts = (fp.filter(pl.col("flags") != "")
+              .select(pl.col("flags").str.split(",").explode().alias("flag"))
+              .group_by("flag").len())
+    expect = dict(counts.iter_rows())
+    assert {"dark", "tiny"} <= set(expect)
+    at = open_page(ws, "outliers", monkeypatch)
+    assert not any("no flag columns" in i.value for i in at.info)
+    table = at.dataframe[0].value  # the flag counts (the only table on the page)
+    assert dict(zip(table["flag"], table["images"])) == expect
+    assert table["images"].sum() >= 2
+    at.selectbox(key="flag").set_value("tiny").run()
+    tiny = fp.filter(pl.col("flags").str.contains("tiny"))["image_id"].to_list()
+    caps = [c for i in at.image for c in i.captions if "tiny" in c and not c.startswith("#")]
+    assert sorted(c.split(" · ")[0] for c in caps) == sorted(tiny)
+
+
+def test_histogram_threshold_line_is_the_params_value(tmp_path, monkeypatch):
+    """The red line is drawn at params.yaml duplicates.ncc (through the stage's params)."""
+    from medlake.ui.views import duplicates as page
+
+    root = sample.build(tmp_path / "ws", n_images=12, n_pairs=6, extra_datasets=False).root
+    (root / "params.yaml").write_text("duplicates:\n  ncc: 0.62\n")
+    drawn: list = []
+    real = page._histogram_png
+    monkeypatch.setattr(page, "_histogram_png",
+                        lambda rows, thr: drawn.append(thr) or real(rows, thr))
+    at = open_page(root, "duplicates", monkeypatch)
+    assert page.duplicates_threshold(Catalog.open(root)) == 0.62
+    assert drawn == [0.62]  # a new workspace: the PNG was drawn now, with the line at 0.62
+    assert any("duplicates.ncc = 0.62" in c for i in at.image for c in i.captions)
+
+
+def _splits_of(at: AppTest) -> dict[str, str]:
+    """image id -> the split its caption on the duplicates page shows."""
+    import re
+
+    out = {}
+    for i in at.image:
+        for c in i.captions:
+            m = re.match(r"(\S+) · group \S+ · split (\S+) ·", c)
+            if m:
+                out[m.group(1)] = m.group(2)
+    return out
+
+
+def test_duplicates_split_scheme_follows_the_pairs_dataset(ws, monkeypatch):
+    """Two datasets with different schemes: chest pairs show their `official` split, not
+    `dermamnist`'s '—' (the old default was the first scheme by name)."""
+    cat = Catalog.open(ws)
+    split = dict(cat.query("SELECT image_id, split FROM splits").iter_rows())
+    at = open_page(ws, "duplicates", monkeypatch)
+    shown = _splits_of(at)
+    assert {i.split(":")[0] for i in shown} == {sample.DATASET, sample.DERM}  # both on page 1
+    assert shown == {i: split[i] for i in shown}  # every image's own dataset's split, no '—'
+    at.selectbox(key="dup-dataset").set_value(sample.DATASET).run()
+    assert at.selectbox(key=f"dup-scheme:{sample.DATASET}").value == "official"
+    shown = _splits_of(at)
+    assert shown and {i.split(":")[0] for i in shown} == {sample.DATASET}
+    assert shown == {i: split[i] for i in shown}
+    at.selectbox(key="dup-dataset").set_value(sample.DERM).run()
+    assert at.selectbox(key=f"dup-scheme:{sample.DERM}").options == [sample.DERM_SCHEME]
+    assert at.selectbox(key=f"dup-scheme:{sample.DERM}").value == sample.DERM_SCHEME
+    shown = _splits_of(at)
+    assert len(shown) == 6 and shown == {i: split[i] for i in shown}  # its 3 pairs
+
+
+def test_leakage_on_a_metadata_only_dataset_says_it_once(ws, monkeypatch):
+    at = open_page(ws, "leakage", monkeypatch)
+    at.selectbox(key="leak-dataset").set_value(sample.META).run()
+    assert not at.exception
+    assert at.selectbox(key="leak-scheme").value == sample.META_SCHEME
+    assert int(at.metric[0].value) > 0  # groups spanning splits, with a gallery below
+    notes = [i.value for i in at.info if "attach-images" in i.value]
+    assert len(notes) == 1 and f"`medlake attach-images {sample.META} FOLDER`" in notes[0]
+    assert not at.warning  # no box per image
+    assert any(c.value.endswith("no image file") for c in at.caption)
+
+
+def test_sql_schema_browser_examples_downloads_and_cap(ws, monkeypatch):
+    from medlake.catalog import TABLES, VIEWS
+    from medlake.ui.views.sql_page import EXAMPLES
+
+    cat = Catalog.open(ws)
+    at = open_page(ws, "sql", monkeypatch)
+    tables = at.dataframe[0].value  # the schema browser's tables
+    assert set(tables["table"]) == set(TABLES) | set(VIEWS)
+    rows = dict(zip(tables["table"], tables["rows"]))
+    assert rows["images"] == cat.read("images").height
+    assert rows["annotations"] == cat.read("annotations").height
+    assert rows["reviews"] == rv.read(cat).height
+    at.selectbox(key="sql-schema-table").set_value("fingerprints").run()
+    cols = at.dataframe[1].value
+    assert dict(zip(cols["column"], cols["type"]))["flags"] == "VARCHAR"
+    at.selectbox(key="sql-schema-table").set_value("discrepancies").run()
+    assert "label_map" in set(at.dataframe[1].value["column"])
+    # every example runs on the sample and returns rows
+    for i, title in enumerate(EXAMPLES):
+        at.button(key=f"sql-ex-{i}").click().run()
+        assert not at.exception and not at.error, (title, [e.value for e in at.error])
+        assert at.text_area(key="sql-query").value == EXAMPLES[title][1]
+        assert len(at.dataframe[-1].value) > 0, title
+    at.button(key="sql-ex-1").click().run()  # leakage: one row per dataset
+    assert len(at.dataframe[-1].value) == cat.read("leakage").height
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert labels == ["Download CSV", "Download Parquet"]
+    assert not any("Capped" in w.value for w in at.warning)
+    # more rows than the cap: the first cap rows and a visible note
+    at.number_input(key="sql-cap").set_value(50).run()
+    at.text_area(key="sql-query").input("SELECT image_id FROM images ORDER BY 1").run()
+    at.button(key="sql-run").click().run()
+    assert len(at.dataframe[-1].value) == 50
+    capped = [w.value for w in at.warning if w.value.startswith("Capped")]
+    assert len(capped) == 1 and "more than 50 rows" in capped[0]

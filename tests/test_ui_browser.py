@@ -1,7 +1,8 @@
 """The UI in a real headless Chromium (Debian's, driven by Playwright), served by ``medlake ui``.
 
-Screenshots of each page go to the test's tmp folder. Without a browser the tests skip with
-the reason, except under CI (the ``CI`` variable set), where a missing browser fails.
+Full-page screenshots of every page are kept as test artifacts: PNGs under the folder named by
+``MEDLAKE_TEST_ARTIFACTS`` (default: the test's tmp folder). Without a browser the tests skip
+with the reason, except under CI (the ``CI`` variable set), where a missing browser fails.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.browser
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 PAGES = {  # page -> text that shows the page rendered its table
-    "catalog": "Datasets (1)", "duplicates": "Similarity scores",
+    "catalog": "Datasets (3)", "duplicates": "Similarity scores",
     "discrepancies": "images where the two sources disagree", "leakage": "groups spanning splits",
     "outliers": "Outliers, most unusual first", "review": "sampled labels reviewed",
     "sql": "Read-only DuckDB SQL",
@@ -45,6 +46,49 @@ def chromium() -> str:
             pytest.fail(msg)
         pytest.skip(msg)
     return exe
+
+
+# the page is complete: the script run finished, no element still shows its loading
+# skeleton, every image is loaded, every chart and table on screen is drawn (Streamlit
+# loads the chart and table code on first use)
+READY_JS = """() => {
+  const app = document.querySelector("[data-testid='stApp']");
+  if (!app || app.getAttribute("data-test-script-state") !== "notRunning") return false;
+  if (document.querySelector("[data-testid='stSkeleton']")) return false;  // not drawn yet
+  for (const im of document.images) if (!im.complete) return false;
+  const shown = (sel) => [...document.querySelectorAll(sel)].filter(
+    (e) => e.getClientRects().length > 0);  // charts and tables in hidden tabs draw later
+  for (const c of shown("[data-testid='stVegaLiteChart']"))
+    if (!c.querySelector("canvas, svg")) return false;
+  for (const d of shown("[data-testid='stDataFrame']"))
+    if (!d.querySelector("canvas")) return false;
+  return true;
+}"""
+
+
+def artifacts_dir(tmp_path: Path) -> Path:
+    """Where screenshots go: ``MEDLAKE_TEST_ARTIFACTS`` if set, else ``tmp_path``."""
+    d = Path(os.environ.get("MEDLAKE_TEST_ARTIFACTS") or tmp_path)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def snap(page, path: Path) -> Path:
+    """A screenshot of the whole page: Streamlit scrolls inside its main container, so the
+    viewport is made as tall as that container's content for the shot."""
+    page.wait_for_function(READY_JS, timeout=60_000, polling=100)
+    size = page.viewport_size
+    height = page.evaluate("() => (document.querySelector('[data-testid=stMain]') "
+                           "|| document.body).scrollHeight")
+    page.set_viewport_size({"width": size["width"], "height": min(max(height, size["height"]),
+                                                                  12_000)})
+    try:
+        page.wait_for_timeout(300)  # the resize reflows charts and images
+        page.wait_for_function(READY_JS, timeout=60_000, polling=100)
+        page.screenshot(path=str(path), full_page=True)
+    finally:
+        page.set_viewport_size(size)
+    return path
 
 
 def free_port() -> int:
@@ -144,8 +188,13 @@ def test_server_start_warms_every_page(server):
     assert list(cache.cache_dir(Catalog.open(root)).rglob("*.png"))  # thumbnails rendered
 
 
+@pytest.fixture
+def artifacts(tmp_path) -> Path:
+    return artifacts_dir(tmp_path)
+
+
 @pytest.mark.parametrize("page_name", list(PAGES))
-def test_every_page_renders(server, browser, tmp_path, page_name):
+def test_every_page_renders(server, browser, artifacts, page_name):
     url, _, _ = server
     page = browser.new_page()
     try:
@@ -153,13 +202,13 @@ def test_every_page_renders(server, browser, tmp_path, page_name):
         page.get_by_text(PAGES[page_name]).first.wait_for(timeout=60_000)
         page.wait_for_load_state("networkidle")
         assert page.locator("[data-testid='stException']").count() == 0
-        page.screenshot(path=str(tmp_path / f"{page_name}.png"), full_page=True)
-        assert (tmp_path / f"{page_name}.png").stat().st_size > 10_000
+        shot = snap(page, artifacts / f"{page_name}.png")
+        assert shot.stat().st_size > 10_000
     finally:
         page.close()
 
 
-def test_verdict_click_writes_a_review_row(server, browser, tmp_path):
+def test_verdict_click_writes_a_review_row(server, browser, artifacts):
     url, root, _ = server
     cat = Catalog.open(root)
     before = rv.read(cat).height
@@ -168,7 +217,7 @@ def test_verdict_click_writes_a_review_row(server, browser, tmp_path):
         page.goto(f"{url}/?page=duplicates")
         page.get_by_role("button", name="Duplicate").first.click(timeout=60_000)
         page.get_by_text("recorded: duplicate").first.wait_for(timeout=60_000)
-        page.screenshot(path=str(tmp_path / "verdict.png"), full_page=True)
+        snap(page, artifacts / "verdict.png")
     finally:
         page.close()
     df = rv.read(cat)
@@ -194,7 +243,7 @@ def _click_mark(page, chart_index: int, label_part: str) -> None:
     mark.click(position={"x": min(6, box["width"] / 4), "y": min(6, box["height"] / 4)})
 
 
-def test_clicking_the_version_graph_opens_the_version(server, browser, tmp_path):
+def test_clicking_the_version_graph_opens_the_version(server, browser, artifacts):
     url, _, _ = server
     page = browser.new_page()
     try:
@@ -203,12 +252,12 @@ def test_clicking_the_version_graph_opens_the_version(server, browser, tmp_path)
         _click_mark(page, 0, f"name: {sample.ROOT_VERSION}")
         page.get_by_text(f"no DATASHEET.md for {sample.ROOT_VERSION}").first.wait_for(
             timeout=60_000)
-        page.screenshot(path=str(tmp_path / "catalog-graph-click.png"), full_page=True)
+        snap(page, artifacts / "catalog-graph-click.png")
     finally:
         page.close()
 
 
-def test_clicking_a_heatmap_cell_shows_its_disagreements(server, browser, tmp_path):
+def test_clicking_a_heatmap_cell_shows_its_disagreements(server, browser, artifacts):
     import polars as pl
 
     url, root, _ = server
@@ -224,6 +273,78 @@ def test_clicking_a_heatmap_cell_shows_its_disagreements(server, browser, tmp_pa
         page.get_by_text("kappa 0.700 on 60 shared images").first.wait_for(timeout=60_000)
         page.get_by_text(f"{n:,} images where the two sources disagree").first.wait_for(
             timeout=60_000)
-        page.screenshot(path=str(tmp_path / "heatmap-click.png"), full_page=True)
+        snap(page, artifacts / "heatmap-click.png")
+    finally:
+        page.close()
+
+
+# boxes of a Vega chart's axis labels and cell texts (Streamlit draws Vega as SVG: DOM nodes)
+_BOXES_JS = """(chart) => {
+  const svg = chart.querySelector('svg');
+  const box = (t) => { const r = t.getBoundingClientRect();
+    return {text: t.textContent, x: r.left, y: r.top, w: r.width, h: r.height,
+            size: parseFloat(getComputedStyle(t).fontSize)}; };
+  const axes = [...svg.querySelectorAll('.role-axis')].map(a => ({
+    name: a.getAttribute('aria-label') || '',
+    labels: [...a.querySelectorAll('.role-axis-label text')].map(box)}));
+  const cells = [...svg.querySelectorAll('.mark-text.role-mark text')].map(box);
+  return {axes, cells};
+}"""
+
+
+def _overlaps(boxes: list[dict], gap: float = 0.5) -> list[tuple[str, str]]:
+    """Pairs of text boxes that overlap by more than ``gap`` pixels both ways."""
+    out = []
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            dx = min(a["x"] + a["w"], b["x"] + b["w"]) - max(a["x"], b["x"])
+            dy = min(a["y"] + a["h"], b["y"] + b["h"]) - max(a["y"], b["y"])
+            if dx > gap and dy > gap:
+                out.append((a["text"], b["text"]))
+    return out
+
+
+def test_heatmap_labels_are_legible_at_padchest_size(server, browser, artifacts):
+    """A dataset with ~190 findings: the heatmap shows that dataset's pairs and one page of
+    findings; no axis label overlaps another, and no cell number overlaps another."""
+    from medlake.ui.views.discrepancies import FINDINGS_PER_PAGE
+
+    url, _, _ = server
+    page = browser.new_page()
+    try:
+        page.goto(f"{url}/?page=discrepancies&dataset={sample.META}")
+        chart = page.locator("[data-testid='stVegaLiteChart']").first
+        chart.locator(".role-axis-label text").first.wait_for(timeout=60_000)
+        page.wait_for_load_state("networkidle")
+        got = chart.evaluate(_BOXES_JS)
+        snap(page, artifacts / "discrepancies-padchest-size.png")
+    finally:
+        page.close()
+    x = next(a for a in got["axes"] if a["name"].startswith("X-axis"))
+    y = next(a for a in got["axes"] if a["name"].startswith("Y-axis"))
+    assert sorted(t["text"] for t in x["labels"]) == [
+        "nlp vs model", "physician vs model", "physician vs nlp"]  # no dataset prefix
+    assert len(y["labels"]) == FINDINGS_PER_PAGE
+    assert {t["text"] for t in y["labels"]} <= set(sample.META_FINDINGS)  # whole names
+    labels = x["labels"] + y["labels"]
+    assert all(t["size"] >= 10 and t["w"] > 0 and t["h"] > 0 for t in labels), labels
+    assert _overlaps(labels) == []
+    assert len(got["cells"]) == 3 * FINDINGS_PER_PAGE
+    assert _overlaps(got["cells"]) == []
+
+
+def test_metadata_only_dataset_shows_one_notice(server, browser, artifacts):
+    """Leakage on a dataset without image files: one notice with the attach command."""
+    url, _, _ = server
+    page = browser.new_page()
+    try:
+        page.goto(f"{url}/?page=leakage&dataset={sample.META}")
+        page.get_by_text("groups spanning splits").first.wait_for(timeout=60_000)
+        page.get_by_text("no image file").first.wait_for(timeout=60_000)  # the gallery
+        page.wait_for_load_state("networkidle")
+        alerts = page.locator("[data-testid='stAlert']")
+        assert alerts.count() == 1
+        assert f"medlake attach-images {sample.META} FOLDER" in alerts.first.inner_text()
+        snap(page, artifacts / "leakage-metadata-only.png")
     finally:
         page.close()

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # `streamlit run ui/app.py` runs this file as a s
 from medlake.catalog import Catalog, CatalogError
 from medlake.ui import warm
 from medlake.ui.views import pages
-from medlake.ui.views.common import begin_run, reviewer
+from medlake.ui.views.common import begin_run, proxy_header, reviewer
 
 PAGES = pages()
 
@@ -60,7 +60,15 @@ def main() -> None:
         st.caption(cat.ws.root.name)
         choice = st.radio("page", names, index=names.index(current),
                           format_func=lambda n: PAGES[n].TITLE, key="nav")
-        st.text_input("reviewer", key="reviewer", help="your name, stored with each verdict")
+        header = proxy_header()
+        if header is None:
+            st.text_input("reviewer", key="reviewer", help="your name, stored with each verdict")
+        else:  # the authenticating proxy names the reviewer: shown, not editable
+            st.text_input("reviewer", value=reviewer(), disabled=True,
+                          help=f"set by the proxy's {header} header; stored with each verdict")
+            if not reviewer():
+                st.warning(f"No {header} header reached the app: verdicts cannot be recorded. "
+                           "Open the UI through the authenticating proxy.")
     if choice != st.query_params.get("page"):
         st.query_params["page"] = choice
     t = time.perf_counter()

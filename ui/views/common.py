@@ -201,8 +201,38 @@ def select(container: Any, label: str, options: list, *, key: str, default: Any 
     return container.selectbox(label, options, index=index if options else None, key=key, **kw)
 
 
+def identity_mode() -> str:
+    """How reviewers are identified: ``MEDLAKE_IDENTITY`` as set by ``medlake ui``.
+
+    ``typed`` (the default: a loopback server, the sidebar name), ``insecure-open`` (typed
+    names on an open address) or ``proxy-header:<NAME>`` (the name comes from request header
+    NAME, set by an authenticating reverse proxy). Stored with each verdict (``identity``).
+    """
+    return os.environ.get("MEDLAKE_IDENTITY", "").strip() or "typed"
+
+
+def proxy_header() -> str | None:
+    """The trusted identity header's name in ``proxy-header:<NAME>`` mode, else None."""
+    mode = identity_mode()
+    return mode.removeprefix("proxy-header:") if mode.startswith("proxy-header:") else None
+
+
+def header_reviewer(name: str) -> str:
+    """The reviewer named by request header ``name`` of this session ('' when absent).
+
+    A header sent more than once with different values names nobody (a proxy must set it,
+    not pass on what the client sent). Outside a session (the warm-up) there are no headers.
+    """
+    values = {v.strip() for v in st.context.headers.get_all(name) if v and v.strip()}
+    return values.pop() if len(values) == 1 else ""
+
+
 def reviewer() -> str:
-    """The reviewer's name (sidebar field; default from MEDLAKE_REVIEWER or the login)."""
+    """The reviewer's name: from the trusted proxy header in ``proxy-header`` mode (never
+    typed), else the sidebar field (default from MEDLAKE_REVIEWER or the login)."""
+    header = proxy_header()
+    if header is not None:
+        return header_reviewer(header)
     if "reviewer" not in st.session_state:
         try:
             default = os.environ.get("MEDLAKE_REVIEWER") or getpass.getuser()
@@ -215,7 +245,14 @@ def reviewer() -> str:
 def _record(root: str, verdict: rv.Verdict, note_key: str | None) -> None:
     # read name and note when clicked, not when the button was drawn
     note = st.session_state.get(note_key) if note_key else None
-    verdict = replace(verdict, reviewer=reviewer(), note=note or verdict.note)
+    header = proxy_header()
+    if header is not None and not reviewer():
+        st.session_state["last_verdict"] = (
+            f"not recorded: this request has no {header} header from the authenticating "
+            "proxy, so there is no reviewer to record the verdict under")
+        return
+    verdict = replace(verdict, reviewer=reviewer(), note=note or verdict.note,
+                      identity=identity_mode())
     try:
         rv.record(Catalog.open(root), verdict)
         st.session_state["last_verdict"] = f"recorded: {verdict.verdict} on {verdict.item}"

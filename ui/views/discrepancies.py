@@ -70,6 +70,7 @@ def render(cat: Catalog) -> None:
     n_find = dict(dsets.iter_rows())
     c1, c2 = st.columns(2)
     ds = select(c1, "dataset", list(n_find), key="disc-dataset",
+                default=st.query_params.get("dataset"),  # ?dataset= opens one directly
                 format_func=lambda d: f"{d} ({n_find[d]:,} findings)")
     subs = [tuple(r) for r in data.q(cat, """
         SELECT DISTINCT coalesce(subgroup, '') AS s, coalesce(subgroup_value, '') AS v
@@ -78,7 +79,7 @@ def render(cat: Catalog) -> None:
     sub = select(c2, "subgroup", subs, key="disc-subgroup", default=("", ""),
                  format_func=lambda s: "all images" if s == ("", "") else f"{s[0]} = {s[1]}")
     args = [ds, sub[0], sub[1]]
-    c3, c4, c5 = st.columns(3)
+    c3, c4, c5, c6 = st.columns(4)
     min_n = int(c3.number_input("minimum shared images", min_value=0, value=1, step=1,
                                 key="disc-min-n",
                                 help="findings whose best-covered pair shares fewer images "
@@ -95,7 +96,8 @@ def render(cat: Catalog) -> None:
                "two sources disagree on")
     if not total:
         return
-    offset = pager("disc-f", total, per)
+    with c6:
+        offset = pager("disc-f", total, per)
     shown = data.q(cat, f"{summary} ORDER BY {ORDERS[order]} LIMIT {int(per)} "
                         f"OFFSET {offset}", args)["finding"].to_list()
     cells = data.q(cat, f"SELECT * FROM ({_CELLS}) WHERE finding IN "
@@ -108,11 +110,12 @@ def render(cat: Catalog) -> None:
                          "disc-heat", "cell", ("pair", "finding"), width="content")
     if clicked:  # a click on a cell shows its images below
         st.session_state["disc-pair"], st.session_state["disc-finding"] = clicked
-    _cell(cat, ds, sub, args, min_n)
+    _cell(cat, sub, args, shown)
 
 
-def _cell(cat: Catalog, ds: str, sub: tuple[str, str], args: list, min_n: int) -> None:
-    """Pair and finding selectboxes (set by a click too), the cell's kappa and its images."""
+def _cell(cat: Catalog, sub: tuple[str, str], args: list, shown: list[str]) -> None:
+    """Pair and finding selectboxes (set by a click too; the finding starts at the heatmap's
+    top row), the cell's kappa and its images."""
     pairs = data.q(cat, f"SELECT DISTINCT pair FROM ({_CELLS}) ORDER BY 1", args)["pair"].to_list()
     if not pairs:
         return
@@ -120,7 +123,8 @@ def _cell(cat: Catalog, ds: str, sub: tuple[str, str], args: list, min_n: int) -
     pair = select(c1, "source pair (heatmap column)", pairs, key="disc-pair")
     finds = data.q(cat, f"SELECT DISTINCT finding FROM ({_CELLS}) WHERE pair = ? "
                         "ORDER BY 1", [*args, pair])["finding"].to_list()
-    finding = select(c2, "finding (heatmap row)", finds, key="disc-finding")
+    finding = select(c2, "finding (heatmap row)", finds, key="disc-finding",
+                     default=shown[0] if shown else None)
     if finding is None:
         return
     cell = data.q(cat, f"SELECT * FROM ({_CELLS}) WHERE pair = ? AND finding = ?",

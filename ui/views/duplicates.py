@@ -38,6 +38,7 @@ def render(cat: Catalog) -> None:
     methods = data.q(cat, "SELECT DISTINCT method FROM pairs ORDER BY 1")["method"].to_list()
     c0, c4 = st.columns(2)
     dataset = select(c0, "dataset", [ALL, *data.pair_datasets(cat)], key="dup-dataset",
+                     default=st.query_params.get("dataset"),  # ?dataset= opens one directly
                      help="pairs with an image of this dataset")
     scheme = _scheme_choice(cat, c4, None if dataset == ALL else dataset)
     c1, c2, c3 = st.columns(3)
@@ -80,7 +81,8 @@ def _scheme_choice(cat: Catalog, container: Any, dataset: str | None) -> data.Sc
         return select(container, "split scheme", schemes, key=f"dup-scheme:{dataset}",
                       default=defaults.get(dataset),
                       help=f"the split schemes of {dataset} (splits table)")
-    own = ", ".join(f"{d}: {s}" for d, s in defaults.items())
+    in_pairs = set(data.pair_datasets(cat))
+    own = ", ".join(f"{d}: {s}" for d, s in defaults.items() if d in in_pairs)
     choice = select(container, "split scheme", [PER_DATASET, *data.schemes_of(cat)],
                     key="dup-scheme", help=f"{PER_DATASET}: {own or 'no splits'}",
                     format_func=lambda s: f"{s} ({own})" if s == PER_DATASET and own else s)

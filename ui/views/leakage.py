@@ -6,7 +6,14 @@ import streamlit as st
 
 from medlake.catalog import Catalog
 from medlake.ui import data
-from medlake.ui.views.common import GALLERY_MAX, gallery, need, pager, select
+from medlake.ui.views.common import (
+    GALLERY_MAX,
+    gallery,
+    need,
+    no_file_notice,
+    pager,
+    select,
+)
 
 TITLE = "Leakage"
 PER_PAGE = 50
@@ -25,9 +32,12 @@ def render(cat: Catalog) -> None:
         return
     defaults = data.default_schemes(cat)
     c1, c2 = st.columns(2)
-    ds = select(c1, "dataset", dsets, key="leak-dataset")
+    ds = select(c1, "dataset", dsets, key="leak-dataset",
+                default=st.query_params.get("dataset"))  # ?dataset= opens one directly
     scheme = select(c2, "split scheme", data.schemes_of(cat, ds), key="leak-scheme",
                     default=defaults.get(ds), help=f"the split schemes of {ds} (splits table)")
+    if not data.count(cat, "images", f"dataset_id = {data.lit(ds)} AND path IS NOT NULL"):
+        no_file_notice(ds)  # once, here: its galleries below show captions only
     if data.has(cat, "leakage"):
         st.subheader("Leakage table")
         st.dataframe(data.q(cat, "SELECT * FROM leakage WHERE dataset_id = ? ORDER BY ALL", [ds]),

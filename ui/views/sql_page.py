@@ -79,9 +79,11 @@ def render(cat: Catalog) -> None:
                                   help="rows fetched at most; the result says when it was cut"))
         if c1.button("Run", key="sql-run", type="primary"):
             st.session_state["sql-ran"] = True
-        st.markdown("**Examples**")
+        st.markdown("**Examples** (a click runs the query)")
+        cols = st.columns(2)
         for i, (title, (what, _)) in enumerate(EXAMPLES.items()):
-            st.button(title, key=f"sql-ex-{i}", help=what, on_click=_use_example, args=(title,))
+            cols[i % 2].button(title, key=f"sql-ex-{i}", help=what, on_click=_use_example,
+                               args=(title,), width="stretch")
     with right:
         _schema_browser(cat)
     if st.session_state.get("sql-ran"):
@@ -139,13 +141,27 @@ def row_counts(cat: Catalog) -> dict[str, int] | str:
     """Rows per table (one sandboxed ``count(*)`` query over all of them, cached per lake
     state), or the error text when a table cannot be read."""
     try:
-        return _row_counts(str(cat.ws.root), cache.signature(cat.ws.tables_dir))
+        return _row_counts(str(cat.ws.root), cache.signature(cat.ws.tables_dir),
+                           _uncached_state(cat))
     except CatalogError as e:
         return str(e)
 
 
+def _uncached_state(cat: Catalog) -> tuple:
+    """Modification times of the folders of the tables the lake signature leaves out
+    (``reviews``: a new verdict file changes its stage folder's time)."""
+    out = []
+    for t in cache.UNCACHED_TABLES:
+        d = cat.ws.tables_dir / t
+        try:
+            out += [(f.name, f.stat().st_mtime_ns) for f in (d, *sorted(d.iterdir()))]
+        except FileNotFoundError:  # not written yet, or a folder removed meanwhile
+            out.append((t, -1))
+    return tuple(out)
+
+
 @st.cache_data(max_entries=4, show_spinner=False)
-def _row_counts(root: str, sig: tuple) -> dict[str, int]:
+def _row_counts(root: str, sig: tuple, fresh: tuple) -> dict[str, int]:
     sql = " UNION ALL ".join(f"SELECT '{t}' AS t, count(*) AS n FROM \"{t}\"" for t in TABLES)
     df = pl.from_arrow(Catalog.open(root).sql(sql, limit=len(TABLES), timeout_s=TIMEOUT_S))
     assert isinstance(df, pl.DataFrame)
