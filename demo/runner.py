@@ -179,7 +179,7 @@ def launch_ui(catalog: Catalog, *, port: int | None = None, host: str = "127.0.0
     import subprocess
 
     medlake = Path(sys.executable).parent / "medlake"
-    cmd = [str(medlake), "ui", str(catalog.ws.root), "--port", str(port or free_port(host)),
+    cmd = [str(medlake), "ui", "--workspace", str(catalog.ws.root), "--port", str(port or free_port(host)),
            "--host", host]
     try:
         return subprocess.call(cmd, env=env_with_venv())

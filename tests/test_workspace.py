@@ -56,13 +56,12 @@ def test_find_walks_up_and_explains_when_missing(tmp_path):
 
 
 def test_commands_take_workspace_option():
-    """Every command except init accepts --workspace (ui takes it as its argument)."""
+    """Every command except init accepts --workspace."""
     for name, cmd in main.commands.items():
         if name == "init":
             continue
         opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
-        ok = "--workspace" in opts or (name == "ui" and "workspace" in {p.name for p in cmd.params})
-        assert ok, f"medlake {name} lacks --workspace"
+        assert "--workspace" in opts, f"medlake {name} lacks --workspace"
 
 
 def test_missing_workspace_is_a_clear_error(tmp_path, monkeypatch):

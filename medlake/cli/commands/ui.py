@@ -34,7 +34,7 @@ from pathlib import Path
 
 import click
 
-from medlake.cli.common import command, open_catalog
+from medlake.cli.common import command, open_catalog, workspace_option
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STOP_WAIT_S = 10.0  # seconds the child gets to exit after SIGTERM before SIGKILL
@@ -235,7 +235,8 @@ def serve(root: Path, *, port: int = 8501, host: str = "127.0.0.1",
 
 
 @click.command("ui")
-@click.argument("workspace", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("legacy_workspace", metavar="[WORKSPACE]", required=False,
+                type=click.Path(file_okay=False, path_type=Path))
 @click.option("--port", type=int, default=8501, show_default=True, help="Port to serve on.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; the default serves this machine only. Another address "
@@ -247,9 +248,20 @@ def serve(root: Path, *, port: int = 8501, host: str = "127.0.0.1",
 @click.option("--insecure-open", is_flag=True, default=False,
               help="Serve a non-loopback --host with typed reviewer names: anyone who can "
                    "reach it can read the catalog and record verdicts under any name.")
+@workspace_option
 @command
-def ui(workspace, port, host, trust_proxy_header, insecure_open):
-    """Serve the catalog UI for WORKSPACE (default: the current workspace)."""
+def ui(legacy_workspace, port, host, trust_proxy_header, insecure_open, workspace):
+    """Serve the catalog and review UI of the workspace (--workspace, as for every command;
+    the positional WORKSPACE of earlier versions still works) on 127.0.0.1.
+
+    \b
+    Example:
+      medlake ui --workspace my-audit --port 8502
+      medlake ui --trust-proxy-header X-Remote-User   # behind an authenticating proxy
+    """
+    if legacy_workspace and workspace and Path(legacy_workspace) != Path(workspace):
+        raise click.UsageError("Give the workspace once: --workspace DIR")
+    workspace = workspace or legacy_workspace
     identity = identity_mode(host, trust_proxy_header, insecure_open)  # before anything binds
     cat = open_catalog(workspace)
     if identity == "insecure-open" and not is_loopback(host):
