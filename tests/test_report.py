@@ -277,15 +277,9 @@ def test_cli(lake: Catalog, tmp_path: Path) -> None:
 
 
 def _chromium() -> str:
-    exe = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
-                                       else None)
-    if exe is None:
-        msg = ("no system Chromium: run `make browser` (apt-get install -y chromium); medlake "
-               "never downloads a browser")
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return exe
+    from test_ui_browser import chromium  # one lookup (and skip/fail rule) for both suites
+
+    return chromium()
 
 
 @pytest.mark.browser
