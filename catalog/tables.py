@@ -18,8 +18,8 @@ list files, and wait for one whose writer is still renaming (it holds a lock on 
 so they only ever see files of complete commits. Opening a lake (:class:`TableStore`, hence
 ``Catalog``) also removes the temporary files and folders of dead writers
 (:func:`recover`). Final files keep their names, so plain DuckDB/Polars globs read the
-same files; only between a crash and the next medlake process may a glob see a partly
-renamed commit.
+same files; only during a live commit's renames (milliseconds), or between a crash and the
+next medlake process, may a glob see a partly renamed commit.
 
 Fault injection (tests and ``bench/faults.py``): ``MEDLAKE_FAULT`` makes the commit code
 kill its own process at a chosen rename or deletion (see :func:`fault_point`).
@@ -709,6 +709,7 @@ class Transaction:
             self._deletes.clear()
             self._dirs.clear()
             self._jobs.clear()
+            self._published = False
 
     def _commit(self, ops: list[list[str]]) -> None:
         """Publish the intent (the commit point), then apply it (see :func:`commit`)."""
@@ -845,11 +846,6 @@ def begin_commit(tables_dir: Path, ops: list[list[str]]) -> Intent:
         raise
     _fsync_dir(journal)
     return Intent(tables_dir, final, fd, ops)
-
-
-def commit(tables_dir: Path, ops: list[list[str]]) -> None:
-    """Publish ``ops`` atomically (intent, renames, intent removed); see :class:`Transaction`."""
-    begin_commit(tables_dir, ops).finish()
 
 
 def apply_ops(lake: Path, ops: list[list[str]]) -> None:
@@ -1009,13 +1005,15 @@ def _orphaned(entry: os.DirEntry, pid: str | None) -> bool:
         return False
 
 
-def clean_orphans(folder: Path, *, name: str | None = None) -> list[Path]:
+def clean_orphans(folder: Path, *, name: str | None = None,
+                  keep: frozenset[str] = frozenset()) -> list[Path]:
     """Remove the temporary files and folders of dead writers directly in ``folder``.
 
     ``.<x>.<pid>-<rand>.tmp`` files and ``.<x>.tmp-<pid>-<rand>`` folders are removed; an
     ``.<x>.old-<pid>-<rand>`` folder (moved aside by a folder swap that never finished) is
-    moved back to ``<x>`` when that is missing, else removed. Entries of live processes are
-    kept. ``name`` limits the cleaning to one final name. Returns what was removed or restored.
+    moved back to ``<x>`` when that is missing, else removed. Entries of live processes, and
+    paths in ``keep`` (named by an intent not finished yet), are kept. ``name`` limits the
+    cleaning to one final name. Returns what was removed or restored.
     """
     done: list[Path] = []
     try:
@@ -1023,7 +1021,7 @@ def clean_orphans(folder: Path, *, name: str | None = None) -> list[Path]:
     except (FileNotFoundError, NotADirectoryError):
         return done
     for e in sorted(entries, key=lambda e: e.name):
-        if not e.name.startswith("."):
+        if not e.name.startswith(".") or os.path.abspath(e.path) in keep:
             continue
         m = _TMP_DIR.match(e.name)
         if m and e.is_dir(follow_symlinks=False):
@@ -1061,6 +1059,7 @@ def recover(tables_dir: Path, *, extra: Iterable[Path] = ()) -> list[Path]:
     """
     tables_dir = Path(tables_dir)
     settle(tables_dir)
+    keep = frozenset(_named_by_intents(tables_dir))  # intents that could not be finished
     done: list[Path] = []
     folders = [tables_dir / JOURNAL, tables_dir.parent / "versions", *map(Path, extra)]
     try:
@@ -1076,10 +1075,24 @@ def recover(tables_dir: Path, *, extra: Iterable[Path] = ()) -> list[Path]:
         except (FileNotFoundError, NotADirectoryError):
             continue
     for f in dict.fromkeys(folders):
-        done += clean_orphans(f)
+        done += clean_orphans(f, keep=keep)
     if done:
         log.info("removed %d leftover temporary files of stopped writers", len(done))
     return done
+
+
+def _named_by_intents(tables_dir: Path) -> set[str]:
+    """Absolute paths every pending intent names (their temporary files must stay)."""
+    lake = Path(tables_dir).parent
+    out: set[str] = set()
+    for path in _intents(tables_dir):
+        try:
+            ops = json.loads(path.read_bytes())["ops"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        for op in ops:
+            out.update(os.path.abspath(_abs(lake, x)) for x in op[1:])
+    return out
 
 
 _RECOVERED: set[tuple[int, int]] = set()

@@ -6,13 +6,16 @@ hash values shared by more than ``hash_max_group`` images are skipped),
 vector neighbours (the ``k`` nearest by cosine above ``cosine``, found with exact blocked
 matrix products, never the full N x N matrix) and shared local features (ORB descriptors
 hashed into buckets, :func:`pipelines.verify.orb_pairs`: the ``orb_k`` best per image with
-``orb_votes`` shared buckets; this path finds crops and rotations), across every dataset of
-the workspace. Each candidate is verified: ORB features,
-matched against the other image and its mirror, a RANSAC similarity transform, then the
-normalised cross-correlation of fine detail after alignment. A copy shares its fine detail
-(noise, texture) with its source even when cropped, rotated, mirrored or relit; a repeat
-capture of the same lesion or patient has the same anatomy but different detail, so it fails
-the correlation check. Confirmed pairs become clusters (scipy connected components).
+``orb_votes`` shared buckets; this path finds crops and rotations; images of at most
+``small_side`` px are also paired by ORB of low renditions, method ``orb_low``), across every
+dataset of the workspace. Each candidate is verified: ORB features,
+matched against the other image and its mirror, a RANSAC affine transform (axis scales within
+``max_aspect``), refined by ECC, then the normalised cross-correlation of band-pass detail at
+the coarser of the two images' resolutions. A copy shares its detail with its source even
+when cropped, resized with any interpolation, rotated, mirrored or relit; a repeat capture of
+the same lesion or patient has the same anatomy but different detail, so it fails the
+correlation check (``ncc``, rising to ``ncc_coarse`` for thumbnails, where less of that
+detail is left). Confirmed pairs become clusters (scipy connected components).
 External pair lists (CSV: image_a, image_b[, score]) import as their own method.
 """
 
@@ -23,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 import numpy as np
@@ -56,10 +59,24 @@ class Params:
     orb_k: int = param(3, "ORB-bucket candidates: the k best of either image", min=0)
     orb_votes: int = param(2, "ORB-bucket candidates: shared buckets at least", min=1)
     orb_features: int = param(300, "ORB keypoints per image used for bucketing", min=1)
+    orb_buckets: Literal["low", "full", "both"] = param(
+        "low", "ORB-bucket candidates from the low renditions (48 px, scale-covariant: crops "
+        "resized to any size), the full-resolution features, or both")
+    small_side: int = param(128, "images with at most this longer side (px) also get low-"
+                            "rendition candidates among pairs with a small image, and are "
+                            "verified by low-rendition matches when full ones fail (0: off)",
+                            min=0)
     match_features: int = param(300, "strongest keypoints matched in verification", min=1)
     min_inliers: int = param(12, "verification: RANSAC inliers at least", min=4)
+    max_aspect: float = param(2.0, "verification: the affine map's two axis scales differ by at "
+                              "most this factor (crops resized to a fixed size)", min=1)
+    refine: bool = param(True, "verification: refine the RANSAC transform by ECC before "
+                         "comparing detail")
     ncc: float = param(0.75, "verification: band-pass normalised cross-correlation at least "
                        "(the pair's score; the UI's threshold line)", min=-1, max=1)
+    ncc_coarse: float = param(0.93, "verification: NCC needed when the common resolution is "
+                              "coarse (thumbnails: a 256-px frame pixel of 2.5 or more; "
+                              "linear from ncc at 1.5)", min=-1, max=1)
     model: str = param(DESCRIPTOR, "vector model of the vector path")
     block: int = param(4096, "rows per block of the exact vector search", min=1)
     workers: int = param(2, "verification threads", min=1)
@@ -147,9 +164,22 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
                                           block=int(p["block"])):
             add(int(i), int(j), "vector", cosine=float(c))
     if feats is not None:
-        for i, j, v in verify.orb_pairs(feats, k=int(p["orb_k"]), min_votes=int(p["orb_votes"]),
-                                        per_image=int(p["orb_features"])):
-            add(int(i), int(j), "orb", votes=int(v))
+        orb = {"k": int(p["orb_k"]), "min_votes": int(p["orb_votes"]),
+               "per_image": int(p["orb_features"])}
+        how = p.get("orb_buckets", "low")
+        has_low = all(f is None or "lo" in f for f in feats)
+        if how in ("full", "both") or not has_low:
+            for i, j, v in verify.orb_pairs(feats, **orb):
+                add(int(i), int(j), "orb", votes=int(v))
+        if has_low:
+            small = np.array([f is not None and f["side"] <= int(p.get("small_side", 0))
+                              for f in feats], dtype=bool)
+            runs = ([None] if how in ("low", "both") else []) + ([small] if small.any() else [])
+            for only in runs:  # every image; then pairs with a small image ranked among themselves
+                for i, j, v in verify.orb_pairs(feats, **orb, bits=32, tags=("lo", "lom"),
+                                                only=only):
+                    c = cand.get((int(i), int(j)), {})
+                    add(int(i), int(j), "orb_low", low_votes=max(int(v), c.get("low_votes", 0)))
     return cand
 
 
@@ -214,6 +244,8 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
                                       "transform": "identical"}
         if "votes" in c:
             res = {**res, "evidence": {**res.get("evidence", {}), "orb_votes": c["votes"]}}
+        if "low_votes" in c:
+            res = {**res, "evidence": {**res.get("evidence", {}), "orb_low_votes": c["low_votes"]}}
         rows.append({"image_a": ids[i], "image_b": ids[j], "method": "+".join(sorted(set(c["methods"]))),
                      "score": res["ncc"], "verified": res["verified"], "hamming": c.get("hamming"),
                      "cosine": c.get("cosine"), "inliers": res["inliers"], "ncc": res["ncc"],

@@ -5,11 +5,27 @@ are bucketed by random 28-bit subsets (locality-sensitive hashing of binary desc
 images sharing many buckets are candidates. Copies share local detail even when cropped,
 rotated, mirrored or rescaled, which global descriptors and perceptual hashes lose.
 
-Verification (:func:`verify`): ORB + RANSAC similarity, then fine-detail correlation.
-A near duplicate is one picture changed by a similarity transform (crop, resize, rotation,
-mirror) and a monotonic intensity change (JPEG, relighting): after alignment its band-pass
-detail correlates with its source. A repeat capture of the same lesion or patient has the
-same anatomy but its own noise, hairs, markers and pose, so the correlation stays low.
+Small images (thumbnails, MedMNIST-like crops of 28-64 px) share little ORB detail with
+their source at full resolution: every image also gets ORB features of a *low rendition*
+(long side reduced to :data:`LOW_SIDE` px, ORB run at :data:`LOW_GRID` px), which is
+scale-covariant (a crop's rendition is its source's rendition, magnified), and pairs with an
+image of at most ``small_side`` px are also looked up by those.
+
+Verification (:func:`verify`): ORB matching + RANSAC affine transform (a crop resized to a
+fixed size changes the aspect ratio; the two axis scales may differ up to ``max_aspect``),
+refined by ECC (:func:`cv2.findTransformECC`) at half resolution, then the correlation of
+band-pass detail *at the coarser of the two images' resolutions*. A near duplicate is one
+picture changed by an affine transform (crop, resize, rotation, mirror), resampling with
+any interpolation, and a monotonic intensity change (JPEG, relighting): after alignment its
+detail correlates with its source at every scale both images resolve. Comparing at the
+coarser resolution (the band's scale follows the larger of the two pixel sizes, mapped into
+one frame) means detail that interpolation removed from one image is never asked for. A
+repeat capture of the same lesion or patient has the same anatomy but its own noise, hairs,
+markers and pose, so the correlation stays low. The coarser the common resolution, the
+less of that own detail is left (at 30-60 px a repeat chest X-ray of one patient agrees
+with it almost as well as a copy), so the threshold rises from ``ncc`` to ``ncc_coarse``
+between a common pixel size of :data:`COARSE_FROM` and :data:`COARSE_TO` (in units of
+the 256-px frame).
 """
 
 from __future__ import annotations
@@ -27,17 +43,21 @@ from medlake.catalog.imageio import ImageReadError, load_rgb
 
 SIDE = 256
 NFEATURES = 300  # ORB keypoints per image (and per mirror image)
+LOW_SIDE, LOW_GRID = 48, 96  # low rendition: long side reduced to 48 px, ORB at 96 px
+COARSE_FROM, COARSE_TO = 1.5, 2.5  # common pixel size (256-px frame) where ncc -> ncc_coarse
 _LOCAL = threading.local()  # one ORB detector per thread (cv2 objects are not shared safely)
 
 
-def features(path: str) -> dict[str, Any] | None:
+def features(path: str, *, low: bool = True) -> dict[str, Any] | None:
     """Grey 256-px equalised image and ORB keypoints/descriptors of it and its mirror.
 
     Keypoints are detected once; the mirror's are the same keypoints reflected (position per
     pyramid level, angle ``180 - angle``) with descriptors computed on the mirrored image,
     which is what detecting on the mirror finds (FAST, Harris and the intensity centroid are
-    mirror-symmetric) at about a third of the cost. Returns None when the file cannot be
-    decoded.
+    mirror-symmetric) at about a third of the cost. With ``low``, also ``lo``/``lom``: ORB
+    of the low rendition and its mirror (:func:`_low`), points in the 256-px frame. ``side``
+    is the image's longer side in pixels, ``up`` its upsampling to the 256-px frame (>= 1).
+    Returns None when the file cannot be decoded.
     """
     if not hasattr(_LOCAL, "orb"):
         _LOCAL.orb = cv2.ORB_create(nfeatures=NFEATURES, edgeThreshold=15, patchSize=15,
@@ -51,17 +71,49 @@ def features(path: str) -> dict[str, Any] | None:
     up = SIDE / max(h, w)
     g = cv2.resize(grey, (max(8, round(w * up)), max(8, round(h * up))), interpolation=cv2.INTER_AREA if up < 1 else cv2.INTER_LINEAR)
     eq = cv2.equalizeHist(g)
-    out = {"g": eq, "up": max(up, 1.0)}  # uint8 (64 KB per image); float32 only while in use
-    orb = _LOCAL.orb
-    kp, des = orb.detectAndCompute(eq, None)
-    out["n"] = _strongest(kp, des)
-    if des is None:
-        out["m"] = (np.zeros((0, 2), np.float32), None)
-        return out
-    mirrored = np.ascontiguousarray(eq[:, ::-1])
-    kpm, desm = orb.compute(mirrored, _reflect(kp, eq.shape[1], orb.getScaleFactor()))
-    out["m"] = _strongest(kpm, desm)
+    out = {"g": eq, "up": max(up, 1.0), "side": max(h, w)}  # uint8 (64 KB per image)
+    out["n"], out["m"] = _orb_both(_LOCAL.orb, eq)
+    if low:
+        out["lo"], out["lom"] = _low(grey, eq.shape)
     return out
+
+
+_EMPTY = (np.zeros((0, 2), np.float32), None)
+
+
+def _orb_both(orb: Any, img: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray | None], ...]:
+    """(points, descriptors) of ``img`` and of its mirror, strongest first."""
+    kp, des = orb.detectAndCompute(img, None)
+    if des is None:
+        return _EMPTY, _EMPTY
+    mirrored = np.ascontiguousarray(img[:, ::-1])
+    kpm, desm = orb.compute(mirrored, _reflect(kp, img.shape[1], orb.getScaleFactor()))
+    return _strongest(kp, des), _strongest(kpm, desm)
+
+
+def _low(grey: np.ndarray, frame: tuple[int, int]) -> tuple[tuple[np.ndarray, np.ndarray | None], ...]:
+    """ORB of the low rendition (long side area-reduced to ``LOW_SIDE``, resized to ``LOW_GRID``).
+
+    Reducing every image to the same number of pixels is scale-covariant: a crop's
+    rendition equals its source's, magnified, which ORB's pyramid absorbs, so a 30-px
+    thumbnail and its 256-px source share descriptors here. Points are mapped into the
+    image's 256-px frame (``frame``: its shape) so they combine with :func:`verify`'s.
+    """
+    if not hasattr(_LOCAL, "orb_low"):
+        _LOCAL.orb_low = cv2.ORB_create(nfeatures=NFEATURES, edgeThreshold=8, patchSize=15,
+                                        fastThreshold=8, nlevels=6)
+    h, w = grey.shape
+    s = LOW_SIDE / max(h, w)
+    x = grey if s >= 1 else cv2.resize(grey, (max(4, round(w * s)), max(4, round(h * s))),
+                                       interpolation=cv2.INTER_AREA)
+    k = LOW_GRID / max(x.shape)
+    x = cv2.resize(x, (max(8, round(x.shape[1] * k)), max(8, round(x.shape[0] * k))),
+                   interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+    n, m = _orb_both(_LOCAL.orb_low, cv2.equalizeHist(x))
+    fx, fy = frame[1] / x.shape[1], frame[0] / x.shape[0]  # pixel centres: (x + .5) * f - .5
+    scale = np.float32([fx, fy])
+    shift = np.float32([(fx - 1) / 2, (fy - 1) / 2])
+    return (n[0] * scale + shift, n[1]), (m[0] * scale + shift, m[1])
 
 
 def _reflect(kp: Any, width: int, scale_factor: float) -> list[cv2.KeyPoint]:
@@ -131,19 +183,22 @@ def _bits(desc: np.ndarray, picks: list[np.ndarray], chunk: int = 32768) -> np.n
 
 def orb_pairs(feats: list[dict[str, Any] | None], *, k: int = 5, min_votes: int = 4,
               tables: int = 16, bits: int = 28, per_image: int = 300,
-              max_bucket: int = 32, seed: int = 0) -> np.ndarray:
+              max_bucket: int = 32, seed: int = 0, tags: tuple[str, str] = ("n", "m"),
+              only: np.ndarray | None = None) -> np.ndarray:
     """Candidate pairs (i, j, votes), i < j, from shared ORB-descriptor buckets.
 
     Each of ``tables`` hash tables keys every descriptor (``per_image`` strongest of the image
-    and of its mirror) by ``bits`` random bits; two images get one vote per bucket they share
-    (buckets with more than ``max_bucket`` images are ignored: flat, common patterns). A pair
-    is kept when it has ``min_votes`` votes and is among the ``k`` best of either image.
-    Memory is O(descriptors); pairs come only from shared buckets, never all N x N.
+    and of its mirror: the feature sets ``tags``) by ``bits`` random bits; two images get one
+    vote per bucket they share (buckets with more than ``max_bucket`` images are ignored:
+    flat, common patterns). A pair is kept when it has ``min_votes`` votes and is among the
+    ``k`` best of either image. With ``only`` (a boolean per image), only pairs with at least
+    one such image count. Memory is O(descriptors); pairs come only from shared buckets, never
+    all N x N.
     """
     n = len(feats)
     owners, descs = [], []
     for i, f in enumerate(feats):
-        for tag in ("n", "m"):
+        for tag in tags:
             d = None if f is None else f[tag][1]
             if d is not None and len(d):
                 descs.append(d[:per_image])
@@ -169,7 +224,11 @@ def orb_pairs(feats: list[dict[str, Any] | None], *, k: int = 5, min_votes: int 
         for s in np.unique(sizes[(sizes >= 2) & (sizes <= max_bucket)]):
             members = os_[starts[sizes == s][:, None] + np.arange(s)]
             a, b = np.triu_indices(int(s), 1)
-            codes.append(members[:, a].ravel() * code_t(n) + members[:, b].ravel())
+            ma, mb = members[:, a].ravel(), members[:, b].ravel()
+            if only is not None:
+                keep = only[ma] | only[mb]
+                ma, mb = ma[keep], mb[keep]
+            codes.append(ma * code_t(n) + mb)
     if not codes:
         return np.zeros((0, 3), dtype=np.int64)
     every = np.concatenate(codes)
@@ -188,19 +247,6 @@ def orb_pairs(feats: list[dict[str, Any] | None], *, k: int = 5, min_votes: int 
     return np.stack([i[keep], j[keep], v[keep]], axis=1)
 
 
-def _bandpass(g: np.ndarray, s1: float) -> np.ndarray:
-    return cv2.GaussianBlur(g, (0, 0), s1) - cv2.GaussianBlur(g, (0, 0), 3 * s1)
-
-
-def _band(f: dict[str, Any], s1: float, mirror: bool) -> np.ndarray:
-    """Band-pass of a cached image (and of its mirror), kept in the cache per sigma."""
-    key = ("bp", round(s1, 3), mirror)
-    if key not in f:  # a benign race between threads computes the same array twice
-        g = f["g"].astype(np.float32)
-        f[key] = _bandpass(np.ascontiguousarray(g[:, ::-1]) if mirror else g, s1)
-    return f[key]
-
-
 def _match(pb: np.ndarray, db: np.ndarray, pa: np.ndarray, da: np.ndarray,
            ratio: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
     """Point pairs (b, a) of descriptors passing Lowe's ratio test (2 nearest by Hamming)."""
@@ -209,49 +255,185 @@ def _match(pb: np.ndarray, db: np.ndarray, pa: np.ndarray, da: np.ndarray,
     return pb[good], pa[idx[good, 0]]
 
 
+def _axes(M: np.ndarray) -> tuple[float, float, float]:
+    """(larger axis scale, smaller axis scale, rotation in degrees) of an affine map's 2x2 part."""
+    u, sv, vt = np.linalg.svd(M[:, :2])
+    r = u @ vt
+    return float(sv[0]), float(sv[1]), float(np.degrees(np.arctan2(r[1, 0], r[0, 0])))
+
+
+def _fit(fa: dict[str, Any], fb: dict[str, Any], tags: tuple[str, str], *, top: int,
+         min_inliers: int, reproj: float, max_aspect: float) -> tuple[str, int, np.ndarray] | None:
+    """Best (tag, inliers, M) over ``fa``'s feature set and its mirror (``tags``), M: b -> a.
+
+    ORB matches with Lowe's ratio test, then a RANSAC affine transform; one that reflects,
+    stretches one axis more than ``max_aspect`` times the other or scales by more than 5x is
+    not a near duplicate's and is skipped.
+    """
+    best = None
+    pb, db = fb[tags[0]][0][:top], fb[tags[0]][1]
+    if db is None or len(db) < 2:
+        return None
+    db = db[:top]
+    for tag in tags:
+        pa, da = fa[tag][0][:top], (None if fa[tag][1] is None else fa[tag][1][:top])
+        if da is None or len(da) < 2:
+            continue
+        src, dst = _match(pb, db, pa, da)
+        if len(src) < max(4, min_inliers):
+            continue
+        M, inl = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=reproj,
+                                      maxIters=2000, confidence=0.995)
+        if M is None or np.linalg.det(M[:, :2]) <= 0:
+            continue
+        big, small, _ = _axes(M)
+        if big > max_aspect * small or not 0.2 < np.sqrt(big * small) < 5:
+            continue
+        n_in = int(inl.sum())
+        if best is None or n_in > best[1]:
+            best = (tag, n_in, M)
+    return best
+
+
+def _affine3(M: np.ndarray) -> np.ndarray:
+    return np.vstack([M, [0.0, 0.0, 1.0]])
+
+
+def _refine(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, sigma: float) -> np.ndarray:
+    """``M`` (img -> tmpl) refined by ECC on both images blurred by ``sigma``, at half size.
+
+    Keypoints place the RANSAC transform within a pixel or so; detail at the common scale
+    needs a fraction of one. A refinement that moves the map by more than 10% (linear part)
+    or 4 half-size pixels is a slide onto something else and is dropped (``M`` is kept).
+    """
+    def half(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h, w = x.shape
+        size = (max(8, round(w / 2)), max(8, round(h / 2)))
+        fx, fy = size[0] / w, size[1] / h  # pixel centres: x' = (x + .5) * f - .5
+        small = cv2.resize(cv2.GaussianBlur(x, (0, 0), sigma), size, interpolation=cv2.INTER_AREA)
+        return small, np.array([[fx, 0, (fx - 1) / 2], [0, fy, (fy - 1) / 2], [0, 0, 1.0]])
+
+    t, st = half(tmpl)
+    i, si = half(img)
+    w0 = (si @ np.linalg.inv(_affine3(M)) @ np.linalg.inv(st))[:2].astype(np.float32)  # t -> i
+    mask = cv2.resize(_content(img), (i.shape[1], i.shape[0]), interpolation=cv2.INTER_NEAREST)
+    if mask.sum() < 64:
+        return M
+    try:
+        _, w1 = cv2.findTransformECC(t, i, w0.copy(), cv2.MOTION_AFFINE,
+                                     (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 1e-4),
+                                     mask, 1)
+    except cv2.error:  # did not converge
+        return M
+    if np.abs(w1[:, :2] - w0[:, :2]).max() > 0.1 or np.abs(w1[:, 2] - w0[:, 2]).max() > 4:
+        return M
+    return np.linalg.inv(np.linalg.inv(st) @ _affine3(w1) @ si)[:2]
+
+
+def _content(img: np.ndarray) -> np.ndarray:
+    """1 where ``img`` has content, 0 on flat black fill (3 x 3 blocks of exact 0 and their
+    edge): the corners a rotation or padding filled, which hold no detail of either image."""
+    zero = cv2.erode((img == 0).astype(np.uint8), np.ones((3, 3), np.uint8))
+    return 1 - cv2.dilate(zero, np.ones((5, 5), np.uint8))
+
+
+def _band_ncc(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, s1: float,
+              s2: float) -> tuple[float, float] | None:
+    """(NCC of band-pass detail, overlap fraction) of ``img`` warped by ``M`` onto ``tmpl``.
+
+    The band is a difference of Gaussians (``s1``, ``s2``) computed by normalised convolution
+    inside the support both images share (the warped footprint less flat black fill on either
+    side), so no edge appears where one image ends. None when the overlap is under a tenth
+    of the template.
+    """
+    h, w = tmpl.shape
+    warped = cv2.warpAffine(img, M, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+    foot = cv2.warpAffine(_content(img), M, (w, h), flags=cv2.INTER_NEAREST)
+    foot = cv2.erode(foot, np.ones((3, 3), np.uint8)) & _content(tmpl)
+    inner = cv2.erode(foot, np.ones((7, 7), np.uint8)) > 0
+    if inner.sum() < 0.1 * h * w:
+        return None
+    m = foot.astype(np.float32)
+    norm = {sg: np.maximum(cv2.GaussianBlur(m, (0, 0), sg), 1e-3) for sg in (s1, s2)}
+
+    def band(x: np.ndarray) -> np.ndarray:
+        xm = x * m
+        return (cv2.GaussianBlur(xm, (0, 0), s1) / norm[s1]
+                - cv2.GaussianBlur(xm, (0, 0), s2) / norm[s2])[inner]
+
+    xa, xb = band(tmpl), band(warped)
+    xa, xb = xa - xa.mean(), xb - xb.mean()
+    ncc = float((xa * xb).sum() / max(np.sqrt((xa**2).sum() * (xb**2).sum()), 1e-9))
+    return ncc, float(inner.mean())
+
+
+def threshold(pixel: float, p: dict[str, Any]) -> float:
+    """The NCC a pair compared at common pixel size ``pixel`` (256-px frame) must reach.
+
+    ``ncc`` up to :data:`COARSE_FROM`, rising linearly to ``ncc_coarse`` at :data:`COARSE_TO`.
+    """
+    base = float(p["ncc"])
+    coarse = max(base, float(p.get("ncc_coarse", base)))
+    t = min(max((pixel - COARSE_FROM) / (COARSE_TO - COARSE_FROM), 0.0), 1.0)
+    return base + (coarse - base) * t
+
+
 def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, Any],
            p: dict[str, Any]) -> dict[str, Any]:
-    """``verified``, ``inliers``, ``ncc``, ``transform`` (e.g. 'mirror,rot=-7,scale=0.45')."""
+    """``verified``, ``inliers``, ``ncc``, ``transform`` (e.g. 'mirror,rot=-7,scale=0.45').
+
+    ``transform`` describes the map from b into a: rotation, scale (geometric mean of the
+    two axis scales) and, when they differ by more than 5%, ``aspect`` (their ratio).
+    ``evidence`` holds the inliers, the NCC, the band's sigma, the common pixel size, the
+    threshold it had to reach and the feature set that matched (``low`` for the low
+    renditions).
+    """
     for k, f in zip(keys, (file_a, file_b), strict=True):
         if k not in cache:
             cache[k] = features(f)
     fa, fb = cache[keys[0]], cache[keys[1]]
     none = {"verified": False, "inliers": 0, "ncc": None, "transform": ""}
-    if fa is None or fb is None or fb["n"][1] is None:
+    if fa is None or fb is None or fb["n"][1] is None and fb.get("lo", _EMPTY)[1] is None:
         return {**none, "evidence": {"error": "unreadable image"}}
-    best = None
-    top = int(p.get("match_features", NFEATURES))  # the strongest keypoints take part
-    pb, db = fb["n"][0][:top], fb["n"][1][:top]
-    for tag in ("n", "m"):
-        pa, da = fa[tag][0][:top], (None if fa[tag][1] is None else fa[tag][1][:top])
-        if da is None or len(da) < 2 or len(db) < 2:
-            continue
-        src, dst = _match(pb, db, pa, da)
-        if len(src) < max(4, int(p["min_inliers"])):
-            continue
-        M, inl = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=4.0)
-        n_in = int(inl.sum()) if inl is not None else 0
-        if M is not None and (best is None or n_in > best[1]):
-            best = (tag, n_in, M)
-    if best is None:
+    top, min_in = int(p.get("match_features", NFEATURES)), int(p["min_inliers"])
+    aspect = float(p.get("max_aspect", 2.0))
+    fit = _fit(fa, fb, ("n", "m"), top=top, min_inliers=min_in, reproj=4.0, max_aspect=aspect)
+    small = int(p.get("small_side", 0))
+    if ((fit is None or fit[1] < min_in) and small and min(fa["side"], fb["side"]) <= small
+            and "lo" in fa and "lo" in fb):  # low renditions: 4 px there are 4 * 256/96 here
+        low = _fit(fa, fb, ("lo", "lom"), top=top, min_inliers=min_in,
+                   reproj=4.0 * SIDE / LOW_GRID, max_aspect=aspect)
+        if low is not None and (fit is None or low[1] > fit[1]):
+            fit = low
+    if fit is None:
         return none
-    tag, n_in, M = best
-    scale = float(np.sqrt(abs(np.linalg.det(M[:, :2]))))
-    angle = float(np.degrees(np.arctan2(M[1, 0], M[0, 0])))
-    desc = f"{'mirror,' if tag == 'm' else ''}rot={angle:+.0f},scale={scale:.2f}"
+    tag, n_in, M = fit
+    mirror = tag in ("m", "lom")
+    big, sm, angle = _axes(M)
+    scale = float(np.sqrt(big * sm))
+    desc = (f"{'mirror,' if mirror else ''}rot={angle:+.0f},scale={scale:.2f}"
+            + (f",aspect={big / sm:.2f}" if big > 1.05 * sm else ""))
     res = {"verified": False, "inliers": n_in, "ncc": None, "transform": desc}
-    if n_in < int(p["min_inliers"]) or not 0.2 < scale < 5:
+    if n_in < min_in:
         return res
-    h, w = fa["g"].shape
-    warped = cv2.warpAffine(fb["g"].astype(np.float32), M, (w, h), flags=cv2.INTER_LINEAR,
-                            borderValue=0)
-    mask = cv2.warpAffine(np.ones_like(fb["g"], dtype=np.uint8), M, (w, h), flags=cv2.INTER_NEAREST)
-    mask = cv2.erode(mask, np.ones((7, 7), np.uint8)) > 0
-    if mask.sum() < 0.1 * h * w:
+    ga = np.ascontiguousarray(fa["g"][:, ::-1]) if mirror else fa["g"]
+    ga, gb = ga.astype(np.float32), fb["g"].astype(np.float32)
+    # the template is the image the other one covers (a crop is compared inside its source)
+    if scale * scale * gb.size >= ga.size:
+        tmpl, img, T, pixel = ga, gb, M, max(fa["up"], fb["up"] * big)
+    else:
+        T = cv2.invertAffineTransform(M)
+        tmpl, img, pixel = gb, ga, max(fb["up"], fa["up"] / sm)
+    s1 = max(float(p.get("band_min", 1.0)), float(p.get("band", 0.7)) * pixel)
+    if p.get("refine", True):
+        T = _refine(tmpl, img, T, s1)
+    got = _band_ncc(tmpl, img, T, s1, 3 * s1)
+    if got is None:
         return res
-    s1 = max(1.0, 0.7 * max(fa["up"], fb["up"] / max(scale, 1e-3)))
-    xa, xb = _band(fa, s1, tag == "m")[mask], _bandpass(warped, s1)[mask]
-    xa, xb = xa - xa.mean(), xb - xb.mean()
-    ncc = float((xa * xb).sum() / max(np.sqrt((xa**2).sum() * (xb**2).sum()), 1e-9))
-    return {**res, "ncc": ncc, "verified": ncc >= float(p["ncc"]),
-            "evidence": {"inliers": n_in, "ncc": round(ncc, 4), "band_sigma": round(s1, 2)}}
+    ncc, overlap = got
+    need = threshold(pixel, p)
+    return {**res, "ncc": ncc, "verified": ncc >= need,
+            "evidence": {"inliers": n_in, "ncc": round(ncc, 4), "band_sigma": round(s1, 2),
+                         "pixel": round(pixel, 2), "threshold": round(need, 3),
+                         "overlap": round(overlap, 3),
+                         **({"features": "low"} if tag in ("lo", "lom") else {})}}

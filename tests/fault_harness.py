@@ -37,6 +37,7 @@ Used by ``tests/test_fault_injection.py`` (a few trials per stage) and ``bench/f
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -49,13 +50,17 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("ingest", "fingerprint", "embed", "duplicates", "materialize", "compact")
 RECIPE = "synth-derm-clean"
 KEEP_ROWS = 0.7  # the first phase ingests this share of each manifest
 IGNORED = {"tables/reviews/ui/.compact.lock"}  # the compaction's lock file, not data
+PRELOAD = ("lancedb", "torch", "medlake.catalog.reviews", "medlake.demo.synthetic",
+           "medlake.pipelines.duplicates", "medlake.pipelines.embed",
+           "medlake.pipelines.fingerprint", "medlake.pipelines.ingest",
+           "medlake.pipelines.materialize")
 
 
 # --- the server: forks the children that run stages and readers ---------------------------
@@ -70,16 +75,8 @@ def serve() -> None:
 
     warnings.filterwarnings("ignore", message=".*fork support is experimental.*")
     # imported once here, never used here (so forking stays safe)
-    import lancedb  # noqa: F401
-    import torch  # noqa: F401
-
-    import medlake.catalog.reviews  # noqa: F401
-    import medlake.pipelines.duplicates  # noqa: F401
-    import medlake.pipelines.embed  # noqa: F401
-    import medlake.pipelines.fingerprint  # noqa: F401
-    import medlake.pipelines.ingest  # noqa: F401
-    import medlake.pipelines.materialize  # noqa: F401
-    import medlake.demo.synthetic  # noqa: F401
+    for mod in PRELOAD:
+        importlib.import_module(mod)
 
     out = sys.stdout
     for line in sys.stdin:
@@ -238,8 +235,9 @@ def read_check(ws: Path) -> dict[str, Any]:
          "SELECT count(*) FROM embeddings ANTI JOIN fingerprints USING (image_id)"),
         ("clusters without an image",
          "SELECT count(*) FROM clusters ANTI JOIN images USING (image_id)"),
-        ("pairs without an image", "SELECT count(*) FROM pairs p WHERE p.image_a NOT IN "
-         "(SELECT image_id FROM images) OR p.image_b NOT IN (SELECT image_id FROM images)"),
+        ("pairs without an image", ("SELECT count(*) FROM pairs p WHERE p.image_a NOT IN "
+                                    "(SELECT image_id FROM images) OR p.image_b NOT IN "
+                                    "(SELECT image_id FROM images)")),
         ("verdict rows repeated", "SELECT count(*) - count(DISTINCT review_id) FROM reviews"),
     ]:
         k = n(sql)
@@ -276,8 +274,9 @@ def read_check(ws: Path) -> dict[str, Any]:
             problems.append(f"version {name}: lineage.parquet has {lin_f.height} rows, the "
                             f"lineage table {lin_t.height} (or other rows)")
     if cat.ws.versions_dir.is_dir():
-        for folder in sorted(cat.ws.versions_dir.iterdir()):
-            if (folder / "version.json").is_file() and folder.name not in named:
+        for folder in sorted(cat.ws.versions_dir.iterdir()):  # hidden: temporary, no version
+            if (not folder.name.startswith(".") and (folder / "version.json").is_file()
+                    and folder.name not in named):
                 problems.append(f"version folder {folder.name} without a versions row")
     by = {"read": cat.read("images").height, "query": n("SELECT count(*) FROM images"),
           "sql": cat.sql("SELECT count(*) AS n FROM images").column("n")[0].as_py()}
@@ -490,10 +489,10 @@ class Harness:
             self._stderr.close()
             self._proc = None
 
-    def __enter__(self) -> Harness:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # preparing

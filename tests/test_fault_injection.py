@@ -244,6 +244,8 @@ def test_stage_killed_mid_commit_and_at_random(harness: Harness, stage: str):
     reader sees no half state, and the rerun's files are byte-identical to a clean run's."""
     trials = [harness.trial(stage, **args)
               for args in harness.plan(stage, every_step=False, random_kills=1)]
+    for tr in trials:
+        print(tr.line())  # shown with -s: the figures of this run
     assert trials[0].killed  # the mid-commit kill happened
     if len(harness.refs[stage].commits[-1]) > 1:
         # on disk the commit was half renamed when the writer died: recovery finished it
