@@ -46,7 +46,6 @@ from typing import Any, Self, TypeVar
 import duckdb
 import polars as pl
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from medlake.catalog.errors import MissingTableError, SchemaError, SQLError
@@ -535,8 +534,9 @@ def pin_files(
 
 def pinned_dataset(
     tables_dir: Path, table: str, pinned: list[tuple[Path, pa.Buffer]],
-) -> pads.Dataset:
-    """An Arrow dataset over pinned files with the table's declared schema.
+) -> Any:
+    """An Arrow dataset (``pyarrow.dataset.FileSystemDataset``) over pinned files with the
+    table's declared schema (pyarrow.dataset is imported here: it imports pandas, ~1 s).
 
     Columns a file lacks read as nulls. Scanning it needs no file-system access.
 
@@ -545,6 +545,8 @@ def pinned_dataset(
     BrokenFileError
         When a file is empty or lacks the Parquet header or footer.
     """
+    import pyarrow.dataset as pads
+
     fmt = pads.ParquetFileFormat()
     frags = []
     for path, buf in pinned:

@@ -81,10 +81,11 @@ def test_groups_keep_a_dataset_together_in_plan_order():
 
 
 def test_first_error_in_plan_order_is_raised_and_others_publish(shared_data, tmp_path):
-    bad = tmp_path / "broken.csv"
-    bad.write_text("a,b\n1,2\n")
-    entries = [ENTRIES[2], {"format": "ham10000", "path": str(bad)}, ENTRIES[5]]
+    entries = [ENTRIES[2], {"format": "ham10000", "path": "data/broken.csv"}, ENTRIES[5]]
     cat = _catalog(tmp_path / "ws", shared_data, entries)
+    bad = cat.ws.root / "data/broken.csv"  # inputs live in the workspace (or under real_data)
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_text("a,b\n1,2\n")
     said: list[str] = []
     with pytest.raises(CatalogError, match="broken.csv.*missing column"):
         ingest.run_all(cat, processes=2, echo=said.append)
