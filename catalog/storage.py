@@ -115,11 +115,13 @@ def open_vectors(ws: Workspace) -> VectorStore:
     """The workspace's vector store (local ``lake/vectors`` or the ``vectors.uri`` bucket).
 
     The ``embeddings`` table (``lake/tables/embeddings/embed/<model>.parquet``) is the
-    DVC-tracked record of the embed stage; a model it holds that the store lacks (a fresh
-    clone after ``dvc pull``) is loaded into the store first.
+    DVC-tracked record of the embed stage; a model it holds that the local store lacks (a
+    fresh clone after ``dvc pull``) is loaded into the store first.
     """
     uri = vectors_uri(ws)
-    vs = RemoteVectorStore(uri) if is_remote(uri) else VectorStore(uri)
+    if is_remote(uri):  # a shared store (e.g. the Ray engine's): its owner fills it
+        return RemoteVectorStore(uri)
+    vs = VectorStore(uri)
     restore_from_table(vs, ws.tables_dir / "embeddings" / "embed")
     return vs
 
