@@ -4,8 +4,11 @@ Quality (``--n``, default 5,000 images): generates the synthetic derm + CXR set 
 captures of one patient or lesion are negatives; every transform kind), ingests it into a
 temporary workspace, runs ``fingerprint -> embed (descriptor-v1) -> duplicates`` with the
 thresholds of the repository's ``params.yaml`` and scores the verified pairs against
-``truth_pairs.csv``: precision, recall and F1 over pairs, recall per transform kind and the
-false positives among same-group lookalikes. Beside it, in the same run, the imagehash pHash
+``truth_pairs.csv``: precision, recall and F1 over pairs, recall per transform kind and per
+crop kind (what followed a crop: kept, resized to the original size, to 224, to a thumbnail,
+scaled up or down; plus all resized crops and crop combinations), the same for the candidates
+(whether candidates or verification lose a pair), the false positives among same-group
+lookalikes, and issue 14's goals. Beside it, in the same run, the imagehash pHash
 baseline (pairs within a Hamming threshold; the best threshold is picked with the truth,
 which favours the baseline).
 
@@ -304,7 +307,7 @@ def main() -> None:
                 f"{load0[2]:.2f}; at the end {load1[0]:.2f}, {load1[1]:.2f}, {load1[2]:.2f}")
     print(body[-1].strip())
     if args.record:
-        record("duplicates (bench/duplicates.py, issue #4)", "\n".join(body))
+        record("duplicates (bench/duplicates.py, issues #4, #14)", "\n".join(body))
 
 
 if __name__ == "__main__":

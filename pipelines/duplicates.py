@@ -70,13 +70,14 @@ class Params:
     min_inliers: int = param(12, "verification: RANSAC inliers at least", min=4)
     max_aspect: float = param(2.0, "verification: the affine map's two axis scales differ by at "
                               "most this factor (crops resized to a fixed size)", min=1)
-    refine: bool = param(True, "verification: refine the RANSAC transform by ECC before "
-                         "comparing detail")
-    ncc: float = param(0.75, "verification: band-pass normalised cross-correlation at least "
+    refine_from: float = param(1.5, "verification: refine the RANSAC transform by ECC when the "
+                               "common pixel (256-px frame) is at least this (coarse pairs)",
+                               min=0)
+    ncc: float = param(0.78, "verification: band-pass normalised cross-correlation at least "
                        "(the pair's score; the UI's threshold line)", min=-1, max=1)
-    ncc_coarse: float = param(0.93, "verification: NCC needed when the common resolution is "
-                              "coarse (thumbnails: a 256-px frame pixel of 2.5 or more; "
-                              "linear from ncc at 1.5)", min=-1, max=1)
+    ncc_coarse: float = param(0.95, "verification: NCC needed when the common resolution is "
+                              "coarse (thumbnails: a 256-px frame pixel of 4 or more; linear "
+                              "from ncc at 1.5)", min=-1, max=1)
     model: str = param(DESCRIPTOR, "vector model of the vector path")
     block: int = param(4096, "rows per block of the exact vector search", min=1)
     workers: int = param(2, "verification threads", min=1)
@@ -176,7 +177,8 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
                               for f in feats], dtype=bool)
             runs = ([None] if how in ("low", "both") else []) + ([small] if small.any() else [])
             for only in runs:  # every image; then pairs with a small image ranked among themselves
-                for i, j, v in verify.orb_pairs(feats, **orb, bits=32, tags=("lo", "lom"),
+                kw = orb if only is None else {**orb, "k": 2 * orb["k"]}  # few images: look deeper
+                for i, j, v in verify.orb_pairs(feats, **kw, bits=32, tags=("lo", "lom"),
                                                 only=only):
                     c = cand.get((int(i), int(j)), {})
                     add(int(i), int(j), "orb_low", low_votes=max(int(v), c.get("low_votes", 0)))

@@ -13,7 +13,7 @@ image of at most ``small_side`` px are also looked up by those.
 
 Verification (:func:`verify`): ORB matching + RANSAC affine transform (a crop resized to a
 fixed size changes the aspect ratio; the two axis scales may differ up to ``max_aspect``),
-refined by ECC (:func:`cv2.findTransformECC`) at half resolution, then the correlation of
+refined by ECC (:func:`cv2.findTransformECC`) when the pair is coarse, then the correlation of
 band-pass detail *at the coarser of the two images' resolutions*. A near duplicate is one
 picture changed by an affine transform (crop, resize, rotation, mirror), resampling with
 any interpolation, and a monotonic intensity change (JPEG, relighting): after alignment its
@@ -44,7 +44,9 @@ from medlake.catalog.imageio import ImageReadError, load_rgb
 SIDE = 256
 NFEATURES = 300  # ORB keypoints per image (and per mirror image)
 LOW_SIDE, LOW_GRID = 48, 96  # low rendition: long side reduced to 48 px, ORB at 96 px
-COARSE_FROM, COARSE_TO = 1.5, 2.5  # common pixel size (256-px frame) where ncc -> ncc_coarse
+COARSE_FROM, COARSE_TO = 1.5, 4.0  # common pixel size (256-px frame) where ncc -> ncc_coarse
+BAND, BAND_MIN = 0.7, 1.0  # band-pass sigma: BAND x the common pixel, at least BAND_MIN px
+# (every image is resampled into the 256-px frame; finer than 1 px is interpolation, not detail)
 _LOCAL = threading.local()  # one ORB detector per thread (cv2 objects are not shared safely)
 
 
@@ -192,7 +194,8 @@ def orb_pairs(feats: list[dict[str, Any] | None], *, k: int = 5, min_votes: int 
     vote per bucket they share (buckets with more than ``max_bucket`` images are ignored:
     flat, common patterns). A pair is kept when it has ``min_votes`` votes and is among the
     ``k`` best of either image. With ``only`` (a boolean per image), only pairs with at least
-    one such image count. Memory is O(descriptors); pairs come only from shared buckets, never
+    one such image count, and a pair is kept when it is among the ``k`` best of a flagged
+    image. Memory is O(descriptors); pairs come only from shared buckets, never
     all N x N.
     """
     n = len(feats)
@@ -243,7 +246,11 @@ def orb_pairs(feats: list[dict[str, Any] | None], *, k: int = 5, min_votes: int 
     grp_start = np.r_[0, np.flatnonzero(np.diff(both_i[order])) + 1]
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order)) - np.repeat(grp_start, np.diff(np.r_[grp_start, len(order)]))
-    keep = (rank[: len(i)] < k) | (rank[len(i):] < k)
+    ri, rj = rank[: len(i)] < k, rank[len(i):] < k
+    if only is not None:  # among the flagged image's own k best
+        keep = (ri & only[i]) | (rj & only[j])
+    else:
+        keep = ri | rj
     return np.stack([i[keep], j[keep], v[keep]], axis=1)
 
 
@@ -299,12 +306,16 @@ def _affine3(M: np.ndarray) -> np.ndarray:
     return np.vstack([M, [0.0, 0.0, 1.0]])
 
 
-def _refine(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, sigma: float) -> np.ndarray:
+def _refine(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, sigma: float, *,
+            max_linear: float = 0.1, max_shift: float = 4.0) -> np.ndarray:
     """``M`` (img -> tmpl) refined by ECC on both images blurred by ``sigma``, at half size.
 
-    Keypoints place the RANSAC transform within a pixel or so; detail at the common scale
-    needs a fraction of one. A refinement that moves the map by more than 10% (linear part)
-    or 4 half-size pixels is a slide onto something else and is dropped (``M`` is kept).
+    Used for coarse pairs (``refine_from``): there the transform comes from few, coarse
+    keypoints (thumbnails, low renditions) and is off by a sizeable part of the common pixel.
+    Fine pairs keep RANSAC's transform: measured on the generator, ECC there gained nothing
+    and on chest X-rays (strong periodic ribs, tone changes) it sometimes slid off the true
+    alignment. A refinement that moves the map by more than ``max_linear`` (linear part) or
+    ``max_shift`` half-size pixels is a slide onto something else and is dropped.
     """
     def half(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h, w = x.shape
@@ -321,13 +332,13 @@ def _refine(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, sigma: float) -> n
         return M
     try:
         _, w1 = cv2.findTransformECC(t, i, w0.copy(), cv2.MOTION_AFFINE,
-                                     (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 1e-4),
+                                     (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 1e-4),
                                      mask, 1)
     except cv2.error:  # did not converge
         return M
-    if np.abs(w1[:, :2] - w0[:, :2]).max() > 0.1 or np.abs(w1[:, 2] - w0[:, 2]).max() > 4:
+    if np.abs(w1[:, :2] - w0[:, :2]).max() > max_linear or np.abs(w1[:, 2] - w0[:, 2]).max() > max_shift:
         return M
-    return np.linalg.inv(np.linalg.inv(st) @ _affine3(w1) @ si)[:2]
+    return np.linalg.inv(np.linalg.inv(si) @ _affine3(w1) @ st)[:2]
 
 
 def _content(img: np.ndarray) -> np.ndarray:
@@ -424,8 +435,8 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     else:
         T = cv2.invertAffineTransform(M)
         tmpl, img, pixel = gb, ga, max(fb["up"], fa["up"] / sm)
-    s1 = max(float(p.get("band_min", 1.0)), float(p.get("band", 0.7)) * pixel)
-    if p.get("refine", True):
+    s1 = max(BAND_MIN, BAND * pixel)  # the band: DoG(s1, 3 s1) at the common pixel
+    if pixel >= float(p.get("refine_from", 1.5)):
         T = _refine(tmpl, img, T, s1)
     got = _band_ncc(tmpl, img, T, s1, 3 * s1)
     if got is None:

@@ -15,7 +15,8 @@ from PIL import Image
 
 from medlake.catalog import CatalogError
 from medlake.cli.main import main
-from medlake.demo.synthetic import KINDS, generate
+from medlake.demo.synth_build import INTERPOLATIONS
+from medlake.demo.synthetic import CROP_KINDS, KINDS, generate
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -65,6 +66,13 @@ def test_truth_lists_every_file_once_and_manifests_match(synth: Path) -> None:
         roles[t["role"]] += 1
     assert roles["corrupt"] == 2 and roles["outlier"] >= 6
     assert {t["transform"] for t in truth if t["role"] == "derived"} == set(KINDS)
+    assert {t["crop"] for t in truth if t["role"] == "derived"} - {""} == set(CROP_KINDS)
+    pairs = _read(synth / "truth_pairs.csv")
+    by_file = {t["file"]: t for t in truth}
+    for p in pairs:  # a pair's crop kind is its derived file's
+        if p["kind"] not in ("sibling",):
+            d = by_file[p["file_b"]] if by_file[p["file_b"]]["role"] == "derived" else by_file[p["file_a"]]
+            assert p["crop"] == d["crop"]
 
 
 def test_pairs_join_files_of_one_capture_only(synth: Path) -> None:
@@ -97,17 +105,30 @@ def test_derived_files_are_the_transform_they_claim(synth: Path) -> None:
             assert o.read_bytes() == d.read_bytes()
         elif kind == "resized":
             s = pd.shape[1] / po.shape[1]
-            assert 0.29 <= s <= 0.91 and pd.shape[0] < po.shape[0]
+            assert (0.29 <= s <= 0.91 or 1.09 <= s <= 1.61) and pd.shape[0] != po.shape[0]
+            assert any(f"-{i}" in t["detail"] for i in INTERPOLATIONS)
         elif kind == "cropped":
             area = pd.shape[0] * pd.shape[1] / (po.shape[0] * po.shape[1])
-            assert 0.5 <= area <= 0.76
+            assert 0.38 <= area <= 0.92 and t["crop"] == "kept"
+        elif kind == "crop_resized":
+            how = t["crop"]
+            assert how in CROP_KINDS and how != "kept" and "resize=" in t["detail"]
+            if how == "to_original":
+                assert pd.shape[:2] == po.shape[:2]
+            elif how == "to_224":
+                assert pd.shape[:2] == (224, 224)
+            elif how == "to_small":
+                assert pd.shape[0] == pd.shape[1] and 28 <= pd.shape[0] <= 64
+        elif kind == "crop_combined":
+            assert t["crop"] in CROP_KINDS and t["detail"].startswith("cropped(")
         elif kind == "mirrored":
             flipped = po[::-1] if "vertical" in t["detail"] else po[:, ::-1]
             assert np.abs(flipped - pd).mean() < 3.0
         elif kind in ("relit", "rotated", "reencoded"):
             assert pd.shape == po.shape and np.abs(po - pd).mean() > 0.2
             if kind == "reencoded":
-                assert d.suffix == ".jpg" and np.abs(po - pd).mean() < 6.0
+                q = int(t["detail"].split("=")[1])
+                assert d.suffix == ".jpg" and 30 <= q <= 95 and np.abs(po - pd).mean() < 10.0
     assert seen == set(KINDS)
 
 

@@ -43,3 +43,57 @@ def test_unreadable_file_gives_none(tmp_path):
     bad = tmp_path / "x.png"
     bad.write_bytes(b"not an image")
     assert verify.features(str(bad)) is None
+
+
+def _save(tmp_path, name: str, arr: np.ndarray) -> str:
+    path = tmp_path / f"{name}.png"
+    Image.fromarray(arr).save(path)
+    return str(path)
+
+
+def test_resized_crops_verify_and_a_repeat_capture_does_not(tmp_path):
+    """Issue 14: a crop resized back to the original size (aspect changed, bicubic) and a crop
+    resized to a MedMNIST-like thumbnail are duplicates of their source; a repeat capture of
+    the same patient is not, neither against the source nor against the crop. The ORB-bucket
+    candidates of the low renditions pair the thumbnail with its source."""
+    import polars as pl
+
+    from medlake.demo import synth_draw as draw
+    from medlake.pipelines import duplicates
+
+    findings = {"effusion": False, "cardiomegaly": False, "nodule": False}
+    anatomy = draw.chest_anatomy(np.random.default_rng(11))
+    src = draw.draw_cxr(np.random.default_rng(12), anatomy, 256, findings)
+    again = draw.draw_cxr(np.random.default_rng(13), anatomy, 256, findings)  # same patient
+    crop = src[30:30 + 200, 20:20 + 176]  # 54% of the area, aspect 0.88
+    lesion = draw.lesion_anatomy(np.random.default_rng(21), "nevus", 2)
+    derm = draw.draw_derm(np.random.default_rng(22), lesion, 192, 256)
+    derm_again = draw.draw_derm(np.random.default_rng(23), lesion, 192, 256)  # same lesion
+    paths = [
+        _save(tmp_path, "src", src),
+        _save(tmp_path, "to_original", cv2.resize(crop, (256, 256), interpolation=cv2.INTER_CUBIC)),
+        _save(tmp_path, "again", again),
+        _save(tmp_path, "derm", derm),
+        _save(tmp_path, "derm_small", cv2.resize(derm[20:180, 30:230], (28, 28), interpolation=cv2.INTER_AREA)),
+        _save(tmp_path, "derm_again", derm_again),
+    ]
+    p = duplicates.DEFAULTS
+    cache: dict = {}
+
+    def check(i: int, j: int) -> dict:
+        return verify.verify(paths[i], paths[j], cache=cache, keys=(i, j), p=p)
+
+    resized = check(0, 1)
+    assert resized["verified"] and "aspect=" in resized["transform"], resized
+    small = check(3, 4)
+    assert small["verified"], small
+    assert small["evidence"]["pixel"] > 2 and small["evidence"]["threshold"] > p["ncc"]
+    for i, j in ((0, 2), (1, 2), (3, 5), (4, 5)):
+        r = check(i, j)
+        assert not r["verified"], (paths[i], paths[j], r)
+    # candidates: the thumbnail's low rendition meets its source's in the ORB buckets
+    feats = [cache[i] for i in range(len(paths))]
+    fp = pl.DataFrame({"sha256": [str(i) for i in range(len(paths))]})
+    got = duplicates.candidates(fp, None, {**p, "hash_k": 0, "k": 0}, feats=feats)
+    assert (3, 4) in got and "orb_low" in got[(3, 4)]["methods"], got
+    assert (0, 1) in got
