@@ -17,6 +17,7 @@ Supported field types: ``bool``, ``int``, ``float`` (an int is accepted), ``str`
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -140,7 +141,7 @@ def _convert(tp: Any, v: Any, where: str, file: str, meta: dict[str, Any]) -> An
     else:  # pragma: no cover - a declaration error, not a user error
         raise TypeError(f"unsupported params type {tp!r} at {where}")
     lo, hi = meta.get("min"), meta.get("max")
-    if (lo is not None and out < lo) or (hi is not None and out > hi) or out != out:
+    if (lo is not None and out < lo) or (hi is not None and out > hi) or math.isnan(out):
         raise bad()
     return out
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,12 +210,6 @@ def fingerprints(catalog: Catalog, files: dict[str, Path],
             h.update(sha256_file(f).encode())
         out[f"table:{t}"] = h.hexdigest()
     return out
-
-
-def _git_commit(root: Path) -> str | None:
-    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                       check=False)
-    return r.stdout.strip() or None if r.returncode == 0 else None
 
 
 def apply_rules(catalog: Catalog, recipe: Recipe) -> dict[str, Any]:

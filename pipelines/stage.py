@@ -21,10 +21,6 @@ from typing import Any
 from medlake.catalog import Catalog, CatalogError
 from medlake.catalog.params import ParamsError, load, to_dict
 
-#: A path a stage writes or reads that is not a table (relative to the workspace root).
-Path_ = str
-
-
 class UsageProblem(CatalogError):
     """Options of a stage command that do not go together (the CLI exits 2, as click does)."""
 
@@ -135,11 +131,6 @@ class Stage:
         if not over:
             return base
         return load(self.params, {**to_dict(base), **over}, file="command line", key=self.name)
-
-
-def resolve(stage: Stage, catalog: Catalog, params: Any) -> Any:
-    """Shortcut used by a stage's ``run``: its validated params (see :meth:`Stage.load_params`)."""
-    return stage.load_params(catalog, params)
 
 
 @dataclass(frozen=True)

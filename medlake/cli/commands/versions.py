@@ -53,7 +53,7 @@ def unpack(version, out, overwrite, workspace):
 
     \b
     Example:
-      medlake unpack lake/versions/synth-derm-packed --out /tmp/plain
+      medlake unpack lake/versions/synth-derm-packed --out plain-images
     """
     from medlake.catalog import CatalogError
     from medlake.catalog.shards import unpack as run_unpack
