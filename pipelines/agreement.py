@@ -120,7 +120,8 @@ class AgreementResult:
 
     def summary(self) -> str:
         # the per-dataset lines were printed as progress already
-        lines = [f"agreement: {sum(self.rows.values()):,} rows for {len(self.rows)} datasets"]
+        n = len(self.rows)
+        lines = [f"agreement: {sum(self.rows.values()):,} rows for {n} dataset{'s' * (n != 1)}"]
         if self.derived:
             lines.append(f"derived sources: {', '.join(self.derived)}")
         if self.plot:
