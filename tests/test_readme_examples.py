@@ -79,7 +79,7 @@ def demo_copy(dest: Path) -> Path:
 
 
 def run_example(argv: list[str], ws: Path, *, fails: bool = False) -> tuple[list[str], float]:
-    """The example's output lines and seconds; ``fails``: it shows an error (exit status 2)."""
+    """The example's output lines and seconds; ``fails``: it shows an error (a non-zero exit status)."""
     t = time.perf_counter()
     r = CliRunner().invoke(main, [*argv, "--workspace", str(ws)])
     dt = time.perf_counter() - t
@@ -134,6 +134,19 @@ def test_readme_example_output_is_current(n: int, demo_ws: Path) -> None:
     got, _ = run_example(argv, demo_ws, fails=shows_error(expected))
     problem = compare(argv, expected, got)
     assert problem is None, problem
+
+
+def test_readme_params_typo_example_is_current(tmp_path: Path) -> None:
+    """The "$ medlake duplicates" example (a misspelled key in a user's params.yaml) prints
+    exactly what the README shows, in a workspace whose params.yaml has that key."""
+    text = README.read_text()
+    shown = next(ln for ln in text.splitlines() if ln.startswith("Error: params.yaml: duplicates."))
+    key = shown.split("duplicates.", 1)[1].split(":", 1)[0]
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "params.yaml").write_text(f"duplicates:\n  {key}: 0.9\n")
+    r = CliRunner().invoke(main, ["duplicates", "--workspace", str(tmp_path)])
+    assert r.exit_code != 0
+    assert shown in r.output.splitlines(), r.output
 
 
 def updated(text: str, argv: list[str], expected: list[str], got: list[str]) -> str:
