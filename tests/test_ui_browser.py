@@ -215,8 +215,12 @@ def test_verdict_click_writes_a_review_row(server, browser, artifacts):
     page = browser.new_page()
     try:
         page.goto(f"{url}/?page=duplicates")
-        page.get_by_role("button", name="Duplicate").first.click(timeout=60_000)
-        page.get_by_text("recorded: duplicate").first.wait_for(timeout=60_000)
+        # click once the first run has drawn the pairs (a click during the first run can be
+        # lost when that run's widgets are replaced); the name exactly, not "Not duplicate"
+        page.get_by_text("#1 score").first.wait_for(timeout=120_000)
+        page.wait_for_load_state("networkidle")
+        page.get_by_role("button", name="Duplicate", exact=True).first.click(timeout=60_000)
+        page.get_by_text("recorded: duplicate").first.wait_for(timeout=120_000)
         snap(page, artifacts / "verdict.png")
     finally:
         page.close()
