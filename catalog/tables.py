@@ -1050,8 +1050,8 @@ def recover(tables_dir: Path, *, extra: Iterable[Path] = ()) -> list[Path]:
 
     Committed intents of dead writers are rolled forward (:func:`settle`); then temporary
     files and folders of dead writers are removed from every ``<table>/<stage>/`` folder,
-    the journal and the ``extra`` folders (and the lake's ``versions`` folder). Run when a
-    lake is opened (:class:`TableStore`, once per process and folder); safe while other
+    the journal and the ``extra`` folders (and the lake's own folder and its ``versions``).
+    Run when a lake is opened (:class:`TableStore`, once per process and folder); safe while other
     processes write (their files name live processes and are kept).
 
     Returns
@@ -1063,7 +1063,8 @@ def recover(tables_dir: Path, *, extra: Iterable[Path] = ()) -> list[Path]:
     settle(tables_dir)
     keep = frozenset(_named_by_intents(tables_dir))  # intents that could not be finished
     done: list[Path] = []
-    folders = [tables_dir / JOURNAL, tables_dir.parent / "versions", *map(Path, extra)]
+    folders = [tables_dir / JOURNAL, tables_dir.parent / "versions", tables_dir.parent,
+               *map(Path, extra)]  # the lake itself: scratch folders of stages (features)
     try:
         with os.scandir(tables_dir) as it:
             tables = [e.path for e in it if e.is_dir() and not e.name.startswith(".")]

@@ -21,6 +21,7 @@ External pair lists (CSV: image_a, image_b[, score]) import as their own method.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,12 +37,13 @@ from scipy.sparse.csgraph import connected_components
 
 from medlake.catalog import Catalog, CatalogError, conform, spec, to_json
 from medlake.catalog.embedders import DESCRIPTOR
-from medlake.catalog.storage import open_vectors
-from medlake.catalog.vectors import near_pairs
 from medlake.catalog.params import defaults, param, to_dict
+from medlake.catalog.storage import open_vectors
+from medlake.catalog.tables import temp_dir_path
+from medlake.catalog.vectors import near_pairs
 from medlake.pipelines import verify
-from medlake.pipelines.stage import Counts, Stage
 from medlake.pipelines.fingerprint import image_files
+from medlake.pipelines.stage import Counts, Stage
 
 STAGE = "duplicates"
 
@@ -84,6 +86,7 @@ class Params:
 
 
 DEFAULTS: dict[str, Any] = defaults(Params)
+CACHE_IMAGES = 1024  # images whose features verification holds at once (~110 KB each)
 
 
 def knn_pairs(vecs: np.ndarray, *, k: int, threshold: float, block: int = 4096) -> np.ndarray:
@@ -137,11 +140,13 @@ def rare_hash_rows(hashes: pl.Series, max_group: int) -> np.ndarray:
 
 def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
                knn: Callable[..., np.ndarray] | None = None,
-               feats: list[Any] | None = None) -> dict[tuple[int, int], dict]:
+               feats: list[Any] | verify.FeatureStore | None = None
+               ) -> dict[tuple[int, int], dict]:
     """Candidate pairs (index pairs into ``fp``) with the scores of every method that found them.
 
     ``knn`` replaces :func:`knn_pairs` (same arguments and result), e.g. the Ray engine's.
-    ``feats`` (:func:`pipelines.verify.features` per row of ``fp``) adds the ORB-bucket path.
+    ``feats`` (:func:`pipelines.verify.features` per row of ``fp``, a list or a
+    :class:`pipelines.verify.FeatureStore`) adds the ORB-bucket path.
     """
     cand: dict[tuple[int, int], dict] = {}
 
@@ -168,13 +173,17 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
         orb = {"k": int(p["orb_k"]), "min_votes": int(p["orb_votes"]),
                "per_image": int(p["orb_features"])}
         how = p.get("orb_buckets", "low")
-        has_low = all(f is None or "lo" in f for f in feats)
+        orb["scratch"] = getattr(feats, "folder", None)
+        if isinstance(feats, verify.FeatureStore):
+            has_low, sides = feats.has_part("lo"), feats.sides()
+        else:
+            has_low = all(f is None or "lo" in f for f in feats)
+            sides = np.array([-1 if f is None else f["side"] for f in feats], dtype=np.int64)
         if how in ("full", "both") or not has_low:
             for i, j, v in verify.orb_pairs(feats, **orb):
                 add(int(i), int(j), "orb", votes=int(v))
         if has_low:
-            small = np.array([f is not None and f["side"] <= int(p.get("small_side", 0))
-                              for f in feats], dtype=bool)
+            small = (sides >= 0) & (sides <= int(p.get("small_side", 0)))
             runs = ([None] if how in ("low", "both") else []) + ([small] if small.any() else [])
             for only in runs:  # every image; then pairs with a small image ranked among themselves
                 kw = orb if only is None else {**orb, "k": 2 * orb["k"]}  # few images: look deeper
@@ -228,19 +237,27 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
             vecs = mat
         elif echo:
             echo(f"{len(ids) - len(got):,} images have no {p['model']} vector; run 'medlake embed'")
-    feats = verify.features_many([files[x] for x in ids], workers=int(p["workers"]))
-    knn = None
-    verifier = partial(verify_pairs, cache=dict(enumerate(feats)), workers=int(p["workers"]))
-    if engine == "ray":
-        from medlake.pipelines import ray_duplicates
+    # features on disk (a scratch folder in the lake, removed after; a killed run's is removed
+    # by the next process that opens the lake), read back through a bounded cache
+    scratch = temp_dir_path(cat.ws.lake / "features")
+    try:
+        with verify.FeatureStore(scratch) as store:
+            verify.store_features([files[x] for x in ids], store, workers=int(p["workers"]))
+            knn = None
+            verifier = partial(verify_pairs, cache=verify.FeatureCache(store, CACHE_IMAGES),
+                               workers=int(p["workers"]))
+            if engine == "ray":
+                from medlake.pipelines import ray_duplicates
 
-        knn, verifier = ray_duplicates.engine(address)
-    cand = candidates(fp, vecs, p, knn=knn, feats=feats)
+                knn, verifier = ray_duplicates.engine(address)
+            cand = candidates(fp, vecs, p, knn=knn, feats=store)
+            todo = [(i, j) for (i, j), c in sorted(cand.items()) if "sha256" not in c["methods"]]
+            checked = dict(zip(todo, verifier([(files[ids[i]], files[ids[j]], i, j)
+                                               for i, j in todo], p), strict=True))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     params_json = to_json(p)
     rows = []
-    todo = [(i, j) for (i, j), c in sorted(cand.items()) if "sha256" not in c["methods"]]
-    checked = dict(zip(todo, verifier([(files[ids[i]], files[ids[j]], i, j) for i, j in todo], p),
-                       strict=True))
     for (i, j), c in sorted(cand.items()):
         res = checked.get((i, j)) or {"verified": True, "inliers": None, "ncc": 1.0,
                                       "transform": "identical"}

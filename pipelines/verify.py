@@ -30,11 +30,15 @@ the 256-px frame).
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Any
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Self
 
 import cv2
 import numpy as np
@@ -145,6 +149,200 @@ def features_many(files: list[str], *, workers: int = 2) -> list[dict[str, Any] 
         return list(pool.map(features, files))
 
 
+PARTS = ("g", "n", "m", "lo", "lom")  # what FeatureStore keeps per image, in this order
+
+
+class FeatureStore:
+    """:func:`features` of many images on disk: memory O(images x a few numbers), not O(pixels).
+
+    One append-only file holds every image's parts (the 256-px grey image, then the points
+    and descriptors of ``n``, ``m``, ``lo``, ``lom``) as raw bytes; small numpy arrays index
+    them. :meth:`get` reads one image back with ``os.pread`` (never a memory map: its resident
+    pages would count in the process's memory), bit-identical to what was stored;
+    :meth:`descriptors` streams the descriptors of some parts for :func:`orb_pairs`.
+    The folder belongs to the caller (the duplicates stage makes a temporary one in the lake
+    and removes it).
+    """
+
+    def __init__(self, folder: Path | str) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.folder / "features.bin", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._end = 0
+        self._cap = 0
+        self._n = 0
+        self._grow(1024)
+
+    def _grow(self, cap: int) -> None:
+        n = len(PARTS)
+        for name, shape, dtype in (("ok", (cap,), bool), ("off", (cap, n), np.int64),
+                                   ("rows", (cap, n), np.int32),  # g: height; else points
+                                   ("has", (cap, n), bool),  # descriptors present (not None)
+                                   ("width", (cap,), np.int32), ("up", (cap,), np.float64),
+                                   ("side", (cap,), np.int64)):
+            out = np.zeros(shape, dtype=dtype)
+            before = getattr(self, name, None)
+            if before is not None:
+                out[: len(before)] = before
+            setattr(self, name, out)
+        self._cap = cap
+
+    def __len__(self) -> int:
+        return self._n
+
+    def append(self, f: dict[str, Any] | None) -> None:
+        i = self._n
+        if i == self._cap:
+            self._grow(2 * self._cap)
+        self._n += 1
+        if f is None:
+            return
+        self.ok[i], self.up[i], self.side[i] = True, f["up"], f["side"]
+        chunks = []
+        for c, part in enumerate(PARTS):
+            self.off[i, c] = self._end + sum(len(b) for b in chunks)
+            if part == "g":
+                g = np.ascontiguousarray(f["g"], dtype=np.uint8)
+                self.rows[i, c], self.width[i] = g.shape
+                self.has[i, c] = True
+                chunks.append(g.tobytes())
+            elif part in f:
+                pts, des = f[part]
+                self.rows[i, c] = len(pts)
+                self.has[i, c] = des is not None
+                chunks.append(np.ascontiguousarray(pts, dtype=np.float32).tobytes()
+                              + (b"" if des is None else np.ascontiguousarray(des).tobytes()))
+            else:
+                self.rows[i, c] = -1  # part not computed (features(low=False))
+        blob = b"".join(chunks)
+        view = memoryview(blob)
+        at = self._end
+        while view:
+            done = os.pwrite(self._fd, view, at)
+            view, at = view[done:], at + done
+        self._end += len(blob)
+
+    def _part(self, i: int, c: int) -> Any:
+        k, at = int(self.rows[i, c]), int(self.off[i, c])
+        if PARTS[c] == "g":
+            w = int(self.width[i])
+            return np.frombuffer(os.pread(self._fd, k * w, at), np.uint8).reshape(k, w)
+        size = k * 8 + (k * 32 if self.has[i, c] else 0)
+        raw = os.pread(self._fd, size, at) if size else b""
+        pts = np.frombuffer(raw, np.float32, count=2 * k).reshape(k, 2).copy()
+        des = (np.frombuffer(raw, np.uint8, offset=k * 8).reshape(k, 32).copy()
+               if self.has[i, c] else None)
+        return pts, des
+
+    def get(self, i: int) -> dict[str, Any] | None:
+        """Image ``i``'s features as :func:`features` returned them (None: undecodable)."""
+        if not self.ok[i]:
+            return None
+        out: dict[str, Any] = {"up": float(self.up[i]), "side": int(self.side[i])}
+        for c, part in enumerate(PARTS):
+            if self.rows[i, c] >= 0:
+                out[part] = self._part(i, c)
+        out["g"] = out["g"].copy()
+        return out
+
+    def descriptors(self, tags: tuple[str, ...], per_image: int,
+                    chunk: int = 1 << 18) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(owners, descriptors) of ``tags`` (the ``per_image`` strongest of each), about
+        ``chunk`` descriptors at a time, in image order."""
+        cols = [PARTS.index(t) for t in tags]
+        owners: list[np.ndarray] = []
+        descs: list[np.ndarray] = []
+        held = 0
+        for i in np.flatnonzero(self.ok[: self._n]):
+            for c in cols:
+                k = int(self.rows[i, c])
+                if k <= 0 or not self.has[i, c]:
+                    continue
+                use = min(k, per_image)
+                raw = os.pread(self._fd, use * 32, int(self.off[i, c]) + k * 8)
+                descs.append(np.frombuffer(raw, np.uint8).reshape(use, 32))
+                owners.append(np.full(use, i, dtype=np.int64))
+                held += use
+            if held >= chunk:
+                yield np.concatenate(owners), np.concatenate(descs)
+                owners, descs, held = [], [], 0
+        if held:
+            yield np.concatenate(owners), np.concatenate(descs)
+
+    def has_part(self, part: str) -> bool:
+        """Every decodable image has ``part`` (``lo``: the low renditions were computed)."""
+        ok = self.ok[: self._n]
+        return bool((self.rows[: self._n][ok, PARTS.index(part)] >= 0).all())
+
+    def sides(self) -> np.ndarray:
+        """Each image's longer side in pixels (-1: undecodable)."""
+        return np.where(self.ok[: self._n], self.side[: self._n], -1)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def store_features(files: list[str], store: FeatureStore, *, workers: int = 2,
+                   chunk: int = 256) -> FeatureStore:
+    """:func:`features` of each file appended to ``store`` in order, ``chunk`` files at a time
+    (a thread pool per chunk: never more than a chunk of images in memory)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for s in range(0, len(files), chunk):
+            for f in pool.map(features, files[s:s + chunk]):
+                store.append(f)
+    return store
+
+
+class FeatureCache:
+    """The verification cache over a :class:`FeatureStore`: index -> features, at most
+    ``size`` images held (least recently used dropped), safe across threads.
+
+    Behaves like the dict :func:`verify` takes: every stored index is ``in`` it; other keys
+    set by :func:`verify` (features it computed) are held in the same bounded LRU.
+    """
+
+    def __init__(self, store: FeatureStore, size: int = 1024) -> None:
+        self.store, self.size = store, max(1, size)
+        self._lru: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _stored(self, key: Any) -> bool:
+        return isinstance(key, (int, np.integer)) and 0 <= key < len(self.store)
+
+    def __contains__(self, key: Any) -> bool:
+        with self._lock:
+            return key in self._lru or self._stored(key)
+
+    def __getitem__(self, key: Any) -> Any:
+        with self._lock:
+            if key in self._lru:
+                self._lru.move_to_end(key)
+                return self._lru[key]
+        if not self._stored(key):
+            raise KeyError(key)
+        value = self.store.get(int(key))
+        self[key] = value
+        return value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._lru[key] = value
+            self._lru.move_to_end(key)
+            while len(self._lru) > self.size:
+                self._lru.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+
 @contextmanager
 def opencv_single_threaded() -> Iterator[None]:
     """OpenCV's own thread pool off inside the block (restored after).
@@ -183,10 +381,10 @@ def _bits(desc: np.ndarray, picks: list[np.ndarray], chunk: int = 32768) -> np.n
     return out
 
 
-def orb_pairs(feats: list[dict[str, Any] | None], *, k: int = 5, min_votes: int = 4,
-              tables: int = 16, bits: int = 28, per_image: int = 300,
+def orb_pairs(feats: list[dict[str, Any] | None] | FeatureStore, *, k: int = 5,
+              min_votes: int = 4, tables: int = 16, bits: int = 28, per_image: int = 300,
               max_bucket: int = 32, seed: int = 0, tags: tuple[str, str] = ("n", "m"),
-              only: np.ndarray | None = None) -> np.ndarray:
+              only: np.ndarray | None = None, scratch: Path | str | None = None) -> np.ndarray:
     """Candidate pairs (i, j, votes), i < j, from shared ORB-descriptor buckets.
 
     Each of ``tables`` hash tables keys every descriptor (``per_image`` strongest of the image
@@ -195,49 +393,35 @@ def orb_pairs(feats: list[dict[str, Any] | None], *, k: int = 5, min_votes: int 
     flat, common patterns). A pair is kept when it has ``min_votes`` votes and is among the
     ``k`` best of either image. With ``only`` (a boolean per image), only pairs with at least
     one such image count, and a pair is kept when it is among the ``k`` best of a flagged
-    image. Memory is O(descriptors); pairs come only from shared buckets, never
-    all N x N.
+    image. Pairs come only from shared buckets, never all N x N. ``feats`` is a list of
+    :func:`features` or a :class:`FeatureStore`; the keys go to files in a temporary folder
+    (under ``scratch``), and each table is sorted in parts of at most
+    :data:`PART_ENTRIES` descriptors, so memory holds one part and the pairs with votes, not
+    every descriptor of every table.
     """
     n = len(feats)
-    owners, descs = [], []
-    for i, f in enumerate(feats):
-        for tag in tags:
-            d = None if f is None else f[tag][1]
-            if d is not None and len(d):
-                descs.append(d[:per_image])
-                owners.append(np.full(min(len(d), per_image), i, dtype=np.int64))
-    if not descs:
-        return np.zeros((0, 3), dtype=np.int64)
-    desc, owner = np.concatenate(descs), np.concatenate(owners)
+    source = (feats.descriptors(tags, per_image) if isinstance(feats, FeatureStore)
+              else _list_descriptors(feats, tags, per_image))
     rng = np.random.default_rng(seed)
-    keys = _bits(desc, [rng.choice(256, size=bits, replace=False) for _ in range(tables)])
-    shift = max(1, int(n).bit_length())
-    code_t = np.uint32 if n * n < 2**32 else np.int64  # pair codes i * n + j; 32 bits sort faster
-    keys = np.ascontiguousarray(keys.T)  # one contiguous row per table
-    codes = []
-    for t in range(tables):
-        both = np.sort((keys[t] << shift) | owner)  # by key, then owner (one int64 sort)
-        both = both[np.r_[True, both[1:] != both[:-1]]]  # one vote per image and bucket
-        ks = both >> shift
-        same = ks[1:] == ks[:-1]
-        shared = np.r_[same, False] | np.r_[False, same]  # buckets of 2+ images only
-        ks, os_ = ks[shared], (both[shared] & ((1 << shift) - 1)).astype(code_t)
-        starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
-        sizes = np.diff(np.r_[starts, len(ks)])
-        for s in np.unique(sizes[(sizes >= 2) & (sizes <= max_bucket)]):
-            members = os_[starts[sizes == s][:, None] + np.arange(s)]
-            a, b = np.triu_indices(int(s), 1)
-            ma, mb = members[:, a].ravel(), members[:, b].ravel()
-            if only is not None:
-                keep = only[ma] | only[mb]
-                ma, mb = ma[keep], mb[keep]
-            codes.append(ma * code_t(n) + mb)
-    if not codes:
-        return np.zeros((0, 3), dtype=np.int64)
-    every = np.concatenate(codes)
-    every.sort()  # in place; counting runs equals numpy.unique(return_counts=True) without copies
-    edge = np.flatnonzero(np.r_[True, every[1:] != every[:-1]])
-    uniq, votes = every[edge].astype(np.int64), np.diff(np.r_[edge, len(every)])
+    picks = [rng.choice(256, size=bits, replace=False) for _ in range(tables)]
+    none = np.zeros((0, 3), dtype=np.int64)
+    with tempfile.TemporaryDirectory(prefix=".orb.tmp-", dir=scratch) as tmp:
+        total = _write_keys(source, picks, Path(tmp))
+        if not total:
+            return none
+        shift = max(1, int(n).bit_length())
+        code_t = np.uint32 if n * n < 2**32 else np.int64  # pair codes i * n + j
+        parts = -(-total // PART_ENTRIES)
+        uniq, votes = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        for t in range(tables):
+            codes = []
+            for part in range(parts):
+                both = _part_entries(Path(tmp), t, part, parts, shift)
+                both.sort()  # by key, then owner (one int64 sort)
+                codes += _bucket_codes(both, shift, n, code_t, max_bucket, only)
+            uniq, votes = _merge_votes(uniq, votes, codes)
+    if not len(uniq):
+        return none
     good = votes >= min_votes
     i, j, v = uniq[good] // n, uniq[good] % n, votes[good]
     # rank of each pair among each image's candidates (by votes, descending)
@@ -252,6 +436,95 @@ def orb_pairs(feats: list[dict[str, Any] | None], *, k: int = 5, min_votes: int 
     else:
         keep = ri | rj
     return np.stack([i[keep], j[keep], v[keep]], axis=1)
+
+
+PART_ENTRIES = 1 << 23  # descriptors sorted at once per table in orb_pairs (64 MiB of keys)
+_READ = 1 << 22  # entries read per step from a key file
+
+
+def _list_descriptors(feats: list[dict[str, Any] | None], tags: tuple[str, ...],
+                      per_image: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    owners, descs = [], []
+    for i, f in enumerate(feats):
+        for tag in tags:
+            d = None if f is None else f[tag][1]
+            if d is not None and len(d):
+                descs.append(d[:per_image])
+                owners.append(np.full(min(len(d), per_image), i, dtype=np.int64))
+    if descs:
+        yield np.concatenate(owners), np.concatenate(descs)
+
+
+def _write_keys(source: Iterable[tuple[np.ndarray, np.ndarray]], picks: list[np.ndarray],
+                folder: Path) -> int:
+    """Each table's keys (uint32) to ``folder/k<t>``, the owners (int32) to ``folder/owner``;
+    the number of descriptors."""
+    total = 0
+    with ExitStack() as files:
+        outs = [files.enter_context(open(folder / f"k{t}", "wb")) for t in range(len(picks))]
+        own = files.enter_context(open(folder / "owner", "wb"))
+        for owner, desc in source:
+            keys = _bits(desc, picks)
+            for t, out in enumerate(outs):
+                out.write(keys[:, t].astype(np.uint32).tobytes())
+            own.write(owner.astype(np.int32).tobytes())
+            total += len(owner)
+    return total
+
+
+def _part_entries(folder: Path, t: int, part: int, parts: int, shift: int) -> np.ndarray:
+    """(key << shift) | owner of table ``t``'s descriptors whose key % ``parts`` is ``part``."""
+    out = []
+    with open(folder / f"k{t}", "rb") as kf, open(folder / "owner", "rb") as of:
+        while True:
+            keys = np.fromfile(kf, np.uint32, count=_READ)
+            if not len(keys):
+                break
+            owner = np.fromfile(of, np.int32, count=len(keys))
+            if parts > 1:
+                sel = keys % parts == part
+                keys, owner = keys[sel], owner[sel]
+            out.append((keys.astype(np.int64) << shift) | owner.astype(np.int64))
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def _bucket_codes(both: np.ndarray, shift: int, n: int, code_t: Any, max_bucket: int,
+                  only: np.ndarray | None) -> list[np.ndarray]:
+    """Pair codes ``i * n + j`` of images sharing a bucket (of 2 to ``max_bucket`` images) in
+    ``both`` (sorted ``(key << shift) | owner``), one entry per shared bucket."""
+    both = both[np.r_[True, both[1:] != both[:-1]]]  # one vote per image and bucket
+    ks = both >> shift
+    same = ks[1:] == ks[:-1]
+    shared = np.r_[same, False] | np.r_[False, same]  # buckets of 2+ images only
+    ks, os_ = ks[shared], (both[shared] & ((1 << shift) - 1)).astype(code_t)
+    starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
+    sizes = np.diff(np.r_[starts, len(ks)])
+    codes = []
+    for s in np.unique(sizes[(sizes >= 2) & (sizes <= max_bucket)]):
+        members = os_[starts[sizes == s][:, None] + np.arange(s)]
+        a, b = np.triu_indices(int(s), 1)
+        ma, mb = members[:, a].ravel(), members[:, b].ravel()
+        if only is not None:
+            keep = only[ma] | only[mb]
+            ma, mb = ma[keep], mb[keep]
+        codes.append(ma * code_t(n) + mb)
+    return codes
+
+
+def _merge_votes(uniq: np.ndarray, votes: np.ndarray,
+                 codes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique pair codes, votes) with ``codes`` (one vote each) counted in."""
+    if not codes:
+        return uniq, votes
+    new = np.concatenate(codes).astype(np.int64)
+    new.sort()
+    edge = np.flatnonzero(np.r_[True, new[1:] != new[:-1]])
+    allc = np.concatenate([uniq, new[edge]])
+    allv = np.concatenate([votes, np.diff(np.r_[edge, len(new)])])
+    order = np.argsort(allc, kind="stable")
+    allc, allv = allc[order], allv[order]
+    edge = np.flatnonzero(np.r_[True, allc[1:] != allc[:-1]])
+    return allc[edge], np.add.reduceat(allv, edge)
 
 
 def _match(pb: np.ndarray, db: np.ndarray, pa: np.ndarray, da: np.ndarray,

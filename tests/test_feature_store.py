@@ -1,0 +1,221 @@
+"""Issue 14, memory: the duplicates stage keeps image features on disk (FeatureStore), reads
+them back through a bounded cache, and buckets ORB descriptors in parts; results are the
+same as holding everything in memory."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import polars as pl
+import pytest
+from images_helpers import _synth_lake  # noqa: F401  (session fixture synth_lake)
+from PIL import Image
+
+from medlake.catalog.storage import open_vectors
+from medlake.catalog.tables import recover
+from medlake.pipelines import duplicates, fingerprint, verify
+
+
+def _pictures(tmp_path, n: int = 6) -> list[str]:
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(n):
+        h, w = [(200, 256), (256, 171), (60, 60), (256, 256), (31, 44), (120, 300)][i % 6]
+        small = (rng.random((max(4, h // 8), max(4, w // 8), 3)) * 255).astype(np.uint8)
+        img = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+        paths.append(str(tmp_path / f"{i}.png"))
+        img.save(paths[-1])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    flat = tmp_path / "flat.png"
+    Image.new("L", (64, 64), 128).save(flat)  # no keypoints at all: descriptors None
+    return [*paths[:3], str(bad), *paths[3:], str(flat)]
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if set(a) != set(b) or a["up"] != b["up"] or a["side"] != b["side"]:
+        return False
+    if not np.array_equal(a["g"], b["g"]) or a["g"].dtype != b["g"].dtype:
+        return False
+    for part in set(a) - {"g", "up", "side"}:
+        (pa, da), (pb, db) = a[part], b[part]
+        if not (np.array_equal(pa, pb) and pa.dtype == pb.dtype):
+            return False
+        if (da is None) != (db is None) or (da is not None and not np.array_equal(da, db)):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("low", [True, False])
+def test_store_round_trips_features_exactly(tmp_path, low):
+    files = _pictures(tmp_path)
+    want = [verify.features(f, low=low) for f in files]
+    assert want[3] is None and want[-1]["n"][1] is None  # the unreadable and the flat image
+    with verify.FeatureStore(tmp_path / "store") as store:
+        for f in want:
+            store.append(f)
+        assert len(store) == len(want)
+        for i, f in enumerate(want):
+            assert _same(store.get(i), f), i
+        assert store.has_part("lo") is low
+        assert store.sides().tolist() == [-1 if f is None else f["side"] for f in want]
+
+
+def test_store_features_streams_in_order(tmp_path):
+    files = _pictures(tmp_path) * 3
+    with verify.FeatureStore(tmp_path / "store") as store:
+        verify.store_features(files, store, workers=2, chunk=4)
+        for i, f in enumerate(files):
+            assert _same(store.get(i), verify.features(f)), i
+
+
+def _reference_orb_pairs(descs: list[list[np.ndarray | None]], *, k, min_votes, tables, bits,
+                         per_image, max_bucket, seed) -> set[tuple[int, int, int]]:
+    """The algorithm written plainly: a dict of buckets per table, votes per pair."""
+    rng = np.random.default_rng(seed)
+    picks = [rng.choice(256, size=bits, replace=False) for _ in range(tables)]
+    votes: dict[tuple[int, int], int] = {}
+    for pk in picks:
+        buckets: dict[int, set[int]] = {}
+        for i, sets in enumerate(descs):
+            for d in sets:
+                if d is None:
+                    continue
+                for row in d[:per_image]:
+                    bitsv = np.unpackbits(row)
+                    key = sum(int(bitsv[b]) << n for n, b in enumerate(pk))
+                    buckets.setdefault(key, set()).add(i)
+        for members in buckets.values():
+            if 2 <= len(members) <= max_bucket:
+                m = sorted(members)
+                for x in range(len(m)):
+                    for y in range(x + 1, len(m)):
+                        votes[(m[x], m[y])] = votes.get((m[x], m[y]), 0) + 1
+    good = {p: v for p, v in votes.items() if v >= min_votes}
+    ranked: dict[int, list[tuple[int, tuple[int, int]]]] = {}
+    for p, v in good.items():
+        for img in p:
+            ranked.setdefault(img, []).append((v, p))
+    keep = set()
+    for img, lst in ranked.items():
+        # ties as the implementation breaks them: pairs (img, x) before pairs (x, img), by x
+        order = sorted(lst, key=lambda t: (-t[0], (0, t[1][1]) if t[1][0] == img else (1, t[1][0])))
+        keep |= {p for _, p in order[:k]}
+    return {(i, j, good[(i, j)]) for i, j in keep}
+
+
+def test_orb_pairs_in_parts_equal_one_sort_and_a_plain_reference(tmp_path, monkeypatch):
+    """Random descriptors with planted shared ones: the store-fed, part-sorted bucketing gives
+    exactly the in-memory result and the plain dict-of-buckets reference."""
+    rng = np.random.default_rng(11)
+    n = 40
+    common = rng.integers(0, 256, size=(30, 32), dtype=np.uint8)
+    feats = []
+    for i in range(n):
+        d = rng.integers(0, 256, size=(25, 32), dtype=np.uint8)
+        if i % 3:  # two thirds share some of the common descriptors (copies)
+            d[: 6 + i % 7] = common[i % 5: i % 5 + 6 + i % 7]
+        dm = None if i == 7 else rng.integers(0, 256, size=(10, 32), dtype=np.uint8)
+        pts = np.zeros((len(d), 2), np.float32)
+        feats.append(None if i == 13 else {
+            "g": np.zeros((8, 8), np.uint8), "up": 1.0, "side": 8, "n": (pts, d),
+            "m": (np.zeros((0 if dm is None else 10, 2), np.float32), dm)})
+    kw = {"k": 3, "min_votes": 2, "tables": 6, "bits": 12, "per_image": 20, "max_bucket": 8,
+          "seed": 2}
+    whole = verify.orb_pairs(feats, **kw)
+    assert len(whole) > 10
+    with verify.FeatureStore(tmp_path / "store") as store:
+        for f in feats:
+            store.append(f)
+        monkeypatch.setattr(verify, "PART_ENTRIES", 97)  # many parts per table
+        monkeypatch.setattr(verify, "_READ", 50)
+        parts = verify.orb_pairs(store, **kw, scratch=tmp_path)
+    assert np.array_equal(whole, parts)
+    ref = _reference_orb_pairs([[None, None] if f is None else [f["n"][1], f["m"][1]]
+                                for f in feats], **kw)
+    assert {tuple(map(int, r)) for r in whole} == ref
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".orb.tmp-")]
+
+
+def test_feature_cache_is_bounded_and_reads_the_store(tmp_path):
+    files = _pictures(tmp_path)
+    with verify.FeatureStore(tmp_path / "store") as store:
+        verify.store_features(files, store)
+        cache = verify.FeatureCache(store, size=3)
+        assert all(i in cache for i in range(len(files))) and len(cache) == 0
+        errors = []
+
+        def read(i: int) -> None:
+            try:
+                for _ in range(20):
+                    assert _same(cache[i % len(files)], store.get(i % len(files)))
+            except AssertionError as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and len(cache) <= 3
+        cache["other"] = {"x": 1}  # what verify() computes for a key the store lacks
+        assert "other" in cache and len(cache) <= 3
+        with pytest.raises(KeyError):
+            cache[len(files) + 5]
+
+
+def _scratch(cat) -> list[str]:
+    return [p.name for p in cat.ws.lake.iterdir() if p.name.startswith(".features.")]
+
+
+def test_duplicates_leaves_no_scratch_and_equals_in_memory_features(synth_lake, monkeypatch):
+    """The stage through the store finds the pairs a run over in-memory features finds, and
+    removes its scratch folder, also when it fails half-way."""
+    cat = synth_lake
+    fingerprint.run(cat)
+    res = duplicates.run(cat)
+    assert res["verified"] > 0 and not _scratch(cat)
+    got = cat.read("pairs").drop("params").sort("image_a", "image_b")
+
+    fp = cat.read("fingerprints").sort("image_id")
+    files = dict(zip(*fingerprint.image_files(cat).select("image_id", "file").get_columns(),
+                     strict=True))
+    ids = fp["image_id"].to_list()
+    feats = verify.features_many([files[x] for x in ids])
+    p = duplicates.DEFAULTS
+    vecs, vs = None, open_vectors(cat.ws)  # as the run: the vector path when embed ran
+    if vs.has(p["model"]):
+        have_ids, mat = vs.load(p["model"], ids)
+        vecs = mat if len(have_ids) == len(ids) else None
+    cand = duplicates.candidates(fp, vecs, p, feats=feats)
+    todo = sorted(c for c, v in cand.items() if "sha256" not in v["methods"])
+    checked = duplicates.verify_pairs([(files[ids[i]], files[ids[j]], i, j) for i, j in todo], p,
+                                      cache=dict(enumerate(feats)))
+    want = {(ids[i], ids[j]): r["verified"] for (i, j), r in zip(todo, checked, strict=True)}
+    got = got.filter(~pl.col("method").str.contains("sha256"))
+    assert dict(zip(zip(got["image_a"], got["image_b"], strict=True), got["verified"],
+                    strict=True)) == want
+
+    def boom(*a, **k):
+        raise RuntimeError("injected after the features were stored")
+
+    monkeypatch.setattr(duplicates, "candidates", boom)
+    with pytest.raises(RuntimeError):
+        duplicates.run(cat)
+    assert not _scratch(cat)
+
+
+def test_a_dead_runs_scratch_folder_is_removed_when_the_lake_opens(tmp_path):
+    lake = tmp_path / "lake"
+    (lake / "tables").mkdir(parents=True)
+    dead = 2**22 + 12345  # above pid_max's default: no such process
+    left = lake / f".features.tmp-{dead}-0123abcd"
+    (left / "x").mkdir(parents=True)
+    mine = lake / f".features.tmp-{os.getpid()}-0123abcd"
+    mine.mkdir()
+    recover(lake / "tables")
+    assert not left.exists() and mine.exists()
