@@ -159,6 +159,9 @@ def _low_precision(dev: Any) -> bool:
     return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
 
 
+CPU_BLOCK_ENTRIES = 1 << 25  # similarities per block on the CPU (128 MiB of float32)
+
+
 def near_pairs(vecs: np.ndarray, *, threshold: float, k: int | None = None, block: int = 4096,
                device: str | None = None, rows: tuple[int, int] | None = None) -> np.ndarray:
     """Pairs of rows with cosine (dot product) >= ``threshold``, exact, in blocks.
@@ -173,7 +176,9 @@ def near_pairs(vecs: np.ndarray, *, threshold: float, k: int | None = None, bloc
         Keep, per row, only its ``k`` highest partners above the threshold (a pair stays when
         either row keeps it; ties broken by the lower index); None keeps all pairs.
     block : int
-        Rows per matrix product: memory O(block x n), never the full n x n matrix.
+        Rows per matrix product: memory O(block x n), never the full n x n matrix. On the
+        CPU it is lowered to keep a block's similarities within :data:`CPU_BLOCK_ENTRIES`
+        values (the result does not depend on the block).
     device : str, optional
         torch device; default CUDA when present, else the CPU.
     rows : (int, int), optional
@@ -197,6 +202,8 @@ def near_pairs(vecs: np.ndarray, *, threshold: float, k: int | None = None, bloc
     low = _low_precision(dev)
     big = float(np.max(np.einsum("ij,ij->i", v, v)))  # max |row|^2 scales the error bound
     margin = (_BF16_MARGIN if low else _F32_MARGIN) * max(big, 1.0)
+    if dev.type == "cpu":  # 100k rows x 4096 would be 1.6 GB of similarities per block
+        block = max(1, min(block, CPU_BLOCK_ENTRIES // n))
     full = torch.from_numpy(v).to(dev)
     screen = full.to(torch.bfloat16) if low else full
     parts = []

@@ -108,9 +108,11 @@ def hash_pairs(hashes: list[str], *, max_bits: int, k: int | None = None) -> np.
     h = np.array([int(x, 16) for x in hashes], dtype=np.uint64)
     n = len(h)
     out = []
-    for s in range(0, n, 2048):
-        d = np.bitwise_count(h[s:s + 2048, None] ^ h[None, :]).astype(np.int64)
-        rows = np.arange(s, min(s + 2048, n))
+    step = max(1, min(2048, (1 << 21) // max(n, 1)))  # memory O(step x n), <= ~16 MiB
+    for s in range(0, n, step):
+        # int64 as always: numpy's partition picks among equal distances by dtype
+        d = np.bitwise_count(h[s:s + step, None] ^ h[None, :]).astype(np.int64)
+        rows = np.arange(s, min(s + step, n))
         d[rows - s, rows] = 999
         if k is not None and k < n - 1:
             near = np.argpartition(d, k - 1, axis=1)[:, :k]

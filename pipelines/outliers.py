@@ -40,6 +40,9 @@ class Params:
 DEFAULTS: dict[str, Any] = defaults(Params)
 
 
+BLOCK_ENTRIES = 1 << 24  # similarities per block (64 MiB of float32, twice with the partition)
+
+
 def knn_mean(vecs: np.ndarray, *, k: int, block: int = 4096) -> np.ndarray:
     """Mean cosine similarity of each row to its ``k`` nearest other rows (exact, blocked).
 
@@ -50,7 +53,8 @@ def knn_mean(vecs: np.ndarray, *, k: int, block: int = 4096) -> np.ndarray:
     k : int
         Neighbours per row (capped at n - 1).
     block : int
-        Rows per matrix product.
+        Rows per matrix product (lowered to keep a block within :data:`BLOCK_ENTRIES`
+        similarities).
 
     Returns
     -------
@@ -62,6 +66,7 @@ def knn_mean(vecs: np.ndarray, *, k: int, block: int = 4096) -> np.ndarray:
         raise CatalogError(f"outliers: need at least 2 images with vectors, found {n}")
     k = max(1, min(int(k), n - 1))
     out = np.empty(n, dtype=np.float64)
+    block = max(1, min(block, BLOCK_ENTRIES // n))  # 100k x 4096 similarities: 1.6 GB a block
     for s in range(0, n, block):
         sims = vecs[s:s + block] @ vecs.T
         rows = np.arange(s, min(s + block, n))
