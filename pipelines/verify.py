@@ -395,9 +395,12 @@ def orb_pairs(feats: list[dict[str, Any] | None] | FeatureStore, *, k: int = 5,
     one such image count, and a pair is kept when it is among the ``k`` best of a flagged
     image. Pairs come only from shared buckets, never all N x N. ``feats`` is a list of
     :func:`features` or a :class:`FeatureStore`; the keys go to files in a temporary folder
-    (under ``scratch``), and each table is sorted in parts of at most
-    :data:`PART_ENTRIES` descriptors, so memory holds one part and the pairs with votes, not
-    every descriptor of every table.
+    (under ``scratch``), each table is sorted in parts of at most :data:`PART_ENTRIES`
+    descriptors, the pair codes of shared buckets go to files by shard (the first image's
+    index modulo the shards, one per :data:`SHARD_DESCRIPTORS` descriptors), votes are counted
+    one shard at a time and each image's ``k`` best kept as shards arrive (:class:`_Top`):
+    memory holds one part, one shard and ``k`` pairs per image, never every pair that shares
+    a bucket (31.6 million of the 46.7 million possible at 9,660 images).
     """
     n = len(feats)
     source = (feats.descriptors(tags, per_image) if isinstance(feats, FeatureStore)
@@ -412,30 +415,77 @@ def orb_pairs(feats: list[dict[str, Any] | None] | FeatureStore, *, k: int = 5,
         shift = max(1, int(n).bit_length())
         code_t = np.uint32 if n * n < 2**32 else np.int64  # pair codes i * n + j
         parts = -(-total // PART_ENTRIES)
-        uniq, votes = np.zeros(0, np.int64), np.zeros(0, np.int64)
-        for t in range(tables):
-            codes = []
-            for part in range(parts):
-                both = _part_entries(Path(tmp), t, part, parts, shift)
-                both.sort()  # by key, then owner (one int64 sort)
-                codes += _bucket_codes(both, shift, n, code_t, max_bucket, only)
-            uniq, votes = _merge_votes(uniq, votes, codes)
-    if not len(uniq):
-        return none
-    good = votes >= min_votes
-    i, j, v = uniq[good] // n, uniq[good] % n, votes[good]
-    # rank of each pair among each image's candidates (by votes, descending)
-    both_i, both_v = np.r_[i, j], np.r_[v, v]
-    order = np.lexsort((-both_v, both_i))
-    grp_start = np.r_[0, np.flatnonzero(np.diff(both_i[order])) + 1]
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order)) - np.repeat(grp_start, np.diff(np.r_[grp_start, len(order)]))
-    ri, rj = rank[: len(i)] < k, rank[len(i):] < k
-    if only is not None:  # among the flagged image's own k best
-        keep = (ri & only[i]) | (rj & only[j])
-    else:
-        keep = ri | rj
-    return np.stack([i[keep], j[keep], v[keep]], axis=1)
+        shards = max(1, total // SHARD_DESCRIPTORS)
+        folder = Path(tmp)
+        with ExitStack() as files:  # pair codes by shard (the first image's index mod shards)
+            outs = [files.enter_context(open(folder / f"s{x}", "wb")) for x in range(shards)]
+            for t in range(tables):
+                for part in range(parts):
+                    both = _part_entries(folder, t, part, parts, shift)
+                    both.sort()  # by key, then owner (one int64 sort)
+                    for codes in _bucket_codes(both, shift, n, code_t, max_bucket, only):
+                        _write_shards(codes, n, outs)
+        top = _Top(k)
+        for x in range(shards):  # every vote of a pair is in one shard: count them there
+            codes = np.fromfile(folder / f"s{x}", dtype=code_t).astype(np.int64)
+            codes.sort()
+            edge = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else codes
+            votes = np.diff(np.r_[edge, len(codes)])
+            good = votes >= min_votes
+            top.add(codes[edge][good] // n, codes[edge][good] % n, votes[good])
+    return top.pairs(only)
+
+
+SHARD_DESCRIPTORS = 1 << 21  # descriptors per shard of pair codes (orb_pairs)
+
+
+def _write_shards(codes: np.ndarray, n: int, outs: list[Any]) -> None:
+    if len(outs) == 1:
+        outs[0].write(codes.tobytes())
+        return
+    shard = (codes // codes.dtype.type(n)) % len(outs)
+    order = np.argsort(shard, kind="stable")
+    cut = np.searchsorted(shard[order], np.arange(len(outs) + 1))
+    for x, out in enumerate(outs):
+        out.write(codes[order[cut[x]:cut[x + 1]]].tobytes())
+
+
+class _Top:
+    """Each image's ``k`` best candidate pairs, kept as pairs arrive in any order.
+
+    Best: most votes, then pairs where the image is the first (lower) index before those
+    where it is the second, then by the other image's index: the order in which the one-sort
+    algorithm (ranking every pair of every image at once) breaks ties.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        z = np.zeros(0, np.int64)
+        self.img, self.votes, self.side, self.other = z, z, z, z
+
+    def add(self, i: np.ndarray, j: np.ndarray, v: np.ndarray) -> None:
+        img = np.concatenate([self.img, i, j])
+        votes = np.concatenate([self.votes, v, v])
+        side = np.concatenate([self.side, np.zeros(len(i), np.int64), np.ones(len(j), np.int64)])
+        other = np.concatenate([self.other, j, i])
+        order = np.lexsort((other, side, -votes, img))
+        img = img[order]
+        start = np.r_[0, np.flatnonzero(np.diff(img)) + 1] if len(img) else img
+        rank = np.arange(len(img)) - np.repeat(start, np.diff(np.r_[start, len(img)]))
+        keep = order[rank < self.k]
+        self.img, self.votes = img[rank < self.k], votes[keep]
+        self.side, self.other = side[keep], other[keep]
+
+    def pairs(self, only: np.ndarray | None) -> np.ndarray:
+        """(i, j, votes), i < j, sorted: the pairs among the k best of either image (with
+        ``only``: of a flagged image)."""
+        sel = np.ones(len(self.img), bool) if only is None else only[self.img]
+        first = np.where(self.side == 0, self.img, self.other)[sel]
+        second = np.where(self.side == 0, self.other, self.img)[sel]
+        if not len(first):
+            return np.zeros((0, 3), dtype=np.int64)
+        out = np.unique(np.stack([first, second, self.votes[sel]], axis=1), axis=0)
+        return out[np.lexsort((out[:, 1], out[:, 0]))]
 
 
 PART_ENTRIES = 1 << 23  # descriptors sorted at once per table in orb_pairs (64 MiB of keys)
@@ -509,22 +559,6 @@ def _bucket_codes(both: np.ndarray, shift: int, n: int, code_t: Any, max_bucket:
             ma, mb = ma[keep], mb[keep]
         codes.append(ma * code_t(n) + mb)
     return codes
-
-
-def _merge_votes(uniq: np.ndarray, votes: np.ndarray,
-                 codes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted unique pair codes, votes) with ``codes`` (one vote each) counted in."""
-    if not codes:
-        return uniq, votes
-    new = np.concatenate(codes).astype(np.int64)
-    new.sort()
-    edge = np.flatnonzero(np.r_[True, new[1:] != new[:-1]])
-    allc = np.concatenate([uniq, new[edge]])
-    allv = np.concatenate([votes, np.diff(np.r_[edge, len(new)])])
-    order = np.argsort(allc, kind="stable")
-    allc, allv = allc[order], allv[order]
-    edge = np.flatnonzero(np.r_[True, allc[1:] != allc[:-1]])
-    return allc[edge], np.add.reduceat(allv, edge)
 
 
 def _match(pb: np.ndarray, db: np.ndarray, pa: np.ndarray, da: np.ndarray,

@@ -109,8 +109,9 @@ def _reference_orb_pairs(descs: list[list[np.ndarray | None]], *, k, min_votes, 
 
 
 def test_orb_pairs_in_parts_equal_one_sort_and_a_plain_reference(tmp_path, monkeypatch):
-    """Random descriptors with planted shared ones: the store-fed, part-sorted bucketing gives
-    exactly the in-memory result and the plain dict-of-buckets reference."""
+    """Random descriptors with planted shared ones: the store-fed bucketing, sorted in parts
+    and counted in shards, gives exactly the one-shard result and the plain dict-of-buckets
+    reference (votes, each image's k best, ties broken the same way)."""
     rng = np.random.default_rng(11)
     n = 40
     common = rng.integers(0, 256, size=(30, 32), dtype=np.uint8)
@@ -133,6 +134,7 @@ def test_orb_pairs_in_parts_equal_one_sort_and_a_plain_reference(tmp_path, monke
             store.append(f)
         monkeypatch.setattr(verify, "PART_ENTRIES", 97)  # many parts per table
         monkeypatch.setattr(verify, "_READ", 50)
+        monkeypatch.setattr(verify, "SHARD_DESCRIPTORS", 60)  # pair codes in many shards
         parts = verify.orb_pairs(store, **kw, scratch=tmp_path)
     assert np.array_equal(whole, parts)
     ref = _reference_orb_pairs([[None, None] if f is None else [f["n"][1], f["m"][1]]
