@@ -436,7 +436,7 @@ def orb_pairs(feats: list[dict[str, Any] | None] | FeatureStore, *, k: int = 5,
     return top.pairs(only)
 
 
-SHARD_DESCRIPTORS = 1 << 21  # descriptors per shard of pair codes (orb_pairs)
+SHARD_DESCRIPTORS = 1 << 18  # descriptors per shard of pair codes (orb_pairs; ~12 codes each)
 
 
 def _write_shards(codes: np.ndarray, n: int, outs: list[Any]) -> None:
