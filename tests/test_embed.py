@@ -72,7 +72,9 @@ def test_resume_after_kill(tmp_path):
     cat = Catalog(Workspace(root))
     ingest.run(cat, "generic", root / "syn" / "derm.yaml")
     n = fingerprint.run(cat)["fingerprinted"]
+    # one LanceDB commit per batch here (the default commits 4,096 vectors at a time)
     code = ("from pathlib import Path; from catalog import Catalog, Workspace; from pipelines import embed; "
+            "embed.COMMIT_ROWS = 4; "
             f"embed.run(Catalog(Workspace(Path({str(root)!r}))), batch_size=4, workers=0, "
             "echo=lambda m: print(m, flush=True))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
