@@ -119,7 +119,7 @@ def main() -> None:
                 * (100_000 - images[big]) / max(images[big] - images[small], 1) for s in STAGES}
     lines += ["", "CPU seconds per stage: " + "; ".join(
         f"{n:,}: " + ", ".join(f"{s} {res[n][s]['cpu_s']:.0f}" for s in STAGES) for n in sizes)]
-    if images[big] >= 100_000:
+    if big >= 100_000:  # the requested size (the generator gives ~97%)
         lines.append(f"- goal <= {GOAL_MB:,} MB per stage at {images[big]:,}: "
                      + ("met" if max(worst.values()) <= GOAL_MB else "NOT met")
                      + f" (largest {max(worst, key=worst.get)} {max(worst.values()):,.0f} MB)")
