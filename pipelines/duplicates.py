@@ -15,7 +15,9 @@ the coarser of the two images' resolutions. A copy shares its detail with its so
 when cropped, resized with any interpolation, rotated, mirrored or relit; a repeat capture of
 the same lesion or patient has the same anatomy but different detail, so it fails the
 correlation check (``ncc``, rising to ``ncc_coarse`` for thumbnails, where less of that
-detail is left). Confirmed pairs become clusters (scipy connected components).
+detail is left; a coarse pair under that line still counts when it beats every other image
+either image was compared with by ``distinct_margin``, :func:`distinct`). Confirmed pairs
+become clusters (scipy connected components).
 External pair lists (CSV: image_a, image_b[, score]) import as their own method.
 """
 
@@ -80,6 +82,13 @@ class Params:
     ncc_coarse: float = param(0.95, "verification: NCC needed when the common resolution is "
                               "coarse (thumbnails: a 256-px frame pixel of 4 or more; linear "
                               "from ncc at 1.5)", min=-1, max=1)
+    distinct_ncc: float = param(0.80, "verification: a coarse pair (common pixel >= 1.5) under "
+                                "the ncc..ncc_coarse line is still accepted from this NCC (linear "
+                                "from ncc at 1.5) when it is *distinct*: better by distinct_margin "
+                                "than every other image either image was compared with (1: off)",
+                                min=-1, max=1)
+    distinct_margin: float = param(0.05, "verification: the NCC margin of a distinct coarse pair "
+                                   "over each image's best other comparison", min=0, max=2)
     model: str = param(DESCRIPTOR, "vector model of the vector path")
     block: int = param(4096, "rows per block of the exact vector search", min=1)
     workers: int = param(2, "verification threads", min=1)
@@ -256,6 +265,8 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
             todo = [(i, j) for (i, j), c in sorted(cand.items()) if "sha256" not in c["methods"]]
             checked = dict(zip(todo, verifier([(files[ids[i]], files[ids[j]], i, j)
                                                for i, j in todo], p), strict=True))
+            checked = distinct(checked, [(i, j) for (i, j), c in cand.items()
+                                         if "sha256" in c["methods"]], p, ids)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     params_json = to_json(p)
@@ -284,6 +295,74 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
     return Counts(STAGE, counts, f"duplicates: {counts['candidates']:,} candidate pairs, "
                   f"{counts['verified']:,} verified, {counts['external']:,} external, "
                   f"{counts['clusters']:,} clusters")
+
+
+def _components(edges: list[tuple[int, int]]) -> dict[int, int]:
+    """Union-find: each index named in ``edges`` -> a representative of its component."""
+    root: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        root.setdefault(x, x)
+        while root[x] != x:
+            root[x] = root[root[x]]
+            x = root[x]
+        return x
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            root[max(ra, rb)] = min(ra, rb)
+    return {x: find(x) for x in list(root)}
+
+
+def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tuple[int, int]],
+             p: dict[str, Any], ids: list[str]) -> dict[tuple[int, int], dict[str, Any]]:
+    """Coarse pairs under the ``ncc_coarse`` line accepted when they are distinct.
+
+    At a coarse common resolution (thumbnails) the NCC needed rises towards ``ncc_coarse``
+    because images that merely look alike (every chest X-ray at 30 px) agree almost as well
+    as a copy. That is a property of the collection, and each pair carries its own evidence
+    of it: every other image either of its two images was verified against. A coarse pair
+    (common pixel >= ``COARSE_FROM``) with NCC of at least the ``distinct_ncc`` line is
+    accepted when its NCC beats each image's best other comparison by ``distinct_margin``
+    (an image-level ratio test: a thumbnail matched by one source clearly better than by
+    anything else). Comparisons with images already verified as copies of the *other*
+    image (its cluster by the strict rule, sha256 copies included) are not competitors;
+    copies of the image itself are (a thumbnail has one source capture). Pairs decided by
+    the strict rule are unchanged and the result does not depend on the order of pairs.
+    ``evidence.distinct`` records the margin and the competing image (or none).
+    """
+    floor = {**p, "ncc_coarse": p.get("distinct_ncc", 1.0)}
+    margin = float(p.get("distinct_margin", 0.0))
+    comp = _components([k for k, r in checked.items() if r["verified"]] + identical)
+    seen: dict[int, list[tuple[int, float]]] = {}
+    for (i, j), r in checked.items():
+        if r.get("ncc") is not None:
+            seen.setdefault(i, []).append((j, r["ncc"]))
+            seen.setdefault(j, []).append((i, r["ncc"]))
+
+    def best_other(x: int, y: int) -> tuple[float, int] | None:
+        """x's best comparison with an image that is neither y nor a verified copy of y."""
+        cy = comp.get(y, y)
+        got = [(n, c) for c, n in seen.get(x, []) if c != y and comp.get(c, c) != cy]
+        return max(got) if got else None
+
+    out = dict(checked)
+    for (i, j), r in checked.items():
+        ev = r.get("evidence") or {}
+        if r["verified"] or r.get("ncc") is None or ev.get("pixel", 0) < verify.COARSE_FROM:
+            continue
+        need = verify.threshold(ev["pixel"], floor)
+        if r["ncc"] < need:
+            continue
+        rivals = [x for x in (best_other(i, j), best_other(j, i)) if x is not None]
+        rival = max(rivals) if rivals else None
+        if rival is None or r["ncc"] - rival[0] >= margin:
+            out[(i, j)] = {**r, "verified": True, "evidence": {
+                **ev, "distinct": {"threshold": round(need, 3),
+                                   "margin": None if rival is None else round(r["ncc"] - rival[0], 4),
+                                   "rival": None if rival is None else ids[rival[1]]}}}
+    return out
 
 
 def cluster(pairs: pl.DataFrame, params_json: str) -> pl.DataFrame:

@@ -54,8 +54,11 @@ def test_pairs_record_evidence_and_params(dup_run):
     assert p["params"].str.contains('"ncc"').all()
     ok = p.filter(pl.col("verified") & (pl.col("transform") != "identical"))
     assert (ok["ncc"] >= duplicates.DEFAULTS["ncc"]).all() and (ok["inliers"] >= 12).all()
-    need = ok["evidence"].str.json_path_match("$.threshold").cast(pl.Float64)
-    assert (ok["ncc"] >= need).all() and (need <= duplicates.DEFAULTS["ncc_coarse"]).all()
+    strict = ok["evidence"].str.json_path_match("$.threshold").cast(pl.Float64)
+    floor = ok["evidence"].str.json_path_match("$.distinct.threshold").cast(pl.Float64)
+    need = floor.fill_null(strict)
+    assert (ok["ncc"] >= need).all() and (strict <= duplicates.DEFAULTS["ncc_coarse"]).all()
+    assert (floor.drop_nulls() <= duplicates.DEFAULTS["distinct_ncc"]).all()
 
 
 def test_clusters_connected_and_deterministic(dup_run):
@@ -265,3 +268,41 @@ def test_hash_values_shared_by_many_images_make_no_candidates():
     assert all(c["methods"] == ["phash"] and c["hamming"] == 0 for c in got.values())
     every = duplicates.candidates(fp, None, {**p, "hash_max_group": 0})
     assert set(got) < set(every) and any(j < 6 for _, j in every)
+
+
+def _pair(ncc, pixel, verified=False):
+    return {"verified": verified, "ncc": ncc, "inliers": 20, "transform": "",
+            "evidence": {"pixel": pixel, "ncc": ncc}}
+
+
+def test_distinct_coarse_pairs_beat_every_rival():
+    """The image-level ratio test: a coarse pair under the ncc_coarse line is accepted only
+    when it beats every other comparison of either image (rivals that are verified copies of
+    the other image do not count); fine pairs and strict decisions never change."""
+    p = {**duplicates.DEFAULTS}
+    ids = [f"x:{n}" for n in range(8)]
+    checked = {
+        (0, 1): _pair(0.90, 5.0),   # thumbnail 1 of source 0; rival (1, 2) at 0.80: margin 0.10
+        (1, 2): _pair(0.80, 5.0),   # ... and this rival loses to (0, 1)
+        (3, 4): _pair(0.90, 5.0),   # rival (4, 5) at 0.88: margin 0.02 < 0.05, stays rejected
+        (4, 5): _pair(0.88, 5.0),
+        (5, 6): _pair(0.99, 1.0, verified=True),  # 6 is a strict copy of 5
+        (4, 6): _pair(0.70, 5.0),   # a rival of (4, 5)? no: 6 is in 5's cluster
+        (6, 7): _pair(0.70, 1.0),   # fine pair under ncc: never accepted here
+        (2, 7): _pair(0.79, 5.0),   # under the distinct line at pixel 5 (0.80)
+    }
+    out = duplicates.distinct(checked, [], p, ids)
+    acc = {k for k, r in out.items() if r["verified"]}
+    assert acc == {(0, 1), (5, 6)}
+    assert out[(0, 1)]["evidence"]["distinct"] == {"threshold": 0.8, "margin": 0.1, "rival": "x:2"}
+    # with 5 a sha256 copy of 3, 4's comparisons with 5 and 6 are with copies of 3: no rival
+    out2 = duplicates.distinct(checked, [(3, 5)], p, ids)
+    assert out2[(3, 4)]["verified"] and out2[(3, 4)]["evidence"]["distinct"]["rival"] is None
+    # order of the pairs does not matter
+    rev = dict(reversed(list(checked.items())))
+    assert duplicates.distinct(rev, [], p, ids) == out
+    # no rival at all: accepted on the distinct line alone; 1 switches the rule off
+    lone = {(0, 1): _pair(0.85, 5.0)}
+    assert duplicates.distinct(lone, [], p, ids)[(0, 1)]["evidence"]["distinct"]["rival"] is None
+    assert not duplicates.distinct(lone, [], {**p, "distinct_ncc": 1.0}, ids)[(0, 1)]["verified"]
+    assert out[(1, 2)] == checked[(1, 2)] and "distinct" not in out[(3, 4)]["evidence"]
