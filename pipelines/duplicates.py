@@ -195,11 +195,14 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
                 add(int(i), int(j), "orb", votes=int(v))
         if has_low:
             small = (sides >= 0) & (sides <= int(p.get("small_side", 0)))
-            runs = ([None] if how in ("low", "both") else []) + ([small] if small.any() else [])
-            for only in runs:  # every image; then pairs with a small image ranked among themselves
-                kw = orb if only is None else {**orb, "k": 2 * orb["k"]}  # few images: look deeper
-                for i, j, v in verify.orb_pairs(feats, **kw, bits=32, tags=("lo", "lom"),
-                                                only=only):
+            # every image; pairs with a small image ranked among themselves (few images: look
+            # deeper): both selections from one bucketing of the low renditions
+            select = (([(orb["k"], None)] if how in ("low", "both") else [])
+                      + ([(2 * orb["k"], small)] if small.any() else []))
+            kw = {x: v for x, v in orb.items() if x != "k"}
+            for found in (verify.orb_pairs_many(feats, select, **kw, bits=32, tags=("lo", "lom"))
+                          if select else []):
+                for i, j, v in found:
                     c = cand.get((int(i), int(j)), {})
                     add(int(i), int(j), "orb_low", low_votes=max(int(v), c.get("low_votes", 0)))
     return cand

@@ -127,6 +127,17 @@ def _median(counts: np.ndarray) -> float:
     return a if lo == hi else b - (b - a) * 0.5
 
 
+def hexstr(h: imagehash.ImageHash) -> str:
+    """``str(h)`` without imagehash's per-bit Python string building (~0.15 ms per hash).
+
+    imagehash writes the flattened bits, most significant first, as one hexadecimal number
+    padded to ``ceil(bits / 4)`` digits; for a whole number of bytes that is exactly the hex
+    of the big-endian packed bits. Other sizes fall back to imagehash.
+    """
+    bits = np.asarray(h.hash, dtype=bool).ravel()
+    return np.packbits(bits).tobytes().hex() if bits.size % 8 == 0 else str(h)
+
+
 def whash(grey: Image.Image, hash_size: int = 8) -> str:
     """``str(imagehash.whash(grey))`` (Haar, lowest frequency removed) without the wavelet passes.
 
@@ -144,8 +155,8 @@ def whash(grey: Image.Image, hash_size: int = 8) -> str:
     order = np.sort(sums, axis=None)
     mid = sums.size // 2
     if order[mid - 1] == order[mid]:
-        return str(imagehash.whash(grey, hash_size=hash_size))
-    return str(imagehash.ImageHash(sums >= order[mid]))
+        return hexstr(imagehash.whash(grey, hash_size=hash_size))
+    return hexstr(imagehash.ImageHash(sums >= order[mid]))
 
 
 def _one(row: dict[str, Any], p: dict[str, Any], root: Path) -> dict[str, Any]:
@@ -169,9 +180,9 @@ def _one(row: dict[str, Any], p: dict[str, Any], root: Path) -> dict[str, Any]:
     return {
         "image_id": row["image_id"], "dataset_id": row["dataset_id"], "sha256": sha256_bytes(data),
         "width": rgb.width, "height": rgb.height, "mode": im.mode, "format": im.format or "",
-        "bytes": len(data), "phash": str(imagehash.phash(grey)), "dhash": str(imagehash.dhash(grey)),
-        "ahash": str(imagehash.average_hash(grey)), "whash": whash(grey),
-        "phash_sym": str(imagehash.phash(sym)), **metrics, "flags": ",".join(flags),
+        "bytes": len(data), "phash": hexstr(imagehash.phash(grey)),
+        "dhash": hexstr(imagehash.dhash(grey)), "ahash": hexstr(imagehash.average_hash(grey)),
+        "whash": whash(grey), "phash_sym": hexstr(imagehash.phash(sym)), **metrics, "flags": ",".join(flags),
         "params": to_json(p),
     }
 

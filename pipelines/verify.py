@@ -382,9 +382,16 @@ def _bits(desc: np.ndarray, picks: list[np.ndarray], chunk: int = 32768) -> np.n
 
 
 def orb_pairs(feats: list[dict[str, Any] | None] | FeatureStore, *, k: int = 5,
-              min_votes: int = 4, tables: int = 16, bits: int = 28, per_image: int = 300,
-              max_bucket: int = 32, seed: int = 0, tags: tuple[str, str] = ("n", "m"),
-              only: np.ndarray | None = None, scratch: Path | str | None = None) -> np.ndarray:
+              only: np.ndarray | None = None, **kw: Any) -> np.ndarray:
+    """:func:`orb_pairs_many` with one selection (``k``, ``only``)."""
+    return orb_pairs_many(feats, [(k, only)], **kw)[0]
+
+
+def orb_pairs_many(feats: list[dict[str, Any] | None] | FeatureStore,
+                   select: list[tuple[int, np.ndarray | None]], *, min_votes: int = 4,
+                   tables: int = 16, bits: int = 28, per_image: int = 300, max_bucket: int = 32,
+                   seed: int = 0, tags: tuple[str, str] = ("n", "m"),
+                   scratch: Path | str | None = None) -> list[np.ndarray]:
     """Candidate pairs (i, j, votes), i < j, from shared ORB-descriptor buckets.
 
     Each of ``tables`` hash tables keys every descriptor (``per_image`` strongest of the image
@@ -401,6 +408,10 @@ def orb_pairs(feats: list[dict[str, Any] | None] | FeatureStore, *, k: int = 5,
     one shard at a time and each image's ``k`` best kept as shards arrive (:class:`_Top`):
     memory holds one part, one shard and ``k`` pairs per image, never every pair that shares
     a bucket (31.6 million of the 46.7 million possible at 9,660 images).
+
+    ``select`` lists (``k``, ``only``) selections made from the one bucketing: each gives
+    the array that ``orb_pairs(feats, k=k, only=only)`` gives (the votes of a pair do not
+    depend on the selection), so several cost one pass over the descriptors.
     """
     n = len(feats)
     source = (feats.descriptors(tags, per_image) if isinstance(feats, FeatureStore)
@@ -411,7 +422,9 @@ def orb_pairs(feats: list[dict[str, Any] | None] | FeatureStore, *, k: int = 5,
     with tempfile.TemporaryDirectory(prefix=".orb.tmp-", dir=scratch) as tmp:
         total = _write_keys(source, picks, Path(tmp))
         if not total:
-            return none
+            return [none for _ in select]
+        flagged = [o for _, o in select]
+        any_only = None if any(o is None for o in flagged) else np.logical_or.reduce(flagged)
         shift = max(1, int(n).bit_length())
         code_t = np.uint32 if n * n < 2**32 else np.int64  # pair codes i * n + j
         parts = -(-total // PART_ENTRIES)
@@ -423,17 +436,20 @@ def orb_pairs(feats: list[dict[str, Any] | None] | FeatureStore, *, k: int = 5,
                 for part in range(parts):
                     both = _part_entries(folder, t, part, parts, shift)
                     both.sort()  # by key, then owner (one int64 sort)
-                    for codes in _bucket_codes(both, shift, n, code_t, max_bucket, only):
+                    for codes in _bucket_codes(both, shift, n, code_t, max_bucket, any_only):
                         _write_shards(codes, n, outs)
-        top = _Top(k)
+        tops = [_Top(k) for k, _ in select]
         for x in range(shards):  # every vote of a pair is in one shard: count them there
             codes = np.fromfile(folder / f"s{x}", dtype=code_t).astype(np.int64)
             codes.sort()
             edge = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else codes
             votes = np.diff(np.r_[edge, len(codes)])
             good = votes >= min_votes
-            top.add(codes[edge][good] // n, codes[edge][good] % n, votes[good])
-    return top.pairs(only)
+            i, j, v = codes[edge][good] // n, codes[edge][good] % n, votes[good]
+            for top, only in zip(tops, flagged, strict=True):
+                keep = slice(None) if only is None else only[i] | only[j]
+                top.add(i[keep], j[keep], v[keep])
+    return [top.pairs(only) for top, only in zip(tops, flagged, strict=True)]
 
 
 SHARD_DESCRIPTORS = 1 << 18  # descriptors per shard of pair codes (orb_pairs; ~12 codes each)

@@ -141,6 +141,13 @@ def test_orb_pairs_in_parts_equal_one_sort_and_a_plain_reference(tmp_path, monke
                                 for f in feats], **kw)
     assert {tuple(map(int, r)) for r in whole} == ref
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".orb.tmp-")]
+    # several selections from one bucketing == one call per selection
+    small = np.arange(n) % 4 == 1
+    base = {x: v for x, v in kw.items() if x != "k"}
+    many = verify.orb_pairs_many(feats, [(3, None), (6, small), (2, ~small)], **base)
+    alone = [verify.orb_pairs(feats, k=k, only=o, **base)
+             for k, o in ((3, None), (6, small), (2, ~small))]
+    assert len(many[1]) > 5 and all(np.array_equal(a, b) for a, b in zip(many, alone, strict=True))
 
 
 def test_feature_cache_is_bounded_and_reads_the_store(tmp_path):

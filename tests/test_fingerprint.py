@@ -187,3 +187,12 @@ def test_median_from_histogram_equals_numpy_percentile():
             grey[:] = grey.flat[0]
         counts = np.bincount(grey.ravel(), minlength=256)
         assert fingerprint._median(counts) == float(np.percentile(grey / 255, 50))
+
+
+def test_hexstr_equals_imagehash_str():
+    """Packed-bit hex == imagehash's own string, for whole bytes and (by fallback) others."""
+    rng = np.random.default_rng(5)
+    for shape in [(8, 8)] * 200 + [(16, 16), (4, 6), (5, 5), (3, 3), (1, 8)]:
+        h = imagehash.ImageHash(rng.random(shape) < rng.random())
+        assert fingerprint.hexstr(h) == str(h), shape
+    assert fingerprint.hexstr(imagehash.ImageHash(np.zeros((8, 8), bool))) == "0" * 16
