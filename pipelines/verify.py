@@ -51,6 +51,7 @@ SIDE = 256
 NFEATURES = 300  # ORB keypoints per image (and per mirror image)
 LOW_SIDE, LOW_GRID = 48, 96  # low rendition: long side reduced to 48 px, ORB at 96 px
 COARSE_FROM, COARSE_TO = 1.5, 4.0  # common pixel size (256-px frame) where ncc -> ncc_coarse
+RETRY_FROM = 0.55  # fine pairs from this NCC up to the line are refined by ECC and compared again
 BAND, BAND_MIN = 0.7, 1.0  # band-pass sigma: BAND x the common pixel, at least BAND_MIN px
 # (every image is resampled into the 256-px frame; finer than 1 px is interpolation, not detail)
 _LOCAL = threading.local()  # one ORB detector per thread (cv2 objects are not shared safely)
@@ -787,6 +788,12 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
         return res
     ncc, overlap = got
     need = threshold(pixel, p)
+    if pixel < float(p.get("refine_from", 1.5)) and RETRY_FROM <= ncc < need:
+        # a fine pair just under the line: RANSAC's map may be a fraction of a pixel off
+        # (crops combined with a rotation or relighting); refined once by ECC, the better counts
+        again = _band_ncc(tmpl, img, _refine(tmpl, img, T, BAND_MIN), BAND_MIN, 3 * BAND_MIN)
+        if again is not None and again[0] > ncc:
+            ncc, overlap = again
     return {**res, "ncc": ncc, "verified": ncc >= need,
             "evidence": {"inliers": n_in, "ncc": round(ncc, 4), "band_sigma": round(s1, 2),
                          "grid": round(max(grid, 1.0), 2),
