@@ -97,3 +97,22 @@ def test_resized_crops_verify_and_a_repeat_capture_does_not(tmp_path):
     got = duplicates.candidates(fp, None, {**p, "hash_k": 0, "k": 0}, feats=feats)
     assert (3, 4) in got and "orb_low" in got[(3, 4)]["methods"], got
     assert (0, 1) in got
+
+
+def test_reduced_grid_keeps_the_map_and_the_fill():
+    """Coarse pairs are compared on area-reduced grids: the scaled map sends the reduced
+    point of x to the reduced point of T(x) (pixel centres), and flat black fill stays 0."""
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        T = np.hstack([rng.normal(0, 0.3, (2, 2)) + np.eye(2), rng.normal(0, 20, (2, 1))])
+        f = float(rng.uniform(1.2, 6))
+        x = rng.uniform(0, 256, (2, 5))
+        y = T[:, :2] @ x + T[:, 2:]
+        red = lambda p: (p + 0.5) / f - 0.5  # noqa: E731
+        got = verify._scaled(T, f)
+        assert np.allclose(got[:, :2] @ red(x) + got[:, 2:], red(y), atol=1e-9)
+    img = np.full((200, 160), 120, np.float32)
+    img[:40, :50] = 0  # rotation fill in a corner
+    small = verify._reduced(img, 4.0)
+    assert small.shape == (50, 40)
+    assert (small[:9, :11] == 0).all() and (small[12:, 14:] == 120).all()
