@@ -108,9 +108,9 @@ def test_reduced_grid_keeps_the_map_and_the_fill():
         f = float(rng.uniform(1.2, 6))
         x = rng.uniform(0, 256, (2, 5))
         y = T[:, :2] @ x + T[:, 2:]
-        red = lambda p: (p + 0.5) / f - 0.5  # noqa: E731
+        rx, ry = (x + 0.5) / f - 0.5, (y + 0.5) / f - 0.5  # pixel centres on the reduced grid
         got = verify._scaled(T, f)
-        assert np.allclose(got[:, :2] @ red(x) + got[:, 2:], red(y), atol=1e-9)
+        assert np.allclose(got[:, :2] @ rx + got[:, 2:], ry, atol=1e-9)
     img = np.full((200, 160), 120, np.float32)
     img[:40, :50] = 0  # rotation fill in a corner
     small = verify._reduced(img, 4.0)
