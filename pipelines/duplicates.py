@@ -303,22 +303,10 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
                   f"{counts['clusters']:,} clusters")
 
 
-def _components(edges: list[tuple[int, int]]) -> dict[int, int]:
-    """Union-find: each index named in ``edges`` -> a representative of its component."""
-    root: dict[int, int] = {}
-
-    def find(x: int) -> int:
-        root.setdefault(x, x)
-        while root[x] != x:
-            root[x] = root[root[x]]
-            x = root[x]
-        return x
-
-    for a, b in edges:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            root[max(ra, rb)] = min(ra, rb)
-    return {x: find(x) for x in list(root)}
+def _labels(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """Connected-component label of each of ``n`` nodes joined by the edges (a[k], b[k])."""
+    g = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
+    return connected_components(g, directed=False)[1]
 
 
 def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tuple[int, int]],
@@ -340,7 +328,9 @@ def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tup
     """
     floor = {**p, "ncc_coarse": p.get("distinct_ncc", 1.0)}
     margin = float(p.get("distinct_margin", 0.0))
-    comp = _components([k for k, r in checked.items() if r["verified"]] + identical)
+    edges = np.array([k for k, r in checked.items() if r["verified"]] + identical,
+                     dtype=np.int64).reshape(-1, 2)
+    comp = _labels(edges[:, 0], edges[:, 1], len(ids))
     seen: dict[int, list[tuple[int, float]]] = {}
     for (i, j), r in checked.items():
         if r.get("ncc") is not None:
@@ -349,8 +339,7 @@ def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tup
 
     def best_other(x: int, y: int) -> tuple[float, int] | None:
         """x's best comparison with an image that is neither y nor a verified copy of y."""
-        cy = comp.get(y, y)
-        got = [(n, c) for c, n in seen.get(x, []) if c != y and comp.get(c, c) != cy]
+        got = [(n, c) for c, n in seen.get(x, []) if c != y and comp[c] != comp[y]]
         return max(got) if got else None
 
     out = dict(checked)
@@ -380,8 +369,7 @@ def cluster(pairs: pl.DataFrame, params_json: str) -> pl.DataFrame:
     pos = {x: n for n, x in enumerate(ids)}
     a = np.array([pos[x] for x in ok["image_a"]])
     b = np.array([pos[x] for x in ok["image_b"]])
-    g = coo_matrix((np.ones(len(a)), (a, b)), shape=(len(ids), len(ids)))
-    _, label = connected_components(g, directed=False)
+    label = _labels(a, b, len(ids))
     members: dict[int, list[str]] = {}
     for x, lab in zip(ids, label, strict=True):
         members.setdefault(int(lab), []).append(x)

@@ -781,14 +781,15 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     grid = s1 / BAND_MIN  # > 1: coarse; compare on a grid of the band's scale (area-reduced
     if grid > 1.0:        # by `grid` a side): the same band, grid^2 times fewer pixels
         tmpl, img, T = _reduced(tmpl, grid), _reduced(img, grid), _scaled(T, grid)
-    if pixel >= float(p.get("refine_from", 1.5)):
+    coarse = pixel >= float(p.get("refine_from", 1.5))
+    if coarse:
         T = _refine(tmpl, img, T, BAND_MIN)
     got = _band_ncc(tmpl, img, T, BAND_MIN, 3 * BAND_MIN)
     if got is None:
         return res
     ncc, overlap = got
     need = threshold(pixel, p)
-    if pixel < float(p.get("refine_from", 1.5)) and RETRY_FROM <= ncc < need:
+    if not coarse and RETRY_FROM <= ncc < need:
         # a fine pair just under the line: RANSAC's map may be a fraction of a pixel off
         # (crops combined with a rotation or relighting); refined once by ECC, the better counts
         again = _band_ncc(tmpl, img, _refine(tmpl, img, T, BAND_MIN), BAND_MIN, 3 * BAND_MIN)
