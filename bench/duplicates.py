@@ -13,8 +13,8 @@ baseline (pairs within a Hamming threshold; the best threshold is picked with th
 which favours the baseline).
 
 Scaling (``--sizes 1000,5000,20000``): CPU time per image (``time.process_time``: all
-threads of this process) of fingerprint + embed + duplicates at each size, beside imagehash
-pHash alone on the same files, and the ratio.
+threads of this process) of the image path, ingest + fingerprint + embed + duplicates, at
+each size, beside imagehash pHash alone on the same files, and the ratio.
 
     .venv/bin/python bench/duplicates.py [--n 5000] [--sizes 1000,5000] [--record] [--keep DIR]
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import shutil
 import sys
@@ -44,18 +45,35 @@ from medlake.catalog import Catalog, Workspace
 from medlake.pipelines import duplicates, embed, fingerprint, ingest
 from medlake.demo.synthetic import CROP_KINDS, KINDS, generate
 
+STAGES = ("ingest", "fingerprint", "embed", "duplicates")  # the image path, in order
 IMAGES_PER_CAPTURE = 1.47  # measured: 3,400 captures give about 5,000 files
 
 
 def build(root: Path, n_images: int, seed: int = 0) -> Catalog:
-    """A bare workspace at ``root`` with a synthetic set of about ``n_images`` ingested."""
+    """A bare workspace at ``root`` with a synthetic set of about ``n_images`` ingested.
+
+    The ingest's CPU and wall seconds go to ``root/ingest_time.json`` (the first stage of the
+    image path: it opens every image for its size and mode).
+    """
     (root / ".dvc").mkdir(parents=True)
     generate(root / "syn", n_captures=max(8, round(n_images / IMAGES_PER_CAPTURE)), seed=seed,
              workers=2)  # same files as one process (per-capture seeds), less wall time
     cat = Catalog(Workspace(root))
+    c0, w0 = time.process_time(), time.perf_counter()
     for m in ("derm", "cxr"):
         ingest.run(cat, "generic", root / "syn" / f"{m}.yaml")
+    (root / "ingest_time.json").write_text(json.dumps(
+        {"ingest_cpu": time.process_time() - c0, "ingest_wall": time.perf_counter() - w0}))
     return cat
+
+
+def ingest_time(root: Path) -> dict[str, float]:
+    """The ingest timings :func:`build` recorded for the workspace at ``root``."""
+    f = root / "ingest_time.json"
+    if not f.is_file():
+        raise SystemExit(f"{f} is missing: the workspace predates ingest timing; run without --keep "
+                         "or delete the folder")
+    return json.loads(f.read_text())
 
 
 def repo_params(stage: str) -> dict[str, Any]:
@@ -202,7 +220,7 @@ def quality(n: int, tmp: Path) -> tuple[str, dict[str, float], int]:
     else:
         cat = build(root, n)
     print(f"generated + ingested in {time.perf_counter() - t0:.0f} s", flush=True)
-    t = run_stages(cat)
+    t = {**ingest_time(root), **run_stages(cat)}
     files, pairs = truth(root)
     fp = cat.read("fingerprints", columns=["image_id"])
     known = set(fp["image_id"])
@@ -217,7 +235,7 @@ def quality(n: int, tmp: Path) -> tuple[str, dict[str, float], int]:
     f = fingerprint.image_files(cat).filter(pl.col("image_id").is_in(known))
     base, base_cpu, thr = phash_baseline(f["file"].to_list(), f["image_id"].to_list(), pairs, look)
     n_img = len(known)
-    cpu = t["fingerprint_cpu"] + t["embed_cpu"] + t["duplicates_cpu"]
+    cpu = sum(t[f"{x}_cpu"] for x in STAGES)
     lines = [
         (f"- images: {n_img:,} fingerprinted ({files.filter(pl.col('modality') == 'derm').height:,} "
         f"derm + {files.filter(pl.col('modality') == 'cxr').height:,} CXR files incl. outliers "
@@ -228,7 +246,8 @@ def quality(n: int, tmp: Path) -> tuple[str, dict[str, float], int]:
         + "; per crop kind: " + ", ".join(f"{k} {v[0]:.2f}" for k, v in cand_sc["per_crop"].items()),
         f"- imagehash pHash, best Hamming threshold {thr} (chosen on the truth): {fmt(base)}",
         f"- F1 ratio medlake / pHash: {ours['f1'] / max(base['f1'], 1e-9):.2f}",
-        (f"- CPU per image: fingerprint {1000 * t['fingerprint_cpu'] / n_img:.1f} ms, embed "
+        (f"- CPU per image: ingest {1000 * t['ingest_cpu'] / n_img:.1f} ms, fingerprint "
+        f"{1000 * t['fingerprint_cpu'] / n_img:.1f} ms, embed "
         f"{1000 * t['embed_cpu'] / n_img:.1f} ms, duplicates {1000 * t['duplicates_cpu'] / n_img:.1f} ms, "
         f"total {1000 * cpu / n_img:.1f} ms; pHash alone {1000 * base_cpu / n_img:.1f} ms "
         f"(ratio {cpu / max(base_cpu, 1e-9):.1f})"),
@@ -243,19 +262,20 @@ def scaling(sizes: list[int], tmp: Path, done: dict[int, tuple[dict[str, float],
     ``done`` maps a size to (timings, images) of the quality run at that size: reused, not
     generated and run a second time.
     """
-    rows = ["| images | fingerprint | embed | duplicates | total ms/image | pHash alone ms/image | ratio | wall ms/image |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| images | ingest | fingerprint | embed | duplicates | total ms/image | pHash alone ms/image | ratio | wall ms/image |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in sizes:
         if n in (done or {}):
             t, k = done[n]
             base = t["phash_cpu"]
         else:
             t, k, base = _scale_one(tmp / f"s{n}", n)
-        cpu = t["fingerprint_cpu"] + t["embed_cpu"] + t["duplicates_cpu"]
-        rows.append(f"| {k:,} | {1000 * t['fingerprint_cpu'] / k:.1f} | {1000 * t['embed_cpu'] / k:.1f} "
+        cpu = sum(t[f"{x}_cpu"] for x in STAGES)
+        rows.append(f"| {k:,} | {1000 * t['ingest_cpu'] / k:.1f} | {1000 * t['fingerprint_cpu'] / k:.1f} "
+                    f"| {1000 * t['embed_cpu'] / k:.1f} "
                     f"| {1000 * t['duplicates_cpu'] / k:.1f} | {1000 * cpu / k:.1f} | {1000 * base / k:.2f} "
                     f"| {cpu / max(base, 1e-9):.1f} "
-                    f"| {1000 * sum(t[x + '_wall'] for x in ('fingerprint', 'embed', 'duplicates')) / k:.1f} |")
+                    f"| {1000 * sum(t[x + '_wall'] for x in STAGES) / k:.1f} |")
         print(rows[-1], flush=True)
     return "\n".join(rows)
 
@@ -264,7 +284,7 @@ def _scale_one(root: Path, n: int) -> tuple[dict[str, float], int, float]:
     """Generate about ``n`` images, run the stages and pHash alone; (timings, images, pHash CPU)."""
     cat = build(root, n)
     print(f"size {n}:", flush=True)
-    t = run_stages(cat)
+    t = {**ingest_time(root), **run_stages(cat)}
     f = fingerprint.image_files(cat)
     known = set(cat.read("fingerprints", columns=["image_id"])["image_id"])
     f = f.filter(pl.col("image_id").is_in(known))
@@ -297,7 +317,7 @@ def main() -> None:
         if args.sizes:
             table = scaling([int(s) for s in args.sizes.split(",")], tmp, done)
             print(table)
-            body += ["", ("CPU time per image (fingerprint + embed descriptor-v1 + duplicates; "
+            body += ["", ("CPU time per image (ingest + fingerprint + embed descriptor-v1 + duplicates; "
                      "`time.process_time`, all threads):"), "", table]
     finally:
         if not args.keep:

@@ -197,6 +197,21 @@ def load_rgb(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return to_rgb(im)
 
 
+def to_8bit(im: Image.Image) -> Image.Image:
+    """:func:`to_rgb`, except that an 8-bit greyscale image ('L') stays greyscale.
+
+    Its RGB form repeats the grey value in each channel, and both Pillow's and OpenCV's
+    RGB-to-grey conversions give that value back exactly (their weights sum to one in fixed
+    point), so callers that need grey skip two copies of the pixels and get the same values.
+    """
+    return im if im.mode == "L" else to_rgb(im)
+
+
+def load_8bit(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """:func:`load_rgb`, except that an 8-bit greyscale file stays greyscale (:func:`to_8bit`)."""
+    return to_8bit(open_image(path, max_pixels=max_pixels))
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Convert a decoded Pillow image of any mode to 8-bit RGB."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

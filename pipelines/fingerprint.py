@@ -25,7 +25,7 @@ from PIL import Image
 
 from medlake.catalog import Catalog, CatalogError, spec, to_json
 from medlake.catalog.params import defaults, param, to_dict
-from medlake.catalog.imageio import ImageReadError, open_image, sha256_bytes, to_rgb
+from medlake.catalog.imageio import ImageReadError, open_image, sha256_bytes, to_8bit
 from medlake.pipelines.stage import Counts, Stage
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,13 @@ def quality(im: Image.Image, *, xray: bool, p: dict[str, Any],
             rgb: np.ndarray | None = None) -> tuple[dict[str, float], list[str]]:
     """Metrics (brightness, contrast, sharpness, entropy; 0..1 or raw) and the flags they raise.
 
-    ``rgb`` (the image as 8-bit RGB pixels, when the caller has them) saves a conversion.
+    ``rgb`` (the image as 8-bit pixels, when the caller has them) saves a conversion: RGB,
+    or 2-D grey for a grey image (its RGB form's grey values are the grey values).
     """
     rgb = np.asarray(im.convert("RGB")) if rgb is None else rgb
     h, w = rgb.shape[:2]
     small = cv2.resize(rgb, (min(w, 256), min(h, 256)), interpolation=cv2.INTER_AREA)
-    grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+    grey = small if small.ndim == 2 else cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     g = grey.astype(np.float64) / 255
     counts = np.bincount(grey.ravel(), minlength=256)
     hist = counts / grey.size
@@ -168,18 +169,18 @@ def _one(row: dict[str, Any], p: dict[str, Any], root: Path) -> dict[str, Any]:
         if not path.is_file():
             raise ImageReadError(row["file"], "missing file")
         im = open_image(path)  # decoded once; load_rgb would decode the file again
-        rgb = to_rgb(im)
+        px = to_8bit(im)  # RGB, or grey for a grey file (the same hashes and metrics)
     except (ImageReadError, OSError) as e:
         return {"error": getattr(e, "reason", "unreadable file"), "detail": str(e)}
-    arr = np.asarray(rgb)
+    arr = np.asarray(px)
     mir = arr[:, ::-1]
     sym = Image.fromarray((arr & mir) + ((arr ^ mir) >> 1))  # floor((a + b) / 2) in uint8
-    grey = rgb.convert("L")  # every imagehash hash starts with convert("L"): do it once
+    grey = px.convert("L")  # every imagehash hash starts with convert("L"): do it once
     xray = str(row.get("modality") or "").lower() in ("cxr", "xr", "dx", "cr", "x-ray", "xray")
     metrics, flags = quality(im, xray=xray, p=p, rgb=arr)
     return {
         "image_id": row["image_id"], "dataset_id": row["dataset_id"], "sha256": sha256_bytes(data),
-        "width": rgb.width, "height": rgb.height, "mode": im.mode, "format": im.format or "",
+        "width": px.width, "height": px.height, "mode": im.mode, "format": im.format or "",
         "bytes": len(data), "phash": hexstr(imagehash.phash(grey)),
         "dhash": hexstr(imagehash.dhash(grey)), "ahash": hexstr(imagehash.average_hash(grey)),
         "whash": whash(grey), "phash_sym": hexstr(imagehash.phash(sym)), **metrics, "flags": ",".join(flags),

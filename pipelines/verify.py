@@ -45,7 +45,7 @@ from typing import Any, Self
 import cv2
 import numpy as np
 
-from medlake.catalog.imageio import ImageReadError, load_rgb
+from medlake.catalog.imageio import ImageReadError, load_8bit
 
 SIDE = 256
 NFEATURES = 300  # ORB keypoints per image (and per mirror image)
@@ -72,10 +72,10 @@ def features(path: str, *, low: bool = True) -> dict[str, Any] | None:
         _LOCAL.orb = cv2.ORB_create(nfeatures=NFEATURES, edgeThreshold=15, patchSize=15,
                                     fastThreshold=8)
     try:
-        rgb = np.asarray(load_rgb(path))
+        px = np.asarray(load_8bit(path))  # grey files stay grey: the same values, no RGB copy
     except (ImageReadError, OSError):
         return None
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    grey = px if px.ndim == 2 else cv2.cvtColor(px, cv2.COLOR_RGB2GRAY)
     h, w = grey.shape
     up = SIDE / max(h, w)
     g = cv2.resize(grey, (max(8, round(w * up)), max(8, round(h * up))), interpolation=cv2.INTER_AREA if up < 1 else cv2.INTER_LINEAR)
@@ -96,8 +96,13 @@ def _orb_both(orb: Any, img: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray |
     if des is None:
         return _EMPTY, _EMPTY
     mirrored = np.ascontiguousarray(img[:, ::-1])
+    response = np.array([k.response for k in kp], dtype=np.float64)
     kpm, desm = orb.compute(mirrored, _reflect(kp, img.shape[1], orb.getScaleFactor()))
-    return _strongest(kp, des), _strongest(kpm, desm)
+    # compute() only drops keypoints (none, unless one falls off the border by rounding):
+    # with all kept, the mirror's keypoints have the same responses in the same order
+    same = len(kpm) == len(kp)
+    return (_strongest(kp, des, response),
+            _strongest(kpm, desm, response if same else None))
 
 
 def _low(grey: np.ndarray, frame: tuple[int, int]) -> tuple[tuple[np.ndarray, np.ndarray | None], ...]:
@@ -131,18 +136,23 @@ def _reflect(kp: Any, width: int, scale_factor: float) -> list[cv2.KeyPoint]:
     A keypoint of pyramid level ``o`` sits at ``x_o * s`` (``s = scale_factor ** o``) in the
     level of width ``round(width / s)``; its mirror is at ``(round(width / s) - 1 - x_o) * s``.
     """
-    out = []
-    for k in kp:
-        s = scale_factor ** k.octave
-        out.append(cv2.KeyPoint((round(width / s) - 1) * s - k.pt[0], k.pt[1], k.size,
-                                (180.0 - k.angle) % 360.0, k.response, k.octave, k.class_id))
-    return out
+    pts = cv2.KeyPoint_convert(kp)
+    octave = np.array([k.octave for k in kp], dtype=np.int64)
+    s = scale_factor ** octave.astype(np.float64)
+    x = ((np.round(width / s) - 1) * s - pts[:, 0]).tolist()
+    return [cv2.KeyPoint(xi, float(y), k.size, (180.0 - k.angle) % 360.0, k.response, k.octave,
+                         k.class_id) for xi, y, k in zip(x, pts[:, 1], kp, strict=True)]
 
 
-def _strongest(kp: Any, des: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(points, descriptors), strongest response first (stable order among equals)."""
-    order = np.argsort([-k.response for k in kp], kind="stable")
-    return (np.float32([kp[i].pt for i in order]).reshape(-1, 2),
+def _strongest(kp: Any, des: np.ndarray | None,
+               response: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(points, descriptors), strongest response first (stable order among equals);
+    ``response``: the keypoints' responses when the caller has them."""
+    if response is None:
+        response = np.array([k.response for k in kp], dtype=np.float64)
+    order = np.argsort(-response, kind="stable")
+    pts = cv2.KeyPoint_convert(kp) if len(kp) else np.zeros((0, 2), np.float32)
+    return (np.ascontiguousarray(pts[order], dtype=np.float32).reshape(-1, 2),
             None if des is None else des[order])
 
 
@@ -366,21 +376,26 @@ def _bits(desc: np.ndarray, picks: list[np.ndarray], chunk: int = 32768) -> np.n
     """Integer keys (n, tables) of packed 256-bit descriptors from the bits at each ``picks``.
 
     Key bit ``n`` of a table is descriptor bit ``picks[t][n]`` (bits numbered from the most
-    significant bit of byte 0). The keys come from one float32 matrix product per chunk of
-    unpacked bits, 16 key bits per output column (exact: sums of distinct powers of two below
-    2**16), the columns then shifted into place as integers.
+    significant bit of byte 0). Each descriptor byte that holds a picked bit contributes its
+    part of every table's key through one lookup table (byte value -> the key bits it sets,
+    for all tables at once), the parts ORed together: exact, one gather per such byte.
     """
-    piece = 16
-    cols = [(t, lo) for t, pk in enumerate(picks) for lo in range(0, len(pk), piece)]
-    weights = np.zeros((desc.shape[1] * 8, len(cols)), dtype=np.float32)
-    for c, (t, lo) in enumerate(cols):
-        sel = picks[t][lo:lo + piece]
-        weights[sel, c] = 2.0 ** np.arange(len(sel))
-    out = np.zeros((len(desc), len(picks)), dtype=np.int64)
+    tables = len(picks)
+    dtype = np.uint32 if max((len(pk) for pk in picks), default=0) <= 32 else np.uint64
+    vals = np.arange(256, dtype=dtype)
+    lut = np.zeros((desc.shape[1], 256, tables), dtype=dtype)
+    for t, pk in enumerate(picks):
+        for n, bit in enumerate(pk):
+            byte, off = divmod(int(bit), 8)
+            lut[byte, :, t] |= ((vals >> dtype(7 - off)) & dtype(1)) << dtype(n)
+    used = [b for b in range(desc.shape[1]) if lut[b].any()]
+    out = np.zeros((len(desc), tables), dtype=np.int64)
     for s in range(0, len(desc), chunk):
-        part = (np.unpackbits(desc[s:s + chunk], axis=1).astype(np.float32) @ weights).astype(np.int64)
-        for c, (t, lo) in enumerate(cols):
-            out[s:s + chunk, t] |= part[:, c] << lo
+        d = desc[s:s + chunk]
+        acc = np.zeros((len(d), tables), dtype=dtype)
+        for b in used:
+            acc |= lut[b][d[:, b]]
+        out[s:s + chunk] = acc
     return out
 
 

@@ -205,16 +205,18 @@ def test_threaded_verification_equals_serial(dup_run):
 
 
 def test_orb_bucket_keys_match_bitwise_reference():
-    """Keys by matrix product == keys built bit by bit (MSB of byte 0 is bit 0)."""
+    """Keys by lookup tables == keys built bit by bit (MSB of byte 0 is bit 0), for keys of
+    up to 32 bits (uint32 parts) and longer ones (uint64)."""
     rng = np.random.default_rng(5)
     desc = rng.integers(0, 256, size=(1000, 32), dtype=np.uint8)
-    picks = [rng.choice(256, size=28, replace=False) for _ in range(3)]
-    got = verify._bits(desc, picks, chunk=300)
-    for t, pk in enumerate(picks):
-        want = np.zeros(len(desc), dtype=np.int64)
-        for n, b in enumerate(pk):
-            want |= ((desc[:, b >> 3] >> (7 - (b & 7))) & 1).astype(np.int64) << n
-        assert np.array_equal(got[:, t], want)
+    for bits in (28, 32, 40):
+        picks = [rng.choice(256, size=bits, replace=False) for _ in range(3)]
+        got = verify._bits(desc, picks, chunk=300)
+        for t, pk in enumerate(picks):
+            want = np.zeros(len(desc), dtype=np.int64)
+            for n, b in enumerate(pk):
+                want |= ((desc[:, b >> 3] >> (7 - (b & 7))) & 1).astype(np.int64) << n
+            assert np.array_equal(got[:, t], want), (bits, t)
 
 
 def test_verification_accepts_a_copy_and_rejects_another_image(tmp_path):

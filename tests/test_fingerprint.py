@@ -196,3 +196,26 @@ def test_hexstr_equals_imagehash_str():
         h = imagehash.ImageHash(rng.random(shape) < rng.random())
         assert fingerprint.hexstr(h) == str(h), shape
     assert fingerprint.hexstr(imagehash.ImageHash(np.zeros((8, 8), bool))) == "0" * 16
+
+
+def test_grey_file_fingerprints_like_its_rgb_form(tmp_path):
+    """A grey ('L') file is hashed and measured without an RGB copy: every hash and metric
+    equals the one of the same pixels stored as RGB (three equal channels), as CXR and
+    derm X-ray datasets mix both; and to_8bit keeps grey while load_rgb gives RGB."""
+    from medlake.catalog.imageio import load_8bit, load_rgb
+
+    grey = (np.linspace(0, 255, 97 * 131).reshape(97, 131) + RNG.integers(0, 40, (97, 131))).clip(0, 255)
+    grey = grey.astype(np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "g.png")
+    Image.fromarray(np.dstack([grey] * 3), "RGB").save(tmp_path / "c.png")
+    assert load_8bit(tmp_path / "g.png").mode == "L"
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "g.png")), np.dstack([grey] * 3))
+    rows = [fingerprint._one({"image_id": n, "dataset_id": "d", "file": str(tmp_path / f"{n}.png"),
+                              "path": f"{n}.png", "modality": "cxr"}, fingerprint.DEFAULTS, tmp_path)
+            for n in ("g", "c")]
+    assert rows[0]["mode"] == "L" and rows[1]["mode"] == "RGB"
+    differ = {k for k in rows[0] if rows[0][k] != rows[1][k]}
+    assert differ <= {"image_id", "mode", "sha256", "bytes", "flags"}, differ  # file, not pixels
+    assert "grey_as_colour" in rows[1]["flags"].split(",")  # the RGB copy holds only grey
+    flags = [set(filter(None, r["flags"].split(","))) for r in rows]
+    assert flags[0] == flags[1] - {"grey_as_colour"}

@@ -116,3 +116,16 @@ def test_reduced_grid_keeps_the_map_and_the_fill():
     small = verify._reduced(img, 4.0)
     assert small.shape == (50, 40)
     assert (small[:9, :11] == 0).all() and (small[12:, 14:] == 120).all()
+
+
+def test_grey_file_features_equal_its_rgb_form(tmp_path):
+    """features() reads a grey file as grey (no RGB copy): the frame, keypoints and
+    descriptors equal those of the same pixels stored as RGB."""
+    grey = cv2.cvtColor(_picture(4, 150, 210), cv2.COLOR_RGB2GRAY)
+    Image.fromarray(grey, "L").save(tmp_path / "g.png")
+    Image.fromarray(np.dstack([grey] * 3), "RGB").save(tmp_path / "c.png")
+    a, b = verify.features(str(tmp_path / "g.png")), verify.features(str(tmp_path / "c.png"))
+    assert np.array_equal(a["g"], b["g"])
+    for part in ("n", "m", "lo", "lom"):
+        assert len(a[part][0]) > 10
+        assert np.array_equal(a[part][0], b[part][0]) and np.array_equal(a[part][1], b[part][1])
