@@ -322,25 +322,55 @@ def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tup
     (an image-level ratio test: a thumbnail matched by one source clearly better than by
     anything else). Comparisons with images already verified as copies of the *other*
     image (its cluster by the strict rule, sha256 copies included) are not competitors;
-    copies of the image itself are (a thumbnail has one source capture). Pairs decided by
-    the strict rule are unchanged and the result does not depend on the order of pairs.
-    ``evidence.distinct`` records the margin and the competing image (or none).
+    copies of the image itself are (a thumbnail has one source capture).
+
+    The one exception to the last rule: a pair whose only competitors are copies of its own
+    images (a source with verified copies matches each of them better than a new copy of
+    it) is accepted when it is *consistent* with those copies: every copy of either image
+    was compared with the other image and reached the distinct line there less the margin.
+    A thumbnail whose source was verified but never compared with the new partner stays
+    rejected (a thumbnail has one source).
+
+    Pairs decided by the strict rule are unchanged and the result does not depend on the
+    order of pairs. ``evidence.distinct`` records the margin and the competing image (or
+    none), and for the exception the number of copies it was checked against.
     """
     floor = {**p, "ncc_coarse": p.get("distinct_ncc", 1.0)}
     margin = float(p.get("distinct_margin", 0.0))
     edges = np.array([k for k, r in checked.items() if r["verified"]] + identical,
                      dtype=np.int64).reshape(-1, 2)
     comp = _labels(edges[:, 0], edges[:, 1], len(ids))
+    members: dict[int, list[int]] = {}
+    for x in np.unique(edges):
+        members.setdefault(int(comp[x]), []).append(int(x))
     seen: dict[int, list[tuple[int, float]]] = {}
     for (i, j), r in checked.items():
         if r.get("ncc") is not None:
             seen.setdefault(i, []).append((j, r["ncc"]))
             seen.setdefault(j, []).append((i, r["ncc"]))
 
-    def best_other(x: int, y: int) -> tuple[float, int] | None:
-        """x's best comparison with an image that is neither y nor a verified copy of y."""
-        got = [(n, c) for c, n in seen.get(x, []) if c != y and comp[c] != comp[y]]
+    def best_other(x: int, y: int, copies: bool) -> tuple[float, int] | None:
+        """x's best comparison with an image that is neither y nor a verified copy of y
+        (nor, unless ``copies``, a verified copy of x)."""
+        got = [(n, c) for c, n in seen.get(x, [])
+               if c != y and comp[c] != comp[y] and (copies or comp[c] != comp[x])]
         return max(got) if got else None
+
+    def consistent(x: int, y: int) -> int | None:
+        """How many copies of x ``y`` was checked against, or None when one of them was
+        not compared with y or fell under the distinct line (less the margin) there."""
+        n = 0
+        for c in members.get(int(comp[x]), []):
+            if c == x:
+                continue
+            r = checked.get((min(c, y), max(c, y)))
+            if r is None or r.get("ncc") is None:
+                return None
+            bar = verify.threshold((r.get("evidence") or {}).get("pixel", 0.0), floor) - margin
+            if r["ncc"] < bar:
+                return None
+            n += 1
+        return n
 
     out = dict(checked)
     for (i, j), r in checked.items():
@@ -350,13 +380,21 @@ def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tup
         need = verify.threshold(ev["pixel"], floor)
         if r["ncc"] < need:
             continue
-        rivals = [x for x in (best_other(i, j), best_other(j, i)) if x is not None]
+        extra: dict[str, Any] = {}
+        rivals = [x for x in (best_other(i, j, True), best_other(j, i, True)) if x is not None]
         rival = max(rivals) if rivals else None
-        if rival is None or r["ncc"] - rival[0] >= margin:
-            out[(i, j)] = {**r, "verified": True, "evidence": {
-                **ev, "distinct": {"threshold": round(need, 3),
-                                   "margin": None if rival is None else round(r["ncc"] - rival[0], 4),
-                                   "rival": None if rival is None else ids[rival[1]]}}}
+        if rival is not None and r["ncc"] - rival[0] < margin:
+            # beaten only by copies of its own images? then it must agree with those copies
+            rivals = [x for x in (best_other(i, j, False), best_other(j, i, False)) if x is not None]
+            rival = max(rivals) if rivals else None
+            checks = [consistent(i, j), consistent(j, i)]
+            if (rival is not None and r["ncc"] - rival[0] < margin) or None in checks:
+                continue
+            extra = {"copies_checked": sum(checks)}
+        out[(i, j)] = {**r, "verified": True, "evidence": {
+            **ev, "distinct": {"threshold": round(need, 3),
+                               "margin": None if rival is None else round(r["ncc"] - rival[0], 4),
+                               "rival": None if rival is None else ids[rival[1]], **extra}}}
     return out
 
 

@@ -308,3 +308,33 @@ def test_distinct_coarse_pairs_beat_every_rival():
     assert duplicates.distinct(lone, [], p, ids)[(0, 1)]["evidence"]["distinct"]["rival"] is None
     assert not duplicates.distinct(lone, [], {**p, "distinct_ncc": 1.0}, ids)[(0, 1)]["verified"]
     assert out[(1, 2)] == checked[(1, 2)] and "distinct" not in out[(3, 4)]["evidence"]
+
+
+def test_distinct_pairs_beaten_only_by_own_copies_must_agree_with_them():
+    """A source with a verified copy matches that copy better than a new, coarse copy of
+    it: the new pair is still accepted when it agrees with every copy (each compared with
+    the new image and on the distinct line less the margin there); a thumbnail whose
+    verified source was never compared with the new partner stays rejected (one source)."""
+    p = {**duplicates.DEFAULTS}
+    ids = [f"x:{n}" for n in range(9)]
+    checked = {
+        (0, 1): _pair(0.99, 2.0, verified=True),  # 1 is a strict copy of source 0
+        (0, 2): _pair(0.85, 4.0),   # 2, a new thumbnail of 0: beaten only by 0's copy 1 ...
+        (1, 2): _pair(0.84, 4.0),   # ... and it agrees with that copy: accepted
+        (3, 4): _pair(0.99, 2.0, verified=True),  # 4 is a strict copy of source 3
+        (3, 5): _pair(0.86, 4.0),   # 5 beaten only by 3's copy 4, never compared with 4
+        (6, 7): _pair(0.97, 6.0, verified=True),  # thumbnail 7 of source 6, verified
+        (7, 8): _pair(0.90, 6.0),   # 7 also looks like the unrelated 8: 7 has one source
+    }
+    out = duplicates.distinct(checked, [], p, ids)
+    acc = {k for k, r in out.items() if r["verified"]}
+    assert acc == {(0, 1), (0, 2), (1, 2), (3, 4), (6, 7)}
+    assert out[(0, 2)]["evidence"]["distinct"] == {"threshold": 0.8, "margin": None, "rival": None,
+                                                   "copies_checked": 1}
+    # the copy under the line less the margin (0.80 - 0.05) breaks the agreement
+    low = {**checked, (1, 2): _pair(0.70, 4.0)}
+    assert not duplicates.distinct(low, [], p, ids)[(0, 2)]["verified"]
+    # a rival that is not a copy still decides, as before
+    rival = {**checked, (2, 8): _pair(0.83, 4.0)}
+    assert not duplicates.distinct(rival, [], p, ids)[(0, 2)]["verified"]
+    assert duplicates.distinct(dict(reversed(list(checked.items()))), [], p, ids) == out
