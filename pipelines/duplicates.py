@@ -70,7 +70,7 @@ class Params:
                             "rendition candidates among pairs with a small image, and are "
                             "verified by low-rendition matches when full ones fail (0: off)",
                             min=0)
-    small_k: int = param(6, "ORB-bucket candidates of small images (small_side): the k best "
+    small_k: int = param(9, "ORB-bucket candidates of small images (small_side): the k best "
                          "among pairs with a small image, ranked among themselves", min=0)
     match_features: int = param(300, "strongest keypoints matched in verification", min=1)
     min_inliers: int = param(12, "verification: RANSAC inliers at least", min=4)
@@ -199,7 +199,7 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
             small = (sides >= 0) & (sides <= int(p.get("small_side", 0)))
             # every image; pairs with a small image ranked among themselves (few images: look
             # deeper, small_k): both selections from one bucketing of the low renditions
-            small_k = int(p.get("small_k", 2 * orb["k"]))
+            small_k = int(p.get("small_k", 3 * orb["k"]))
             select = (([(orb["k"], None)] if how in ("low", "both") else [])
                       + ([(small_k, small)] if small.any() and small_k > 0 else []))
             kw = {x: v for x, v in orb.items() if x != "k"}
