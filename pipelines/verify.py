@@ -136,6 +136,8 @@ def _reflect(kp: Any, width: int, scale_factor: float) -> list[cv2.KeyPoint]:
     A keypoint of pyramid level ``o`` sits at ``x_o * s`` (``s = scale_factor ** o``) in the
     level of width ``round(width / s)``; its mirror is at ``(round(width / s) - 1 - x_o) * s``.
     """
+    if not len(kp):
+        return []
     pts = cv2.KeyPoint_convert(kp)
     octave = np.array([k.octave for k in kp], dtype=np.int64)
     s = scale_factor ** octave.astype(np.float64)
