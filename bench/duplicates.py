@@ -16,7 +16,7 @@ Scaling (``--sizes 1000,5000,20000``): CPU time per image (``time.process_time``
 threads of this process) of the image path, ingest + fingerprint + embed + duplicates, at
 each size, beside imagehash pHash alone on the same files, and the ratio.
 
-    .venv/bin/python bench/duplicates.py [--n 5000] [--sizes 1000,5000] [--record] [--keep DIR]
+    .venv/bin/python bench/duplicates.py [--n 5000] [--sizes 1000,5000] [--seed 0] [--record] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def goals(sc: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def quality(n: int, tmp: Path) -> tuple[str, dict[str, float], int]:
+def quality(n: int, tmp: Path, seed: int = 0) -> tuple[str, dict[str, float], int]:
     """Run the pipeline on ``n`` images and score it beside pHash; returns report lines."""
     root = tmp / f"q{n}"
     t0 = time.perf_counter()
@@ -218,7 +218,7 @@ def quality(n: int, tmp: Path) -> tuple[str, dict[str, float], int]:
         cat = Catalog(Workspace(root))
         print("reusing the workspace (stages already run take no time: see CPU lines)")
     else:
-        cat = build(root, n)
+        cat = build(root, n, seed)
     print(f"generated + ingested in {time.perf_counter() - t0:.0f} s", flush=True)
     t = {**ingest_time(root), **run_stages(cat)}
     files, pairs = truth(root)
@@ -256,7 +256,8 @@ def quality(n: int, tmp: Path) -> tuple[str, dict[str, float], int]:
     return "\n".join(lines), {**t, "cpu": cpu, "phash_cpu": base_cpu}, n_img
 
 
-def scaling(sizes: list[int], tmp: Path, done: dict[int, tuple[dict[str, float], int]] | None = None) -> str:
+def scaling(sizes: list[int], tmp: Path, done: dict[int, tuple[dict[str, float], int]] | None = None,
+            seed: int = 0) -> str:
     """CPU ms per image of the three stages at each size, beside pHash alone.
 
     ``done`` maps a size to (timings, images) of the quality run at that size: reused, not
@@ -269,7 +270,7 @@ def scaling(sizes: list[int], tmp: Path, done: dict[int, tuple[dict[str, float],
             t, k = done[n]
             base = t["phash_cpu"]
         else:
-            t, k, base = _scale_one(tmp / f"s{n}", n)
+            t, k, base = _scale_one(tmp / f"s{n}", n, seed)
         cpu = sum(t[f"{x}_cpu"] for x in STAGES)
         rows.append(f"| {k:,} | {1000 * t['ingest_cpu'] / k:.1f} | {1000 * t['fingerprint_cpu'] / k:.1f} "
                     f"| {1000 * t['embed_cpu'] / k:.1f} "
@@ -280,9 +281,9 @@ def scaling(sizes: list[int], tmp: Path, done: dict[int, tuple[dict[str, float],
     return "\n".join(rows)
 
 
-def _scale_one(root: Path, n: int) -> tuple[dict[str, float], int, float]:
+def _scale_one(root: Path, n: int, seed: int = 0) -> tuple[dict[str, float], int, float]:
     """Generate about ``n`` images, run the stages and pHash alone; (timings, images, pHash CPU)."""
-    cat = build(root, n)
+    cat = build(root, n, seed)
     print(f"size {n}:", flush=True)
     t = {**ingest_time(root), **run_stages(cat)}
     f = fingerprint.image_files(cat)
@@ -303,6 +304,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="", help="comma-separated sizes of the scaling run")
     ap.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     ap.add_argument("--keep", type=Path, help="keep the workspaces in this folder")
+    ap.add_argument("--seed", type=int, default=0, help="generator seed (0: the recorded set; "
+                    "others: another draw of the same generator, to check that figures carry over)")
     args = ap.parse_args()
     tmp = args.keep or Path(tempfile.mkdtemp(prefix="medlake-dup-bench-"))
     body = [f"machine: {machine()} (shared with other engineers' jobs; timings are noisy)"]
@@ -310,12 +313,13 @@ def main() -> None:
     try:
         done = {}
         if args.n:
-            text, t, n_img = quality(args.n, tmp)
+            text, t, n_img = quality(args.n, tmp, args.seed)
             done[args.n] = (t, n_img)
             print(text)
-            body += ["", f"Quality, `python bench/duplicates.py --n {args.n}`:", "", text]
+            seed = f" --seed {args.seed}" if args.seed else ""
+            body += ["", f"Quality, `python bench/duplicates.py --n {args.n}{seed}`:", "", text]
         if args.sizes:
-            table = scaling([int(s) for s in args.sizes.split(",")], tmp, done)
+            table = scaling([int(s) for s in args.sizes.split(",")], tmp, done, args.seed)
             print(table)
             body += ["", ("CPU time per image (ingest + fingerprint + embed descriptor-v1 + duplicates; "
                      "`time.process_time`, all threads):"), "", table]
