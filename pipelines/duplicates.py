@@ -349,10 +349,10 @@ def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tup
             seen.setdefault(i, []).append((j, r["ncc"]))
             seen.setdefault(j, []).append((i, r["ncc"]))
 
-    def best_other(x: int, y: int, copies: bool) -> tuple[float, int] | None:
-        """x's best comparison with an image that is neither y nor a verified copy of y
-        (nor, unless ``copies``, a verified copy of x)."""
-        got = [(n, c) for c, n in seen.get(x, [])
+    def rival(i: int, j: int, copies: bool) -> tuple[float, int] | None:
+        """The best comparison either image had with an image that is neither the other one
+        nor a verified copy of it (nor, unless ``copies``, a verified copy of itself)."""
+        got = [(n, c) for x, y in ((i, j), (j, i)) for c, n in seen.get(x, [])
                if c != y and comp[c] != comp[y] and (copies or comp[c] != comp[x])]
         return max(got) if got else None
 
@@ -381,20 +381,18 @@ def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tup
         if r["ncc"] < need:
             continue
         extra: dict[str, Any] = {}
-        rivals = [x for x in (best_other(i, j, True), best_other(j, i, True)) if x is not None]
-        rival = max(rivals) if rivals else None
-        if rival is not None and r["ncc"] - rival[0] < margin:
+        best = rival(i, j, True)
+        if best is not None and r["ncc"] - best[0] < margin:
             # beaten only by copies of its own images? then it must agree with those copies
-            rivals = [x for x in (best_other(i, j, False), best_other(j, i, False)) if x is not None]
-            rival = max(rivals) if rivals else None
+            best = rival(i, j, False)
             checks = [consistent(i, j), consistent(j, i)]
-            if (rival is not None and r["ncc"] - rival[0] < margin) or None in checks:
+            if (best is not None and r["ncc"] - best[0] < margin) or None in checks:
                 continue
             extra = {"copies_checked": sum(checks)}
         out[(i, j)] = {**r, "verified": True, "evidence": {
             **ev, "distinct": {"threshold": round(need, 3),
-                               "margin": None if rival is None else round(r["ncc"] - rival[0], 4),
-                               "rival": None if rival is None else ids[rival[1]], **extra}}}
+                               "margin": None if best is None else round(r["ncc"] - best[0], 4),
+                               "rival": None if best is None else ids[best[1]], **extra}}}
     return out
 
 
