@@ -67,13 +67,14 @@ def build(root: Path, n_images: int, seed: int = 0) -> Catalog:
     return cat
 
 
-def ingest_time(root: Path) -> dict[str, float]:
-    """The ingest timings :func:`build` recorded for the workspace at ``root``."""
+def path_times(root: Path, cat: Catalog) -> dict[str, float]:
+    """CPU and wall seconds of every stage of the image path (:data:`STAGES`): the ingest's
+    as :func:`build` recorded them for the workspace at ``root``, then the others run now."""
     f = root / "ingest_time.json"
     if not f.is_file():
         raise SystemExit(f"{f} is missing: the workspace predates ingest timing; run without --keep "
                          "or delete the folder")
-    return json.loads(f.read_text())
+    return {**json.loads(f.read_text()), **run_stages(cat)}
 
 
 def repo_params(stage: str) -> dict[str, Any]:
@@ -220,7 +221,7 @@ def quality(n: int, tmp: Path, seed: int = 0) -> tuple[str, dict[str, float], in
     else:
         cat = build(root, n, seed)
     print(f"generated + ingested in {time.perf_counter() - t0:.0f} s", flush=True)
-    t = {**ingest_time(root), **run_stages(cat)}
+    t = path_times(root, cat)
     files, pairs = truth(root)
     fp = cat.read("fingerprints", columns=["image_id"])
     known = set(fp["image_id"])
@@ -246,10 +247,8 @@ def quality(n: int, tmp: Path, seed: int = 0) -> tuple[str, dict[str, float], in
         + "; per crop kind: " + ", ".join(f"{k} {v[0]:.2f}" for k, v in cand_sc["per_crop"].items()),
         f"- imagehash pHash, best Hamming threshold {thr} (chosen on the truth): {fmt(base)}",
         f"- F1 ratio medlake / pHash: {ours['f1'] / max(base['f1'], 1e-9):.2f}",
-        (f"- CPU per image: ingest {1000 * t['ingest_cpu'] / n_img:.1f} ms, fingerprint "
-        f"{1000 * t['fingerprint_cpu'] / n_img:.1f} ms, embed "
-        f"{1000 * t['embed_cpu'] / n_img:.1f} ms, duplicates {1000 * t['duplicates_cpu'] / n_img:.1f} ms, "
-        f"total {1000 * cpu / n_img:.1f} ms; pHash alone {1000 * base_cpu / n_img:.1f} ms "
+        ("- CPU per image: " + ", ".join(f"{x} {1000 * t[f'{x}_cpu'] / n_img:.1f} ms" for x in STAGES)
+        + f", total {1000 * cpu / n_img:.1f} ms; pHash alone {1000 * base_cpu / n_img:.1f} ms "
         f"(ratio {cpu / max(base_cpu, 1e-9):.1f})"),
         f"- goals: {goals(ours)}",
     ]
@@ -258,13 +257,13 @@ def quality(n: int, tmp: Path, seed: int = 0) -> tuple[str, dict[str, float], in
 
 def scaling(sizes: list[int], tmp: Path, done: dict[int, tuple[dict[str, float], int]] | None = None,
             seed: int = 0) -> str:
-    """CPU ms per image of the three stages at each size, beside pHash alone.
+    """CPU ms per image of each stage of the image path at each size, beside pHash alone.
 
     ``done`` maps a size to (timings, images) of the quality run at that size: reused, not
     generated and run a second time.
     """
-    rows = ["| images | ingest | fingerprint | embed | duplicates | total ms/image | pHash alone ms/image | ratio | wall ms/image |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| images | " + " | ".join(STAGES) + " | total ms/image | pHash alone ms/image | ratio | wall ms/image |",
+            "|---:|" + "---:|" * (len(STAGES) + 4)]
     for n in sizes:
         if n in (done or {}):
             t, k = done[n]
@@ -272,9 +271,8 @@ def scaling(sizes: list[int], tmp: Path, done: dict[int, tuple[dict[str, float],
         else:
             t, k, base = _scale_one(tmp / f"s{n}", n, seed)
         cpu = sum(t[f"{x}_cpu"] for x in STAGES)
-        rows.append(f"| {k:,} | {1000 * t['ingest_cpu'] / k:.1f} | {1000 * t['fingerprint_cpu'] / k:.1f} "
-                    f"| {1000 * t['embed_cpu'] / k:.1f} "
-                    f"| {1000 * t['duplicates_cpu'] / k:.1f} | {1000 * cpu / k:.1f} | {1000 * base / k:.2f} "
+        rows.append(f"| {k:,} | " + " | ".join(f"{1000 * t[f'{x}_cpu'] / k:.1f}" for x in STAGES)
+                    + f" | {1000 * cpu / k:.1f} | {1000 * base / k:.2f} "
                     f"| {cpu / max(base, 1e-9):.1f} "
                     f"| {1000 * sum(t[x + '_wall'] for x in STAGES) / k:.1f} |")
         print(rows[-1], flush=True)
@@ -285,7 +283,7 @@ def _scale_one(root: Path, n: int, seed: int = 0) -> tuple[dict[str, float], int
     """Generate about ``n`` images, run the stages and pHash alone; (timings, images, pHash CPU)."""
     cat = build(root, n, seed)
     print(f"size {n}:", flush=True)
-    t = {**ingest_time(root), **run_stages(cat)}
+    t = path_times(root, cat)
     f = fingerprint.image_files(cat)
     known = set(cat.read("fingerprints", columns=["image_id"])["image_id"])
     f = f.filter(pl.col("image_id").is_in(known))
