@@ -65,15 +65,15 @@ def image_files(cat: Catalog, dataset_id: str | None = None, *,
 
 
 def quality(im: Image.Image, *, xray: bool, p: dict[str, Any],
-            rgb: np.ndarray | None = None) -> tuple[dict[str, float], list[str]]:
+            pixels: np.ndarray | None = None) -> tuple[dict[str, float], list[str]]:
     """Metrics (brightness, contrast, sharpness, entropy; 0..1 or raw) and the flags they raise.
 
-    ``rgb`` (the image as 8-bit pixels, when the caller has them) saves a conversion: RGB,
+    ``pixels`` (the image as 8-bit pixels, when the caller has them) saves a conversion: RGB,
     or 2-D grey for a grey image (its RGB form's grey values are the grey values).
     """
-    rgb = np.asarray(im.convert("RGB")) if rgb is None else rgb
-    h, w = rgb.shape[:2]
-    small = cv2.resize(rgb, (min(w, 256), min(h, 256)), interpolation=cv2.INTER_AREA)
+    px = np.asarray(im.convert("RGB")) if pixels is None else pixels
+    h, w = px.shape[:2]
+    small = cv2.resize(px, (min(w, 256), min(h, 256)), interpolation=cv2.INTER_AREA)
     grey = small if small.ndim == 2 else cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     g = grey.astype(np.float64) / 255
     counts = np.bincount(grey.ravel(), minlength=256)
@@ -177,7 +177,7 @@ def _one(row: dict[str, Any], p: dict[str, Any], root: Path) -> dict[str, Any]:
     sym = Image.fromarray((arr & mir) + ((arr ^ mir) >> 1))  # floor((a + b) / 2) in uint8
     grey = px.convert("L")  # every imagehash hash starts with convert("L"): do it once
     xray = str(row.get("modality") or "").lower() in ("cxr", "xr", "dx", "cr", "x-ray", "xray")
-    metrics, flags = quality(im, xray=xray, p=p, rgb=arr)
+    metrics, flags = quality(im, xray=xray, p=p, pixels=arr)
     return {
         "image_id": row["image_id"], "dataset_id": row["dataset_id"], "sha256": sha256_bytes(data),
         "width": px.width, "height": px.height, "mode": im.mode, "format": im.format or "",
