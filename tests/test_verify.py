@@ -129,3 +129,24 @@ def test_grey_file_features_equal_its_rgb_form(tmp_path):
     for part in ("n", "m", "lo", "lom"):
         assert len(a[part][0]) > 10
         assert np.array_equal(a[part][0], b[part][0]) and np.array_equal(a[part][1], b[part][1])
+
+
+def test_match_equals_opencv_two_nearest_with_ratio_test():
+    """faiss's Hamming 2-NN gives OpenCV's matches: planted near copies, ties and strided
+    (memory-mapped-like) inputs included."""
+    rng = np.random.default_rng(3)
+    da = rng.integers(0, 256, (300, 32), dtype=np.uint8)
+    db = rng.integers(0, 256, (280, 32), dtype=np.uint8)
+    db[:100] = da[50:150] ^ (rng.random((100, 32)) < 0.03).astype(np.uint8)  # near copies
+    db[100:110] = da[0]  # an exact copy of one descriptor, also tied with da[1] below
+    da[1] = da[0]
+    pa = rng.random((300, 2)).astype(np.float32)
+    pb = rng.random((280, 2)).astype(np.float32)
+    dist, idx = cv2.batchDistance(db, da, -1, normType=cv2.NORM_HAMMING, K=2)
+    good = dist[:, 0] < 0.8 * dist[:, 1]
+    want = pb[good], pa[idx[good, 0]]
+    for b_desc, a_desc in ((db, da), (np.asfortranarray(db), da[::1])):
+        got = verify._match(pb, b_desc, pa, a_desc)
+        assert len(got[0]) == len(want[0]) >= 100
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    assert not good[100:110].any()  # a tie for the nearest never passes the ratio test
