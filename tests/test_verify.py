@@ -150,3 +150,18 @@ def test_match_equals_opencv_two_nearest_with_ratio_test():
         assert len(got[0]) == len(want[0]) >= 100
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
     assert not good[100:110].any()  # a tie for the nearest never passes the ratio test
+
+
+def test_top_order_equals_lexsort():
+    """The packed-key order of candidate slots is lexsort's (ties in votes and sides)."""
+    rng = np.random.default_rng(5)
+    for n, m in ((7, 30), (500, 4000)):
+        i = rng.integers(0, n, m)
+        j = rng.integers(0, n, m)
+        slots = np.unique(np.stack([i, rng.integers(0, 2, m), j], axis=1), axis=0)
+        img, side, other = slots.T
+        votes = rng.integers(2, 6, len(img))  # many ties
+        perm = rng.permutation(len(img))
+        img, side, other, votes = img[perm], side[perm], other[perm], votes[perm]
+        want = np.lexsort((other, side, -votes, img))
+        assert np.array_equal(verify._order(img, votes, side, other), want)
