@@ -43,6 +43,7 @@ PHI_TAGS = (
 )
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _EXIF_ORIENTATION = 0x0112
+_FULL_SIZE = "medlake_full_size"  # Image.info key: (w, h) of a JPEG decoded reduced
 _DICOM_SUFFIXES = (".dcm", ".dicom")
 _NOT_DICOM = "named like DICOM, but no 'DICM' marker at byte 128 and no DICOM data element at byte 0"
 
@@ -163,11 +164,18 @@ def inspect_many(
         return list(pool.map(lambda p: inspect(p, max_pixels=max_pixels), items, chunksize=16))
 
 
-def open_image(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def open_image(path: Path | str, *, max_pixels: int = MAX_PIXELS,
+               min_side: int | None = None) -> Image.Image:
     """Open and fully decode an image, EXIF orientation applied.
 
     A DICOM file gives its 8-bit rendering (:func:`render_8bit`: mode 'L' or 'RGB',
     ``format`` 'DICOM').
+
+    ``min_side``: the caller shrinks the image to about this many pixels a side, so a JPEG
+    may be decoded at 1/2, 1/4 or 1/8 of its size in the DCT (Pillow's ``draft``; several
+    times faster for large files) as long as its shorter side stays at least ``min_side``;
+    :func:`full_size` gives the size of the whole image either way. Other formats decode
+    in full.
 
     Raises
     ------
@@ -179,22 +187,42 @@ def open_image(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> Image.Image
     data = _read(p)
     if is_dicom(data, p):
         return _dicom_image(data, p, max_pixels)
-    im = _not_dicom(lambda: _open(data, p, max_pixels), p)
-    return ImageOps.exif_transpose(im)
+    im = _not_dicom(lambda: _open(data, p, max_pixels, min_side), p)
+    return _transposed(im)
 
 
-def load_rgb(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def full_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of the whole image, also when :func:`open_image` decoded it reduced."""
+    return tuple(im.info.get(_FULL_SIZE, im.size))  # type: ignore[return-value]
+
+
+def _transposed(im: Image.Image) -> Image.Image:
+    """EXIF orientation applied; a reduced decode's full size turned with it."""
+    full = im.info.get(_FULL_SIZE)
+    before = im.size
+    out = ImageOps.exif_transpose(im)
+    if full is not None:
+        out.info[_FULL_SIZE] = full if out.size == before else (full[1], full[0])
+    return out
+
+
+def load_rgb(path: Path | str, *, max_pixels: int = MAX_PIXELS,
+             min_side: int | None = None) -> Image.Image:
     """Any supported file as an 8-bit RGB image (for thumbnails, hashes and models).
 
     CMYK and palette images are converted, 16-bit greyscale is scaled to 8 bits by its own
     range, transparency is flattened onto white and DICOM is windowed (:func:`render_8bit`).
+    ``min_side``: as :func:`open_image` (a large JPEG may be decoded reduced).
     """
     p = Path(path)
     data = _read(p)
     if is_dicom(data, p):
         return _dicom_image(data, p, max_pixels).convert("RGB")
-    im = ImageOps.exif_transpose(_not_dicom(lambda: _open(data, p, max_pixels), p))
-    return to_rgb(im)
+    im = _transposed(_not_dicom(lambda: _open(data, p, max_pixels, min_side), p))
+    out = to_rgb(im)
+    if _FULL_SIZE in im.info:
+        out.info[_FULL_SIZE] = im.info[_FULL_SIZE]
+    return out
 
 
 def to_8bit(im: Image.Image) -> Image.Image:
@@ -207,9 +235,18 @@ def to_8bit(im: Image.Image) -> Image.Image:
     return im if im.mode == "L" else to_rgb(im)
 
 
-def load_8bit(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """:func:`load_rgb`, except that an 8-bit greyscale file stays greyscale (:func:`to_8bit`)."""
-    return to_8bit(open_image(path, max_pixels=max_pixels))
+def load_8bit(path: Path | str, *, max_pixels: int = MAX_PIXELS,
+              min_side: int | None = None) -> Image.Image:
+    """:func:`load_rgb`, except that an 8-bit greyscale file stays greyscale (:func:`to_8bit`).
+
+    ``min_side``: as :func:`open_image` (a JPEG may be decoded reduced); the result keeps
+    :func:`full_size`.
+    """
+    im = open_image(path, max_pixels=max_pixels, min_side=min_side)
+    out = to_8bit(im)
+    if _FULL_SIZE in im.info:
+        out.info[_FULL_SIZE] = im.info[_FULL_SIZE]
+    return out
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -285,8 +322,9 @@ def _read(p: Path) -> bytes:
     return data
 
 
-def _open(data: bytes, p: Path, max_pixels: int) -> Image.Image:
-    """Decode all pixels (so truncation shows), refusing bombs before decoding."""
+def _open(data: bytes, p: Path, max_pixels: int, min_side: int | None = None) -> Image.Image:
+    """Decode all pixels (so truncation shows), refusing bombs before decoding; a JPEG at a
+    reduced scale whose shorter side stays >= ``min_side`` (:func:`open_image`)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -296,6 +334,11 @@ def _open(data: bytes, p: Path, max_pixels: int) -> Image.Image:
                 raise ImageReadError(
                     p, "decompression bomb", f"declared {w}x{h} = {w * h:,} pixels > {max_pixels:,}"
                 )
+            if min_side and im.format == "JPEG" and min(w, h) >= 2 * min_side:
+                k = min(w, h) / min_side  # draft picks the largest 1/2^n with both sides >= the request
+                im.draft(im.mode, (int(np.ceil(w / k)), int(np.ceil(h / k))))
+                if im.size != (w, h):
+                    im.info[_FULL_SIZE] = (w, h)
             im.load()
     except ImageReadError:
         raise

@@ -63,7 +63,9 @@ class _Images:
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
         try:
-            return i, self.prep(load_rgb(self.files[i]))
+            # a large JPEG is decoded at a reduced DCT scale that keeps twice the pixels
+            # the model's input needs (``prep.min_side``; both get area/bicubic-reduced)
+            return i, self.prep(load_rgb(self.files[i], min_side=getattr(self.prep, "min_side", None)))
         except (ImageReadError, OSError):
             return i, None
 
@@ -259,7 +261,21 @@ def preparer(emb: Any) -> Any:
 
     Both engines (local and Ray) call this, so their vectors stay identical.
     """
-    return emb.preprocess if hasattr(emb, "preprocess") else _DescriptorPrep()
+    if hasattr(emb, "preprocess"):
+        size = getattr(getattr(getattr(emb, "net", None), "visual", None), "image_size", None)
+        side = max(size) if isinstance(size, (tuple, list)) else size
+        return _ClipPrep(emb.preprocess, 2 * int(side)) if side else emb.preprocess
+    return _DescriptorPrep()
+
+
+class _ClipPrep:
+    """open_clip's transform, with the decode size it needs (twice its input side)."""
+
+    def __init__(self, preprocess: Any, min_side: int) -> None:
+        self.preprocess, self.min_side = preprocess, min_side
+
+    def __call__(self, im: Any) -> Any:
+        return self.preprocess(im)
 
 
 def model_vectors(emb: Any, batch: Any) -> Any:
@@ -269,6 +285,8 @@ def model_vectors(emb: Any, batch: Any) -> Any:
 
 class _DescriptorPrep:
     """The descriptor is computed in the loader's workers (it is the whole model)."""
+
+    min_side = 128  # twice the descriptor's 64-px square
 
     def __call__(self, im: Any) -> np.ndarray:
         from medlake.catalog.embedders import DescriptorEmbedder

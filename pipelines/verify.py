@@ -46,7 +46,7 @@ import cv2
 import faiss
 import numpy as np
 
-from medlake.catalog.imageio import ImageReadError, load_8bit
+from medlake.catalog.imageio import ImageReadError, full_size, load_8bit
 
 SIDE = 256
 NFEATURES = 300  # ORB keypoints per image (and per mirror image)
@@ -58,7 +58,7 @@ BAND, BAND_MIN = 0.7, 1.0  # band-pass sigma: BAND x the common pixel, at least 
 _LOCAL = threading.local()  # one ORB detector per thread (cv2 objects are not shared safely)
 
 
-def features(path: str, *, low: bool = True) -> dict[str, Any] | None:
+def features(path: str, *, low: bool = True, reduced: bool = True) -> dict[str, Any] | None:
     """Grey 256-px equalised image and ORB keypoints/descriptors of it and its mirror.
 
     Keypoints are detected once; the mirror's are the same keypoints reflected (position per
@@ -67,24 +67,28 @@ def features(path: str, *, low: bool = True) -> dict[str, Any] | None:
     mirror-symmetric) at about a third of the cost. With ``low``, also ``lo``/``lom``: ORB
     of the low rendition and its mirror (:func:`_low`), points in the 256-px frame. ``side``
     is the image's longer side in pixels, ``up`` its upsampling to the 256-px frame (>= 1).
+    ``reduced`` (default): a large JPEG is decoded at a reduced DCT scale (>= 512 px on its
+    shorter side; :func:`medlake.catalog.imageio.open_image`); False decodes every pixel.
     Returns None when the file cannot be decoded.
     """
     if not hasattr(_LOCAL, "orb"):
         _LOCAL.orb = cv2.ORB_create(nfeatures=NFEATURES, edgeThreshold=15, patchSize=15,
                                     fastThreshold=8)
-    try:
-        px = np.asarray(load_8bit(path))  # grey files stay grey: the same values, no RGB copy
+    try:  # grey files stay grey (the same values, no RGB copy); a large JPEG is decoded at
+        # a DCT scale that keeps >= 512 px on its shorter side (area-reduced to the frame after)
+        im = load_8bit(path, min_side=2 * SIDE if reduced else None)
     except (ImageReadError, OSError):
         return None
+    px = np.asarray(im)
     grey = px if px.ndim == 2 else cv2.cvtColor(px, cv2.COLOR_RGB2GRAY)
-    h, w = grey.shape
+    w, h = full_size(im)
     up = SIDE / max(h, w)
     g = cv2.resize(grey, (max(8, round(w * up)), max(8, round(h * up))), interpolation=cv2.INTER_AREA if up < 1 else cv2.INTER_LINEAR)
     eq = cv2.equalizeHist(g)
     out = {"g": eq, "up": max(up, 1.0), "side": max(h, w)}  # uint8 (64 KB per image)
     out["n"], out["m"] = _orb_both(_LOCAL.orb, eq)
     if low:
-        out["lo"], out["lom"] = _low(grey, eq.shape)
+        out["lo"], out["lom"] = _low(grey, eq.shape, (h, w))
     return out
 
 
@@ -106,18 +110,20 @@ def _orb_both(orb: Any, img: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray |
             _strongest(kpm, desm, response if same else None))
 
 
-def _low(grey: np.ndarray, frame: tuple[int, int]) -> tuple[tuple[np.ndarray, np.ndarray | None], ...]:
+def _low(grey: np.ndarray, frame: tuple[int, int],
+         full: tuple[int, int] | None = None) -> tuple[tuple[np.ndarray, np.ndarray | None], ...]:
     """ORB of the low rendition (long side area-reduced to ``LOW_SIDE``, resized to ``LOW_GRID``).
 
     Reducing every image to the same number of pixels is scale-covariant: a crop's
     rendition equals its source's, magnified, which ORB's pyramid absorbs, so a 30-px
     thumbnail and its 256-px source share descriptors here. Points are mapped into the
     image's 256-px frame (``frame``: its shape) so they combine with :func:`verify`'s.
+    ``full``: (h, w) of the whole image when ``grey`` was decoded reduced.
     """
     if not hasattr(_LOCAL, "orb_low"):
         _LOCAL.orb_low = cv2.ORB_create(nfeatures=NFEATURES, edgeThreshold=8, patchSize=15,
                                         fastThreshold=8, nlevels=6)
-    h, w = grey.shape
+    h, w = full or grey.shape
     s = LOW_SIDE / max(h, w)
     x = grey if s >= 1 else cv2.resize(grey, (max(4, round(w * s)), max(4, round(h * s))),
                                        interpolation=cv2.INTER_AREA)
