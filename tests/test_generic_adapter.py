@@ -341,6 +341,10 @@ def test_flags_configured_ingest_via_cli(catalog: Catalog, data, tmp_path):
     r = runner.invoke(main, ["ingest", "generic", str(catalog.ws.root / "data/ext/img"),
                              "-w", str(catalog.ws.root), "-o", "manifest=../m.csv", "-o", "id=image_id"])
     assert r.exit_code == 1 and "--dataset" in r.output
+    # a manifest given relative to the wrong folder: the message says where it looked
+    r = runner.invoke(main, [*args[:7], "-o", "manifest=data/ext/m.csv", "-o", "id=image_id"])
+    assert r.exit_code == 1 and "m.csv: manifest not found (looked for " in r.output
+    assert "data/ext/img/data/ext/m.csv" in r.output and "from the image folder" in r.output
 
 
 # --- invariant: rows read = ingested + quarantined, against an independent model ---------------

@@ -187,7 +187,10 @@ def read_manifest(
     gets the same row checks. Returns the good rows and the number of rows read.
     """
     if not path.is_file():
-        raise IngestError(f"{path.name}: manifest not found; check 'manifest' in the config")
+        raise IngestError(
+            f"{path.name}: manifest not found (looked for {_shown(path)}); check 'manifest' "
+            "in the config: a relative path is read from the YAML's folder, or with -o options "
+            "from the image folder")
     if path.suffix.lower() not in (".parquet", ".pq"):
         return read_csv(path, expected, q, ids=ids)
     try:
@@ -239,3 +242,11 @@ def code_map(lb: LabelSpec) -> str | None:
     m.update({k: {"value": 0.0, "meaning": "negative"} for k in FALSE})
     m.update({u: {"value": None, "meaning": "unknown"} for u in lb.unknown})
     return json.dumps(m, sort_keys=True)
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (messages)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
