@@ -505,7 +505,8 @@ class _Report:
                 try:
                     if not root:
                         raise ImageReadError(iid, "metadata only (no images_root)")
-                    im = load_rgb(image_file(self.cat.ws.root, root, r["path"]))
+                    im = load_rgb(image_file(self.cat.ws.root, root, r["path"]),
+                                  min_side=2 * THUMB)  # a large JPEG: a reduced DCT decode
                     im.thumbnail((THUMB, THUMB))
                     buf = io.BytesIO()
                     im.save(buf, format="JPEG", quality=82)

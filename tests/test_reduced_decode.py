@@ -97,3 +97,16 @@ def test_descriptor_of_a_reduced_decode_matches_the_full_decode(big_jpeg):
     full = prep(imageio.load_rgb(path))
     assert imageio.load_rgb(path, min_side=prep.min_side).size == (300, 225)
     assert float(reduced @ full) > 0.999
+
+
+def test_ui_thumbnail_of_a_large_jpeg_matches_the_full_decode(big_jpeg):
+    from medlake.ui import data
+
+    path, _ = big_jpeg
+    small = data.open_rgb(path, "x", max_side=256)
+    full = imageio.load_rgb(path)
+    full.thumbnail((256, 256))
+    assert small.size == full.size == (256, 192)
+    diff = np.abs(np.asarray(small, dtype=int) - np.asarray(full, dtype=int))
+    assert diff.mean() < 2.0, diff.mean()
+    assert data.open_rgb(path, "x").size == (2400, 1800)  # unshrunk: every pixel
