@@ -1,4 +1,4 @@
-"""Benchmark: reduced-size JPEG decoding in the duplicates features and the embed descriptor.
+"""Benchmark: reduced-size JPEG decoding in ingest, the duplicates features and the embed loader.
 
 Large JPEGs (MIMIC-CXR-JPG ships chest X-rays of ~3000 x 2500 px; many exports are 1024 px
 and more) are decoded at a DCT scale that keeps at least twice the pixels the stage uses
@@ -6,9 +6,11 @@ and more) are decoded at a DCT scale that keeps at least twice the pixels the st
 generated files, per image CPU of (a) ``pipelines.verify.features`` with reduced decoding
 (the default) against the baseline, the same function decoding every pixel
 (``reduced=False``); (b) the descriptor-v1 loader step (``pipelines.embed``'s ``_Images``
-item) with and without its ``min_side``. It also reports how far the reduced results are
-from the full ones (mean absolute difference of the 256-px frame in grey levels; cosine of
-the descriptors). Files are made once per run in a temporary folder.
+item) with and without its ``min_side``; (c) ingest's file check (``imageio.inspect``:
+JPEGs at their smallest DCT scale) against reading, hashing and decoding every pixel. It
+also reports how far the reduced results are from the full ones (mean absolute difference
+of the 256-px frame in grey levels; cosine of the descriptors; inspect's width, height and
+verdict). Files are made once per run in a temporary folder.
 
     .venv/bin/python bench/decode.py [--n 40] [--record]
 """
@@ -16,6 +18,8 @@ the descriptors). Files are made once per run in a temporary folder.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import sys
 import tempfile
 import time
@@ -30,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import machine, record
 
 from medlake.catalog.embedders import DescriptorEmbedder
-from medlake.catalog.imageio import load_rgb
+from medlake.catalog.imageio import inspect, load_rgb
 from medlake.pipelines import embed, verify
 
 SHAPES = (("grey 3000x2500 (MIMIC-CXR-JPG-like)", 3000, 2500, "L"),
@@ -48,6 +52,14 @@ def picture(w: int, h: int, mode: str, seed: int) -> Image.Image:
     noise = rng.normal(0, 2.0, base.shape).astype(np.float32)
     arr = np.clip(base * 255 + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(arr[..., 0] if ch == 1 else arr, mode)
+
+
+def full_inspect(f: Path) -> tuple[str, tuple[int, int]]:
+    """The baseline of ``inspect``: read, sha256 and decode every pixel."""
+    data = f.read_bytes()
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return hashlib.sha256(data).hexdigest(), im.size
 
 
 def cpu_per_image(fn, files: list[Path]) -> tuple[float, list]:
@@ -79,6 +91,11 @@ def main() -> None:
                             for a, b in zip(full, red, strict=True)])
             rows.append(f"| {name} | {kb:,.0f} | duplicates features | {full_t:.1f} | {red_t:.1f} | "
                         f"{full_t / red_t:.2f} | frame differs by {diff:.2f} grey levels (mean) |")
+            full_i, _ = cpu_per_image(full_inspect, files)
+            red_i, infos = cpu_per_image(inspect, files)
+            same = all(i.ok and (i.width, i.height) == (w, h) for i in infos)
+            rows.append(f"| {name} | {kb:,.0f} | ingest check (inspect) | {full_i:.1f} | {red_i:.1f} | "
+                        f"{full_i / red_i:.2f} | {'same' if same else 'DIFFERENT'} width, height, verdict |")
             ef_t, ef = cpu_per_image(lambda f: prep(load_rgb(f)), files)
             er_t, er = cpu_per_image(lambda f: prep(load_rgb(f, min_side=prep.min_side)), files)
             cos = min(float(a @ b) for a, b in zip(ef, er, strict=True))

@@ -104,6 +104,9 @@ def is_dicom(data: bytes, path: Path | str = "") -> bool:
 def inspect(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> ImageInfo:
     """Read one file fully: sha256, size, mode; DICOM header fields; or why it is bad.
 
+    Every byte is read and every pixel block decoded (a JPEG at its smallest DCT scale:
+    the same checks, a fraction of the work; width and height are the full image's).
+
     Parameters
     ----------
     path
@@ -141,8 +144,10 @@ def inspect(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> ImageInfo:
     if is_dicom(data, p):
         return _inspect_dicom(data, base, max_pixels)
     try:
-        im = _open(data, p, max_pixels)
-        w, h = im.size
+        # a JPEG is decoded at its smallest DCT scale: every entropy-coded block is still
+        # read (truncation and corrupt data show the same), the size is the header's
+        im = _open(data, p, max_pixels, min_side=1)
+        w, h = im.info.get(_FULL_SIZE, im.size)
         if _orientation(im) in _ROTATED:
             w, h = h, w
         return ImageInfo(**base, width=w, height=h, mode=im.mode, format=im.format)

@@ -110,3 +110,29 @@ def test_ui_thumbnail_of_a_large_jpeg_matches_the_full_decode(big_jpeg):
     diff = np.abs(np.asarray(small, dtype=int) - np.asarray(full, dtype=int))
     assert diff.mean() < 2.0, diff.mean()
     assert data.open_rgb(path, "x").size == (2400, 1800)  # unshrunk: every pixel
+
+
+def test_inspect_reads_a_large_jpeg_at_its_smallest_scale_with_the_same_verdicts(big_jpeg, tmp_path):
+    """Ingest's check decodes JPEGs at 1/8 scale: the full size is recorded, and a broken
+    file gets the verdict a full decode gives."""
+    path, _ = big_jpeg
+    info = imageio.inspect(path)
+    assert info.ok and (info.width, info.height, info.mode, info.format) == (2400, 1800, "RGB", "JPEG")
+    data = path.read_bytes()
+    rng = np.random.default_rng(7)
+    broken = {"truncated": data[: len(data) * 6 // 10],
+              "eoi_inside": data[: len(data) // 2] + b"\xff\xd9" + data[len(data) // 2 + 2:],
+              "garbage_tail": data[: len(data) // 3] + rng.integers(0, 256, len(data) // 3, dtype=np.uint8).tobytes()}
+    verdicts = {}
+    for name, blob in broken.items():
+        f = tmp_path / f"{name}.jpg"
+        f.write_bytes(blob)
+        got = imageio.inspect(f)
+        try:
+            imageio.open_image(f)  # every pixel
+            want = None
+        except imageio.ImageReadError as e:
+            want = e.reason
+        assert got.reason == want, (name, got.reason, want)
+        verdicts[name] = got.reason
+    assert verdicts["truncated"] == "truncated or corrupt image"

@@ -344,8 +344,13 @@ def test_verdict_through_the_proxy_is_recorded_under_the_header_name(proxied, br
     row = df.row(-1, named=True)
     assert (row["kind"], row["verdict"], row["reviewer"], row["identity"]) == (
         "pair", "duplicate", "alice", f"proxy-header:{HEADER}")
-    # the request reached Streamlit through nginx, WebSocket included
-    access = (proxied["tmp"] / "access.log").read_text()
+    # the request reached Streamlit through nginx, WebSocket included (nginx logs an
+    # upgraded connection when it closes, a moment after the page does: wait for the line)
+    log = proxied["tmp"] / "access.log"
+    deadline = time.monotonic() + 30
+    while "GET /_stcore/stream" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    access = log.read_text()
     assert "GET /_stcore/stream" in access and " 101 " in access
 
 
