@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any, Self
 
 import cv2
-import faiss
 import numpy as np
 
 from medlake.catalog.imageio import ImageReadError, full_size, load_8bit
@@ -628,6 +627,8 @@ def _match(pb: np.ndarray, db: np.ndarray, pa: np.ndarray, da: np.ndarray,
     ``batchDistance(K=2)`` at about a third of its cost; one OpenMP thread per calling
     thread (our thread pool already runs one pair per core).
     """
+    import faiss  # here, not at the top: every medlake command imports this module
+
     if not hasattr(_LOCAL, "faiss_threads"):
         faiss.omp_set_num_threads(1)
         _LOCAL.faiss_threads = 1
