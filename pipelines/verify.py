@@ -468,11 +468,7 @@ def orb_pairs_many(feats: list[dict[str, Any] | None] | FeatureStore,
         tops = [_Top(k) for k, _ in select]
         for x in range(shards):  # every vote of a pair is in one shard: count them there
             codes = np.fromfile(folder / f"s{x}", dtype=code_t).astype(np.int64)
-            codes.sort()
-            edge = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else codes
-            votes = np.diff(np.r_[edge, len(codes)])
-            good = votes >= min_votes
-            i, j, v = codes[edge][good] // n, codes[edge][good] % n, votes[good]
+            i, j, v = _count_votes(codes, n, shards, x, min_votes)
             for top, only in zip(tops, flagged, strict=True):
                 keep = slice(None) if only is None else only[i] | only[j]
                 top.add(i[keep], j[keep], v[keep])
@@ -480,6 +476,29 @@ def orb_pairs_many(feats: list[dict[str, Any] | None] | FeatureStore,
 
 
 SHARD_DESCRIPTORS = 1 << 18  # descriptors per shard of pair codes (orb_pairs; ~12 codes each)
+DENSE_VOTES = 1 << 24  # shard pair slots counted by bincount up to this many (128 MiB), else sorted
+
+
+def _count_votes(codes: np.ndarray, n: int, shards: int, x: int,
+                 min_votes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, votes) of the pair codes ``i * n + j`` of shard ``x`` (``i % shards == x``) with
+    at least ``min_votes`` votes, by pair code.
+
+    When the shard's possible pairs (``ceil(n / shards) * n``) number at most
+    :data:`DENSE_VOTES`, a bincount over them (linear time), else a sort of the codes; the
+    same counts either way.
+    """
+    rows = -(-n // shards)
+    if rows * n <= DENSE_VOTES:
+        i, j = codes // n, codes % n
+        counts = np.bincount((i // shards) * n + j, minlength=rows * n)
+        slot = np.flatnonzero(counts >= max(min_votes, 1))
+        return (slot // n) * shards + x, slot % n, counts[slot]
+    codes.sort()
+    edge = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else codes
+    votes = np.diff(np.r_[edge, len(codes)])
+    good = votes >= min_votes
+    return codes[edge][good] // n, codes[edge][good] % n, votes[good]
 
 
 def _write_shards(codes: np.ndarray, n: int, outs: list[Any]) -> None:
