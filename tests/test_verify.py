@@ -165,3 +165,10 @@ def test_top_order_equals_lexsort():
         img, side, other, votes = img[perm], side[perm], other[perm], votes[perm]
         want = np.lexsort((other, side, -votes, img))
         assert np.array_equal(verify._order(img, votes, side, other), want)
+
+
+def test_sorted_equals_numpy_sort():
+    rng = np.random.default_rng(9)
+    for a in (np.zeros(0, np.int64), rng.integers(0, 50, 1000), rng.integers(0, 2**62, 100_000)):
+        got = verify._sorted(a.copy())
+        assert got.dtype == np.int64 and np.array_equal(got, np.sort(a))
