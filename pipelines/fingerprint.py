@@ -173,7 +173,7 @@ def _one(row: dict[str, Any], p: dict[str, Any], root: Path) -> dict[str, Any]:
     except (ImageReadError, OSError) as e:
         return {"error": getattr(e, "reason", "unreadable file"), "detail": str(e)}
     arr = np.asarray(px)
-    mir = arr[:, ::-1]
+    mir = cv2.flip(arr, 1)  # a contiguous mirror: the sums below run 2.5x faster than on a view
     sym = Image.fromarray((arr & mir) + ((arr ^ mir) >> 1))  # floor((a + b) / 2) in uint8
     grey = px.convert("L")  # every imagehash hash starts with convert("L"): do it once
     xray = str(row.get("modality") or "").lower() in ("cxr", "xr", "dx", "cr", "x-ray", "xray")
