@@ -176,6 +176,8 @@ class OpenClipEmbedder:
         self.preprocess = preprocess
         self.name = f"openclip:{model}:{_weights_tag(ckpt)}"
         self.dim = int(net.visual.output_dim)
+        size = net.visual.image_size  # the input side the transform produces
+        self.input_side = int(max(size) if isinstance(size, (tuple, list)) else size)
 
     def tensors(self, images: list[Image.Image]) -> Any:
         import torch

@@ -147,7 +147,7 @@ def inspect(path: Path | str, *, max_pixels: int = MAX_PIXELS) -> ImageInfo:
         # a JPEG is decoded at its smallest DCT scale: every entropy-coded block is still
         # read (truncation and corrupt data show the same), the size is the header's
         im = _open(data, p, max_pixels, min_side=1)
-        w, h = im.info.get(_FULL_SIZE, im.size)
+        w, h = full_size(im)
         if _orientation(im) in _ROTATED:
             w, h = h, w
         return ImageInfo(**base, width=w, height=h, mode=im.mode, format=im.format)
@@ -201,6 +201,13 @@ def full_size(im: Image.Image) -> tuple[int, int]:
     return tuple(im.info.get(_FULL_SIZE, im.size))  # type: ignore[return-value]
 
 
+def _keep_full_size(out: Image.Image, src: Image.Image) -> Image.Image:
+    """``out`` (a conversion of ``src``) with ``src``'s :func:`full_size` when it was reduced."""
+    if _FULL_SIZE in src.info:
+        out.info[_FULL_SIZE] = src.info[_FULL_SIZE]
+    return out
+
+
 def _transposed(im: Image.Image) -> Image.Image:
     """EXIF orientation applied; a reduced decode's full size turned with it."""
     full = im.info.get(_FULL_SIZE)
@@ -224,10 +231,7 @@ def load_rgb(path: Path | str, *, max_pixels: int = MAX_PIXELS,
     if is_dicom(data, p):
         return _dicom_image(data, p, max_pixels).convert("RGB")
     im = _transposed(_not_dicom(lambda: _open(data, p, max_pixels, min_side), p))
-    out = to_rgb(im)
-    if _FULL_SIZE in im.info:
-        out.info[_FULL_SIZE] = im.info[_FULL_SIZE]
-    return out
+    return _keep_full_size(to_rgb(im), im)
 
 
 def to_8bit(im: Image.Image) -> Image.Image:
@@ -248,10 +252,7 @@ def load_8bit(path: Path | str, *, max_pixels: int = MAX_PIXELS,
     :func:`full_size`.
     """
     im = open_image(path, max_pixels=max_pixels, min_side=min_side)
-    out = to_8bit(im)
-    if _FULL_SIZE in im.info:
-        out.info[_FULL_SIZE] = im.info[_FULL_SIZE]
-    return out
+    return _keep_full_size(to_8bit(im), im)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

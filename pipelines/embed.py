@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 
 from medlake.catalog import Catalog, CatalogError
-from medlake.catalog.embedders import DESCRIPTOR, make_embedder
+from medlake.catalog.embedders import DESCRIPTOR, DescriptorEmbedder, make_embedder
 from medlake.catalog.imageio import ImageReadError, load_rgb
 from medlake.catalog.storage import open_vectors
 from medlake.catalog.params import defaults, param, to_dict
@@ -262,9 +262,7 @@ def preparer(emb: Any) -> Any:
     Both engines (local and Ray) call this, so their vectors stay identical.
     """
     if hasattr(emb, "preprocess"):
-        size = getattr(getattr(getattr(emb, "net", None), "visual", None), "image_size", None)
-        side = max(size) if isinstance(size, (tuple, list)) else size
-        return _ClipPrep(emb.preprocess, 2 * int(side)) if side else emb.preprocess
+        return _ClipPrep(emb.preprocess, 2 * emb.input_side)
     return _DescriptorPrep()
 
 
@@ -286,11 +284,9 @@ def model_vectors(emb: Any, batch: Any) -> Any:
 class _DescriptorPrep:
     """The descriptor is computed in the loader's workers (it is the whole model)."""
 
-    min_side = 128  # twice the descriptor's 64-px square
+    min_side = 2 * DescriptorEmbedder.side  # twice the descriptor's square
 
     def __call__(self, im: Any) -> np.ndarray:
-        from medlake.catalog.embedders import DescriptorEmbedder
-
         return DescriptorEmbedder()._one(im)
 
 
