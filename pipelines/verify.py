@@ -101,13 +101,13 @@ def _orb_both(orb: Any, img: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray |
     if des is None:
         return _EMPTY, _EMPTY
     mirrored = np.ascontiguousarray(img[:, ::-1])
-    response = np.array([k.response for k in kp], dtype=np.float64)
+    response = np.fromiter((k.response for k in kp), np.float64, len(kp))
+    first = _strongest(kp, des, response)  # before _reflect moves the keypoints
     kpm, desm = orb.compute(mirrored, _reflect(kp, img.shape[1], orb.getScaleFactor()))
     # compute() only drops keypoints (none, unless one falls off the border by rounding):
     # with all kept, the mirror's keypoints have the same responses in the same order
     same = len(kpm) == len(kp)
-    return (_strongest(kp, des, response),
-            _strongest(kpm, desm, response if same else None))
+    return first, _strongest(kpm, desm, response if same else None)
 
 
 def _low(grey: np.ndarray, frame: tuple[int, int],
@@ -137,20 +137,26 @@ def _low(grey: np.ndarray, frame: tuple[int, int],
     return (n[0] * scale + shift, n[1]), (m[0] * scale + shift, m[1])
 
 
-def _reflect(kp: Any, width: int, scale_factor: float) -> list[cv2.KeyPoint]:
-    """Keypoints mirrored left-right, exactly as ORB places them on the mirrored image.
+def _reflect(kp: Any, width: int, scale_factor: float) -> Any:
+    """Keypoints mirrored left-right, exactly as ORB places them on the mirrored image: the
+    same keypoint objects, moved (position and angle set in place; ~half the cost of
+    building new ones).
 
     A keypoint of pyramid level ``o`` sits at ``x_o * s`` (``s = scale_factor ** o``) in the
-    level of width ``round(width / s)``; its mirror is at ``(round(width / s) - 1 - x_o) * s``.
+    level of width ``round(width / s)``; its mirror is at ``(round(width / s) - 1 - x_o) * s``,
+    its angle ``180 - angle``.
     """
     if not len(kp):
-        return []
+        return kp
     pts = cv2.KeyPoint_convert(kp)
-    octave = np.array([k.octave for k in kp], dtype=np.int64)
+    octave = np.fromiter((k.octave for k in kp), np.int64, len(kp))
+    angle = np.fromiter((k.angle for k in kp), np.float64, len(kp))
     s = scale_factor ** octave.astype(np.float64)
     x = ((np.round(width / s) - 1) * s - pts[:, 0]).tolist()
-    return [cv2.KeyPoint(xi, float(y), k.size, (180.0 - k.angle) % 360.0, k.response, k.octave,
-                         k.class_id) for xi, y, k in zip(x, pts[:, 1], kp, strict=True)]
+    y = pts[:, 1].astype(np.float64).tolist()
+    for k, xi, yi, a in zip(kp, x, y, ((180.0 - angle) % 360.0).tolist(), strict=True):
+        k.pt, k.angle = (xi, yi), a
+    return kp
 
 
 def _strongest(kp: Any, des: np.ndarray | None,
@@ -431,8 +437,9 @@ def orb_pairs_many(feats: list[dict[str, Any] | None] | FeatureStore,
     image. Pairs come only from shared buckets, never all N x N. ``feats`` is a list of
     :func:`features` or a :class:`FeatureStore`; the keys go to files in a temporary folder
     (under ``scratch``), each table is sorted in parts of at most :data:`PART_ENTRIES`
-    descriptors, the pair codes of shared buckets go to files by shard (the first image's
-    index modulo the shards, one per :data:`SHARD_DESCRIPTORS` descriptors), votes are counted
+    descriptors, the pairs sharing a bucket go to files by shard (the first image's index
+    modulo the shards, one per :data:`SHARD_DESCRIPTORS` descriptors; :func:`_write_shards`),
+    votes are counted
     one shard at a time and each image's ``k`` best kept as shards arrive (:class:`_Top`):
     memory holds one part, one shard and ``k`` pairs per image, never every pair that shares
     a bucket (31.6 million of the 46.7 million possible at 9,660 images).
@@ -454,7 +461,7 @@ def orb_pairs_many(feats: list[dict[str, Any] | None] | FeatureStore,
         flagged = [o for _, o in select]
         any_only = None if any(o is None for o in flagged) else np.logical_or.reduce(flagged)
         shift = max(1, int(n).bit_length())
-        code_t = np.uint32 if n * n < 2**32 else np.int64  # pair codes i * n + j
+        code_t = np.uint32 if n * n < 2**32 else np.int64  # pair codes (< n * n)
         parts = -(-total // PART_ENTRIES)
         shards = max(1, total // SHARD_DESCRIPTORS)
         folder = Path(tmp)
@@ -464,8 +471,8 @@ def orb_pairs_many(feats: list[dict[str, Any] | None] | FeatureStore,
                 for part in range(parts):
                     both = _part_entries(folder, t, part, parts, shift)
                     both = _sorted(both)  # by key, then owner (one int64 sort)
-                    for codes in _bucket_codes(both, shift, n, code_t, max_bucket, any_only):
-                        _write_shards(codes, n, outs)
+                    for ma, mb in _bucket_pairs(both, shift, code_t, max_bucket, any_only):
+                        _write_shards(ma, mb, n, outs)
         tops = [_Top(k) for k, _ in select]
         for x in range(shards):  # every vote of a pair is in one shard: count them there
             codes = np.fromfile(folder / f"s{x}", dtype=code_t).astype(np.int64)
@@ -488,33 +495,45 @@ def _sorted(a: np.ndarray) -> np.ndarray:
 
 def _count_votes(codes: np.ndarray, n: int, shards: int, x: int,
                  min_votes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(i, j, votes) of the pair codes ``i * n + j`` of shard ``x`` (``i % shards == x``) with
-    at least ``min_votes`` votes, by pair code.
+    """(i, j, votes) of shard ``x``'s pairs with at least ``min_votes`` votes, by (i, j).
 
-    When the shard's possible pairs (``ceil(n / shards) * n``) number at most
-    :data:`DENSE_VOTES`, a bincount over them (linear time), else a sort of the codes; the
-    same counts either way.
+    ``codes`` are the shard's pair codes ``(i // shards) * n + j`` (``i % shards == x``;
+    :func:`_write_shards`). When the shard's possible pairs (``ceil(n / shards) * n``)
+    number at most :data:`DENSE_VOTES`, a bincount over them (linear time), else a sort of
+    the codes; the same counts either way. Only the pairs kept are turned back into (i, j).
     """
     rows = -(-n // shards)
     if rows * n <= DENSE_VOTES:
-        i, j = codes // n, codes % n
-        counts = np.bincount((i // shards) * n + j, minlength=rows * n)
+        counts = np.bincount(codes, minlength=rows * n)
         slot = np.flatnonzero(counts >= max(min_votes, 1))
         return (slot // n) * shards + x, slot % n, counts[slot]
     codes = _sorted(codes)
     edge = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else codes
     votes = np.diff(np.r_[edge, len(codes)])
     good = votes >= min_votes
-    return codes[edge][good] // n, codes[edge][good] % n, votes[good]
+    slot = codes[edge][good]
+    return (slot // n) * shards + x, slot % n, votes[good]
 
 
-def _write_shards(codes: np.ndarray, n: int, outs: list[Any]) -> None:
-    if len(outs) == 1:
-        outs[0].write(codes.tobytes())
+_MASKED_SHARDS = 32  # up to this many shards, split pair codes by one mask per shard (else a sort)
+
+
+def _write_shards(ma: np.ndarray, mb: np.ndarray, n: int, outs: list[Any]) -> None:
+    """Pairs (``ma`` < ``mb``) to the shard files ``outs`` (shard ``ma % shards``), as
+    codes ``(ma // shards) * n + mb``: one division per pair here, none per vote later.
+    The order within a shard is the order of the pairs."""
+    shards = len(outs)
+    if shards == 1:
+        outs[0].write((ma * ma.dtype.type(n) + mb).tobytes())
         return
-    shard = (codes // codes.dtype.type(n)) % len(outs)
-    order = np.argsort(shard, kind="stable")
-    cut = np.searchsorted(shard[order], np.arange(len(outs) + 1))
+    q, shard = np.divmod(ma, ma.dtype.type(shards))
+    codes = q * ma.dtype.type(n) + mb
+    if shards <= _MASKED_SHARDS:
+        for x, out in enumerate(outs):
+            out.write(codes[shard == x].tobytes())
+        return
+    order = np.argsort(shard.astype(np.uint16 if shards < 1 << 16 else np.int64), kind="stable")
+    cut = np.searchsorted(shard[order], np.arange(shards + 1))
     for x, out in enumerate(outs):
         out.write(codes[order[cut[x]:cut[x + 1]]].tobytes())
 
@@ -622,10 +641,10 @@ def _part_entries(folder: Path, t: int, part: int, parts: int, shift: int) -> np
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
-def _bucket_codes(both: np.ndarray, shift: int, n: int, code_t: Any, max_bucket: int,
-                  only: np.ndarray | None) -> list[np.ndarray]:
-    """Pair codes ``i * n + j`` of images sharing a bucket (of 2 to ``max_bucket`` images) in
-    ``both`` (sorted ``(key << shift) | owner``), one entry per shared bucket."""
+def _bucket_pairs(both: np.ndarray, shift: int, code_t: Any, max_bucket: int,
+                  only: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Image pairs (``ma`` < ``mb``, as ``code_t``) sharing a bucket (of 2 to ``max_bucket``
+    images) in ``both`` (sorted ``(key << shift) | owner``), one entry per shared bucket."""
     both = both[np.r_[True, both[1:] != both[:-1]]]  # one vote per image and bucket
     ks = both >> shift
     same = ks[1:] == ks[:-1]
@@ -633,7 +652,7 @@ def _bucket_codes(both: np.ndarray, shift: int, n: int, code_t: Any, max_bucket:
     ks, os_ = ks[shared], (both[shared] & ((1 << shift) - 1)).astype(code_t)
     starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
     sizes = np.diff(np.r_[starts, len(ks)])
-    codes = []
+    out = []
     for s in np.unique(sizes[(sizes >= 2) & (sizes <= max_bucket)]):
         members = os_[starts[sizes == s][:, None] + np.arange(s)]
         a, b = np.triu_indices(int(s), 1)
@@ -641,8 +660,8 @@ def _bucket_codes(both: np.ndarray, shift: int, n: int, code_t: Any, max_bucket:
         if only is not None:
             keep = only[ma] | only[mb]
             ma, mb = ma[keep], mb[keep]
-        codes.append(ma * code_t(n) + mb)
-    return codes
+        out.append((ma, mb))
+    return out
 
 
 def _match(pb: np.ndarray, db: np.ndarray, pa: np.ndarray, da: np.ndarray,

@@ -138,7 +138,10 @@ def test_orb_pairs_in_parts_equal_one_sort_and_a_plain_reference(tmp_path, monke
         parts = verify.orb_pairs(store, **kw, scratch=tmp_path)
         monkeypatch.setattr(verify, "DENSE_VOTES", 0)  # votes counted by sorting, not bincount
         sorted_votes = verify.orb_pairs(store, **kw, scratch=tmp_path)
+        monkeypatch.setattr(verify, "_MASKED_SHARDS", 0)  # pairs split by a sort, not masks
+        sorted_shards = verify.orb_pairs(store, **kw, scratch=tmp_path)
     assert np.array_equal(whole, parts) and np.array_equal(whole, sorted_votes)
+    assert np.array_equal(whole, sorted_shards)
     ref = _reference_orb_pairs([[None, None] if f is None else [f["n"][1], f["m"][1]]
                                 for f in feats], **kw)
     assert {tuple(map(int, r)) for r in whole} == ref
