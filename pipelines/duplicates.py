@@ -97,7 +97,8 @@ class Params:
 
 
 DEFAULTS: dict[str, Any] = defaults(Params)
-CACHE_IMAGES = 1024  # images whose features verification holds at once (~110 KB each)
+CACHE_IMAGES = 1024  # images whose features verification holds at once (~110 KB each; a
+# large image's finer frame for the second comparison, verify.fine_side, at most 256 KB)
 
 
 def knn_pairs(vecs: np.ndarray, *, k: int, threshold: float, block: int = 4096) -> np.ndarray:

@@ -54,6 +54,7 @@ LOW_SIDE, LOW_GRID = 48, 96  # low rendition: long side reduced to 48 px, ORB at
 COARSE_FROM, COARSE_TO = 1.5, 4.0  # common pixel size (256-px frame) where ncc -> ncc_coarse
 RETRY_FROM = 0.55  # fine pairs from this NCC up to the line are refined by ECC and compared again
 BAND, BAND_MIN = 0.7, 1.0  # band-pass sigma: BAND x the common pixel, at least BAND_MIN px
+FINE_SIDE = 2 * SIDE  # the largest frame of the second comparison of large images (verify)
 # (every image is resampled into the 256-px frame; finer than 1 px is interpolation, not detail)
 _LOCAL = threading.local()  # one ORB detector per thread (cv2 objects are not shared safely)
 
@@ -74,22 +75,32 @@ def features(path: str, *, low: bool = True, reduced: bool = True) -> dict[str, 
     if not hasattr(_LOCAL, "orb"):
         _LOCAL.orb = cv2.ORB_create(nfeatures=NFEATURES, edgeThreshold=15, patchSize=15,
                                     fastThreshold=8)
+    got = _frame(path, SIDE, reduced)
+    if got is None:
+        return None
+    out, grey, full = got  # out: g (uint8, 64 KB per image), up, side
+    out["n"], out["m"] = _orb_both(_LOCAL.orb, out["g"])
+    if low:
+        out["lo"], out["lom"] = _low(grey, out["g"].shape, full)
+    return out
+
+
+def _frame(path: str, side: int,
+           reduced: bool = True) -> tuple[dict[str, Any], np.ndarray, tuple[int, int]] | None:
+    """({g, up, side}, the decoded grey pixels, (h, w) of the whole image): ``g`` is the image
+    resampled to ``side`` px on its longer side and equalised, ``up`` the upsampling to it
+    (>= 1). None when the file cannot be decoded."""
     try:  # grey files stay grey (the same values, no RGB copy); a large JPEG is decoded at
-        # a DCT scale that keeps >= 512 px on its shorter side (area-reduced to the frame after)
-        im = load_8bit(path, min_side=2 * SIDE if reduced else None)
+        # a DCT scale that keeps >= 2 x side px on its shorter side (area-reduced after)
+        im = load_8bit(path, min_side=2 * side if reduced else None)
     except (ImageReadError, OSError):
         return None
     px = np.asarray(im)
     grey = px if px.ndim == 2 else cv2.cvtColor(px, cv2.COLOR_RGB2GRAY)
     w, h = full_size(im)
-    up = SIDE / max(h, w)
+    up = side / max(h, w)
     g = cv2.resize(grey, (max(8, round(w * up)), max(8, round(h * up))), interpolation=cv2.INTER_AREA if up < 1 else cv2.INTER_LINEAR)
-    eq = cv2.equalizeHist(g)
-    out = {"g": eq, "up": max(up, 1.0), "side": max(h, w)}  # uint8 (64 KB per image)
-    out["n"], out["m"] = _orb_both(_LOCAL.orb, eq)
-    if low:
-        out["lo"], out["lom"] = _low(grey, eq.shape, (h, w))
-    return out
+    return {"g": cv2.equalizeHist(g), "up": max(up, 1.0), "side": max(h, w)}, grey, (h, w)
 
 
 _EMPTY = (np.zeros((0, 2), np.float32), None)
@@ -835,6 +846,11 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     ``evidence`` holds the inliers, the NCC, the band's sigma, the common pixel size, the
     threshold it had to reach and the feature set that matched (``low`` for the low
     renditions).
+
+    When both images are more than twice the frame on their longer side, a pair that passes
+    is compared again in a finer frame, half the smaller image's side (:func:`fine_side`, at
+    most :data:`FINE_SIDE`; RANSAC's map carried over and refined by ECC), and verified only
+    if it passes there too: ``ncc`` is then that second NCC, ``evidence.fine`` its evidence.
     """
     for k, f in zip(keys, (file_a, file_b), strict=True):
         if k not in cache:
@@ -865,34 +881,95 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     if n_in < min_in:
         return res
     ga = np.ascontiguousarray(fa["g"][:, ::-1]) if mirror else fa["g"]
-    ga, gb = ga.astype(np.float32), fb["g"].astype(np.float32)
+    got = _compare(ga, fb["g"], M, fa["up"], fb["up"], p)
+    if got is None:
+        return res
+    ncc, ev = got
+    res = {**res, "ncc": ncc, "verified": ncc >= ev["threshold"],
+           "evidence": {"inliers": n_in, **ev,
+                        **({"features": "low"} if tag in ("lo", "lom") else {})}}
+    side = fine_side(fa["side"], fb["side"])
+    if not res["verified"] or side <= SIDE:
+        return res
+    # Both images are more than twice the frame: the frame compared them 2x+ coarser than
+    # both resolve, where a repeat capture's own fine detail is averaged away. Compared again
+    # at half the resolution of the coarser one (RANSAC's map carried over, refined by ECC),
+    # the pair must pass there too.
+    ra, rb = (_cached(cache, ("fine", side, k), lambda f=f: (_frame(f, side) or (None,))[0])
+              for k, f in zip(keys, (file_a, file_b), strict=True))  # only the frame is kept
+    if ra is None or rb is None:
+        return res
+    Mf = (_frame_map(fa["g"].shape, ra["g"].shape) @ _affine3(M)
+          @ np.linalg.inv(_frame_map(fb["g"].shape, rb["g"].shape)))[:2]
+    ga = np.ascontiguousarray(ra["g"][:, ::-1]) if mirror else ra["g"]
+    again = _compare(ga, rb["g"], Mf, ra["up"], rb["up"], p, frame=side / SIDE, refine=True)
+    if again is None:
+        return {**res, "verified": False, "evidence": {**res["evidence"], "fine": None}}
+    fncc, fev = again
+    return {**res, "ncc": fncc, "verified": fncc >= fev["threshold"],
+            "evidence": {**res["evidence"], "fine": fev}}
+
+
+def fine_side(side_a: int, side_b: int) -> int:
+    """The frame of the second comparison of two images (longer sides in pixels): half the
+    smaller one (rounded to 64 px), at most :data:`FINE_SIDE`; <= :data:`SIDE`: none."""
+    return min(FINE_SIDE, 64 * round(min(side_a, side_b) / 128))
+
+
+def _cached(cache: Any, key: Any, compute: Any) -> Any:
+    try:
+        return cache[key]
+    except KeyError:  # not there, or dropped by the LRU since
+        value = compute()
+        cache[key] = value
+        return value
+
+
+def _frame_map(small: tuple[int, ...], large: tuple[int, ...]) -> np.ndarray:
+    """3 x 3 map from pixel coordinates of a frame of shape ``small`` to one of ``large``
+    (the same picture; pixel centres kept: ``x' = (x + .5) * f - .5`` per axis)."""
+    fy, fx = large[0] / small[0], large[1] / small[1]
+    return np.array([[fx, 0, (fx - 1) / 2], [0, fy, (fy - 1) / 2], [0, 0, 1.0]])
+
+
+def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: float,
+             p: dict[str, Any], *, frame: float = 1.0,
+             refine: bool = False) -> tuple[float, dict[str, Any]] | None:
+    """(NCC, evidence) of the band-pass detail of ``gb`` mapped by ``M`` (b -> a) onto ``ga``
+    (equalised grey frames; ``up_*``: each image's upsampling into its frame), at the
+    coarser of the two resolutions; None when they overlap too little.
+
+    ``frame``: the frame's side in units of the 256-px frame (the NCC threshold's coarse
+    ramp is in those units); ``refine``: refine ``M`` by ECC first (a map carried over from
+    another frame).
+    """
+    big, sm, _ = _axes(M)
+    scale = float(np.sqrt(big * sm))
+    ga, gb = ga.astype(np.float32), gb.astype(np.float32)
     # the template is the image the other one covers (a crop is compared inside its source)
     if scale * scale * gb.size >= ga.size:
-        tmpl, img, T, pixel = ga, gb, M, max(fa["up"], fb["up"] * big)
+        tmpl, img, T, pixel = ga, gb, M, max(up_a, up_b * big)
     else:
         T = cv2.invertAffineTransform(M)
-        tmpl, img, pixel = gb, ga, max(fb["up"], fa["up"] / sm)
+        tmpl, img, pixel = gb, ga, max(up_b, up_a / sm)
     s1 = max(BAND_MIN, BAND * pixel)  # the band: DoG(s1, 3 s1) at the common pixel
     grid = s1 / BAND_MIN  # > 1: coarse; compare on a grid of the band's scale (area-reduced
     if grid > 1.0:        # by `grid` a side): the same band, grid^2 times fewer pixels
         tmpl, img, T = _reduced(tmpl, grid), _reduced(img, grid), _scaled(T, grid)
-    coarse = pixel >= float(p.get("refine_from", 1.5))
+    coarse = refine or pixel >= float(p.get("refine_from", 1.5))
     if coarse:
         T = _refine(tmpl, img, T, BAND_MIN)
     got = _band_ncc(tmpl, img, T, BAND_MIN, 3 * BAND_MIN)
     if got is None:
-        return res
+        return None
     ncc, overlap = got
-    need = threshold(pixel, p)
+    need = threshold(pixel / frame, p)
     if not coarse and RETRY_FROM <= ncc < need:
         # a fine pair just under the line: RANSAC's map may be a fraction of a pixel off
         # (crops combined with a rotation or relighting); refined once by ECC, the better counts
         again = _band_ncc(tmpl, img, _refine(tmpl, img, T, BAND_MIN), BAND_MIN, 3 * BAND_MIN)
         if again is not None and again[0] > ncc:
             ncc, overlap = again
-    return {**res, "ncc": ncc, "verified": ncc >= need,
-            "evidence": {"inliers": n_in, "ncc": round(ncc, 4), "band_sigma": round(s1, 2),
-                         "grid": round(max(grid, 1.0), 2),
-                         "pixel": round(pixel, 2), "threshold": round(need, 3),
-                         "overlap": round(overlap, 3),
-                         **({"features": "low"} if tag in ("lo", "lom") else {})}}
+    return ncc, {"ncc": round(ncc, 4), "band_sigma": round(s1, 2), "grid": round(max(grid, 1.0), 2),
+                 "pixel": round(pixel, 2), "threshold": round(need, 3),
+                 "overlap": round(overlap, 3)}

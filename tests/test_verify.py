@@ -172,3 +172,42 @@ def test_sorted_equals_numpy_sort():
     for a in (np.zeros(0, np.int64), rng.integers(0, 50, 1000), rng.integers(0, 2**62, 100_000)):
         got = verify._sorted(a.copy())
         assert got.dtype == np.int64 and np.array_equal(got, np.sort(a))
+
+
+def test_large_images_are_compared_again_in_a_finer_frame(tmp_path, monkeypatch):
+    """Two 1024-px captures of one patient agree in the 256-px frame (their own fine detail is
+    averaged away 4x) but not at half their resolution: rejected. Copies of the capture (JPEG
+    at quality 40, a 70% crop resized back, a mirror) pass in both frames."""
+    import io
+
+    from medlake.demo import synth_draw as draw
+    from medlake.pipelines import duplicates
+
+    findings = {"effusion": False, "cardiomegaly": False, "nodule": False}
+    anatomy = draw.chest_anatomy(np.random.default_rng(102))
+    src = draw.draw_cxr(np.random.default_rng(202), anatomy, 1024, findings)
+    again = draw.draw_cxr(np.random.default_rng(302), anatomy, 1024, findings)  # same patient
+    buf = io.BytesIO()
+    Image.fromarray(src).save(buf, format="JPEG", quality=40)
+    jpeg = tmp_path / "jpeg.jpg"
+    jpeg.write_bytes(buf.getvalue())
+    crop = cv2.resize(src[100:100 + 860, 60:60 + 840], (1024, 1024), interpolation=cv2.INTER_CUBIC)
+    paths = [_save(tmp_path, "src", src), _save(tmp_path, "again", again), str(jpeg),
+             _save(tmp_path, "crop", crop), _save(tmp_path, "mirror", src[:, ::-1].copy())]
+    p = duplicates.DEFAULTS
+    assert verify.fine_side(1024, 1024) == verify.FINE_SIDE == 512
+    assert verify.fine_side(600, 1024) == 320 and verify.fine_side(256, 1024) <= verify.SIDE
+
+    def check(j: int) -> dict:
+        return verify.verify(paths[0], paths[j], cache={}, keys=(0, j), p=p)
+
+    capture = check(1)
+    assert not capture["verified"] and "fine" in capture["evidence"], capture
+    assert capture["evidence"]["ncc"] >= capture["evidence"]["threshold"]  # passed the frame
+    assert capture["ncc"] < capture["evidence"]["fine"]["threshold"]
+    for j in (2, 3, 4):
+        r = check(j)
+        assert r["verified"] and r["evidence"]["fine"]["ncc"] >= r["evidence"]["fine"]["threshold"], (paths[j], r)
+    assert "mirror" in check(4)["transform"]
+    monkeypatch.setattr(verify, "FINE_SIDE", 0)  # without the second comparison: accepted
+    assert check(1)["verified"]
