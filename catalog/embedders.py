@@ -116,9 +116,14 @@ class DescriptorEmbedder:
     side: int = 64
 
     def _one(self, im: Image.Image) -> np.ndarray:
-        rgb = np.asarray(im.convert("RGB"))
-        small = cv2.resize(rgb, (self.side, self.side), interpolation=cv2.INTER_AREA)
-        grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+        if im.mode == "L":  # reduced as grey, then RGB: the same pixels as reducing its RGB
+            # form (each channel alike), without a full-size RGB copy
+            grey = cv2.resize(np.asarray(im), (self.side, self.side), interpolation=cv2.INTER_AREA)
+            small = cv2.merge([grey, grey, grey])
+        else:
+            rgb = np.asarray(im.convert("RGB"))
+            small = cv2.resize(rgb, (self.side, self.side), interpolation=cv2.INTER_AREA)
+            grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
         eq = _equalise(grey)
         sym = (eq + eq[:, ::-1] + eq[::-1] + eq[::-1, ::-1]) / 4
         thumb = cv2.resize(sym, (8, 8), interpolation=cv2.INTER_AREA).ravel() - 0.5

@@ -26,7 +26,7 @@ import polars as pl
 
 from medlake.catalog import Catalog, CatalogError
 from medlake.catalog.embedders import DESCRIPTOR, DescriptorEmbedder, make_embedder
-from medlake.catalog.imageio import ImageReadError, load_rgb
+from medlake.catalog.imageio import ImageReadError, load_8bit, load_rgb
 from medlake.catalog.storage import open_vectors
 from medlake.catalog.params import defaults, param, to_dict
 from medlake.catalog.vectors import VectorStore, table_name
@@ -63,9 +63,7 @@ class _Images:
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
         try:
-            # a large JPEG is decoded at a reduced DCT scale that keeps twice the pixels
-            # the model's input needs (``prep.min_side``; both get area/bicubic-reduced)
-            return i, self.prep(load_rgb(self.files[i], min_side=getattr(self.prep, "min_side", None)))
+            return i, self.prep(self.prep.load(self.files[i]))
         except (ImageReadError, OSError):
             return i, None
 
@@ -272,6 +270,11 @@ class _ClipPrep:
     def __init__(self, preprocess: Any, min_side: int) -> None:
         self.preprocess, self.min_side = preprocess, min_side
 
+    def load(self, path: str) -> Any:
+        """The file as RGB; a large JPEG decoded at a reduced DCT scale that keeps twice the
+        pixels the model's input needs (both get reduced by the transform after)."""
+        return load_rgb(path, min_side=self.min_side)
+
     def __call__(self, im: Any) -> Any:
         return self.preprocess(im)
 
@@ -285,6 +288,11 @@ class _DescriptorPrep:
     """The descriptor is computed in the loader's workers (it is the whole model)."""
 
     min_side = 2 * DescriptorEmbedder.side  # twice the descriptor's square
+
+    def load(self, path: str) -> Any:
+        """The file as 8-bit RGB, or grey for a grey file (the descriptor reduces it as grey:
+        the same vector, without a full-size RGB copy); a large JPEG decoded reduced."""
+        return load_8bit(path, min_side=self.min_side)
 
     def __call__(self, im: Any) -> np.ndarray:
         return DescriptorEmbedder()._one(im)

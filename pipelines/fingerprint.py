@@ -173,8 +173,10 @@ def _one(row: dict[str, Any], p: dict[str, Any], root: Path) -> dict[str, Any]:
     except (ImageReadError, OSError) as e:
         return {"error": getattr(e, "reason", "unreadable file"), "detail": str(e)}
     arr = np.asarray(px)
-    mir = cv2.flip(arr, 1)  # a contiguous mirror: the sums below run 2.5x faster than on a view
-    sym = Image.fromarray((arr & mir) + ((arr ^ mir) >> 1))  # floor((a + b) / 2) in uint8
+    mir = cv2.flip(arr, 1)
+    half = cv2.bitwise_xor(arr, mir)  # floor((a + b) / 2) = (a & b) + ((a ^ b) >> 1), in uint8
+    np.right_shift(half, 1, out=half)  # (OpenCV's bitwise ops: ~10x faster than numpy's here)
+    sym = Image.fromarray(cv2.add(half, cv2.bitwise_and(arr, mir)))
     grey = px.convert("L")  # every imagehash hash starts with convert("L"): do it once
     xray = str(row.get("modality") or "").lower() in ("cxr", "xr", "dx", "cr", "x-ray", "xray")
     metrics, flags = quality(im, xray=xray, p=p, pixels=arr)

@@ -167,3 +167,19 @@ def test_prefetch_keeps_order_raises_and_stops():
     assert not any(t.name == "medlake-embed-prefetch" for t in threading.enumerate())
     n = len(produced)
     assert n <= 3 + 2 + 2  # taken + queue depth + one in hand: it did not run on
+
+
+def test_descriptor_of_a_grey_image_equals_that_of_its_rgb_form():
+    """The loader keeps grey files grey (no full-size RGB copy): the descriptor reduces them as
+    grey and gets the vector of their RGB form exactly, at sizes that divide and that do not."""
+    from PIL import Image
+
+    from medlake.catalog.embedders import DescriptorEmbedder
+
+    rng = np.random.default_rng(4)
+    emb = DescriptorEmbedder()
+    for h, w in ((64, 64), (97, 131), (1024, 1024), (300, 41)):
+        grey = Image.fromarray((rng.random((h, w)) ** 2 * 255).astype(np.uint8), "L")
+        got, ref = emb.embed([grey]), emb.embed([grey.convert("RGB")])
+        assert np.array_equal(got, ref), (h, w)
+        assert np.isclose(np.linalg.norm(got), 1.0)
