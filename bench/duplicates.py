@@ -49,7 +49,7 @@ STAGES = ("ingest", "fingerprint", "embed", "duplicates")  # the image path, in 
 IMAGES_PER_CAPTURE = 1.47  # measured: 3,400 captures give about 5,000 files
 
 
-def build(root: Path, n_images: int, seed: int = 0) -> Catalog:
+def build(root: Path, n_images: int, seed: int = 0, image_scale: float = 1.0) -> Catalog:
     """A bare workspace at ``root`` with a synthetic set of about ``n_images`` ingested.
 
     The ingest's CPU and wall seconds go to ``root/ingest_time.json`` (the first stage of the
@@ -57,7 +57,7 @@ def build(root: Path, n_images: int, seed: int = 0) -> Catalog:
     """
     (root / ".dvc").mkdir(parents=True)
     generate(root / "syn", n_captures=max(8, round(n_images / IMAGES_PER_CAPTURE)), seed=seed,
-             workers=2)  # same files as one process (per-capture seeds), less wall time
+             workers=2, image_scale=image_scale)  # same files as one process (per-capture seeds), less wall time
     cat = Catalog(Workspace(root))
     c0, w0 = time.process_time(), time.perf_counter()
     for m in ("derm", "cxr"):
@@ -211,7 +211,8 @@ def goals(sc: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def quality(n: int, tmp: Path, seed: int = 0) -> tuple[str, dict[str, float], int]:
+def quality(n: int, tmp: Path, seed: int = 0,
+            image_scale: float = 1.0) -> tuple[str, dict[str, float], int]:
     """Run the pipeline on ``n`` images and score it beside pHash; returns report lines."""
     root = tmp / f"q{n}"
     t0 = time.perf_counter()
@@ -219,7 +220,7 @@ def quality(n: int, tmp: Path, seed: int = 0) -> tuple[str, dict[str, float], in
         cat = Catalog(Workspace(root))
         print("reusing the workspace (stages already run take no time: see CPU lines)")
     else:
-        cat = build(root, n, seed)
+        cat = build(root, n, seed, image_scale)
     print(f"generated + ingested in {time.perf_counter() - t0:.0f} s", flush=True)
     t = path_times(root, cat)
     files, pairs = truth(root)
@@ -256,7 +257,7 @@ def quality(n: int, tmp: Path, seed: int = 0) -> tuple[str, dict[str, float], in
 
 
 def scaling(sizes: list[int], tmp: Path, done: dict[int, tuple[dict[str, float], int]] | None = None,
-            seed: int = 0) -> str:
+            seed: int = 0, image_scale: float = 1.0) -> str:
     """CPU ms per image of each stage of the image path at each size, beside pHash alone.
 
     ``done`` maps a size to (timings, images) of the quality run at that size: reused, not
@@ -269,7 +270,7 @@ def scaling(sizes: list[int], tmp: Path, done: dict[int, tuple[dict[str, float],
             t, k = done[n]
             base = t["phash_cpu"]
         else:
-            t, k, base = _scale_one(tmp / f"s{n}", n, seed)
+            t, k, base = _scale_one(tmp / f"s{n}", n, seed, image_scale)
         cpu = sum(t[f"{x}_cpu"] for x in STAGES)
         rows.append(f"| {k:,} | " + " | ".join(f"{1000 * t[f'{x}_cpu'] / k:.1f}" for x in STAGES)
                     + f" | {1000 * cpu / k:.1f} | {1000 * base / k:.2f} "
@@ -279,9 +280,10 @@ def scaling(sizes: list[int], tmp: Path, done: dict[int, tuple[dict[str, float],
     return "\n".join(rows)
 
 
-def _scale_one(root: Path, n: int, seed: int = 0) -> tuple[dict[str, float], int, float]:
+def _scale_one(root: Path, n: int, seed: int = 0,
+               image_scale: float = 1.0) -> tuple[dict[str, float], int, float]:
     """Generate about ``n`` images, run the stages and pHash alone; (timings, images, pHash CPU)."""
-    cat = build(root, n, seed)
+    cat = build(root, n, seed, image_scale)
     print(f"size {n}:", flush=True)
     t = path_times(root, cat)
     f = fingerprint.image_files(cat)
@@ -304,6 +306,10 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="keep the workspaces in this folder")
     ap.add_argument("--seed", type=int, default=0, help="generator seed (0: the recorded set; "
                     "others: another draw of the same generator, to check that figures carry over)")
+    ap.add_argument("--image-scale", type=float, default=1.0,
+                    help="size of the generated captures (1: derm 160-256 px, CXR 192-256, the "
+                    "recorded set; 4: 640-1024 and 768-1024 px, the sizes of HAM10000 and "
+                    "ChestX-ray14)")
     args = ap.parse_args()
     tmp = args.keep or Path(tempfile.mkdtemp(prefix="medlake-dup-bench-"))
     body = [f"machine: {machine()} (shared with other engineers' jobs; timings are noisy)"]
@@ -311,13 +317,15 @@ def main() -> None:
     try:
         done = {}
         if args.n:
-            text, t, n_img = quality(args.n, tmp, args.seed)
+            text, t, n_img = quality(args.n, tmp, args.seed, args.image_scale)
             done[args.n] = (t, n_img)
             print(text)
             seed = f" --seed {args.seed}" if args.seed else ""
+            seed += f" --image-scale {args.image_scale:g}" if args.image_scale != 1 else ""
             body += ["", f"Quality, `python bench/duplicates.py --n {args.n}{seed}`:", "", text]
         if args.sizes:
-            table = scaling([int(s) for s in args.sizes.split(",")], tmp, done, args.seed)
+            table = scaling([int(s) for s in args.sizes.split(",")], tmp, done, args.seed,
+                            args.image_scale)
             print(table)
             body += ["", ("CPU time per image (ingest + fingerprint + embed descriptor-v1 + duplicates; "
                      "`time.process_time`, all threads):"), "", table]

@@ -204,12 +204,14 @@ def _derive(rng: np.random.Generator, original: bytes, fmt: str,
 
 
 def _draw_capture(m: str, rng: np.random.Generator, anatomy: dict[str, Any],
-                  state: dict[str, Any]) -> tuple[bytes, str]:
+                  state: dict[str, Any], scale: float = 1.0) -> tuple[bytes, str]:
+    """One capture's encoded file: dermoscopy 160-256 px wide (4:3 or square), chest X-ray
+    192-256 px square, both times ``scale``."""
     if m == "derm":
         w = int(rng.choice([160, 192, 224, 256]))
         h = w if rng.random() < 0.4 else w * 3 // 4
-        return encode(draw.draw_derm(rng, anatomy, h, w), "jpg"), "jpg"
-    size = int(rng.choice([192, 224, 256]))
+        return encode(draw.draw_derm(rng, anatomy, round(h * scale), round(w * scale)), "jpg"), "jpg"
+    size = round(int(rng.choice([192, 224, 256])) * scale)
     return encode(draw.draw_cxr(rng, anatomy, size, state["findings"]), "png"), "png"
 
 
@@ -275,15 +277,18 @@ MANIFEST = {
 
 
 def build_modality(m: str, *, n: int, seed: int, mi: int, dup_rate: float,
-                   hidden_rate: float, root: Path, workers: int = 1) -> list[dict[str, Any]]:
+                   hidden_rate: float, root: Path, workers: int = 1,
+                   image_scale: float = 1.0) -> list[dict[str, Any]]:
     """Draw, derive, label and write one modality; return its ground-truth file records.
 
-    ``workers`` > 1 draws the captures in that many spawned processes (same bytes).
+    ``workers`` > 1 draws the captures in that many spawned processes (same bytes);
+    ``image_scale`` multiplies the captures' sizes (:func:`_draw_capture`).
     """
     caps = _groups(m, n, seed, mi)
     items: list[dict[str, Any]] = []  # one per file to write
     n_hidden = 0
-    jobs = [(m, cap, ci, seed, mi, dup_rate, hidden_rate) for ci, cap in enumerate(caps)]
+    jobs = [(m, cap, ci, seed, mi, dup_rate, hidden_rate, image_scale)
+            for ci, cap in enumerate(caps)]
     for cap_items in _map(_capture_items, jobs, workers):
         for item in cap_items:
             if item.pop("hidden"):  # filed under a new id: group ids cannot reveal it
@@ -305,7 +310,7 @@ def build_modality(m: str, *, n: int, seed: int, mi: int, dup_rate: float,
     # one truncated file: a real capture's bytes cut short
     crng = rng_for(seed, mi, 4)
     extra = _groups(m, 1, seed + 7919, mi)[0]
-    data, ext = _draw_capture(m, crng, extra["anatomy"], extra)
+    data, ext = _draw_capture(m, crng, extra["anatomy"], extra, image_scale)
     cut = data[: max(64, int(len(data) * 0.4))]
     items.append({"cap": {**extra, "capture_id": "", "patient_id": "P99999",
                           "lesion_id": "L99999", "study_id": "S99999"},
@@ -330,10 +335,10 @@ def _map(fn: Any, jobs: list[tuple[Any, ...]], workers: int = 1) -> Iterator[Any
 
 
 def _capture_items(m: str, cap: dict[str, Any], ci: int, seed: int, mi: int, dup_rate: float,
-                   hidden_rate: float) -> list[dict[str, Any]]:
+                   hidden_rate: float, image_scale: float = 1.0) -> list[dict[str, Any]]:
     """The original file of one capture and its derived near duplicates (``hidden`` flagged)."""
     rng = rng_for(seed, mi, 1, ci)
-    data, ext = _draw_capture(m, rng, cap["anatomy"], cap)
+    data, ext = _draw_capture(m, rng, cap["anatomy"], cap, image_scale)
     out = [{"cap": cap, "ci": ci, "data": data, "ext": ext, "role": "original",
             "transform": "", "crop": "", "detail": "", "hidden": False}]
     if rng.random() >= dup_rate:

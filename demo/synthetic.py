@@ -84,6 +84,7 @@ def generate(
     modalities: tuple[str, ...] = MODALITIES,
     overwrite: bool = False,
     workers: int = 1,
+    image_scale: float = 1.0,
 ) -> SynthSummary:
     """Write the synthetic datasets and their ground truth to ``out_dir``.
 
@@ -110,6 +111,11 @@ def generate(
     workers : int
         Processes drawing the captures (spawned; the calling script needs an
         ``if __name__ == "__main__":`` guard). The files are the same for any number.
+    image_scale : float
+        Size of the captures: 1 draws dermoscopy 160-256 px wide and chest X-rays 192-256 px
+        (quick); 4 draws 640-1024 and 768-1024 px, the sizes of HAM10000 (600 x 450) and
+        ChestX-ray14 (1024), where decoding and the resampling into the frames cost most.
+        Derived files follow (a crop "to 224" stays 224 px).
 
     Returns
     -------
@@ -148,7 +154,7 @@ def generate(
         for mi, m in enumerate(modalities):
             files = build.build_modality(m, n=per[mi], seed=seed, mi=MODALITIES.index(m),
                                          dup_rate=dup_rate, hidden_rate=hidden_rate, root=tmp,
-                                         workers=workers)
+                                         workers=workers, image_scale=image_scale)
             truth += files
             counts["images"][m] = len(files)
             counts["captures"][m] = len({f["capture_id"] for f in files if f["role"] == "original"})
