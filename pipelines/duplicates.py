@@ -98,7 +98,7 @@ class Params:
 
 DEFAULTS: dict[str, Any] = defaults(Params)
 CACHE_IMAGES = 1024  # images whose features verification holds at once (~110 KB each; a
-# large image's finer frame for the second comparison, verify.fine_side, at most 256 KB)
+# large image's finer frame for the second comparison, verify.fine_side, adds <= 256 KB)
 
 
 def knn_pairs(vecs: np.ndarray, *, k: int, threshold: float, block: int = 4096) -> np.ndarray:

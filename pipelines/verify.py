@@ -82,6 +82,9 @@ def features(path: str, *, low: bool = True, reduced: bool = True) -> dict[str, 
     out["n"], out["m"] = _orb_both(_LOCAL.orb, out["g"])
     if low:
         out["lo"], out["lom"] = _low(grey, out["g"].shape, full)
+    fine = fine_side(out["side"])
+    if fine > SIDE:  # the finer frame of the second comparison (verify), from the same decode
+        out["f"] = _resampled(grey, full, fine)
     return out
 
 
@@ -99,8 +102,22 @@ def _frame(path: str, side: int,
     grey = px if px.ndim == 2 else cv2.cvtColor(px, cv2.COLOR_RGB2GRAY)
     w, h = full_size(im)
     up = side / max(h, w)
+    return {"g": _resampled(grey, (h, w), side), "up": max(up, 1.0), "side": max(h, w)}, grey, (h, w)
+
+
+def _resampled(grey: np.ndarray, full: tuple[int, int], side: int) -> np.ndarray:
+    """``grey`` (a decode of an image of (h, w) ``full``) resampled to ``side`` px on its
+    longer side (area-reduced, or bilinear up) and equalised."""
+    h, w = full
+    up = side / max(h, w)
     g = cv2.resize(grey, (max(8, round(w * up)), max(8, round(h * up))), interpolation=cv2.INTER_AREA if up < 1 else cv2.INTER_LINEAR)
-    return {"g": cv2.equalizeHist(g), "up": max(up, 1.0), "side": max(h, w)}, grey, (h, w)
+    return cv2.equalizeHist(g)
+
+
+def fine_side(side: int) -> int:
+    """The frame of an image's second comparison (verify), by its longer side in pixels:
+    half of it, rounded to 64 px, at most :data:`FINE_SIDE`; <= :data:`SIDE`: none."""
+    return min(FINE_SIDE, 64 * round(side / 128))
 
 
 _EMPTY = (np.zeros((0, 2), np.float32), None)
@@ -188,14 +205,15 @@ def features_many(files: list[str], *, workers: int = 2) -> list[dict[str, Any] 
         return list(pool.map(features, files))
 
 
-PARTS = ("g", "n", "m", "lo", "lom")  # what FeatureStore keeps per image, in this order
+PARTS = ("g", "n", "m", "lo", "lom", "f")  # what FeatureStore keeps per image, in this order
 
 
 class FeatureStore:
     """:func:`features` of many images on disk: memory O(images x a few numbers), not O(pixels).
 
     One append-only file holds every image's parts (the 256-px grey image, then the points
-    and descriptors of ``n``, ``m``, ``lo``, ``lom``) as raw bytes; small numpy arrays index
+    and descriptors of ``n``, ``m``, ``lo``, ``lom``, and a large image's finer grey frame
+    ``f``: at most 512 px, 256 KB) as raw bytes; small numpy arrays index
     them. :meth:`get` reads one image back with ``os.pread`` (never a memory map: its resident
     pages would count in the process's memory), bit-identical to what was stored;
     :meth:`descriptors` streams the descriptors of some parts for :func:`orb_pairs`.
@@ -218,6 +236,7 @@ class FeatureStore:
                                    ("rows", (cap, n), np.int32),  # g: height; else points
                                    ("has", (cap, n), bool),  # descriptors present (not None)
                                    ("width", (cap,), np.int32), ("up", (cap,), np.float64),
+                                   ("fwidth", (cap,), np.int32),  # f: its width
                                    ("side", (cap,), np.int64)):
             out = np.zeros(shape, dtype=dtype)
             before = getattr(self, name, None)
@@ -240,9 +259,9 @@ class FeatureStore:
         chunks = []
         for c, part in enumerate(PARTS):
             self.off[i, c] = self._end + sum(len(b) for b in chunks)
-            if part == "g":
-                g = np.ascontiguousarray(f["g"], dtype=np.uint8)
-                self.rows[i, c], self.width[i] = g.shape
+            if part in ("g", "f") and part in f:
+                g = np.ascontiguousarray(f[part], dtype=np.uint8)
+                self.rows[i, c], (self.width if part == "g" else self.fwidth)[i] = g.shape
                 self.has[i, c] = True
                 chunks.append(g.tobytes())
             elif part in f:
@@ -263,8 +282,8 @@ class FeatureStore:
 
     def _part(self, i: int, c: int) -> Any:
         k, at = int(self.rows[i, c]), int(self.off[i, c])
-        if PARTS[c] == "g":
-            w = int(self.width[i])
+        if PARTS[c] in ("g", "f"):
+            w = int((self.width if PARTS[c] == "g" else self.fwidth)[i])
             return np.frombuffer(os.pread(self._fd, k * w, at), np.uint8).reshape(k, w)
         size = k * 8 + (k * 32 if self.has[i, c] else 0)
         raw = os.pread(self._fd, size, at) if size else b""
@@ -848,9 +867,10 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     renditions).
 
     When both images are more than twice the frame on their longer side, a pair that passes
-    is compared again in a finer frame, half the smaller image's side (:func:`fine_side`, at
-    most :data:`FINE_SIDE`; RANSAC's map carried over and refined by ECC), and verified only
-    if it passes there too: ``ncc`` is then that second NCC, ``evidence.fine`` its evidence.
+    is compared again in their finer frames (``f``: half each image's side, at most
+    :data:`FINE_SIDE`, :func:`fine_side`; RANSAC's map carried over and refined by ECC; at the
+    coarser of the two), and verified only if it passes there too: ``ncc`` is then that
+    second NCC, ``evidence.fine`` its evidence.
     """
     for k, f in zip(keys, (file_a, file_b), strict=True):
         if k not in cache:
@@ -888,41 +908,22 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     res = {**res, "ncc": ncc, "verified": ncc >= ev["threshold"],
            "evidence": {"inliers": n_in, **ev,
                         **({"features": "low"} if tag in ("lo", "lom") else {})}}
-    side = fine_side(fa["side"], fb["side"])
-    if not res["verified"] or side <= SIDE:
+    if not res["verified"] or "f" not in fa or "f" not in fb:
         return res
     # Both images are more than twice the frame: the frame compared them 2x+ coarser than
     # both resolve, where a repeat capture's own fine detail is averaged away. Compared again
-    # at half the resolution of the coarser one (RANSAC's map carried over, refined by ECC),
-    # the pair must pass there too.
-    ra, rb = (_cached(cache, ("fine", side, k), lambda f=f: (_frame(f, side) or (None,))[0])
-              for k, f in zip(keys, (file_a, file_b), strict=True))  # only the frame is kept
-    if ra is None or rb is None:
-        return res
-    Mf = (_frame_map(fa["g"].shape, ra["g"].shape) @ _affine3(M)
-          @ np.linalg.inv(_frame_map(fb["g"].shape, rb["g"].shape)))[:2]
-    ga = np.ascontiguousarray(ra["g"][:, ::-1]) if mirror else ra["g"]
-    again = _compare(ga, rb["g"], Mf, ra["up"], rb["up"], p, frame=side / SIDE, refine=True)
+    # in their finer frames (``f``: half their resolution; RANSAC's map carried over, refined
+    # by ECC), at the coarser of the two, the pair must pass there too.
+    ga, gb = fa["f"], fb["f"]
+    Mf = (_frame_map(fa["g"].shape, ga.shape) @ _affine3(M)
+          @ np.linalg.inv(_frame_map(fb["g"].shape, gb.shape)))[:2]
+    again = _compare(np.ascontiguousarray(ga[:, ::-1]) if mirror else ga, gb, Mf, 1.0, 1.0, p,
+                     frames=(max(ga.shape) / SIDE, max(gb.shape) / SIDE), refine=True)
     if again is None:
         return {**res, "verified": False, "evidence": {**res["evidence"], "fine": None}}
     fncc, fev = again
     return {**res, "ncc": fncc, "verified": fncc >= fev["threshold"],
             "evidence": {**res["evidence"], "fine": fev}}
-
-
-def fine_side(side_a: int, side_b: int) -> int:
-    """The frame of the second comparison of two images (longer sides in pixels): half the
-    smaller one (rounded to 64 px), at most :data:`FINE_SIDE`; <= :data:`SIDE`: none."""
-    return min(FINE_SIDE, 64 * round(min(side_a, side_b) / 128))
-
-
-def _cached(cache: Any, key: Any, compute: Any) -> Any:
-    try:
-        return cache[key]
-    except KeyError:  # not there, or dropped by the LRU since
-        value = compute()
-        cache[key] = value
-        return value
 
 
 def _frame_map(small: tuple[int, ...], large: tuple[int, ...]) -> np.ndarray:
@@ -933,25 +934,25 @@ def _frame_map(small: tuple[int, ...], large: tuple[int, ...]) -> np.ndarray:
 
 
 def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: float,
-             p: dict[str, Any], *, frame: float = 1.0,
+             p: dict[str, Any], *, frames: tuple[float, float] = (1.0, 1.0),
              refine: bool = False) -> tuple[float, dict[str, Any]] | None:
     """(NCC, evidence) of the band-pass detail of ``gb`` mapped by ``M`` (b -> a) onto ``ga``
     (equalised grey frames; ``up_*``: each image's upsampling into its frame), at the
     coarser of the two resolutions; None when they overlap too little.
 
-    ``frame``: the frame's side in units of the 256-px frame (the NCC threshold's coarse
+    ``frames``: each frame's side in units of the 256-px frame (the NCC threshold's coarse
     ramp is in those units); ``refine``: refine ``M`` by ECC first (a map carried over from
-    another frame).
+    other frames).
     """
     big, sm, _ = _axes(M)
     scale = float(np.sqrt(big * sm))
     ga, gb = ga.astype(np.float32), gb.astype(np.float32)
     # the template is the image the other one covers (a crop is compared inside its source)
     if scale * scale * gb.size >= ga.size:
-        tmpl, img, T, pixel = ga, gb, M, max(up_a, up_b * big)
+        tmpl, img, T, pixel, frame = ga, gb, M, max(up_a, up_b * big), frames[0]
     else:
         T = cv2.invertAffineTransform(M)
-        tmpl, img, pixel = gb, ga, max(up_b, up_a / sm)
+        tmpl, img, pixel, frame = gb, ga, max(up_b, up_a / sm), frames[1]
     s1 = max(BAND_MIN, BAND * pixel)  # the band: DoG(s1, 3 s1) at the common pixel
     grid = s1 / BAND_MIN  # > 1: coarse; compare on a grid of the band's scale (area-reduced
     if grid > 1.0:        # by `grid` a side): the same band, grid^2 times fewer pixels

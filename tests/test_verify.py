@@ -195,8 +195,8 @@ def test_large_images_are_compared_again_in_a_finer_frame(tmp_path, monkeypatch)
     paths = [_save(tmp_path, "src", src), _save(tmp_path, "again", again), str(jpeg),
              _save(tmp_path, "crop", crop), _save(tmp_path, "mirror", src[:, ::-1].copy())]
     p = duplicates.DEFAULTS
-    assert verify.fine_side(1024, 1024) == verify.FINE_SIDE == 512
-    assert verify.fine_side(600, 1024) == 320 and verify.fine_side(256, 1024) <= verify.SIDE
+    assert verify.fine_side(1024) == verify.FINE_SIDE == 512 and verify.fine_side(3000) == 512
+    assert verify.fine_side(600) == 320 and verify.fine_side(512) <= verify.SIDE
 
     def check(j: int) -> dict:
         return verify.verify(paths[0], paths[j], cache={}, keys=(0, j), p=p)
@@ -209,5 +209,13 @@ def test_large_images_are_compared_again_in_a_finer_frame(tmp_path, monkeypatch)
         r = check(j)
         assert r["verified"] and r["evidence"]["fine"]["ncc"] >= r["evidence"]["fine"]["threshold"], (paths[j], r)
     assert "mirror" in check(4)["transform"]
+    # the finer frame is made from the features' own decode and kept in the feature store
+    with verify.FeatureStore(tmp_path / "store") as store:
+        verify.store_features(paths, store)
+        stored = verify.FeatureCache(store)
+        assert stored[0]["f"].shape == (512, 512) and store.get(0)["g"].shape == (256, 256)
+        for j in range(1, 5):
+            again = verify.verify(paths[0], paths[j], cache=stored, keys=(0, j), p=p)
+            assert again == check(j), j
     monkeypatch.setattr(verify, "FINE_SIDE", 0)  # without the second comparison: accepted
-    assert check(1)["verified"]
+    assert check(1)["verified"] and "fine" not in check(1)["evidence"]
