@@ -70,6 +70,8 @@ def features(path: str, *, low: bool = True, reduced: bool = True) -> dict[str, 
     is the image's longer side in pixels, ``up`` its upsampling to the 256-px frame (>= 1).
     ``reduced`` (default): a large JPEG is decoded at a reduced DCT scale (>= 512 px on its
     shorter side; :func:`medlake.catalog.imageio.open_image`); False decodes every pixel.
+    An image of 576 px or more on its longer side also gets ``f``: its finer equalised grey
+    frame (:func:`fine_side` px) for :func:`verify`'s second comparison, from the same decode.
     Returns None when the file cannot be decoded.
     """
     if not hasattr(_LOCAL, "orb"):
