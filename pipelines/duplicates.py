@@ -97,8 +97,9 @@ class Params:
 
 
 DEFAULTS: dict[str, Any] = defaults(Params)
-CACHE_IMAGES = 1024  # images whose features verification holds at once (~110 KB each; a
-# large image's finer frame for the second comparison, verify.fine_side, adds <= 256 KB)
+CACHE_IMAGES = 1024  # images whose features verification holds at once (~110 KB each),
+CACHE_BYTES = 128 << 20  # and at most this many bytes of them (a large image's finer frame
+# for the second comparison, verify.fine_side, adds up to 256 KB: fewer of those are held)
 
 
 def knn_pairs(vecs: np.ndarray, *, k: int, threshold: float, block: int = 4096) -> np.ndarray:
@@ -262,7 +263,7 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
         with verify.FeatureStore(scratch) as store:
             verify.store_features([files[x] for x in ids], store, workers=int(p["workers"]))
             knn = None
-            verifier = partial(verify_pairs, cache=verify.FeatureCache(store, CACHE_IMAGES),
+            verifier = partial(verify_pairs, cache=verify.FeatureCache(store, CACHE_IMAGES, CACHE_BYTES),
                                workers=int(p["workers"]))
             if engine == "ray":
                 from medlake.pipelines import ray_duplicates

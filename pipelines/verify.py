@@ -364,15 +364,19 @@ def store_features(files: list[str], store: FeatureStore, *, workers: int = 2,
 
 class FeatureCache:
     """The verification cache over a :class:`FeatureStore`: index -> features, at most
-    ``size`` images held (least recently used dropped), safe across threads.
+    ``size`` images and ``max_bytes`` of their arrays held (least recently used dropped; the
+    last one set is always kept), safe across threads.
 
     Behaves like the dict :func:`verify` takes: every stored index is ``in`` it; other keys
     set by :func:`verify` (features it computed) are held in the same bounded LRU.
     """
 
-    def __init__(self, store: FeatureStore, size: int = 1024) -> None:
+    def __init__(self, store: FeatureStore, size: int = 1024, max_bytes: int | None = None) -> None:
         self.store, self.size = store, max(1, size)
+        self.max_bytes = max_bytes
         self._lru: OrderedDict[Any, Any] = OrderedDict()
+        self._bytes: dict[Any, int] = {}
+        self.held = 0  # bytes of the arrays held
         self._lock = threading.Lock()
 
     def _stored(self, key: Any) -> bool:
@@ -394,14 +398,32 @@ class FeatureCache:
         return value
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        size = _nbytes(value)
         with self._lock:
+            self.held -= self._bytes.pop(key, 0)
             self._lru[key] = value
+            self._bytes[key] = size
+            self.held += size
             self._lru.move_to_end(key)
-            while len(self._lru) > self.size:
-                self._lru.popitem(last=False)
+            while len(self._lru) > 1 and (len(self._lru) > self.size or (
+                    self.max_bytes is not None and self.held > self.max_bytes)):
+                old, _ = self._lru.popitem(last=False)
+                self.held -= self._bytes.pop(old)
 
     def __len__(self) -> int:
         return len(self._lru)
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes of the numpy arrays in ``value`` (features: a dict of arrays and (points,
+    descriptors) pairs; None: 0)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, tuple):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 @contextmanager

@@ -180,6 +180,15 @@ def test_feature_cache_is_bounded_and_reads_the_store(tmp_path):
         assert "other" in cache and len(cache) <= 3
         with pytest.raises(KeyError):
             cache[len(files) + 5]
+        # bounded by bytes too: the arrays held never pass max_bytes (one entry at least)
+        one = verify._nbytes(store.get(0))
+        assert one > 60_000  # the 256-px grey image and the ORB sets
+        small = verify.FeatureCache(store, size=100, max_bytes=int(2.5 * one))
+        for i in range(len(files)):
+            assert _same(small[i], store.get(i))
+            assert small.held <= 2.5 * one and len(small) >= 1
+        assert len(small) < len(files)  # some were dropped for their bytes, not their number
+        assert small.held == sum(verify._nbytes(small[k]) for k in list(small._lru))
 
 
 def _scratch(cat) -> list[str]:
