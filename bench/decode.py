@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import machine, record
 
 from medlake.catalog.embedders import DescriptorEmbedder
-from medlake.catalog.imageio import inspect, load_rgb
+from medlake.catalog.imageio import inspect, load_8bit
 from medlake.pipelines import embed, verify
 
 SHAPES = (("grey 3000x2500 (MIMIC-CXR-JPG-like)", 3000, 2500, "L"),
@@ -96,8 +96,8 @@ def main() -> None:
             same = all(i.ok and (i.width, i.height) == (w, h) for i in infos)
             rows.append(f"| {name} | {kb:,.0f} | ingest check (inspect) | {full_i:.1f} | {red_i:.1f} | "
                         f"{full_i / red_i:.2f} | {'same' if same else 'DIFFERENT'} width, height, verdict |")
-            ef_t, ef = cpu_per_image(lambda f: prep(load_rgb(f)), files)
-            er_t, er = cpu_per_image(lambda f: prep(load_rgb(f, min_side=prep.min_side)), files)
+            ef_t, ef = cpu_per_image(lambda f: prep(load_8bit(f)), files)
+            er_t, er = cpu_per_image(lambda f: prep(prep.load(f)), files)  # the loader's step
             cos = min(float(a @ b) for a, b in zip(ef, er, strict=True))
             rows.append(f"| {name} | {kb:,.0f} | embed descriptor-v1 | {ef_t:.1f} | {er_t:.1f} | "
                         f"{ef_t / er_t:.2f} | cosine to the full decode >= {cos:.4f} |")

@@ -226,11 +226,7 @@ def load_rgb(path: Path | str, *, max_pixels: int = MAX_PIXELS,
     range, transparency is flattened onto white and DICOM is windowed (:func:`render_8bit`).
     ``min_side``: as :func:`open_image` (a large JPEG may be decoded reduced).
     """
-    p = Path(path)
-    data = _read(p)
-    if is_dicom(data, p):
-        return _dicom_image(data, p, max_pixels).convert("RGB")
-    im = _transposed(_not_dicom(lambda: _open(data, p, max_pixels, min_side), p))
+    im = open_image(path, max_pixels=max_pixels, min_side=min_side)
     return _keep_full_size(to_rgb(im), im)
 
 

@@ -77,34 +77,23 @@ def features(path: str, *, low: bool = True, reduced: bool = True) -> dict[str, 
     if not hasattr(_LOCAL, "orb"):
         _LOCAL.orb = cv2.ORB_create(nfeatures=NFEATURES, edgeThreshold=15, patchSize=15,
                                     fastThreshold=8)
-    got = _frame(path, SIDE, reduced)
-    if got is None:
-        return None
-    out, grey, full = got  # out: g (uint8, 64 KB per image), up, side
-    out["n"], out["m"] = _orb_both(_LOCAL.orb, out["g"])
-    if low:
-        out["lo"], out["lom"] = _low(grey, out["g"].shape, full)
-    fine = fine_side(out["side"])
-    if fine > SIDE:  # the finer frame of the second comparison (verify), from the same decode
-        out["f"] = _resampled(grey, full, fine)
-    return out
-
-
-def _frame(path: str, side: int,
-           reduced: bool = True) -> tuple[dict[str, Any], np.ndarray, tuple[int, int]] | None:
-    """({g, up, side}, the decoded grey pixels, (h, w) of the whole image): ``g`` is the image
-    resampled to ``side`` px on its longer side and equalised, ``up`` the upsampling to it
-    (>= 1). None when the file cannot be decoded."""
     try:  # grey files stay grey (the same values, no RGB copy); a large JPEG is decoded at
-        # a DCT scale that keeps >= 2 x side px on its shorter side (area-reduced after)
-        im = load_8bit(path, min_side=2 * side if reduced else None)
+        # a DCT scale that keeps >= 512 px on its shorter side (area-reduced to the frame after)
+        im = load_8bit(path, min_side=2 * SIDE if reduced else None)
     except (ImageReadError, OSError):
         return None
     px = np.asarray(im)
     grey = px if px.ndim == 2 else cv2.cvtColor(px, cv2.COLOR_RGB2GRAY)
     w, h = full_size(im)
-    up = side / max(h, w)
-    return {"g": _resampled(grey, (h, w), side), "up": max(up, 1.0), "side": max(h, w)}, grey, (h, w)
+    eq = _resampled(grey, (h, w), SIDE)
+    out = {"g": eq, "up": max(SIDE / max(h, w), 1.0), "side": max(h, w)}  # g: 64 KB per image
+    out["n"], out["m"] = _orb_both(_LOCAL.orb, eq)
+    if low:
+        out["lo"], out["lom"] = _low(grey, eq.shape, (h, w))
+    fine = fine_side(max(h, w))
+    if fine > SIDE:  # the finer frame of the second comparison (verify), from the same decode
+        out["f"] = _resampled(grey, (h, w), fine)
+    return out
 
 
 def _resampled(grey: np.ndarray, full: tuple[int, int], side: int) -> np.ndarray:
@@ -235,10 +224,10 @@ class FeatureStore:
     def _grow(self, cap: int) -> None:
         n = len(PARTS)
         for name, shape, dtype in (("ok", (cap,), bool), ("off", (cap, n), np.int64),
-                                   ("rows", (cap, n), np.int32),  # g: height; else points
+                                   ("rows", (cap, n), np.int32),  # g, f: height; else points
+                                   ("cols", (cap, n), np.int32),  # g, f: width
                                    ("has", (cap, n), bool),  # descriptors present (not None)
-                                   ("width", (cap,), np.int32), ("up", (cap,), np.float64),
-                                   ("fwidth", (cap,), np.int32),  # f: its width
+                                   ("up", (cap,), np.float64),
                                    ("side", (cap,), np.int64)):
             out = np.zeros(shape, dtype=dtype)
             before = getattr(self, name, None)
@@ -263,7 +252,7 @@ class FeatureStore:
             self.off[i, c] = self._end + sum(len(b) for b in chunks)
             if part in ("g", "f") and part in f:
                 g = np.ascontiguousarray(f[part], dtype=np.uint8)
-                self.rows[i, c], (self.width if part == "g" else self.fwidth)[i] = g.shape
+                self.rows[i, c], self.cols[i, c] = g.shape
                 self.has[i, c] = True
                 chunks.append(g.tobytes())
             elif part in f:
@@ -285,7 +274,7 @@ class FeatureStore:
     def _part(self, i: int, c: int) -> Any:
         k, at = int(self.rows[i, c]), int(self.off[i, c])
         if PARTS[c] in ("g", "f"):
-            w = int((self.width if PARTS[c] == "g" else self.fwidth)[i])
+            w = int(self.cols[i, c])
             return np.frombuffer(os.pread(self._fd, k * w, at), np.uint8).reshape(k, w)
         size = k * 8 + (k * 32 if self.has[i, c] else 0)
         raw = os.pread(self._fd, size, at) if size else b""
@@ -795,9 +784,8 @@ def _refine(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, sigma: float, *,
     def half(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h, w = x.shape
         size = (max(8, round(w / 2)), max(8, round(h / 2)))
-        fx, fy = size[0] / w, size[1] / h  # pixel centres: x' = (x + .5) * f - .5
         small = cv2.resize(cv2.GaussianBlur(x, (0, 0), sigma), size, interpolation=cv2.INTER_AREA)
-        return small, np.array([[fx, 0, (fx - 1) / 2], [0, fy, (fy - 1) / 2], [0, 0, 1.0]])
+        return small, _frame_map(x.shape, small.shape)
 
     t, st = half(tmpl)
     i, si = half(img)
