@@ -779,7 +779,11 @@ def _refine(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, sigma: float, *,
     Fine pairs keep RANSAC's transform: measured on the generator, ECC there gained nothing
     and on chest X-rays (strong periodic ribs, tone changes) it sometimes slid off the true
     alignment. A refinement that moves the map by more than ``max_linear`` (linear part) or
-    ``max_shift`` half-size pixels is a slide onto something else and is dropped.
+    ``max_shift`` half-size pixels is a slide onto something else and is dropped. The flat
+    black fill of *both* images (:func:`_content`: a rotation's corners, padding) is masked
+    out of the correlation: a rotated copy taken as the template once pulled the map towards
+    its black corners (measured: 1024-px chest X-rays cropped, resized back and rotated 4-7
+    degrees, 20 of 48 verified with the input's fill masked only, 44 of 48 with both).
     """
     def half(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h, w = x.shape
@@ -791,12 +795,13 @@ def _refine(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, sigma: float, *,
     i, si = half(img)
     w0 = (si @ np.linalg.inv(_affine3(M)) @ np.linalg.inv(st))[:2].astype(np.float32)  # t -> i
     mask = cv2.resize(_content(img), (i.shape[1], i.shape[0]), interpolation=cv2.INTER_NEAREST)
-    if mask.sum() < 64:
+    tmask = cv2.resize(_content(tmpl), (t.shape[1], t.shape[0]), interpolation=cv2.INTER_NEAREST)
+    if mask.sum() < 64 or tmask.sum() < 64:
         return M
-    try:
-        _, w1 = cv2.findTransformECC(t, i, w0.copy(), cv2.MOTION_AFFINE,
-                                     (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 1e-4),
-                                     mask, 1)
+    try:  # both images' flat black fill (a rotation's corners, padding) masked out
+        _, w1 = cv2.findTransformECCWithMask(
+            t, i, tmask, mask, w0.copy(), cv2.MOTION_AFFINE,
+            (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 1e-4), 1)
     except cv2.error:  # did not converge
         return M
     if np.abs(w1[:, :2] - w0[:, :2]).max() > max_linear or np.abs(w1[:, 2] - w0[:, 2]).max() > max_shift:

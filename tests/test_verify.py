@@ -219,3 +219,43 @@ def test_large_images_are_compared_again_in_a_finer_frame(tmp_path, monkeypatch)
             assert again == check(j), j
     monkeypatch.setattr(verify, "FINE_SIDE", 0)  # without the second comparison: accepted
     assert check(1)["verified"] and "fine" not in check(1)["evidence"]
+
+
+def test_rotated_copies_refine_with_both_images_fill_masked(tmp_path, monkeypatch):
+    """A 1024-px chest X-ray cropped, resized back to 1024 (nearest, bilinear, Lanczos) and
+    rotated 4-7 degrees has black corners. Taken as the ECC template of the second comparison,
+    they once pulled the refined map off (fine NCC 0.70-0.74: rejected). With both images'
+    fill masked, every copy is verified in both frames, and the repeat capture of the same
+    patient is still rejected. Without the template's mask, the same copies fail again."""
+    from medlake.demo import synth_draw as draw
+    from medlake.pipelines import duplicates
+
+    findings = {"effusion": False, "cardiomegaly": False, "nodule": False}
+    anatomy = draw.chest_anatomy(np.random.default_rng(103))
+    src = draw.draw_cxr(np.random.default_rng(203), anatomy, 1024, findings)
+    again = draw.draw_cxr(np.random.default_rng(303), anatomy, 1024, findings)  # same patient
+    recipes = [((202, 21, 728, 737), Image.Resampling.NEAREST, 5.7),
+               ((45, 200, 839, 793), Image.Resampling.BILINEAR, -6.5),
+               ((9, 23, 753, 769), Image.Resampling.LANCZOS, 7.2)]
+    paths = [_save(tmp_path, "src", src), _save(tmp_path, "again", again)]
+    for k, ((x0, y0, cw, ch), interp, angle) in enumerate(recipes):
+        c = Image.fromarray(src[y0:y0 + ch, x0:x0 + cw]).resize((1024, 1024), interp)
+        c = c.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
+        paths.append(_save(tmp_path, f"copy{k}", np.asarray(c)))
+    p = duplicates.DEFAULTS
+
+    def check(j: int) -> dict:
+        return verify.verify(paths[0], paths[j], cache={}, keys=(0, j), p=p)
+
+    for j in range(2, len(paths)):
+        r = check(j)
+        assert r["verified"] and r["evidence"]["fine"]["ncc"] >= 0.8, (paths[j], r)
+    assert not check(1)["verified"]
+    # the template's mask is what makes the difference: without it the copies fail again
+    ecc = cv2.findTransformECCWithMask
+
+    def template_unmasked(t, i, tmask, mask, *args):
+        return ecc(t, i, np.ones_like(tmask), mask, *args)
+
+    monkeypatch.setattr(cv2, "findTransformECCWithMask", template_unmasked)
+    assert sum(check(j)["verified"] for j in range(2, len(paths))) <= 1
