@@ -259,3 +259,41 @@ def test_rotated_copies_refine_with_both_images_fill_masked(tmp_path, monkeypatc
 
     monkeypatch.setattr(cv2, "findTransformECCWithMask", template_unmasked)
     assert sum(check(j)["verified"] for j in range(2, len(paths))) <= 1
+
+
+def test_jpeg_fill_counts_as_fill(tmp_path, monkeypatch):
+    """A dermoscopy JPEG cropped and rotated 6-10 degrees has black corners that JPEG's
+    ringing leaves a few grey levels above 0 (equalisation spreads them): they are still flat
+    black fill (``_content``), so their edges do not swamp the band-pass detail. The copies
+    verify; counting only exact 0 as fill (as before) rejects them; a repeat capture of the
+    same lesion stays rejected."""
+    from medlake.demo import synth_draw as draw
+    from medlake.demo.synth_build import JPEG
+    from medlake.pipelines import duplicates
+
+    def jpg(arr: np.ndarray, name: str) -> str:
+        path = tmp_path / f"{name}.jpg"
+        Image.fromarray(arr).save(path, "JPEG", **JPEG)
+        return str(path)
+
+    cases = {1: ((23, 20, 192, 149), -9.8), 2: ((41, 10, 173, 135), -6.4),
+             6: ((22, 21, 185, 136), 7.5), 8: ((35, 13, 177, 149), -9.2)}
+    p = duplicates.DEFAULTS
+    pairs = []
+    for seed, ((x0, y0, cw, ch), angle) in cases.items():
+        an = draw.lesion_anatomy(np.random.default_rng(100 + seed), "nevus", 2)
+        src = draw.draw_derm(np.random.default_rng(200 + seed), an, 192, 256)
+        copy = Image.fromarray(np.ascontiguousarray(src[y0:y0 + ch, x0:x0 + cw])).rotate(
+            angle, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+        again = draw.draw_derm(np.random.default_rng(300 + seed), an, 192, 256)  # same lesion
+        pairs.append((jpg(src, f"s{seed}"), jpg(np.asarray(copy), f"c{seed}"), jpg(again, f"a{seed}")))
+        g = verify.features(pairs[-1][1])["g"]  # fill pixels above 0 are masked as fill
+        assert ((verify._content(g) == 0) & (g > 0)).sum() >= 20
+
+    def verified(a: str, b: str) -> bool:
+        return verify.verify(a, b, cache={}, keys=(0, 1), p=p)["verified"]
+
+    assert all(verified(s, c) for s, c, _ in pairs)
+    assert not any(verified(s, a) for s, _, a in pairs)
+    monkeypatch.setattr(verify, "FILL_MAX", 0)  # exact 0 only: the copies fail again
+    assert sum(verified(s, c) for s, c, _ in pairs) <= 1
