@@ -364,8 +364,7 @@ class FeatureCache:
     def __init__(self, store: FeatureStore, size: int = 1024, max_bytes: int | None = None) -> None:
         self.store, self.size = store, max(1, size)
         self.max_bytes = max_bytes
-        self._lru: OrderedDict[Any, Any] = OrderedDict()
-        self._bytes: dict[Any, int] = {}
+        self._lru: OrderedDict[Any, tuple[Any, int]] = OrderedDict()  # key -> (value, bytes)
         self.held = 0  # bytes of the arrays held
         self._lock = threading.Lock()
 
@@ -380,7 +379,7 @@ class FeatureCache:
         with self._lock:
             if key in self._lru:
                 self._lru.move_to_end(key)
-                return self._lru[key]
+                return self._lru[key][0]
         if not self._stored(key):
             raise KeyError(key)
         value = self.store.get(int(key))
@@ -390,15 +389,14 @@ class FeatureCache:
     def __setitem__(self, key: Any, value: Any) -> None:
         size = _nbytes(value)
         with self._lock:
-            self.held -= self._bytes.pop(key, 0)
-            self._lru[key] = value
-            self._bytes[key] = size
+            if key in self._lru:
+                self.held -= self._lru[key][1]
+            self._lru[key] = (value, size)
             self.held += size
             self._lru.move_to_end(key)
             while len(self._lru) > 1 and (len(self._lru) > self.size or (
                     self.max_bytes is not None and self.held > self.max_bytes)):
-                old, _ = self._lru.popitem(last=False)
-                self.held -= self._bytes.pop(old)
+                self.held -= self._lru.popitem(last=False)[1][1]
 
     def __len__(self) -> int:
         return len(self._lru)
