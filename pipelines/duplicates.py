@@ -200,17 +200,28 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
         if has_low:
             small = (sides >= 0) & (sides <= int(p.get("small_side", 0)))
             # every image; pairs with a small image ranked among themselves (few images: look
-            # deeper, small_k): both selections from one bucketing of the low renditions
+            # deeper, small_k); thumbnails also by their stretched renditions (squeezed crops,
+            # verify._stretched) as virtual twins: all from one bucketing of the low renditions
             small_k = int(p.get("small_k", 3 * orb["k"]))
             select = (([(orb["k"], None)] if how in ("low", "both") else [])
                       + ([(small_k, small)] if small.any() and small_k > 0 else []))
+            stretched = small & _present(feats, "lx")
+            extra = (("lx", "lxm"), stretched, small_k) if stretched.any() and small_k > 0 else None
             kw = {x: v for x, v in orb.items() if x != "k"}
-            for found in (verify.orb_pairs_many(feats, select, **kw, bits=32, tags=("lo", "lom"))
-                          if select else []):
+            founds = (verify.orb_pairs_many(feats, select, **kw, bits=32, tags=("lo", "lom"),
+                                            extra=extra) if select or extra else [])
+            for found in founds:
                 for i, j, v in found:
                     c = cand.get((int(i), int(j)), {})
                     add(int(i), int(j), "orb_low", low_votes=max(int(v), c.get("low_votes", 0)))
     return cand
+
+
+def _present(feats: list[Any] | verify.FeatureStore, part: str) -> np.ndarray:
+    """Per image: its features have ``part``."""
+    if isinstance(feats, verify.FeatureStore):
+        return feats.present(part)
+    return np.array([f is not None and part in f for f in feats], dtype=bool)
 
 
 def verify_pairs(jobs: list[tuple[str, str, int, int]], p: dict[str, Any], *,

@@ -51,6 +51,8 @@ from medlake.catalog.imageio import ImageReadError, full_size, load_8bit
 SIDE = 256
 NFEATURES = 300  # ORB keypoints per image (and per mirror image)
 LOW_SIDE, LOW_GRID = 48, 96  # low rendition: long side reduced to 48 px, ORB at 96 px
+STRETCH_SIDE = 128  # images up to this longer side also get low renditions stretched by STRETCH
+STRETCH = (2 ** 0.5, 2 ** -0.5)  # width / height factors (undo a crop squeezed to a square)
 COARSE_FROM, COARSE_TO = 1.5, 4.0  # common pixel size (256-px frame) where ncc -> ncc_coarse
 FILL_MAX = 16  # equalised grey levels counted as flat black fill (_content): 1/16 of the range
 RETRY_FROM = 0.55  # fine pairs from this NCC up to the line are refined by ECC and compared again
@@ -91,6 +93,8 @@ def features(path: str, *, low: bool = True, reduced: bool = True) -> dict[str, 
     out["n"], out["m"] = _orb_both(_LOCAL.orb, eq)
     if low:
         out["lo"], out["lom"] = _low(grey, eq.shape, (h, w))
+        if max(h, w) <= STRETCH_SIDE:  # a thumbnail may be a crop squeezed to its shape
+            out["lx"], out["lxm"] = _stretched(grey, eq.shape, (h, w))
     fine = fine_side(max(h, w))
     if fine > SIDE:  # the finer frame of the second comparison (verify), from the same decode
         out["f"] = _resampled(grey, (h, w), fine)
@@ -130,15 +134,16 @@ def _orb_both(orb: Any, img: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray |
     return first, _strongest(kpm, desm, response if same else None)
 
 
-def _low(grey: np.ndarray, frame: tuple[int, int],
-         full: tuple[int, int] | None = None) -> tuple[tuple[np.ndarray, np.ndarray | None], ...]:
+def _low(grey: np.ndarray, frame: tuple[int, int], full: tuple[int, int] | None = None,
+         aspect: float = 1.0) -> tuple[tuple[np.ndarray, np.ndarray | None], ...]:
     """ORB of the low rendition (long side area-reduced to ``LOW_SIDE``, resized to ``LOW_GRID``).
 
     Reducing every image to the same number of pixels is scale-covariant: a crop's
     rendition equals its source's, magnified, which ORB's pyramid absorbs, so a 30-px
     thumbnail and its 256-px source share descriptors here. Points are mapped into the
     image's 256-px frame (``frame``: its shape) so they combine with :func:`verify`'s.
-    ``full``: (h, w) of the whole image when ``grey`` was decoded reduced.
+    ``full``: (h, w) of the whole image when ``grey`` was decoded reduced; ``aspect``: the
+    rendition's width stretched by this factor before ORB (:func:`_stretched`).
     """
     if not hasattr(_LOCAL, "orb_low"):
         _LOCAL.orb_low = cv2.ORB_create(nfeatures=NFEATURES, edgeThreshold=8, patchSize=15,
@@ -147,14 +152,43 @@ def _low(grey: np.ndarray, frame: tuple[int, int],
     s = LOW_SIDE / max(h, w)
     x = grey if s >= 1 else cv2.resize(grey, (max(4, round(w * s)), max(4, round(h * s))),
                                        interpolation=cv2.INTER_AREA)
-    k = LOW_GRID / max(x.shape)
-    x = cv2.resize(x, (max(8, round(x.shape[1] * k)), max(8, round(x.shape[0] * k))),
+    wide = x.shape[1] * aspect
+    k = LOW_GRID / max(wide, x.shape[0])
+    x = cv2.resize(x, (max(8, round(wide * k)), max(8, round(x.shape[0] * k))),
                    interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
     n, m = _orb_both(_LOCAL.orb_low, cv2.equalizeHist(x))
     fx, fy = frame[1] / x.shape[1], frame[0] / x.shape[0]  # pixel centres: (x + .5) * f - .5
     scale = np.float32([fx, fy])
     shift = np.float32([(fx - 1) / 2, (fy - 1) / 2])
     return (n[0] * scale + shift, n[1]), (m[0] * scale + shift, m[1])
+
+
+def _stretched(grey: np.ndarray, frame: tuple[int, int],
+               full: tuple[int, int]) -> tuple[tuple[np.ndarray, np.ndarray | None], ...]:
+    """ORB of the low rendition stretched by each of :data:`STRETCH` (and the mirrors), as one
+    set each: the renditions' keypoints interleaved by rank (the strongest of each first),
+    points in the unstretched 256-px frame.
+
+    A crop resized to a fixed shape (a square thumbnail of a wide crop) is its source squeezed
+    along one axis; ORB's descriptors do not survive a squeeze of more than about 1.2, so
+    the thumbnail's squeeze is undone approximately by each stretch (measured, generated
+    5k set: thumbnails of crops 1.3-1.75 times wider than high matched their source with 10-37
+    RANSAC inliers unstretched, 31-97 stretched by 1.41).
+    """
+    got = [_low(grey, frame, full, a) for a in STRETCH]
+    return tuple(_interleave([g[side] for g in got]) for side in (0, 1))
+
+
+def _interleave(sets: list[tuple[np.ndarray, np.ndarray | None]]
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(points, descriptors) of several sets, each strongest first, merged rank by rank."""
+    sets = [s for s in sets if s[1] is not None and len(s[1])]
+    if not sets:
+        return _EMPTY
+    rank = np.concatenate([np.arange(len(s[1])) for s in sets])
+    order = np.argsort(rank, kind="stable")
+    return (np.concatenate([s[0] for s in sets])[order],
+            np.concatenate([s[1] for s in sets])[order])
 
 
 def _reflect(kp: Any, width: int, scale_factor: float) -> Any:
@@ -197,7 +231,9 @@ def features_many(files: list[str], *, workers: int = 2) -> list[dict[str, Any] 
         return list(pool.map(features, files))
 
 
-PARTS = ("g", "n", "m", "lo", "lom", "f")  # what FeatureStore keeps per image, in this order
+Extra = tuple[tuple[str, ...], np.ndarray, int]  # (feature sets, a flag per image, k): orb_pairs_many
+PARTS = ("g", "n", "m", "lo", "lom", "f", "lx", "lxm")  # what FeatureStore keeps per image, in order
+WIDE = {"lx": len(STRETCH), "lxm": len(STRETCH)}  # sets of several renditions: per_image x this
 
 
 class FeatureStore:
@@ -295,23 +331,27 @@ class FeatureStore:
         out["g"] = out["g"].copy()
         return out
 
-    def descriptors(self, tags: tuple[str, ...], per_image: int,
-                    chunk: int = 1 << 18) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(owners, descriptors) of ``tags`` (the ``per_image`` strongest of each), about
-        ``chunk`` descriptors at a time, in image order."""
-        cols = [PARTS.index(t) for t in tags]
+    def descriptors(self, tags: tuple[str, ...], per_image: int, chunk: int = 1 << 18,
+                    extra: Extra | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(owners, descriptors) of ``tags`` (the ``per_image`` strongest of each; of a set of
+        several renditions, :data:`WIDE`, that many times ``per_image``), about
+        ``chunk`` descriptors at a time, in image order; ``extra`` (tags, flags, _): the
+        flagged images' descriptors of those tags too, owned by ``len(self) + i``."""
+        sets = [(PARTS.index(t), 0) for t in tags]
+        if extra is not None:
+            more = sets + [(PARTS.index(t), self._n) for t in extra[0]]
         owners: list[np.ndarray] = []
         descs: list[np.ndarray] = []
         held = 0
         for i in np.flatnonzero(self.ok[: self._n]):
-            for c in cols:
+            for c, shift in (more if extra is not None and extra[1][i] else sets):
                 k = int(self.rows[i, c])
                 if k <= 0 or not self.has[i, c]:
                     continue
-                use = min(k, per_image)
+                use = min(k, per_image * WIDE.get(PARTS[c], 1))
                 raw = os.pread(self._fd, use * 32, int(self.off[i, c]) + k * 8)
                 descs.append(np.frombuffer(raw, np.uint8).reshape(use, 32))
-                owners.append(np.full(use, i, dtype=np.int64))
+                owners.append(np.full(use, shift + i, dtype=np.int64))
                 held += use
             if held >= chunk:
                 yield np.concatenate(owners), np.concatenate(descs)
@@ -322,7 +362,11 @@ class FeatureStore:
     def has_part(self, part: str) -> bool:
         """Every decodable image has ``part`` (``lo``: the low renditions were computed)."""
         ok = self.ok[: self._n]
-        return bool((self.rows[: self._n][ok, PARTS.index(part)] >= 0).all())
+        return bool(self.present(part)[ok].all())
+
+    def present(self, part: str) -> np.ndarray:
+        """Per image: it has ``part`` (``lx``: a thumbnail's stretched renditions)."""
+        return self.ok[: self._n] & (self.rows[: self._n, PARTS.index(part)] >= 0)
 
     def sides(self) -> np.ndarray:
         """Each image's longer side in pixels (-1: undecodable)."""
@@ -466,7 +510,7 @@ def orb_pairs(feats: list[dict[str, Any] | None] | FeatureStore, *, k: int = 5,
 def orb_pairs_many(feats: list[dict[str, Any] | None] | FeatureStore,
                    select: list[tuple[int, np.ndarray | None]], *, min_votes: int = 4,
                    tables: int = 16, bits: int = 28, per_image: int = 300, max_bucket: int = 32,
-                   seed: int = 0, tags: tuple[str, str] = ("n", "m"),
+                   seed: int = 0, tags: tuple[str, ...] = ("n", "m"), extra: Extra | None = None,
                    scratch: Path | str | None = None) -> list[np.ndarray]:
     """Candidate pairs (i, j, votes), i < j, from shared ORB-descriptor buckets.
 
@@ -486,43 +530,94 @@ def orb_pairs_many(feats: list[dict[str, Any] | None] | FeatureStore,
     memory holds one part, one shard and ``k`` pairs per image, never every pair that shares
     a bucket (31.6 million of the 46.7 million possible at 9,660 images).
 
+    ``extra`` (tags, flags, k): the flagged images' descriptors of those feature sets are
+    bucketed too, as a second, virtual image each (thumbnails' stretched low renditions,
+    :func:`_stretched`). Its votes never mix with the image's own or count in ``select``:
+    one more array is returned, the pairs among the ``k`` best of each virtual image (its
+    own image excluded), as pairs of real images.
+
     ``select`` lists (``k``, ``only``) selections made from the one bucketing: each gives
     the array that ``orb_pairs(feats, k=k, only=only)`` gives (the votes of a pair do not
     depend on the selection), so several cost one pass over the descriptors.
     """
-    n = len(feats)
-    source = (feats.descriptors(tags, per_image) if isinstance(feats, FeatureStore)
-              else _list_descriptors(feats, tags, per_image))
+    real = len(feats)
+    n = 2 * real if extra is not None else real  # with extra: image i's virtual twin is real + i
+    source = (feats.descriptors(tags, per_image, extra=extra) if isinstance(feats, FeatureStore)
+              else _list_descriptors(feats, tags, per_image, extra))
     rng = np.random.default_rng(seed)
     picks = [rng.choice(256, size=bits, replace=False) for _ in range(tables)]
     none = np.zeros((0, 3), dtype=np.int64)
     with tempfile.TemporaryDirectory(prefix=".orb.tmp-", dir=scratch) as tmp:
-        total = _write_keys(source, picks, Path(tmp))
+        folder = Path(tmp)
+        total = _write_keys(source, picks, folder)
         if not total:
-            return [none for _ in select]
+            return [none for _ in range(len(select) + (extra is not None))]
+        votes = _Votes(folder, tables, total, n, max_bucket, min_votes)
+        if extra is None:
+            return votes.count(select, None)
+        out = votes.count(select, np.r_[np.ones(real, bool), np.zeros(real, bool)]) if select else []
+        # the twins against every other image (the twins' own images' descriptors left out)
+        twin = np.r_[np.zeros(real, bool), extra[1]]
+        got = votes.count([(extra[2], twin)], np.r_[~extra[1], np.ones(real, bool)], real=real)
+        return [*out, _untwinned(got[0], real)]
+    return out
+
+
+class _Votes:
+    """Votes of image pairs sharing buckets, counted from the key files of
+    :func:`_write_keys` (one hashing of the descriptors serves several countings)."""
+
+    def __init__(self, folder: Path, tables: int, total: int, n: int, max_bucket: int,
+                 min_votes: int) -> None:
+        self.folder, self.tables, self.n = folder, tables, n
+        self.max_bucket, self.min_votes = max_bucket, min_votes
+        self.parts = -(-total // PART_ENTRIES)
+        self.shards = max(1, total // SHARD_DESCRIPTORS)
+        self.shift = max(1, int(n).bit_length())
+        self.code_t = np.uint32 if n * n < 2**32 else np.int64  # pair codes (< n * n)
+
+    def count(self, select: list[tuple[int, np.ndarray | None]], use: np.ndarray | None,
+              real: int | None = None) -> list[np.ndarray]:
+        """Each selection's pairs (:func:`orb_pairs_many`) among the descriptors of the owners
+        ``use`` flags (None: all); with ``real``, only pairs of a real image (< real) and
+        another image's twin (>= real) count."""
         flagged = [o for _, o in select]
         any_only = None if any(o is None for o in flagged) else np.logical_or.reduce(flagged)
-        shift = max(1, int(n).bit_length())
-        code_t = np.uint32 if n * n < 2**32 else np.int64  # pair codes (< n * n)
-        parts = -(-total // PART_ENTRIES)
-        shards = max(1, total // SHARD_DESCRIPTORS)
-        folder = Path(tmp)
+        n, shards, mask = self.n, self.shards, (1 << self.shift) - 1
         with ExitStack() as files:  # pair codes by shard (the first image's index mod shards)
-            outs = [files.enter_context(open(folder / f"s{x}", "wb")) for x in range(shards)]
-            for t in range(tables):
-                for part in range(parts):
-                    both = _part_entries(folder, t, part, parts, shift)
+            outs = [files.enter_context(open(self.folder / f"s{x}", "wb")) for x in range(shards)]
+            for t in range(self.tables):
+                for part in range(self.parts):
+                    both = _part_entries(self.folder, t, part, self.parts, self.shift)
+                    if use is not None:
+                        both = both[use[both & mask]]
                     both = _sorted(both)  # by key, then owner (one int64 sort)
-                    for ma, mb in _bucket_pairs(both, shift, code_t, max_bucket, any_only):
+                    for ma, mb in _bucket_pairs(both, self.shift, self.code_t, self.max_bucket,
+                                                any_only):
                         _write_shards(ma, mb, n, outs)
         tops = [_Top(k) for k, _ in select]
         for x in range(shards):  # every vote of a pair is in one shard: count them there
-            codes = np.fromfile(folder / f"s{x}", dtype=code_t).astype(np.int64)
-            i, j, v = _count_votes(codes, n, shards, x, min_votes)
+            codes = np.fromfile(self.folder / f"s{x}", dtype=self.code_t).astype(np.int64)
+            i, j, v = _count_votes(codes, n, shards, x, self.min_votes)
+            if real is not None:
+                keep = (i < real) & (j >= real) & (j - real != i)
+                i, j, v = i[keep], j[keep], v[keep]
             for top, only in zip(tops, flagged, strict=True):
                 keep = slice(None) if only is None else only[i] | only[j]
                 top.add(i[keep], j[keep], v[keep])
-    return [top.pairs(only) for top, only in zip(tops, flagged, strict=True)]
+        return [top.pairs(only) for top, only in zip(tops, flagged, strict=True)]
+
+
+def _untwinned(pairs: np.ndarray, real: int) -> np.ndarray:
+    """(i, j, votes) of (real image, virtual twin ``real + b``) pairs as pairs of real images
+    (i < j; a pair found from both twins keeps its most votes), sorted."""
+    if not len(pairs):
+        return pairs
+    b = pairs[:, 1] - real
+    out = np.stack([np.minimum(pairs[:, 0], b), np.maximum(pairs[:, 0], b), pairs[:, 2]], axis=1)
+    out = out[np.lexsort((-out[:, 2], out[:, 1], out[:, 0]))]
+    first = np.r_[True, (np.diff(out[:, 0]) != 0) | (np.diff(out[:, 1]) != 0)]
+    return out[first]
 
 
 SHARD_DESCRIPTORS = 1 << 18  # descriptors per shard of pair codes (orb_pairs; ~12 codes each)
@@ -637,15 +732,18 @@ PART_ENTRIES = 1 << 23  # descriptors sorted at once per table in orb_pairs (64 
 _READ = 1 << 22  # entries read per step from a key file
 
 
-def _list_descriptors(feats: list[dict[str, Any] | None], tags: tuple[str, ...],
-                      per_image: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _list_descriptors(feats: list[dict[str, Any] | None], tags: tuple[str, ...], per_image: int,
+                      extra: Extra | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     owners, descs = [], []
+    sets = [(t, 0) for t in tags]
+    more = sets + ([(t, len(feats)) for t in extra[0]] if extra is not None else [])
     for i, f in enumerate(feats):
-        for tag in tags:
-            d = None if f is None else f[tag][1]
+        for tag, shift in (more if extra is not None and extra[1][i] else sets):
+            d = None if f is None or tag not in f else f[tag][1]
             if d is not None and len(d):
-                descs.append(d[:per_image])
-                owners.append(np.full(min(len(d), per_image), i, dtype=np.int64))
+                use = min(len(d), per_image * WIDE.get(tag, 1))
+                descs.append(d[:use])
+                owners.append(np.full(use, shift + i, dtype=np.int64))
     if descs:
         yield np.concatenate(owners), np.concatenate(descs)
 
@@ -733,18 +831,21 @@ def _axes(M: np.ndarray) -> tuple[float, float, float]:
 
 
 def _fit(fa: dict[str, Any], fb: dict[str, Any], tags: tuple[str, str], *, top: int,
-         min_inliers: int, reproj: float, max_aspect: float) -> tuple[str, int, np.ndarray] | None:
-    """Best (tag, inliers, M) over ``fa``'s feature set and its mirror (``tags``), M: b -> a.
+         min_inliers: int, reproj: float, max_aspect: float,
+         b_tag: str | None = None) -> tuple[str, int, np.ndarray] | None:
+    """Best (tag, inliers, M) over ``fa``'s feature set and its mirror (``tags``), M: b -> a;
+    ``fb``'s set is ``tags[0]`` (or ``b_tag``: a set of several renditions, used whole).
 
     ORB matches with Lowe's ratio test, then a RANSAC affine transform; one that reflects,
     stretches one axis more than ``max_aspect`` times the other or scales by more than 5x is
     not a near duplicate's and is skipped.
     """
     best = None
-    pb, db = fb[tags[0]][0][:top], fb[tags[0]][1]
+    pb, db = fb[b_tag or tags[0]]
     if db is None or len(db) < 2:
         return None
-    db = db[:top]
+    if b_tag is None:
+        pb, db = pb[:top], db[:top]
     for tag in tags:
         pa, da = fa[tag][0][:top], (None if fa[tag][1] is None else fa[tag][1][:top])
         if da is None or len(da) < 2:
@@ -763,6 +864,34 @@ def _fit(fa: dict[str, Any], fb: dict[str, Any], tags: tuple[str, str], *, top: 
         if best is None or n_in > best[1]:
             best = (tag, n_in, M)
     return best
+
+
+def _stretched_fit(fa: dict[str, Any], fb: dict[str, Any],
+                   kw: dict[str, Any]) -> tuple[str, int, np.ndarray] | None:
+    """:func:`_fit` of a thumbnail's stretched low renditions (``lx``: :func:`_stretched`)
+    against the other image's low rendition and its mirror; (tag, inliers, M: b -> a) as
+    :func:`_fit` gives, tag ``lo`` or ``lom`` (a mirrored).
+
+    The stretched set is always the side matched *from* (``b`` of :func:`_fit`), so that each
+    of its descriptors looks for its two nearest in one rendition (looked for among several
+    renditions of one point, the ratio test would fail): when ``a`` is the thumbnail the two
+    are swapped and the map turned back, ``M = F_a inv(M') F_b`` when mirrored (``F``: an
+    image's left-right flip in the 256-px frame).
+    """
+    if "lx" in fb:
+        return _fit(fa, fb, ("lo", "lom"), b_tag="lx", **kw)
+    if "lx" not in fa or (got := _fit(fb, fa, ("lo", "lom"), b_tag="lx", **kw)) is None:
+        return None
+    tag, n_in, M = got
+    back = np.linalg.inv(_affine3(M))
+    if tag == "lom":  # M: a -> mirrored b; wanted: b -> mirrored a
+        back = _flip(fa["g"].shape[1]) @ back @ _flip(fb["g"].shape[1])
+    return tag, n_in, back[:2]
+
+
+def _flip(width: int) -> np.ndarray:
+    """3 x 3 left-right flip of pixel coordinates in a frame ``width`` px wide."""
+    return np.array([[-1.0, 0, width - 1], [0, 1, 0], [0, 0, 1]])
 
 
 def _affine3(M: np.ndarray) -> np.ndarray:
@@ -906,12 +1035,18 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     aspect = float(p.get("max_aspect", 2.0))
     fit = _fit(fa, fb, ("n", "m"), top=top, min_inliers=min_in, reproj=4.0, max_aspect=aspect)
     small = int(p.get("small_side", 0))
-    if ((fit is None or fit[1] < min_in) and small and min(fa["side"], fb["side"]) <= small
-            and "lo" in fa and "lo" in fb):  # low renditions: 4 px there are 4 * 256/96 here
-        low = _fit(fa, fb, ("lo", "lom"), top=top, min_inliers=min_in,
-                   reproj=4.0 * SIDE / LOW_GRID, max_aspect=aspect)
-        if low is not None and (fit is None or low[1] > fit[1]):
-            fit = low
+    if small and min(fa["side"], fb["side"]) <= small and "lo" in fa and "lo" in fb:
+        # a thumbnail: while no fit has min_in inliers, its low renditions are fitted, then
+        # their stretched forms (a squeezed crop), the most inliers win (4 px there are
+        # 4 * 256/96 here)
+        low = {"top": top, "min_inliers": min_in, "reproj": 4.0 * SIDE / LOW_GRID,
+               "max_aspect": aspect}
+        for then in (lambda: _fit(fa, fb, ("lo", "lom"), **low), lambda: _stretched_fit(fa, fb, low)):
+            if fit is not None and fit[1] >= min_in:
+                break
+            got = then()
+            if got is not None and (fit is None or got[1] > fit[1]):
+                fit = got
     if fit is None:
         return none
     tag, n_in, M = fit

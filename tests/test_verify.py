@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 from PIL import Image
@@ -297,3 +299,96 @@ def test_jpeg_fill_counts_as_fill(tmp_path, monkeypatch):
     assert not any(verified(s, a) for s, _, a in pairs)
     monkeypatch.setattr(verify, "FILL_MAX", 0)  # exact 0 only: the copies fail again
     assert sum(verified(s, c) for s, c, _ in pairs) <= 1
+
+
+def _squeezed(seed: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, Any, bool]:
+    """A generated dermoscopy image, and a thumbnail of a crop 1.5-1.9x wider than high squeezed
+    to a 40-60 px square (odd seeds mirrored); the map from the thumbnail's 256-px frame to
+    the source's (pixel centres)."""
+    from medlake.demo import synth_draw as draw
+
+    an = draw.lesion_anatomy(np.random.default_rng(400 + seed), "nevus", 2)
+    src = draw.draw_derm(np.random.default_rng(500 + seed), an, 192, 256)
+    cw, ch = int(rng.integers(170, 240)), int(rng.integers(100, 130))
+    x0, y0 = int(rng.integers(0, 256 - cw)), int(rng.integers(0, 192 - ch))
+    s, mirror = int(rng.integers(40, 60)), seed % 2 == 1
+    thumb = cv2.resize(src[y0:y0 + ch, x0:x0 + cw], (s, s), interpolation=cv2.INTER_AREA)
+    if mirror:
+        thumb = np.ascontiguousarray(thumb[:, ::-1])
+
+    def to_source(pt: tuple[float, float]) -> np.ndarray:
+        xt = 255 - pt[0] if mirror else pt[0]
+        px, py = (xt + 0.5) * s / 256 - 0.5, (pt[1] + 0.5) * s / 256 - 0.5  # thumbnail pixels
+        return np.array([x0 + (px + 0.5) * cw / s - 0.5, y0 + (py + 0.5) * ch / s - 0.5])
+
+    return src, thumb, to_source, mirror
+
+
+def test_squeezed_thumbnails_fit_by_stretched_renditions(tmp_path):
+    """Issue 14: a thumbnail of a wide crop squeezed to a square is its source squeezed 1.5-1.9x
+    along one axis, which ORB's descriptors do not survive. Its low renditions stretched by
+    1.41 and 0.71 (``lx``, ``lxm``) match the source with many more RANSAC inliers than the
+    plain rendition, and the map found is the true one (within 8 px of the 256-px frame)
+    whichever of the two images is ``a``, mirrored thumbnails included (the map is turned back
+    through both flips when the thumbnail is ``a``)."""
+    rng = np.random.default_rng(5)
+    kw = {"top": verify.NFEATURES, "min_inliers": 12, "reproj": 4.0 * verify.SIDE / verify.LOW_GRID,
+          "max_aspect": 2.0}
+    grid = [(float(x), float(y)) for x in (60, 128, 196) for y in (60, 128, 196)]
+    for seed in range(6):
+        src, thumb, to_source, mirror = _squeezed(seed, rng)
+        fs = verify.features(_save(tmp_path, f"s{seed}", src))
+        ft = verify.features(_save(tmp_path, f"t{seed}", thumb))
+        assert "lx" in ft and "lxm" in ft and "lx" not in fs  # thumbnails only
+        want = "lom" if mirror else "lo"
+        for fa, fb in ((fs, ft), (ft, fs)):
+            tag, n_in, M = verify._stretched_fit(fa, fb, kw)
+            plain = verify._fit(fa, fb, ("lo", "lom"), **kw)
+            assert tag == want
+            assert n_in >= 40 and n_in >= 2 * (plain[1] if plain else 0), (seed, n_in, plain)
+            err = 0.0
+            for pt in grid:
+                ps = to_source(pt)
+                if fa is fs:  # M: thumbnail -> source (the source mirrored when tag is lom)
+                    got, ref = M[:, :2] @ np.array(pt) + M[:, 2], ps
+                    ref = np.array([255 - ref[0], ref[1]]) if mirror else ref
+                else:  # M: source -> thumbnail (the thumbnail mirrored when tag is lom)
+                    got = M[:, :2] @ ps + M[:, 2]
+                    ref = np.array([255 - pt[0], pt[1]]) if mirror else np.array(pt)
+                err = max(err, float(np.abs(got - ref).max()))
+            assert err <= 8.0, (seed, fa is fs, err)
+
+
+def test_extra_sets_are_bucketed_as_virtual_twins(tmp_path):
+    """orb_pairs_many's ``extra``: a flagged image's extra sets (all of a set of several
+    renditions, WIDE x per_image) are owned by its virtual twin ``len(feats) + i``; the store
+    and the list give the same descriptors. A twin's votes never reach ``select``: a
+    thumbnail identical to one image's stretched rendition is paired with it only in the
+    extra selection, as a pair of real images."""
+    rng = np.random.default_rng(0)
+
+    def part(k: int) -> tuple[np.ndarray, np.ndarray]:
+        return (rng.random((k, 2)).astype(np.float32),
+                rng.integers(0, 256, (k, 32), dtype=np.uint8))
+
+    feats = [{"g": np.zeros((8, 8), np.uint8), "up": 1.0, "side": 64, "n": part(5), "m": part(5),
+              "lo": part(7), "lom": part(7), **({"lx": part(30), "lxm": part(30)} if i % 2 else {})}
+             for i in range(4)]
+    flags = np.array([False, True, False, True])
+    owners, descs = next(verify._list_descriptors(feats, ("lo", "lom"), 10, (("lx", "lxm"), flags, 1)))
+    assert owners.tolist() == ([0] * 14 + [1] * 14 + [5] * 40 + [2] * 14 + [3] * 14 + [7] * 40)
+    assert (descs[28:48] == feats[1]["lx"][1][:20]).all()  # 2 x per_image of a WIDE set
+    with verify.FeatureStore(tmp_path / "store") as store:
+        for f in feats:
+            store.append(f)
+        assert store.present("lx").tolist() == flags.tolist()
+        o2, d2 = next(store.descriptors(("lo", "lom"), 10, extra=(("lx", "lxm"), flags, 1)))
+        assert o2.tolist() == owners.tolist() and (d2 == descs).all()
+    # image 2's low rendition equals image 1's stretched one: a pair only through the twin
+    feats[2]["lo"] = feats[1]["lx"][0][:7], feats[1]["lx"][1][:7].copy()
+    kw = {"min_votes": 1, "bits": 32, "per_image": 10, "tags": ("lo", "lom")}
+    plain, twin = verify.orb_pairs_many(feats, [(3, None)], extra=(("lx", "lxm"), flags, 3), **kw)
+    assert [tuple(r[:2]) for r in twin] == [(1, 2)] and twin[0, 2] == 7 * 16  # each, each table
+    assert (1, 2) not in {tuple(r[:2]) for r in plain}
+    alone = verify.orb_pairs_many(feats, [(3, None)], **kw)[0]
+    assert np.array_equal(plain, alone)  # the twins change nothing in select
