@@ -72,6 +72,9 @@ class Params:
                             min=0)
     small_k: int = param(9, "ORB-bucket candidates of small images (small_side): the k best "
                          "among pairs with a small image, ranked among themselves", min=0)
+    stretch_k: int = param(3, "ORB-bucket candidates of thumbnails (at most 128 px) by their "
+                           "low renditions stretched 1.41x and 0.71x (a crop squeezed to a "
+                           "square): the k best of each (0: off)", min=0)
     match_features: int = param(300, "strongest keypoints matched in verification", min=1)
     min_inliers: int = param(12, "verification: RANSAC inliers at least", min=4)
     max_aspect: float = param(2.0, "verification: the affine map's two axis scales differ by at "
@@ -206,7 +209,8 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
             select = (([(orb["k"], None)] if how in ("low", "both") else [])
                       + ([(small_k, small)] if small.any() and small_k > 0 else []))
             stretched = small & _present(feats, "lx")
-            extra = (("lx", "lxm"), stretched, small_k) if stretched.any() and small_k > 0 else None
+            stretch_k = int(p.get("stretch_k", 0))
+            extra = (("lx", "lxm"), stretched, stretch_k) if stretched.any() and stretch_k > 0 else None
             kw = {x: v for x, v in orb.items() if x != "k"}
             founds = (verify.orb_pairs_many(feats, select, **kw, bits=32, tags=("lo", "lom"),
                                             extra=extra) if select or extra else [])

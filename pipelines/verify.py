@@ -554,18 +554,23 @@ def orb_pairs_many(feats: list[dict[str, Any] | None] | FeatureStore,
             return [none for _ in range(len(select) + (extra is not None))]
         votes = _Votes(folder, tables, total, n, max_bucket, min_votes)
         if extra is None:
-            return votes.count(select, None)
-        out = votes.count(select, np.r_[np.ones(real, bool), np.zeros(real, bool)]) if select else []
-        # the twins against every other image (the twins' own images' descriptors left out)
+            return votes.count([(select, None, None)])[0]
+        # select among the real images; the twins against every other image (their own
+        # images' descriptors left out): two countings of one sort of each table
         twin = np.r_[np.zeros(real, bool), extra[1]]
-        got = votes.count([(extra[2], twin)], np.r_[~extra[1], np.ones(real, bool)], real=real)
-        return [*out, _untwinned(got[0], real)]
-    return out
+        views: list[View] = [([(extra[2], twin)], np.r_[~extra[1], np.ones(real, bool)], real)]
+        if select:
+            views.insert(0, (select, np.r_[np.ones(real, bool), np.zeros(real, bool)], None))
+        *out, got = votes.count(views)
+        return [*(out[0] if out else []), _untwinned(got[0], real)]
+
+
+View = tuple[list[tuple[int, np.ndarray | None]], np.ndarray | None, int | None]
 
 
 class _Votes:
     """Votes of image pairs sharing buckets, counted from the key files of
-    :func:`_write_keys` (one hashing of the descriptors serves several countings)."""
+    :func:`_write_keys`: one hashing and one sort of each table serve several countings."""
 
     def __init__(self, folder: Path, tables: int, total: int, n: int, max_bucket: int,
                  min_votes: int) -> None:
@@ -576,35 +581,43 @@ class _Votes:
         self.shift = max(1, int(n).bit_length())
         self.code_t = np.uint32 if n * n < 2**32 else np.int64  # pair codes (< n * n)
 
-    def count(self, select: list[tuple[int, np.ndarray | None]], use: np.ndarray | None,
-              real: int | None = None) -> list[np.ndarray]:
-        """Each selection's pairs (:func:`orb_pairs_many`) among the descriptors of the owners
-        ``use`` flags (None: all); with ``real``, only pairs of a real image (< real) and
-        another image's twin (>= real) count."""
-        flagged = [o for _, o in select]
-        any_only = None if any(o is None for o in flagged) else np.logical_or.reduce(flagged)
+    def count(self, views: list[View]) -> list[list[np.ndarray]]:
+        """Per view (selections, owners, real): each selection's pairs (:func:`orb_pairs_many`)
+        among the descriptors of the ``owners`` flagged (None: all); with ``real``, only
+        pairs of a real image (< real) and another image's twin (>= real) count."""
         n, shards, mask = self.n, self.shards, (1 << self.shift) - 1
-        with ExitStack() as files:  # pair codes by shard (the first image's index mod shards)
-            outs = [files.enter_context(open(self.folder / f"s{x}", "wb")) for x in range(shards)]
+        anys = []
+        for select, _, _ in views:
+            flagged = [o for _, o in select]
+            anys.append(None if any(o is None for o in flagged) else np.logical_or.reduce(flagged))
+        with ExitStack() as files:  # pair codes by view and shard (first image's index mod shards)
+            outs = [[files.enter_context(open(self.folder / f"s{v}.{x}", "wb"))
+                     for x in range(shards)] for v in range(len(views))]
             for t in range(self.tables):
                 for part in range(self.parts):
                     both = _part_entries(self.folder, t, part, self.parts, self.shift)
-                    if use is not None:
-                        both = both[use[both & mask]]
                     both = _sorted(both)  # by key, then owner (one int64 sort)
-                    for ma, mb in _bucket_pairs(both, self.shift, self.code_t, self.max_bucket,
-                                                any_only):
-                        _write_shards(ma, mb, n, outs)
+                    for (_, use, _), any_only, out in zip(views, anys, outs, strict=True):
+                        mine = both if use is None else both[use[both & mask]]  # still sorted
+                        for ma, mb in _bucket_pairs(mine, self.shift, self.code_t,
+                                                    self.max_bucket, any_only):
+                            _write_shards(ma, mb, n, out)
+        return [self._tops(v, select, real) for v, (select, _, real) in enumerate(views)]
+
+    def _tops(self, v: int, select: list[tuple[int, np.ndarray | None]],
+              real: int | None) -> list[np.ndarray]:
+        n, shards = self.n, self.shards
         tops = [_Top(k) for k, _ in select]
+        flagged = [o for _, o in select]
         for x in range(shards):  # every vote of a pair is in one shard: count them there
-            codes = np.fromfile(self.folder / f"s{x}", dtype=self.code_t).astype(np.int64)
-            i, j, v = _count_votes(codes, n, shards, x, self.min_votes)
+            codes = np.fromfile(self.folder / f"s{v}.{x}", dtype=self.code_t).astype(np.int64)
+            i, j, votes = _count_votes(codes, n, shards, x, self.min_votes)
             if real is not None:
                 keep = (i < real) & (j >= real) & (j - real != i)
-                i, j, v = i[keep], j[keep], v[keep]
+                i, j, votes = i[keep], j[keep], votes[keep]
             for top, only in zip(tops, flagged, strict=True):
                 keep = slice(None) if only is None else only[i] | only[j]
-                top.add(i[keep], j[keep], v[keep])
+                top.add(i[keep], j[keep], votes[keep])
         return [top.pairs(only) for top, only in zip(tops, flagged, strict=True)]
 
 
@@ -870,7 +883,7 @@ def _stretched_fit(fa: dict[str, Any], fb: dict[str, Any],
                    kw: dict[str, Any]) -> tuple[str, int, np.ndarray] | None:
     """:func:`_fit` of a thumbnail's stretched low renditions (``lx``: :func:`_stretched`)
     against the other image's low rendition and its mirror; (tag, inliers, M: b -> a) as
-    :func:`_fit` gives, tag ``lo`` or ``lom`` (a mirrored).
+    :func:`_fit` gives, tag ``lx`` or ``lxm`` (a mirrored).
 
     The stretched set is always the side matched *from* (``b`` of :func:`_fit`), so that each
     of its descriptors looks for its two nearest in one rendition (looked for among several
@@ -878,15 +891,20 @@ def _stretched_fit(fa: dict[str, Any], fb: dict[str, Any],
     are swapped and the map turned back, ``M = F_a inv(M') F_b`` when mirrored (``F``: an
     image's left-right flip in the 256-px frame).
     """
+    named = {"lo": "lx", "lom": "lxm"}
     if "lx" in fb:
-        return _fit(fa, fb, ("lo", "lom"), b_tag="lx", **kw)
+        got = _fit(fa, fb, ("lo", "lom"), b_tag="lx", **kw)
+        return None if got is None else (named[got[0]], *got[1:])
     if "lx" not in fa or (got := _fit(fb, fa, ("lo", "lom"), b_tag="lx", **kw)) is None:
         return None
     tag, n_in, M = got
     back = np.linalg.inv(_affine3(M))
     if tag == "lom":  # M: a -> mirrored b; wanted: b -> mirrored a
         back = _flip(fa["g"].shape[1]) @ back @ _flip(fb["g"].shape[1])
-    return tag, n_in, back[:2]
+    return named[tag], n_in, back[:2]
+
+
+_SETS = {"lo": "low", "lom": "low", "lx": "stretched", "lxm": "stretched"}  # evidence.features
 
 
 def _flip(width: int) -> np.ndarray:
@@ -1050,7 +1068,7 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     if fit is None:
         return none
     tag, n_in, M = fit
-    mirror = tag in ("m", "lom")
+    mirror = tag in ("m", "lom", "lxm")
     big, sm, angle = _axes(M)
     scale = float(np.sqrt(big * sm))
     desc = (f"{'mirror,' if mirror else ''}rot={angle:+.0f},scale={scale:.2f}"
@@ -1065,7 +1083,7 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     ncc, ev = got
     res = {**res, "ncc": ncc, "verified": ncc >= ev["threshold"],
            "evidence": {"inliers": n_in, **ev,
-                        **({"features": "low"} if tag in ("lo", "lom") else {})}}
+                        **({"features": _SETS[tag]} if tag in _SETS else {})}}
     if not res["verified"] or "f" not in fa or "f" not in fb:
         return res
     # Both images are more than twice the frame: the frame compared them 2x+ coarser than
