@@ -264,8 +264,8 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
     files = dict(zip(*image_files(cat).select("image_id", "file").get_columns(), strict=True))
     ids = fp["image_id"].to_list()
     vecs = None
-    vs = open_vectors(cat.ws)
-    if vs.has(p["model"]):
+    vs = open_vectors(cat.ws) if int(p["k"]) > 0 else None  # k = 0: no vector candidates
+    if vs is not None and vs.has(p["model"]):
         got, mat = vs.load(p["model"], ids)
         if len(got) == len(ids):
             vecs = mat
