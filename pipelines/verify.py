@@ -549,28 +549,19 @@ def orb_pairs_many(feats: list[dict[str, Any] | None] | FeatureStore,
     none = np.zeros((0, 3), dtype=np.int64)
     with tempfile.TemporaryDirectory(prefix=".orb.tmp-", dir=scratch) as tmp:
         folder = Path(tmp)
-        total = _write_keys(source, picks, folder)
+        total = _write_keys(source, picks, folder, None if extra is None else real)
         if not total:
             return [none for _ in range(len(select) + (extra is not None))]
         votes = _Votes(folder, tables, total, n, max_bucket, min_votes)
-        if extra is None:
-            return votes.count([(select, None, None)])[0]
-        # select among the real images; the twins against every other image (their own
-        # images' descriptors left out): two countings of one sort of each table
-        twin = np.r_[np.zeros(real, bool), extra[1]]
-        views: list[View] = [([(extra[2], twin)], np.r_[~extra[1], np.ones(real, bool)], real)]
-        if select:
-            views.insert(0, (select, np.r_[np.ones(real, bool), np.zeros(real, bool)], None))
-        *out, got = votes.count(views)
-        return [*(out[0] if out else []), _untwinned(got[0], real)]
-
-
-View = tuple[list[tuple[int, np.ndarray | None]], np.ndarray | None, int | None]
+        votes.per_owner = per_image * sum(WIDE.get(t, 1) for t in tags)  # entries per table
+        twins = None if extra is None else (real, extra[1], extra[2])
+        return votes.count(select, twins)
 
 
 class _Votes:
     """Votes of image pairs sharing buckets, counted from the key files of
-    :func:`_write_keys`: one hashing and one sort of each table serve several countings."""
+    :func:`_write_keys`; with virtual twins (in their own key files), their votes against
+    every other image are counted from the same sort of each table."""
 
     def __init__(self, folder: Path, tables: int, total: int, n: int, max_bucket: int,
                  min_votes: int) -> None:
@@ -580,45 +571,94 @@ class _Votes:
         self.shards = max(1, total // SHARD_DESCRIPTORS)
         self.shift = max(1, int(n).bit_length())
         self.code_t = np.uint32 if n * n < 2**32 else np.int64  # pair codes (< n * n)
+        self.per_owner = 1 << 30  # an image's entries per table at most (_twin_pairs)
 
-    def count(self, views: list[View]) -> list[list[np.ndarray]]:
-        """Per view (selections, owners, real): each selection's pairs (:func:`orb_pairs_many`)
-        among the descriptors of the ``owners`` flagged (None: all); with ``real``, only
-        pairs of a real image (< real) and another image's twin (>= real) count."""
-        n, shards, mask = self.n, self.shards, (1 << self.shift) - 1
-        anys = []
-        for select, _, _ in views:
-            flagged = [o for _, o in select]
-            anys.append(None if any(o is None for o in flagged) else np.logical_or.reduce(flagged))
+    def count(self, select: list[tuple[int, np.ndarray | None]],
+              twins: tuple[int, np.ndarray, int] | None) -> list[np.ndarray]:
+        """Each selection's pairs (:func:`orb_pairs_many`); with ``twins`` (real, flags, k),
+        one more array: the pairs among the ``k`` best of each twin, as real images."""
+        n, shards = self.n, self.shards
+        flagged = [o for _, o in select]
+        any_only = (None if not flagged or any(o is None for o in flagged)
+                    else np.logical_or.reduce(flagged))
+        views = ["s"] + (["t"] if twins is not None else [])
         with ExitStack() as files:  # pair codes by view and shard (first image's index mod shards)
-            outs = [[files.enter_context(open(self.folder / f"s{v}.{x}", "wb"))
-                     for x in range(shards)] for v in range(len(views))]
+            outs = {v: [files.enter_context(open(self.folder / f"{v}{x}", "wb"))
+                        for x in range(shards)] for v in views}
             for t in range(self.tables):
                 for part in range(self.parts):
                     both = _part_entries(self.folder, t, part, self.parts, self.shift)
                     both = _sorted(both)  # by key, then owner (one int64 sort)
-                    for (_, use, _), any_only, out in zip(views, anys, outs, strict=True):
-                        mine = both if use is None else both[use[both & mask]]  # still sorted
-                        for ma, mb in _bucket_pairs(mine, self.shift, self.code_t,
+                    if select:
+                        for ma, mb in _bucket_pairs(both, self.shift, self.code_t,
                                                     self.max_bucket, any_only):
-                            _write_shards(ma, mb, n, out)
-        return [self._tops(v, select, real) for v, (select, _, real) in enumerate(views)]
+                            _write_shards(ma, mb, n, outs["s"])
+                    if twins is not None:
+                        tw = _sorted(_part_entries(self.folder, t, part, self.parts, self.shift, "x"))
+                        ma, mb = _twin_pairs(both, tw, self.shift, twins[1], self.max_bucket,
+                                             self.per_owner)
+                        _write_shards(ma.astype(self.code_t), mb.astype(self.code_t), n, outs["t"])
+        out = self._tops("s", select) if select else []
+        if twins is not None:
+            real, flags, k = twins
+            twin = np.r_[np.zeros(real, bool), flags]
+            out.append(_untwinned(self._tops("t", [(k, twin)])[0], real))
+        return out
 
-    def _tops(self, v: int, select: list[tuple[int, np.ndarray | None]],
-              real: int | None) -> list[np.ndarray]:
+    def _tops(self, v: str, select: list[tuple[int, np.ndarray | None]]) -> list[np.ndarray]:
         n, shards = self.n, self.shards
         tops = [_Top(k) for k, _ in select]
         flagged = [o for _, o in select]
         for x in range(shards):  # every vote of a pair is in one shard: count them there
-            codes = np.fromfile(self.folder / f"s{v}.{x}", dtype=self.code_t).astype(np.int64)
+            codes = np.fromfile(self.folder / f"{v}{x}", dtype=self.code_t).astype(np.int64)
             i, j, votes = _count_votes(codes, n, shards, x, self.min_votes)
-            if real is not None:
-                keep = (i < real) & (j >= real) & (j - real != i)
-                i, j, votes = i[keep], j[keep], votes[keep]
             for top, only in zip(tops, flagged, strict=True):
                 keep = slice(None) if only is None else only[i] | only[j]
                 top.add(i[keep], j[keep], votes[keep])
         return [top.pairs(only) for top, only in zip(tops, flagged, strict=True)]
+
+
+def _twin_pairs(both: np.ndarray, tw: np.ndarray, shift: int, flags: np.ndarray,
+                max_bucket: int, per_owner: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (real image, twin) sharing a bucket: ``both`` the real images' sorted entries,
+    ``tw`` the twins' (``(key << shift) | owner``, sorted). A bucket counts the twins and the
+    real images not ``flags``-ed (a flagged image's twin stands for it here) among its
+    owners, 2 to ``max_bucket`` of them; one entry per pair and bucket. The real images'
+    entries are looked up by binary search, never copied: memory O(twins' entries)."""
+    empty = np.zeros(0, np.int64)
+    tw = tw[np.r_[True, tw[1:] != tw[:-1]]] if len(tw) else tw  # one per twin and bucket
+    if not len(tw) or not len(both):
+        return empty, empty
+    mask = (1 << shift) - 1
+    tkey = tw >> shift
+    first = np.flatnonzero(np.r_[True, tkey[1:] != tkey[:-1]])
+    n_tw = np.diff(np.r_[first, len(tw)])
+    keys = tkey[first]
+    lo = np.searchsorted(both, keys << shift)
+    hi = np.searchsorted(both, (keys + 1) << shift)
+    # an image has at most per_owner entries in a table: longer ranges hold > max_bucket images
+    ok = (hi > lo) & (hi - lo <= max_bucket * per_owner)
+    lo, hi, n_tw, first = lo[ok], hi[ok], n_tw[ok], first[ok]
+    if not len(lo):
+        return empty, empty
+    size = hi - lo
+    seg = np.repeat(np.arange(len(lo)), size)
+    idx = np.repeat(lo - np.r_[0, np.cumsum(size)[:-1]], size) + np.arange(size.sum())
+    ent = both[idx]
+    owner = ent & mask
+    new = np.r_[True, (ent[1:] != ent[:-1]) | (seg[1:] != seg[:-1])]  # one per owner and bucket
+    keep = new & ~flags[owner]
+    seg, owner = seg[keep], owner[keep]
+    n_real = np.bincount(seg, minlength=len(lo))
+    good = (n_real >= 1) & (n_real + n_tw <= max_bucket)
+    sel = good[seg]
+    seg, owner = seg[sel], owner[sel]
+    rep = n_tw[seg]
+    ma = np.repeat(owner, rep)
+    start = np.repeat(first[seg], rep)
+    off = np.arange(rep.sum()) - np.repeat(np.r_[0, np.cumsum(rep)[:-1]], rep)
+    mb = tw[start + off] & mask
+    return ma, mb
 
 
 def _untwinned(pairs: np.ndarray, real: int) -> np.ndarray:
@@ -762,26 +802,34 @@ def _list_descriptors(feats: list[dict[str, Any] | None], tags: tuple[str, ...],
 
 
 def _write_keys(source: Iterable[tuple[np.ndarray, np.ndarray]], picks: list[np.ndarray],
-                folder: Path) -> int:
+                folder: Path, split: int | None = None) -> int:
     """Each table's keys (uint32) to ``folder/k<t>``, the owners (int32) to ``folder/owner``;
-    the number of descriptors."""
+    the number of descriptors. With ``split``, descriptors of owners >= ``split`` (virtual
+    twins) go to ``folder/x<t>`` and ``folder/xowner`` instead (not counted)."""
     total = 0
     with ExitStack() as files:
-        outs = [files.enter_context(open(folder / f"k{t}", "wb")) for t in range(len(picks))]
-        own = files.enter_context(open(folder / "owner", "wb"))
+        sets = [("k", "owner")] + ([("x", "xowner")] if split is not None else [])
+        outs = {p: ([files.enter_context(open(folder / f"{p}{t}", "wb")) for t in range(len(picks))],
+                    files.enter_context(open(folder / o, "wb"))) for p, o in sets}
         for owner, desc in source:
             keys = _bits(desc, picks)
-            for t, out in enumerate(outs):
-                out.write(keys[:, t].astype(np.uint32).tobytes())
-            own.write(owner.astype(np.int32).tobytes())
-            total += len(owner)
+            twin = None if split is None else owner >= split
+            for p, (tabs, own) in outs.items():
+                sel = slice(None) if twin is None else (twin if p == "x" else ~twin)
+                for t, out in enumerate(tabs):
+                    out.write(keys[sel, t].astype(np.uint32).tobytes())
+                own.write(owner[sel].astype(np.int32).tobytes())
+            total += len(owner) if twin is None else int((~twin).sum())
     return total
 
 
-def _part_entries(folder: Path, t: int, part: int, parts: int, shift: int) -> np.ndarray:
-    """(key << shift) | owner of table ``t``'s descriptors whose key % ``parts`` is ``part``."""
+def _part_entries(folder: Path, t: int, part: int, parts: int, shift: int,
+                  prefix: str = "k") -> np.ndarray:
+    """(key << shift) | owner of table ``t``'s descriptors whose key % ``parts`` is ``part``
+    (``prefix`` x: the virtual twins' descriptors, :func:`_write_keys`)."""
     out = []
-    with open(folder / f"k{t}", "rb") as kf, open(folder / "owner", "rb") as of:
+    with (open(folder / f"{prefix}{t}", "rb") as kf,
+          open(folder / ("owner" if prefix == "k" else f"{prefix}owner"), "rb") as of):
         while True:
             keys = np.fromfile(kf, np.uint32, count=_READ)
             if not len(keys):
