@@ -32,6 +32,7 @@ the 256-px frame).
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import threading
@@ -885,10 +886,18 @@ def _match(pb: np.ndarray, db: np.ndarray, pa: np.ndarray, da: np.ndarray,
 
 
 def _axes(M: np.ndarray) -> tuple[float, float, float]:
-    """(larger axis scale, smaller axis scale, rotation in degrees) of an affine map's 2x2 part."""
-    u, sv, vt = np.linalg.svd(M[:, :2])
-    r = u @ vt
-    return float(sv[0]), float(sv[1]), float(np.degrees(np.arctan2(r[1, 0], r[0, 0])))
+    """(larger axis scale, smaller axis scale, rotation in degrees) of an affine map's 2x2 part
+    (orientation-preserving: determinant > 0, as every map :func:`_fit` keeps).
+
+    Closed form of the 2 x 2 SVD: with ``E, H = (a + d) / 2, (c - b) / 2`` (the rotation
+    part) and ``F, G = (a - d) / 2, (b + c) / 2`` (the reflection part), the singular values
+    are ``sqrt(E^2 + H^2) +- sqrt(F^2 + G^2)`` and the polar rotation ``u @ vt`` turns by
+    ``atan2(H, E)``: LAPACK's values to ~1e-15 at a tenth of numpy's per-call cost (~45k
+    calls at 5k images).
+    """
+    (a, b), (c, d) = M[0, :2].tolist(), M[1, :2].tolist()
+    q, r = math.hypot((a + d) / 2, (c - b) / 2), math.hypot((a - d) / 2, (b + c) / 2)
+    return q + r, abs(q - r), math.degrees(math.atan2(c - b, a + d))
 
 
 def _fit(fa: dict[str, Any], fb: dict[str, Any], tags: tuple[str, str], *, top: int,
@@ -916,7 +925,7 @@ def _fit(fa: dict[str, Any], fb: dict[str, Any], tags: tuple[str, str], *, top: 
             continue
         M, inl = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=reproj,
                                       maxIters=2000, confidence=0.995)
-        if M is None or np.linalg.det(M[:, :2]) <= 0:
+        if M is None or M[0, 0] * M[1, 1] - M[0, 1] * M[1, 0] <= 0:  # reflects (or degenerate)
             continue
         big, small, _ = _axes(M)
         if big > max_aspect * small or not 0.2 < np.sqrt(big * small) < 5:
