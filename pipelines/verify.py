@@ -654,6 +654,8 @@ def _twin_pairs(both: np.ndarray, tw: np.ndarray, shift: int, flags: np.ndarray,
     good = (n_real >= 1) & (n_real + n_tw <= max_bucket)
     sel = good[seg]
     seg, owner = seg[sel], owner[sel]
+    if not len(seg):
+        return empty, empty
     rep = n_tw[seg]
     ma = np.repeat(owner, rep)
     start = np.repeat(first[seg], rep)

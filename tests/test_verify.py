@@ -392,3 +392,26 @@ def test_extra_sets_are_bucketed_as_virtual_twins(tmp_path):
     assert (1, 2) not in {tuple(r[:2]) for r in plain}
     alone = verify.orb_pairs_many(feats, [(3, None)], **kw)[0]
     assert np.array_equal(plain, alone)  # the twins change nothing in select
+
+
+def test_twin_buckets_equal_bucketing_the_union():
+    """_twin_pairs (binary search of the twins' keys in the real images' sorted entries) gives
+    the (real, twin) pairs that bucketing the union of the twins and the unflagged real
+    images gives (_bucket_pairs: one per pair and bucket, 2 to max_bucket images), as a
+    multiset, including buckets over the limit and images repeated within a bucket."""
+    rng = np.random.default_rng(7)
+    shift, real, twins = 12, 300, 40
+    for max_bucket, space in ((3, 3000), (8, 1200), (32, 250)):  # buckets around the limit
+        keys = rng.integers(0, space, 6000)
+        owner = rng.integers(0, real, 6000)
+        both = np.sort((keys << shift) | owner)
+        tkeys = rng.integers(0, space, 2000)
+        towner = real + rng.integers(0, twins, 2000)
+        tw = np.sort((tkeys << shift) | towner)
+        flags = rng.random(real) < 0.2
+        ma, mb = verify._twin_pairs(both, tw, shift, flags, max_bucket, 1 << 20)
+        union = np.sort(np.r_[both[~flags[both & ((1 << shift) - 1)]], tw])
+        ref = [(int(a), int(b)) for pa, pb in verify._bucket_pairs(union, shift, np.int64, max_bucket, None)
+               for a, b in zip(pa, pb, strict=True) if a < real <= b]
+        got = sorted(zip(ma.tolist(), mb.tolist(), strict=True))
+        assert got == sorted(ref) and len(got) > 50, (max_bucket, len(got), len(ref))
