@@ -553,8 +553,8 @@ def orb_pairs_many(feats: list[dict[str, Any] | None] | FeatureStore,
         total = _write_keys(source, picks, folder, None if extra is None else real)
         if not total:
             return [none for _ in range(len(select) + (extra is not None))]
-        votes = _Votes(folder, tables, total, n, max_bucket, min_votes)
-        votes.per_owner = per_image * sum(WIDE.get(t, 1) for t in tags)  # entries per table
+        votes = _Votes(folder, tables, total, n, max_bucket, min_votes,
+                       per_owner=per_image * sum(WIDE.get(t, 1) for t in tags))
         twins = None if extra is None else (real, extra[1], extra[2])
         return votes.count(select, twins)
 
@@ -565,14 +565,14 @@ class _Votes:
     every other image are counted from the same sort of each table."""
 
     def __init__(self, folder: Path, tables: int, total: int, n: int, max_bucket: int,
-                 min_votes: int) -> None:
+                 min_votes: int, per_owner: int) -> None:
         self.folder, self.tables, self.n = folder, tables, n
+        self.per_owner = per_owner  # an image's entries in one table at most (_twin_pairs)
         self.max_bucket, self.min_votes = max_bucket, min_votes
         self.parts = -(-total // PART_ENTRIES)
         self.shards = max(1, total // SHARD_DESCRIPTORS)
         self.shift = max(1, int(n).bit_length())
         self.code_t = np.uint32 if n * n < 2**32 else np.int64  # pair codes (< n * n)
-        self.per_owner = 1 << 30  # an image's entries per table at most (_twin_pairs)
 
     def count(self, select: list[tuple[int, np.ndarray | None]],
               twins: tuple[int, np.ndarray, int] | None) -> list[np.ndarray]:
