@@ -7,7 +7,8 @@ vector neighbours (the ``k`` nearest by cosine above ``cosine``, found with exac
 matrix products, never the full N x N matrix) and shared local features (ORB descriptors
 hashed into buckets, :func:`pipelines.verify.orb_pairs`: the ``orb_k`` best per image with
 ``orb_votes`` shared buckets; this path finds crops and rotations; images of at most
-``small_side`` px are also paired by ORB of low renditions, method ``orb_low``), across every
+``small_side`` px are also paired by ORB of low renditions, method ``orb_low``, and thumbnails
+of at most 128 px by those renditions stretched, the ``stretch_k`` best), across every
 dataset of the workspace. Each candidate is verified: ORB features,
 matched against the other image and its mirror, a RANSAC affine transform (axis scales within
 ``max_aspect``), refined by ECC, then the normalised cross-correlation of band-pass detail at

@@ -9,7 +9,11 @@ Small images (thumbnails, MedMNIST-like crops of 28-64 px) share little ORB deta
 their source at full resolution: every image also gets ORB features of a *low rendition*
 (long side reduced to :data:`LOW_SIDE` px, ORB run at :data:`LOW_GRID` px), which is
 scale-covariant (a crop's rendition is its source's rendition, magnified), and pairs with an
-image of at most ``small_side`` px are also looked up by those.
+image of at most ``small_side`` px are also looked up by those. A thumbnail of a crop
+squeezed to a square is its source squeezed along one axis: images of at most
+:data:`STRETCH_SIDE` px also get that rendition stretched by each of :data:`STRETCH`
+(:func:`_stretched`), bucketed as a virtual twin of the image (``extra`` of
+:func:`orb_pairs_many`) and fitted when the other fits fail (:func:`_stretched_fit`).
 
 Verification (:func:`verify`): ORB matching + RANSAC affine transform (a crop resized to a
 fixed size changes the aspect ratio; the two axis scales may differ up to ``max_aspect``),
