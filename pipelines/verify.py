@@ -241,6 +241,20 @@ PARTS = ("g", "n", "m", "lo", "lom", "f", "lx", "lxm")  # what FeatureStore keep
 WIDE = {"lx": len(STRETCH), "lxm": len(STRETCH)}  # sets of several renditions: per_image x this
 
 
+def _owned_sets(tags: tuple[str, ...], extra: Extra | None,
+                n: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(feature set, owner offset) of an image's descriptors for bucketing, and of an image
+    flagged in ``extra`` (its extra sets too, owned by its virtual twin ``n + i``)."""
+    plain = [(t, 0) for t in tags]
+    return plain, plain + ([(t, n) for t in extra[0]] if extra is not None else [])
+
+
+def _taken(tag: str, k: int, per_image: int) -> int:
+    """How many of a set's ``k`` descriptors are bucketed: ``per_image`` (a set of several
+    renditions, :data:`WIDE`: that many times it)."""
+    return min(k, per_image * WIDE.get(tag, 1))
+
+
 class FeatureStore:
     """:func:`features` of many images on disk: memory O(images x a few numbers), not O(pixels).
 
@@ -342,18 +356,17 @@ class FeatureStore:
         several renditions, :data:`WIDE`, that many times ``per_image``), about
         ``chunk`` descriptors at a time, in image order; ``extra`` (tags, flags, _): the
         flagged images' descriptors of those tags too, owned by ``len(self) + i``."""
-        sets = [(PARTS.index(t), 0) for t in tags]
-        if extra is not None:
-            more = sets + [(PARTS.index(t), self._n) for t in extra[0]]
+        plain, flagged = ([(PARTS.index(t), shift) for t, shift in sets]
+                          for sets in _owned_sets(tags, extra, self._n))
         owners: list[np.ndarray] = []
         descs: list[np.ndarray] = []
         held = 0
         for i in np.flatnonzero(self.ok[: self._n]):
-            for c, shift in (more if extra is not None and extra[1][i] else sets):
+            for c, shift in (flagged if extra is not None and extra[1][i] else plain):
                 k = int(self.rows[i, c])
                 if k <= 0 or not self.has[i, c]:
                     continue
-                use = min(k, per_image * WIDE.get(PARTS[c], 1))
+                use = _taken(PARTS[c], k, per_image)
                 raw = os.pread(self._fd, use * 32, int(self.off[i, c]) + k * 8)
                 descs.append(np.frombuffer(raw, np.uint8).reshape(use, 32))
                 owners.append(np.full(use, shift + i, dtype=np.int64))
@@ -557,7 +570,7 @@ def orb_pairs_many(feats: list[dict[str, Any] | None] | FeatureStore,
         total = _write_keys(source, picks, folder, None if extra is None else real)
         if not total:
             return [none for _ in range(len(select) + (extra is not None))]
-        votes = _Votes(folder, tables, total, n, max_bucket, min_votes,
+        votes = _Votes(folder, tables, total, n, real, max_bucket, min_votes,
                        per_owner=per_image * sum(WIDE.get(t, 1) for t in tags))
         twins = None if extra is None else (real, extra[1], extra[2])
         return votes.count(select, twins)
@@ -568,21 +581,23 @@ class _Votes:
     :func:`_write_keys`; with virtual twins (in their own key files), their votes against
     every other image are counted from the same sort of each table."""
 
-    def __init__(self, folder: Path, tables: int, total: int, n: int, max_bucket: int,
-                 min_votes: int, per_owner: int) -> None:
-        self.folder, self.tables, self.n = folder, tables, n
+    def __init__(self, folder: Path, tables: int, total: int, n: int, real: int,
+                 max_bucket: int, min_votes: int, per_owner: int) -> None:
+        self.folder, self.tables = folder, tables
         self.per_owner = per_owner  # an image's entries in one table at most (_twin_pairs)
         self.max_bucket, self.min_votes = max_bucket, min_votes
         self.parts = -(-total // PART_ENTRIES)
         self.shards = max(1, total // SHARD_DESCRIPTORS)
-        self.shift = max(1, int(n).bit_length())
-        self.code_t = np.uint32 if n * n < 2**32 else np.int64  # pair codes (< n * n)
+        self.shift = max(1, int(n).bit_length())  # owners < n (twins included)
+        # pair codes (< m * m) per view: the selections' pairs are of real images only
+        self.size = {"s": real, "t": n}
+        self.code_t = {v: np.uint32 if m * m < 2**32 else np.int64 for v, m in self.size.items()}
 
     def count(self, select: list[tuple[int, np.ndarray | None]],
               twins: tuple[int, np.ndarray, int] | None) -> list[np.ndarray]:
         """Each selection's pairs (:func:`orb_pairs_many`); with ``twins`` (real, flags, k),
         one more array: the pairs among the ``k`` best of each twin, as real images."""
-        n, shards = self.n, self.shards
+        shards, size, code_t = self.shards, self.size, self.code_t
         flagged = [o for _, o in select]
         any_only = (None if not flagged or any(o is None for o in flagged)
                     else np.logical_or.reduce(flagged))
@@ -595,14 +610,15 @@ class _Votes:
                     both = _part_entries(self.folder, t, part, self.parts, self.shift)
                     both = _sorted(both)  # by key, then owner (one int64 sort)
                     if select:
-                        for ma, mb in _bucket_pairs(both, self.shift, self.code_t,
+                        for ma, mb in _bucket_pairs(both, self.shift, code_t["s"],
                                                     self.max_bucket, any_only):
-                            _write_shards(ma, mb, n, outs["s"])
+                            _write_shards(ma, mb, size["s"], outs["s"])
                     if twins is not None:
                         tw = _sorted(_part_entries(self.folder, t, part, self.parts, self.shift, "x"))
                         ma, mb = _twin_pairs(both, tw, self.shift, twins[1], self.max_bucket,
                                              self.per_owner)
-                        _write_shards(ma.astype(self.code_t), mb.astype(self.code_t), n, outs["t"])
+                        _write_shards(ma.astype(code_t["t"]), mb.astype(code_t["t"]), size["t"],
+                                      outs["t"])
         out = self._tops("s", select) if select else []
         if twins is not None:
             real, flags, k = twins
@@ -611,11 +627,11 @@ class _Votes:
         return out
 
     def _tops(self, v: str, select: list[tuple[int, np.ndarray | None]]) -> list[np.ndarray]:
-        n, shards = self.n, self.shards
+        n, shards = self.size[v], self.shards
         tops = [_Top(k) for k, _ in select]
         flagged = [o for _, o in select]
         for x in range(shards):  # every vote of a pair is in one shard: count them there
-            codes = np.fromfile(self.folder / f"{v}{x}", dtype=self.code_t).astype(np.int64)
+            codes = np.fromfile(self.folder / f"{v}{x}", dtype=self.code_t[v]).astype(np.int64)
             i, j, votes = _count_votes(codes, n, shards, x, self.min_votes)
             for top, only in zip(tops, flagged, strict=True):
                 keep = slice(None) if only is None else only[i] | only[j]
@@ -795,13 +811,12 @@ _READ = 1 << 22  # entries read per step from a key file
 def _list_descriptors(feats: list[dict[str, Any] | None], tags: tuple[str, ...], per_image: int,
                       extra: Extra | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     owners, descs = [], []
-    sets = [(t, 0) for t in tags]
-    more = sets + ([(t, len(feats)) for t in extra[0]] if extra is not None else [])
+    plain, flagged = _owned_sets(tags, extra, len(feats))
     for i, f in enumerate(feats):
-        for tag, shift in (more if extra is not None and extra[1][i] else sets):
+        for tag, shift in (flagged if extra is not None and extra[1][i] else plain):
             d = None if f is None or tag not in f else f[tag][1]
             if d is not None and len(d):
-                use = min(len(d), per_image * WIDE.get(tag, 1))
+                use = _taken(tag, len(d), per_image)
                 descs.append(d[:use])
                 owners.append(np.full(use, shift + i, dtype=np.int64))
     if descs:
@@ -937,8 +952,7 @@ def _fit(fa: dict[str, Any], fb: dict[str, Any], tags: tuple[str, str], *, top: 
         if big > max_aspect * small or not 0.2 < np.sqrt(big * small) < 5:
             continue
         n_in = int(inl.sum())
-        if best is None or n_in > best[1]:
-            best = (tag, n_in, M)
+        best = _more_inliers(best, (tag, n_in, M))
     return best
 
 
@@ -968,6 +982,12 @@ def _stretched_fit(fa: dict[str, Any], fb: dict[str, Any],
 
 
 _SETS = {"lo": "low", "lom": "low", "lx": "stretched", "lxm": "stretched"}  # evidence.features
+
+
+def _more_inliers(fit: tuple[str, int, np.ndarray] | None,
+                  got: tuple[str, int, np.ndarray] | None) -> tuple[str, int, np.ndarray] | None:
+    """The fit of the two with more inliers (``fit`` on a tie; None: none)."""
+    return got if got is not None and (fit is None or got[1] > fit[1]) else fit
 
 
 def _flip(width: int) -> np.ndarray:
@@ -1122,12 +1142,10 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
         # 4 * 256/96 here)
         low = {"top": top, "min_inliers": min_in, "reproj": 4.0 * SIDE / LOW_GRID,
                "max_aspect": aspect}
-        for then in (lambda: _fit(fa, fb, ("lo", "lom"), **low), lambda: _stretched_fit(fa, fb, low)):
-            if fit is not None and fit[1] >= min_in:
-                break
-            got = then()
-            if got is not None and (fit is None or got[1] > fit[1]):
-                fit = got
+        if fit is None or fit[1] < min_in:
+            fit = _more_inliers(fit, _fit(fa, fb, ("lo", "lom"), **low))
+        if fit is None or fit[1] < min_in:
+            fit = _more_inliers(fit, _stretched_fit(fa, fb, low))
     if fit is None:
         return none
     tag, n_in, M = fit
