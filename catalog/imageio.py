@@ -299,16 +299,45 @@ def resolve_inside(root: Path, rel: str) -> Path:
         ``rel`` is empty or absolute, or it (through ``..`` or a symlink) resolves to a
         place outside ``root``.
     """
-    text = rel.strip().replace("\\", "/")
-    if not text:
-        raise ImageReadError(rel, "empty path")
-    if text.startswith("/") or Path(text).is_absolute() or (len(text) > 1 and text[1] == ":"):
-        raise ImageReadError(rel, "absolute path (paths must be relative to the images root)")
-    base = root.resolve()
-    target = (base / text).resolve()
-    if target != base and base not in target.parents:
-        raise ImageReadError(rel, "path resolves outside the images root", "via '..' or a symlink")
-    return target
+    return InsideResolver(root)(rel)
+
+
+class InsideResolver:
+    """:func:`resolve_inside` of many paths under one ``root``: the root and each folder
+    resolved once, then one ``lstat`` per file (is it a symlink?) instead of one per path
+    component (a 100k-image dataset: ~1.5M ``lstat`` calls, ~1 s per stage here).
+
+    The same result as resolving the whole path: resolution goes left to right, so
+    ``realpath(folder / name)`` is ``realpath(folder) / name`` unless ``name`` is itself a
+    symlink (then resolved in full), ``.``, ``..`` or empty (resolved in full).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.base = Path(root).resolve()
+        self._folders: dict[str, Path] = {"": self.base}
+
+    def __call__(self, rel: str) -> Path:
+        text = rel.strip().replace("\\", "/")
+        if not text:
+            raise ImageReadError(rel, "empty path")
+        if text.startswith("/") or Path(text).is_absolute() or (len(text) > 1 and text[1] == ":"):
+            raise ImageReadError(rel, "absolute path (paths must be relative to the images root)")
+        head, _, name = text.rpartition("/")
+        try:
+            if name in ("", ".", ".."):
+                target = (self.base / text).resolve()
+            else:
+                folder = self._folders.get(head)
+                if folder is None:
+                    folder = self._folders[head] = (self.base / head).resolve()
+                target = folder / name
+                if target.is_symlink():
+                    target = target.resolve()
+        except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError in Python 3.11)
+            raise ImageReadError(rel, "unresolvable path", f"{e} (a symlink loop?)") from None
+        if target != self.base and self.base not in target.parents:
+            raise ImageReadError(rel, "path resolves outside the images root", "via '..' or a symlink")
+        return target
 
 
 # --- internals --------------------------------------------------------------------------------

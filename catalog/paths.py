@@ -14,7 +14,7 @@ from pathlib import Path
 
 import polars as pl
 
-from medlake.catalog.imageio import ImageReadError, resolve_inside
+from medlake.catalog.imageio import ImageReadError, InsideResolver, resolve_inside
 
 
 def images_root(ws_root: Path, root: str | None) -> Path:
@@ -49,19 +49,19 @@ def image_files(cat, dataset_id: str | None = None) -> pl.DataFrame:
         df = df.filter(pl.col("dataset_id") == dataset_id)
     df = df.filter(pl.col("path").is_not_null() & pl.col("images_root").is_not_null())
     files, errors = [], []
-    root_cache: dict[str, Path | ImageReadError] = {}
+    root_cache: dict[str, InsideResolver | ImageReadError] = {}
     for r, p in zip(df["images_root"], df["path"], strict=True):
         base = root_cache.get(r)
         if base is None:
             try:
-                base = images_root(cat.ws.root, r)
+                base = InsideResolver(images_root(cat.ws.root, r))
             except ImageReadError as e:
                 base = e
             root_cache[r] = base
         try:
             if isinstance(base, ImageReadError):
                 raise base
-            files.append(str(resolve_inside(base, p)))
+            files.append(str(base(p)))
             errors.append(None)
         except ImageReadError as e:
             files.append(None)

@@ -111,3 +111,55 @@ def test_default_remote_resolves_the_same_from_a_clone_elsewhere(tmp_path) -> No
         with Repo(str(root)) as repo:
             url = repo.config["remote"]["local"]["url"]
         assert Path(os.path.expanduser(url)).resolve() == want
+
+
+def _full(root: Path, rel: str) -> Path | str:
+    """The reference: the whole path resolved at once (what resolve_inside did per path)."""
+    base = root.resolve()
+    try:
+        target = (base / rel.strip().replace("\\", "/")).resolve()
+    except RuntimeError:  # a symlink loop
+        return "loop"
+    return target if target == base or base in target.parents else "outside"
+
+
+def test_folder_cached_resolver_equals_resolving_each_path(tmp_path) -> None:
+    """InsideResolver (each folder resolved once, then one lstat per file) gives what
+    resolving every whole path gives, over symlinked folders and files, '..', missing
+    files and links that leave the root, in any order of calls."""
+    from medlake.catalog.imageio import ImageReadError, InsideResolver
+
+    root, out = tmp_path / "root", tmp_path / "out"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "c").mkdir()
+    out.mkdir()
+    for f in ("a/x.png", "a/b/y.png", "c/z.png"):
+        (root / f).write_bytes(b"x")
+    (out / "secret.png").write_bytes(b"s")
+    (root / "inlink").symlink_to(root / "a" / "b")          # folder link staying inside
+    (root / "outlink").symlink_to(out)                      # folder link leaving
+    (root / "a" / "f.png").symlink_to(root / "c" / "z.png")  # file link staying inside
+    (root / "a" / "g.png").symlink_to(out / "secret.png")   # file link leaving
+    (root / "a" / "up").symlink_to("..")                    # relative link back up
+    (root / "a" / "loop").symlink_to(root / "a" / "loop2")
+    (root / "a" / "loop2").symlink_to(root / "a" / "loop")
+    rels = ["a/x.png", "a/b/y.png", "inlink/y.png", "inlink/../x.png", "outlink/secret.png",
+            "a/f.png", "a/g.png", "a/up/c/z.png", "a/up/../out/secret.png", "a/missing.png",
+            "missing/dir/m.png", "a/b/../../c/z.png", "a/b/../../../out/secret.png", "a/.",
+            "a/..", "a/b/", "./a/x.png", "a//x.png", "a\\b\\y.png", " c/z.png ", "a/up/up/x.png",
+            "inlink/..", "a/loop/x.png", "a/loop"]
+    resolver = InsideResolver(root)
+    for order in (rels, rels[::-1]):
+        resolver = InsideResolver(root)  # a fresh cache for each order of calls
+        for rel in order:
+            want = _full(root, rel)
+            try:
+                got: Path | str = resolver(rel)
+            except ImageReadError as e:
+                assert (want, e.reason) in (("outside", "path resolves outside the images root"),
+                                            ("loop", "unresolvable path")), rel
+                continue
+            assert got == want, rel
+    for bad in ("", "  ", "/etc/passwd", "C:/x.png"):
+        with pytest.raises(ImageReadError):
+            resolver(bad)
