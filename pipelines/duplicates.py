@@ -40,6 +40,7 @@ from scipy.sparse.csgraph import connected_components
 
 from medlake.catalog import Catalog, CatalogError, conform, spec, to_json
 from medlake.catalog.embedders import DESCRIPTOR
+from medlake.catalog.imageio import image_pool
 from medlake.catalog.params import defaults, param, to_dict
 from medlake.catalog.storage import open_vectors
 from medlake.catalog.tables import temp_dir_path
@@ -243,7 +244,7 @@ def verify_pairs(jobs: list[tuple[str, str, int, int]], p: dict[str, Any], *,
 
     if workers <= 1:
         return [one(j) for j in jobs]
-    with verify.opencv_single_threaded(), ThreadPoolExecutor(max_workers=workers) as pool:
+    with image_pool(), ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(one, jobs, chunksize=64))
 
 

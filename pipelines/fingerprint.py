@@ -25,7 +25,7 @@ from PIL import Image
 
 from medlake.catalog import Catalog, CatalogError, spec, to_json
 from medlake.catalog.params import defaults, param, to_dict
-from medlake.catalog.imageio import ImageReadError, open_image, sha256_bytes, to_8bit
+from medlake.catalog.imageio import ImageReadError, image_pool, open_image, sha256_bytes, to_8bit
 from medlake.pipelines.stage import Counts, Stage
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
     if dataset_id and files.is_empty():
         raise CatalogError(f"fingerprint: dataset '{dataset_id}' has no images with a path")
     rows = files.to_dicts()
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with image_pool(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(pool.map(lambda r: _one(r, p, cat.ws.root), rows))
     counts = {"images": len(rows), "fingerprinted": 0, "quarantined": 0}
     by_ds: dict[str, tuple[list, list]] = {}

@@ -219,3 +219,20 @@ def test_grey_file_fingerprints_like_its_rgb_form(tmp_path):
     assert "grey_as_colour" in rows[1]["flags"].split(",")  # the RGB copy holds only grey
     flags = [set(filter(None, r["flags"].split(","))) for r in rows]
     assert flags[0] == flags[1] - {"grey_as_colour"}
+
+
+def test_image_pool_settings_are_restored():
+    """image_pool: OpenCV's own threads off and Pillow's freed-block cache on inside; both
+    restored after, also when the block raises."""
+    import cv2
+    from PIL import Image
+
+    from medlake.catalog.imageio import IMAGE_BLOCKS, image_pool
+
+    threads, blocks = cv2.getNumThreads(), Image.core.get_blocks_max()
+    with pytest.raises(KeyError):
+        with image_pool():
+            assert cv2.getNumThreads() == 1
+            assert Image.core.get_blocks_max() == max(blocks, IMAGE_BLOCKS)
+            raise KeyError("inside")
+    assert (cv2.getNumThreads(), Image.core.get_blocks_max()) == (threads, blocks)
