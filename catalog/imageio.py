@@ -303,8 +303,8 @@ def image_pool() -> Iterator[None]:
       CPU per verified pair on 5k images; fingerprint ~1 s of ~18 s CPU on 4,833 images).
     * Pillow keeps up to :data:`IMAGE_BLOCKS` freed image blocks for reuse instead of handing
       each back to the allocator: every decode and conversion otherwise maps fresh pages
-      (measured, fingerprint of 4,833 images: ~540k page faults -> ~35k, ~1.2 s less kernel
-      CPU). The cache holds at most that many blocks of at most Pillow's block size.
+      (measured, fingerprint of 4,833 images: ~400-550k page faults -> ~30k, ~0.7-1.2 s
+      less kernel CPU). The cache holds at most that many blocks of at most Pillow's block size.
     """
     import cv2  # here: every medlake command imports this module
 

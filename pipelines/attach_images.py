@@ -30,7 +30,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from medlake.catalog import Catalog, CatalogError, IngestError, Quarantine
-from medlake.catalog.imageio import MAX_PIXELS, ImageReadError, inspect_many, resolve_inside
+from medlake.catalog.imageio import MAX_PIXELS, ImageReadError, InsideResolver, inspect_many
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,10 @@ def run(
     q = Quarantine(dataset_id, strict=False, stage=STAGE)
     found = 0
     inside: list[str] = []
+    resolve = InsideResolver(root)  # each folder resolved once for the whole listing
     for f in list_files(root):
         try:
-            target = resolve_inside(root, f)
+            target = resolve(f)
         except ImageReadError as e:
             found += 1
             q.add(root_text, 0, f, e.reason, e.detail)

@@ -123,7 +123,7 @@ def write_files(
 
     Files are named ``images/<split>[/<label>]/<native id><ext>`` and
     ``images_<size>/.../<native id>.png``, every component through :func:`encode_name`.
-    Each original is resolved inside the images root (``catalog.imageio.resolve_inside``:
+    Each original is resolved inside the images root (``catalog.imageio.InsideResolver``:
     ``..``, absolute paths and symlinks that leave it are refused), hardlinked (or copied),
     and what was written is checked against the ``images`` table: its size against the
     source file's and its sha256 against ``images.sha256`` (the manifest's ``sha256``).
@@ -144,7 +144,7 @@ def write_files(
         file changed after ingest). The caller builds the version in a temporary folder, so
         nothing is published then.
     """
-    from medlake.catalog.imageio import ImageReadError, resolve_inside
+    from medlake.catalog.imageio import ImageReadError, InsideResolver
 
     stats = {"link": 0, "copy": 0, "resized": 0, "verified": 0, "unverified": 0}
     if images_root is None:
@@ -155,9 +155,10 @@ def write_files(
     checks: list[tuple[str, str, Path, int, str | None]] = []
     jobs = []
     seen: dict[str, str] = {}
+    resolve = InsideResolver(images_root)  # each folder resolved once for the whole manifest
     for r in manifest.iter_rows(named=True):
         try:  # the one resolver's rule: nothing outside the images root
-            src = resolve_inside(images_root, r["path"]) if r["path"] else None
+            src = resolve(r["path"]) if r["path"] else None
         except ImageReadError as e:
             raise CatalogError(f"image file for {r['image_id']}: {e}; fix the path or re-ingest "
                                "the dataset") from e

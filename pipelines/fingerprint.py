@@ -115,10 +115,8 @@ def quality(im: Image.Image, *, xray: bool, p: dict[str, Any],
 
 
 def _channel_spread(px: np.ndarray) -> float:
-    """The largest |channel - first channel| over the pixels of ``px`` (0 for a grey image):
-    OpenCV's L-infinity norms of the planes, ~10x numpy's int16 difference image."""
-    if px.ndim == 2:
-        return 0.0
+    """The largest |channel - first channel| over the pixels of ``px`` (0 for a grey image,
+    one plane): OpenCV's L-infinity norms of the planes, ~10x numpy's int16 difference image."""
     planes = cv2.split(px)
     return max((cv2.norm(c, planes[0], cv2.NORM_INF) for c in planes[1:]), default=0.0)
 
