@@ -140,7 +140,7 @@ _table(
     ("image_id", STR), ("sha256", STR), ("width", I32), ("height", I32), ("mode", STR),
     ("dataset_id", STR), ("format", STR), ("bytes", I64),
     ("phash", STR), ("dhash", STR), ("ahash", STR), ("whash", STR),  # imagehash, 64-bit hex
-    ("phash_sym", STR),  # pHash of the image averaged with its mirror: same for mirrored copies
+    ("phash_sym", STR),  # pHash of its 32 x 32 reduction averaged with its mirror: same for mirrored copies
     ("brightness", F64), ("contrast", F64), ("sharpness", F64), ("entropy", F64),
     ("flags", STR),  # comma-separated quality flags ('' when none)
     ("params", STR),  # JSON of the thresholds that produced the flags

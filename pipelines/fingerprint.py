@@ -75,12 +75,14 @@ def quality(im: Image.Image, *, xray: bool, p: dict[str, Any],
     h, w = px.shape[:2]
     small = cv2.resize(px, (min(w, 256), min(h, 256)), interpolation=cv2.INTER_AREA)
     grey = small if small.ndim == 2 else cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-    g = grey.astype(np.float64) / 255
     counts = np.bincount(grey.ravel(), minlength=256)
     hist = counts / grey.size
     nz = hist[hist > 0]
-    m = {"brightness": _median(counts), "contrast": float(g.std()),
-         "sharpness": float(cv2.Laplacian(grey, cv2.CV_64F).var()),
+    level = np.arange(256) / 255
+    mean = float(hist @ level)  # the grey levels' std from their histogram (256 terms)
+    lap = cv2.Laplacian(grey, cv2.CV_32F)  # integers (|x| <= 1020): exact in float32
+    m = {"brightness": _median(counts), "contrast": float(np.sqrt(hist @ (level - mean) ** 2)),
+         "sharpness": float(cv2.meanStdDev(lap)[1][0, 0] ** 2),
          "entropy": float(-(nz * np.log2(nz)).sum())}
     flags = []
     if m["brightness"] < p["dark"]:
@@ -100,6 +102,7 @@ def quality(im: Image.Image, *, xray: bool, p: dict[str, Any],
     if im.mode not in ("L", "LA", "I", "I;16", "F", "1") and _channel_spread(small) <= p["grey_tolerance"]:
         flags.append("grey_as_colour")
     if xray:
+        g = grey.astype(np.float64) / 255
         bw = max(2, min(g.shape) // 10)
         border = np.concatenate([g[:bw].ravel(), g[-bw:].ravel(), g[:, :bw].ravel(), g[:, -bw:].ravel()])
         centre = g[g.shape[0] // 4: 3 * g.shape[0] // 4, g.shape[1] // 4: 3 * g.shape[1] // 4]
@@ -145,6 +148,39 @@ def hexstr(h: imagehash.ImageHash) -> str:
     return np.packbits(bits).tobytes().hex() if bits.size % 8 == 0 else str(h)
 
 
+PHASH_SIDE = 32  # imagehash.phash's reduction: hash_size 8 x highfreq_factor 4
+
+
+def _dct_low(pixels: np.ndarray) -> np.ndarray:
+    """imagehash.phash's 8 x 8 lowest frequencies of the 2-D DCT of its reduced image."""
+    import scipy.fftpack  # as imagehash itself does
+
+    return scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)[:8, :8]
+
+
+def _above_median(dct: np.ndarray) -> str:
+    """The hash imagehash.phash makes of ``dct`` (each coefficient above their median), as
+    :func:`hexstr` writes it."""
+    return np.packbits(dct > np.median(dct)).tobytes().hex()
+
+
+def phashes(grey: Image.Image) -> tuple[str, str]:
+    """(``str(imagehash.phash(grey))``, ``phash_sym``) from one reduction of ``grey``.
+
+    ``phash_sym`` is the pHash of that 32 x 32 LANCZOS reduction averaged with its own mirror
+    image: the same for an image and its left-right mirror (Pillow resamples 8-bit images in
+    integer arithmetic with mirror-symmetric weights, so the reduction of a mirror is the
+    mirror of the reduction, exactly). Its DCT is even along x: the odd x-frequencies are set
+    to exactly 0 (not left to the transform's rounding), so those bits are 0 and the others
+    are the image's. Averaging the reduction instead of the whole image saves a second
+    full-resolution resize and the mirrored copy (~5 of 27 ms per image at 1-2 Mpx).
+    """
+    small = np.asarray(grey.resize((PHASH_SIDE, PHASH_SIDE), Image.Resampling.LANCZOS))
+    sym = _dct_low((small.astype(np.float64) + small[:, ::-1]) / 2)
+    sym[:, 1::2] = 0.0
+    return _above_median(_dct_low(small)), _above_median(sym)
+
+
 def whash(grey: Image.Image, hash_size: int = 8) -> str:
     """``str(imagehash.whash(grey))`` (Haar, lowest frequency removed) without the wavelet passes.
 
@@ -179,19 +215,16 @@ def _one(row: dict[str, Any], p: dict[str, Any], root: Path) -> dict[str, Any]:
     except (ImageReadError, OSError) as e:
         return {"error": getattr(e, "reason", "unreadable file"), "detail": str(e)}
     arr = np.asarray(px)
-    mir = cv2.flip(arr, 1)
-    half = cv2.bitwise_xor(arr, mir)  # floor((a + b) / 2) = (a & b) + ((a ^ b) >> 1), in uint8
-    np.right_shift(half, 1, out=half)  # (OpenCV's bitwise ops: ~10x faster than numpy's here)
-    sym = Image.fromarray(cv2.add(half, cv2.bitwise_and(arr, mir)))
     grey = px.convert("L")  # every imagehash hash starts with convert("L"): do it once
+    phash, phash_sym = phashes(grey)
     xray = str(row.get("modality") or "").lower() in ("cxr", "xr", "dx", "cr", "x-ray", "xray")
     metrics, flags = quality(im, xray=xray, p=p, pixels=arr)
     return {
         "image_id": row["image_id"], "dataset_id": row["dataset_id"], "sha256": sha256_bytes(data),
         "width": px.width, "height": px.height, "mode": im.mode, "format": im.format or "",
-        "bytes": len(data), "phash": hexstr(imagehash.phash(grey)),
+        "bytes": len(data), "phash": phash,
         "dhash": hexstr(imagehash.dhash(grey)), "ahash": hexstr(imagehash.average_hash(grey)),
-        "whash": whash(grey), "phash_sym": hexstr(imagehash.phash(sym)), **metrics, "flags": ",".join(flags),
+        "whash": whash(grey), "phash_sym": phash_sym, **metrics, "flags": ",".join(flags),
         "params": to_json(p),
     }
 
