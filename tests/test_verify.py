@@ -415,3 +415,35 @@ def test_twin_buckets_equal_bucketing_the_union():
                for a, b in zip(pa, pb, strict=True) if a < real <= b]
         got = sorted(zip(ma.tolist(), mb.tolist(), strict=True))
         assert got == sorted(ref) and len(got) > 50, (max_bucket, len(got), len(ref))
+
+
+def test_resampled_crops_get_one_coarser_comparison(tmp_path, monkeypatch):
+    """Issue 14: 81% crops of 896 x 672 dermoscopy images resized to 224 px by nearest
+    neighbour (no antialiasing) disagree in the band of the common pixel but agree one band
+    coarser: verified by the second comparison (evidence ``coarser``), and not without it. A
+    repeat capture of the same lesion at the same size gets no second comparison."""
+    from medlake.demo import synth_draw as draw
+    from medlake.pipelines import duplicates
+
+    p = duplicates.DEFAULTS
+    for seed in (4, 6):
+        lesion = draw.lesion_anatomy(np.random.default_rng(seed), "nevus", 2)
+        src = draw.draw_derm(np.random.default_rng(1000 + seed), lesion, 672, 896)
+        again = draw.draw_derm(np.random.default_rng(2000 + seed), lesion, 672, 896)  # same lesion
+        crop = cv2.resize(src[34:638, 57:782], (224, 224), interpolation=cv2.INTER_NEAREST)
+        paths = [_save(tmp_path, f"src{seed}", src), _save(tmp_path, f"again{seed}", again),
+                 _save(tmp_path, f"crop{seed}", crop)]
+
+        def check(j: int, paths: list[str] = paths) -> dict:
+            return verify.verify(paths[0], paths[j], cache={}, keys=(0, j), p=p)
+
+        r = check(2)
+        assert r["verified"] and r["evidence"]["coarser"] >= verify.SECOND_BAND, (seed, r)
+        assert r["ncc"] >= r["evidence"]["threshold"] + verify.SECOND_MARGIN > p["ncc"]
+        capture = check(1)
+        assert not capture["verified"] and "coarser" not in (capture.get("evidence") or {}), capture
+        with monkeypatch.context() as m:
+            m.setattr(verify, "RESAMPLED", 1e9)  # no map counts as resampled: no second try
+            r = check(2)
+            assert not r["verified"] and "coarser" not in r["evidence"], (seed, r)
+            assert verify.RETRY_FROM <= r["ncc"] < r["evidence"]["threshold"]
