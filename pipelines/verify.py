@@ -74,6 +74,7 @@ RESAMPLED = 1.1  # a map scaling an axis by more than this (or less than 1 / thi
 RETRY_FROM = 0.55  # fine pairs from this NCC up to the line are refined by ECC and compared again
 BAND, BAND_MIN = 0.7, 1.0  # band-pass sigma: BAND x the common pixel, at least BAND_MIN px
 FINE_SIDE = 2 * SIDE  # the largest frame of the second comparison of large images (verify)
+FINE_FROM = 384  # images from this longer side (px) get that second comparison (fine_side)
 # (every image is resampled into the 256-px frame; finer than 1 px is interpolation, not detail)
 _LOCAL = threading.local()  # one ORB detector per thread (cv2 objects are not shared safely)
 
@@ -89,8 +90,9 @@ def features(path: str, *, low: bool = True, reduced: bool = True) -> dict[str, 
     is the image's longer side in pixels, ``up`` its upsampling to the 256-px frame (>= 1).
     ``reduced`` (default): a large JPEG is decoded at a reduced DCT scale (>= 512 px on its
     shorter side; :func:`medlake.catalog.imageio.open_image`); False decodes every pixel.
-    An image of 576 px or more on its longer side also gets ``f``: its finer equalised grey
-    frame (:func:`fine_side` px) for :func:`verify`'s second comparison, from the same decode.
+    An image of :data:`FINE_FROM` px or more on its longer side also gets ``f``: its finer
+    equalised grey frame (:func:`fine_side` px) for :func:`verify`'s second comparison, from
+    the same decode.
     Returns None when the file cannot be decoded.
     """
     if not hasattr(_LOCAL, "orb"):
@@ -128,8 +130,13 @@ def _resampled(grey: np.ndarray, full: tuple[int, int], side: int) -> np.ndarray
 
 def fine_side(side: int) -> int:
     """The frame of an image's second comparison (verify), by its longer side in pixels:
-    half of it, rounded to 64 px, at most :data:`FINE_SIDE`; <= :data:`SIDE`: none."""
-    return min(FINE_SIDE, 64 * round(side / 128))
+    half of it rounded to 64 px, at least :data:`FINE_FROM` and at most :data:`FINE_SIDE`;
+    0 (none) for an image under :data:`FINE_FROM` px.
+
+    From 384 px: chest X-rays of *other* patients at 400-640 px agreed in the 256-px frame
+    (0.78-0.84; measured on generated sets at 2.5-3x the default size, where half their side
+    gave no frame above 256), and not at 384 px (false pairs 11 -> 4 and 9 -> 1)."""
+    return min(FINE_SIDE, max(FINE_FROM, 64 * round(side / 128))) if side >= FINE_FROM else 0
 
 
 _EMPTY = (np.zeros((0, 2), np.float32), None)
@@ -1114,9 +1121,9 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     threshold it had to reach and the feature set that matched (``low`` for the low
     renditions).
 
-    When both images are more than twice the frame on their longer side, a pair that passes
-    is compared again in their finer frames (``f``: half each image's side, at most
-    :data:`FINE_SIDE`, :func:`fine_side`; RANSAC's map carried over and refined by ECC; at the
+    When both images are :data:`FINE_FROM` px or more on their longer side, a pair that
+    passes is compared again in their finer frames (``f``: half each image's side, at least
+    :data:`FINE_FROM` and at most :data:`FINE_SIDE`, :func:`fine_side`; RANSAC's map carried over and refined by ECC; at the
     coarser of the two), and verified only if it passes there too: ``ncc`` is then that
     second NCC, ``evidence.fine`` its evidence.
     """
@@ -1162,10 +1169,10 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
                         **({"features": _SETS[tag]} if tag in _SETS else {})}}
     if not res["verified"] or "f" not in fa or "f" not in fb:
         return res
-    # Both images are more than twice the frame: the frame compared them 2x+ coarser than
-    # both resolve, where a repeat capture's own fine detail is averaged away. Compared again
-    # in their finer frames (``f``: half their resolution; RANSAC's map carried over, refined
-    # by ECC), at the coarser of the two, the pair must pass there too.
+    # Both images are FINE_FROM px or more: the frame compared them 1.5x+ coarser than both
+    # resolve, where a repeat capture's own fine detail is averaged away. Compared again in
+    # their finer frames (``f``; RANSAC's map carried over, refined by ECC), at the coarser
+    # of the two, the pair must pass there too.
     ga, gb = fa["f"], fb["f"]
     Mf = (_frame_map(fa["g"].shape, ga.shape) @ _affine3(M)
           @ np.linalg.inv(_frame_map(fb["g"].shape, gb.shape)))[:2]

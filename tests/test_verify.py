@@ -198,7 +198,8 @@ def test_large_images_are_compared_again_in_a_finer_frame(tmp_path, monkeypatch)
              _save(tmp_path, "crop", crop), _save(tmp_path, "mirror", src[:, ::-1].copy())]
     p = duplicates.DEFAULTS
     assert verify.fine_side(1024) == verify.FINE_SIDE == 512 and verify.fine_side(3000) == 512
-    assert verify.fine_side(600) == 320 and verify.fine_side(512) <= verify.SIDE
+    assert verify.fine_side(600) == verify.fine_side(400) == verify.FINE_FROM == 384
+    assert verify.fine_side(383) == 0 and verify.fine_side(900) == 448
 
     def check(j: int) -> dict:
         return verify.verify(paths[0], paths[j], cache={}, keys=(0, j), p=p)
