@@ -448,3 +448,34 @@ def test_resampled_crops_get_one_coarser_comparison(tmp_path, monkeypatch):
             r = check(2)
             assert not r["verified"] and "coarser" not in r["evidence"], (seed, r)
             assert verify.RETRY_FROM <= r["ncc"] < r["evidence"]["threshold"]
+
+
+def test_repeat_captures_from_384_px_are_compared_again(tmp_path, monkeypatch):
+    """Issue 14: two 512-px chest X-rays of one patient agree in the 256-px frame; compared
+    again in their 384-px frames they do not (a JPEG copy still does). With the finer frame
+    only from 576 px (before), the repeat capture was accepted."""
+    import io
+
+    from medlake.demo import synth_draw as draw
+    from medlake.pipelines import duplicates
+
+    findings = {"effusion": False, "cardiomegaly": False, "nodule": False}
+    anatomy = draw.chest_anatomy(np.random.default_rng(100))
+    src = draw.draw_cxr(np.random.default_rng(200), anatomy, 512, findings)
+    again = draw.draw_cxr(np.random.default_rng(300), anatomy, 512, findings)  # same patient
+    buf = io.BytesIO()
+    Image.fromarray(src).save(buf, format="JPEG", quality=60)
+    (tmp_path / "jpeg.jpg").write_bytes(buf.getvalue())
+    paths = [_save(tmp_path, "src", src), _save(tmp_path, "again", again), str(tmp_path / "jpeg.jpg")]
+    p = duplicates.DEFAULTS
+
+    def check(j: int) -> dict:
+        return verify.verify(paths[0], paths[j], cache={}, keys=(0, j), p=p)
+
+    capture = check(1)
+    assert capture["evidence"]["ncc"] >= capture["evidence"]["threshold"]  # the frame agrees
+    assert not capture["verified"] and capture["evidence"]["fine"]["grid"] >= 1, capture
+    copy = check(2)
+    assert copy["verified"] and copy["evidence"]["fine"]["ncc"] >= copy["evidence"]["fine"]["threshold"]
+    monkeypatch.setattr(verify, "FINE_FROM", 576)
+    assert check(1)["verified"] and "fine" not in check(1)["evidence"]
