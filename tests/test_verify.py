@@ -52,6 +52,23 @@ def _save(tmp_path, name: str, arr: np.ndarray) -> str:
     Image.fromarray(arr).save(path)
     return str(path)
 
+def _captures_and_jpeg(tmp_path, seed: int, side: int, quality: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Two chest X-rays of one generated patient (``side`` px) and the first as a JPEG file."""
+    import io
+
+    from medlake.demo import synth_draw as draw
+
+    findings = {"effusion": False, "cardiomegaly": False, "nodule": False}
+    anatomy = draw.chest_anatomy(np.random.default_rng(100 + seed))
+    src = draw.draw_cxr(np.random.default_rng(200 + seed), anatomy, side, findings)
+    again = draw.draw_cxr(np.random.default_rng(300 + seed), anatomy, side, findings)
+    buf = io.BytesIO()
+    Image.fromarray(src).save(buf, format="JPEG", quality=quality)
+    jpeg = tmp_path / "jpeg.jpg"
+    jpeg.write_bytes(buf.getvalue())
+    return src, again, jpeg
+
+
 
 def test_resized_crops_verify_and_a_repeat_capture_does_not(tmp_path):
     """Issue 14: a crop resized back to the original size (aspect changed, bicubic) and a crop
@@ -180,19 +197,9 @@ def test_large_images_are_compared_again_in_a_finer_frame(tmp_path, monkeypatch)
     """Two 1024-px captures of one patient agree in the 256-px frame (their own fine detail is
     averaged away 4x) but not at half their resolution: rejected. Copies of the capture (JPEG
     at quality 40, a 70% crop resized back, a mirror) pass in both frames."""
-    import io
-
-    from medlake.demo import synth_draw as draw
     from medlake.pipelines import duplicates
 
-    findings = {"effusion": False, "cardiomegaly": False, "nodule": False}
-    anatomy = draw.chest_anatomy(np.random.default_rng(102))
-    src = draw.draw_cxr(np.random.default_rng(202), anatomy, 1024, findings)
-    again = draw.draw_cxr(np.random.default_rng(302), anatomy, 1024, findings)  # same patient
-    buf = io.BytesIO()
-    Image.fromarray(src).save(buf, format="JPEG", quality=40)
-    jpeg = tmp_path / "jpeg.jpg"
-    jpeg.write_bytes(buf.getvalue())
+    src, again, jpeg = _captures_and_jpeg(tmp_path, 2, 1024, 40)
     crop = cv2.resize(src[100:100 + 860, 60:60 + 840], (1024, 1024), interpolation=cv2.INTER_CUBIC)
     paths = [_save(tmp_path, "src", src), _save(tmp_path, "again", again), str(jpeg),
              _save(tmp_path, "crop", crop), _save(tmp_path, "mirror", src[:, ::-1].copy())]
@@ -454,19 +461,10 @@ def test_repeat_captures_from_384_px_are_compared_again(tmp_path, monkeypatch):
     """Issue 14: two 512-px chest X-rays of one patient agree in the 256-px frame; compared
     again in their 384-px frames they do not (a JPEG copy still does). With the finer frame
     only from 576 px (before), the repeat capture was accepted."""
-    import io
-
-    from medlake.demo import synth_draw as draw
     from medlake.pipelines import duplicates
 
-    findings = {"effusion": False, "cardiomegaly": False, "nodule": False}
-    anatomy = draw.chest_anatomy(np.random.default_rng(100))
-    src = draw.draw_cxr(np.random.default_rng(200), anatomy, 512, findings)
-    again = draw.draw_cxr(np.random.default_rng(300), anatomy, 512, findings)  # same patient
-    buf = io.BytesIO()
-    Image.fromarray(src).save(buf, format="JPEG", quality=60)
-    (tmp_path / "jpeg.jpg").write_bytes(buf.getvalue())
-    paths = [_save(tmp_path, "src", src), _save(tmp_path, "again", again), str(tmp_path / "jpeg.jpg")]
+    src, again, jpeg = _captures_and_jpeg(tmp_path, 0, 512, 60)
+    paths = [_save(tmp_path, "src", src), _save(tmp_path, "again", again), str(jpeg)]
     p = duplicates.DEFAULTS
 
     def check(j: int) -> dict:
