@@ -161,7 +161,7 @@ def _dct_low(pixels: np.ndarray) -> np.ndarray:
 def _above_median(dct: np.ndarray) -> str:
     """The hash imagehash.phash makes of ``dct`` (each coefficient above their median), as
     :func:`hexstr` writes it."""
-    return np.packbits(dct > np.median(dct)).tobytes().hex()
+    return hexstr(imagehash.ImageHash(dct > np.median(dct)))
 
 
 def phashes(grey: Image.Image) -> tuple[str, str]:
@@ -173,7 +173,8 @@ def phashes(grey: Image.Image) -> tuple[str, str]:
     mirror of the reduction, exactly). Its DCT is even along x: the odd x-frequencies are set
     to exactly 0 (not left to the transform's rounding), so those bits are 0 and the others
     are the image's. Averaging the reduction instead of the whole image saves a second
-    full-resolution resize and the mirrored copy (~5 of 27 ms per image at 1-2 Mpx).
+    full-resolution resize and the mirrored copy (interleaved runs at 640-1024 px:
+    ~20.3 -> ~17.2 ms per image for the stage).
     """
     small = np.asarray(grey.resize((PHASH_SIDE, PHASH_SIDE), Image.Resampling.LANCZOS))
     sym = _dct_low((small.astype(np.float64) + small[:, ::-1]) / 2)

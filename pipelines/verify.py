@@ -1217,7 +1217,7 @@ def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: f
     """
     big, sm, _ = _axes(M)
     scale = float(np.sqrt(big * sm))
-    ga, gb = ga.astype(np.float32), gb.astype(np.float32)
+    ga, gb = ga.astype(np.float32, copy=False), gb.astype(np.float32, copy=False)
     # the template is the image the other one covers (a crop is compared inside its source)
     if scale * scale * gb.size >= ga.size:
         tmpl, img, T, pixel, frame = ga, gb, M, max(up_a, up_b * big), frames[0]
@@ -1245,12 +1245,7 @@ def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: f
     f = max(SECOND_BAND, COARSE_FROM / pixel)
     if (retry and not refine and RETRY_FROM <= ncc < need and f * pixel / frame < COARSE_TO
             and not 1 / RESAMPLED <= sm <= big <= RESAMPLED):
-        # One image is the other resampled (a crop resized up or down): resizing without
-        # antialiasing (nearest neighbour, bilinear) folds detail into the band at the common
-        # pixel, which then disagrees although the pictures agree. Compared again as if the
-        # common pixel were f times coarser: that pixel's band, ECC refinement and (higher)
-        # threshold, as any coarse pair, plus SECOND_MARGIN for being a second try; only
-        # while the threshold still rises with the pixel (under COARSE_TO).
+        # one image is the other resized: one comparison f times coarser (see the docstring)
         got = _compare(ga, gb, M, up_a * f, up_b * f, p, frames=frames, retry=False)
         if got is not None and got[0] >= got[1]["threshold"] + SECOND_MARGIN:
             return got[0], {**got[1], "coarser": round(f, 2)}
