@@ -145,10 +145,39 @@ def test_hashes_match_imagehash(synth_lake):
         low[:, 1::2] = 0
         assert r["phash_sym"] == str(imagehash.ImageHash(low > np.median(low)))
         mirror = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        assert fingerprint.phashes(mirror.convert("L"))[1] == r["phash_sym"]
+        assert fingerprint.small_hashes(mirror.convert("L"))["phash_sym"] == r["phash_sym"]
         # and it is the pHash of the image averaged with its mirror, but for rounding
         sym = Image.fromarray(((np.asarray(mirror, np.uint16) + np.asarray(im)) // 2).astype(np.uint8))
         assert imagehash.hex_to_hash(r["phash_sym"]) - imagehash.phash(sym) <= 3
+
+
+def _shapes() -> list[tuple[int, int]]:
+    """(h, w): square, wide, tall (either side of Pillow 13's vertical-first rule at 32 x 32,
+    h - 32 > 2 (w - 32), with w = 300: h 568 / 569), thin, at a hash size on one axis, smaller
+    than a hash (Pillow enlarges), and over one block of rows (fingerprint._ROWS)."""
+    return [(256, 256), (224, 300), (568, 300), (569, 300), (1100, 320), (40, 900), (8, 500),
+            (700, 9), (32, 32), (20, 50), (5, 5), (1300, 1024), (613, 487)]
+
+
+def test_lanczos_reductions_are_pillows():
+    """The hash reductions by matrix products are Pillow's LANCZOS resize, byte for byte, and
+    the hashes imagehash's, whichever pass Pillow runs first."""
+    rng = np.random.default_rng(7)
+    extra = ((17, 5), (3, 40), (64, 48))
+    for h, w in _shapes():
+        yy, xx = np.mgrid[:h, :w]
+        smooth = 128 + 100 * np.sin(xx / 9.0) * np.cos(yy / 13.0)
+        for px in (rng.integers(0, 256, (h, w)), smooth + rng.normal(0, 20, (h, w))):
+            grey = Image.fromarray(np.clip(px, 0, 255).astype(np.uint8))
+            sizes = fingerprint.HASH_SIZES + extra
+            got = fingerprint.lanczos_reductions(grey, sizes)
+            for size, arr in zip(sizes, got, strict=True):
+                want = np.asarray(grey.resize(size, Image.Resampling.LANCZOS))
+                assert arr.dtype == np.uint8 and np.array_equal(arr, want), ((h, w), size)
+            hashes = fingerprint.small_hashes(grey)
+            assert hashes["phash"] == str(imagehash.phash(grey)), (h, w)
+            assert hashes["dhash"] == str(imagehash.dhash(grey)), (h, w)
+            assert hashes["ahash"] == str(imagehash.average_hash(grey)), (h, w)
 
 
 def test_images_in_equal_out_on_synthetic(synth_lake):
