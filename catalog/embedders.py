@@ -121,7 +121,7 @@ class DescriptorEmbedder:
             grey = cv2.resize(np.asarray(im), (self.side, self.side), interpolation=cv2.INTER_AREA)
             small = cv2.merge([grey, grey, grey])
         else:
-            rgb = np.asarray(im.convert("RGB"))
+            rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # no RGB copy of RGB
             small = cv2.resize(rgb, (self.side, self.side), interpolation=cv2.INTER_AREA)
             grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
         eq = _equalise(grey)
