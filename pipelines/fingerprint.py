@@ -164,7 +164,9 @@ def _lanczos_weights(n_in: int, n_out: int) -> np.ndarray:
 
     Vectorised (a 1024-px axis: ~0.6 ms for the three hash sizes, ~10 ms as a Python loop);
     the one order-dependent step, the sum that normalises each row, is Pillow's left-to-right
-    sum (a cumulative sum). At most 64 axes are kept (~1.6 MB each at 4,000 px).
+    sum (a cumulative sum). ``np.sin`` gave the same doubles as libm's ``sin`` (which Pillow
+    calls) on 200,000 random arguments; the tests compare the results with Pillow itself. At
+    most 64 axes are kept (up to ~1 MB each for a 4,000-px axis).
     """
     scale = float(n_in) / n_out
     fs = max(scale, 1.0)
