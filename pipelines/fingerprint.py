@@ -205,6 +205,22 @@ def _seen(sides: tuple[int, int]) -> None:
     _SEEN.update(sides)
 
 
+def _rows_first(px: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Pillow's two LANCZOS passes of ``px`` (2-D uint8) to each ``(w, h)`` of ``sizes``, the
+    pass along each row first: one product for all sizes' first pass ([rows x sum(w)], block
+    by block of :data:`_ROWS` source rows), then each size's pass along the columns."""
+    rows, cols = px.shape
+    cw = np.concatenate([_lanczos_weights(cols, w) for w, _ in sizes]).T
+    part = np.concatenate([_clip8(px[r:r + _ROWS].astype(np.float64) @ cw)
+                           for r in range(0, rows, _ROWS)])
+    out, col = [], 0
+    for w, h in sizes:
+        t = part[:, col:col + w]
+        col += w
+        out.append((t if h == rows else _clip8(_lanczos_weights(rows, h) @ t)).astype(np.uint8))
+    return out
+
+
 def lanczos_reductions(grey: Image.Image, sizes: tuple[tuple[int, int], ...] = HASH_SIZES
                        ) -> list[np.ndarray]:
     """``np.asarray(grey.resize(size, LANCZOS))`` for each ``(w, h)`` of ``sizes``, the same
@@ -234,27 +250,16 @@ def lanczos_reductions(grey: Image.Image, sizes: tuple[tuple[int, int], ...] = H
         else:
             first["v" if img_h - h > 2 * (img_w - w) else "h"].append(i)
     px = np.asarray(grey)
-    if first["h"]:  # rows reduced first: [rows x sum(w)], block by block of source rows
-        cw = np.concatenate([_lanczos_weights(img_w, sizes[i][0]) for i in first["h"]]).T
-        part = np.concatenate([_clip8(px[r:r + _ROWS].astype(np.float64) @ cw)
-                               for r in range(0, img_h, _ROWS)])
-        col = 0
-        for i in first["h"]:
-            w, h = sizes[i]
-            t = part[:, col:col + w]
-            col += w
-            out[i] = (t if h == img_h else _clip8(_lanczos_weights(img_h, h) @ t)).astype(np.uint8)
-    if first["v"]:  # columns first: [sum(h) x cols], summed over blocks of source rows (exact)
-        ch = np.concatenate([_lanczos_weights(img_h, sizes[i][1]) for i in first["v"]])
-        acc = sum(ch[:, r:r + _ROWS] @ px[r:r + _ROWS].astype(np.float64)
-                  for r in range(0, img_h, _ROWS))
-        part = _clip8(acc)
-        row = 0
-        for i in first["v"]:
-            w, h = sizes[i]
-            t = part[row:row + h]
-            row += h
-            out[i] = (t if w == img_w else _clip8(t @ _lanczos_weights(img_w, w).T)).astype(np.uint8)
+    for axis, ids in first.items():
+        if not ids:
+            continue
+        if axis == "h":
+            got = _rows_first(px, [sizes[i] for i in ids])
+        else:  # the vertical pass first: the horizontal-first passes of the transposed image
+            got = [np.ascontiguousarray(g.T)
+                   for g in _rows_first(px.T, [(h, w) for w, h in (sizes[i] for i in ids)])]
+        for i, g in zip(ids, got, strict=True):
+            out[i] = g
     return out  # type: ignore[return-value]
 
 
