@@ -43,6 +43,7 @@ PHI_TAGS = (
     "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
 )
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+_TURNED = {2, 3, 4, 5, 6, 7, 8}  # EXIF orientations ImageOps.exif_transpose applies
 _EXIF_ORIENTATION = 0x0112
 _FULL_SIZE = "medlake_full_size"  # Image.info key: (w, h) of a JPEG decoded reduced
 _DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -190,7 +191,16 @@ def open_image(path: Path | str, *, max_pixels: int = MAX_PIXELS,
         DICOM the reasons of :func:`inspect`.
     """
     p = Path(path)
-    data = _read(p)
+    return decode(_read(p), p, max_pixels=max_pixels, min_side=min_side)
+
+
+def decode(data: bytes, path: Path | str, *, max_pixels: int = MAX_PIXELS,
+           min_side: int | None = None) -> Image.Image:
+    """:func:`open_image` of a file's bytes ``data`` already read (``path``: its name, for
+    DICOM detection and messages)."""
+    p = Path(path)
+    if not data:
+        raise ImageReadError(p, "zero-byte file")
     if is_dicom(data, p):
         return _dicom_image(data, p, max_pixels)
     im = _not_dicom(lambda: _open(data, p, max_pixels, min_side), p)
@@ -210,10 +220,14 @@ def _keep_full_size(out: Image.Image, src: Image.Image) -> Image.Image:
 
 
 def _transposed(im: Image.Image) -> Image.Image:
-    """EXIF orientation applied; a reduced decode's full size turned with it."""
+    """EXIF orientation applied; a reduced decode's full size turned with it. ``im`` itself
+    (not a copy, its ``format`` kept) when there is nothing to apply."""
+    if _orientation(im) not in _TURNED:
+        return im
     full = im.info.get(_FULL_SIZE)
     before = im.size
     out = ImageOps.exif_transpose(im)
+    out.format = im.format
     if full is not None:
         out.info[_FULL_SIZE] = full if out.size == before else (full[1], full[0])
     return out

@@ -27,7 +27,9 @@ from PIL import Image
 
 from medlake.catalog import Catalog, CatalogError, spec, to_json
 from medlake.catalog.params import defaults, param, to_dict
-from medlake.catalog.imageio import ImageReadError, image_pool, open_image, sha256_bytes, to_8bit
+from medlake.catalog import descriptors
+from medlake.catalog.embedders import DESCRIPTOR
+from medlake.catalog.imageio import ImageReadError, decode, image_pool, sha256_bytes, to_8bit
 from medlake.pipelines.stage import Counts, Stage
 
 log = logging.getLogger(__name__)
@@ -319,16 +321,20 @@ def whash(grey: Image.Image, hash_size: int = 8) -> str:
     return hexstr(imagehash.ImageHash(sums >= order[mid]))
 
 
-def _one(row: dict[str, Any], p: dict[str, Any], root: Path) -> dict[str, Any]:
+def _one(row: dict[str, Any], p: dict[str, Any], root: Path, *,
+         vector: bool = False) -> dict[str, Any]:
+    """The fingerprint row of one image (``error`` and ``detail`` when it cannot be read);
+    with ``vector``, also its descriptor-v1 vector (``_vector``, for embed's cache)."""
     if row.get("error"):  # refused by the path resolver
         return {"error": row["error"], "detail": f"{row.get('path')}: {row['error']}"}
     try:
         path = Path(row["file"])
-        data = path.read_bytes() if path.is_file() else b""
         if not path.is_file():
             raise ImageReadError(row["file"], "missing file")
-        im = open_image(path)  # decoded once; load_rgb would decode the file again
+        data = path.read_bytes()
+        im = decode(data, path)  # decoded once; load_rgb would decode the file again
         px = to_8bit(im)  # RGB, or grey for a grey file (the same hashes and metrics)
+        vec = descriptors.descriptor(data, path, im, px) if vector else None
     except (ImageReadError, OSError) as e:
         return {"error": getattr(e, "reason", "unreadable file"), "detail": str(e)}
     arr = np.asarray(px)
@@ -342,7 +348,7 @@ def _one(row: dict[str, Any], p: dict[str, Any], root: Path) -> dict[str, Any]:
         "bytes": len(data), "phash": hashes["phash"], "dhash": hashes["dhash"],
         "ahash": hashes["ahash"], "whash": whash(grey), "phash_sym": hashes["phash_sym"],
         **metrics, "flags": ",".join(flags),
-        "params": to_json(p),
+        "params": to_json(p), **({} if vec is None else {"_vector": vec}),
     }
 
 
@@ -370,25 +376,34 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
     if dataset_id and files.is_empty():
         raise CatalogError(f"fingerprint: dataset '{dataset_id}' has no images with a path")
     rows = files.to_dicts()
+    # embed's descriptor-v1 vectors from this decode (catalog.descriptors), when embed uses it
+    vector = cat.ws.param("embed.model", DESCRIPTOR) == DESCRIPTOR
     with image_pool(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(lambda r: _one(r, p, cat.ws.root), rows))
+        results = list(pool.map(lambda r: _one(r, p, cat.ws.root, vector=vector), rows))
     counts = {"images": len(rows), "fingerprinted": 0, "quarantined": 0}
-    by_ds: dict[str, tuple[list, list]] = {}
+    by_ds: dict[str, tuple[list, list, list]] = {}
     for r, res in zip(rows, results, strict=True):
-        good, bad = by_ds.setdefault(r["dataset_id"], ([], []))
+        good, bad, vecs = by_ds.setdefault(r["dataset_id"], ([], [], []))
         if "error" in res:
             bad.append({"stage": STAGE, "dataset_id": r["dataset_id"], "file": r["path"], "row": 0,
                         "item": r["image_id"], "reason": res["error"], "detail": res["detail"]})
         else:
+            if vector:
+                vecs.append(res.pop("_vector"))
             good.append(res)
     with cat.transaction() as tx:
-        for ds, (good, bad) in sorted(by_ds.items()):
+        for ds, (good, bad, _) in sorted(by_ds.items()):
             tx.write("fingerprints", good or spec("fingerprints").schema.empty_table(), stage=STAGE, partition=ds)
             tx.write("quarantine", bad or spec("quarantine").schema.empty_table(), stage=STAGE, partition=ds)
             counts["fingerprinted"] += len(good)
             counts["quarantined"] += len(bad)
             if echo:
                 echo(f"{ds}: {len(good):,} fingerprinted, {len(bad):,} quarantined")
+    if vector:  # after the tables are published (a cache: embed decodes what it lacks)
+        cache = descriptors.DescriptorCache(cat.ws.lake)
+        for ds, (good, _, vecs) in sorted(by_ds.items()):
+            cache.write(ds, [r["image_id"] for r in good], [r["sha256"] for r in good],
+                        np.array(vecs, dtype=np.float32).reshape(len(good), -1))
     if counts["fingerprinted"] + counts["quarantined"] != counts["images"]:
         raise CatalogError("fingerprint: rows in != rows out + quarantined (a bug; please report)")
     return Counts(STAGE, counts, f"fingerprint: {counts['images']:,} images, "

@@ -123,13 +123,18 @@ def test_loader_workers_same_vectors_no_hang(synth_lake, tmp_path):
     import shutil
 
     root = tmp_path / "ws"
-    shutil.copytree(synth_lake.ws.root, root, ignore=shutil.ignore_patterns("vectors"))
+    # without its vectors (LanceDB, the embeddings table it is restored from, and
+    # fingerprint's descriptor cache): every image is decoded by the workers
+    shutil.copytree(synth_lake.ws.root, root,
+                    ignore=shutil.ignore_patterns("vectors", "embeddings", "cache"))
     code = ("from pathlib import Path; from catalog import Catalog, Workspace; from pipelines import embed; "
             f"print(embed.run(Catalog(Workspace(Path({str(root)!r}))), batch_size=16, workers=2))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fork()" not in out.stderr  # no fork of this (multi-threaded) process
+    n = len(synth_lake.read("fingerprints"))
+    assert f"'embedded': {n}," in out.stdout, out.stdout
     ref_ids, ref = VectorStore(synth_lake.ws.vectors_dir).load("descriptor-v1")
     ids, mat = VectorStore(Catalog(Workspace(root)).ws.vectors_dir).load("descriptor-v1")
     assert ids == ref_ids and len(ids) == len(synth_lake.read("fingerprints"))

@@ -188,6 +188,28 @@ def test_images_in_equal_out_on_synthetic(synth_lake):
     assert len(cat.read("fingerprints")) + len(q) == n > 100
 
 
+def test_format_is_the_decoders(synth_lake, tmp_path):
+    """``format`` names the file's format (it was '' for every image while EXIF orientation
+    was applied to a copy of each), also for an image turned by its EXIF orientation."""
+    fp = synth_lake.read("fingerprints", columns=["image_id", "format"])
+    files = fingerprint.image_files(synth_lake).select("image_id", "file")
+    both = fp.join(files, on="image_id")
+    assert both.height == fp.height
+    want = []
+    for f in both["file"]:
+        with Image.open(f) as im:
+            want.append(im.format)
+    assert both["format"].to_list() == want and set(want) == {"JPEG", "PNG"}
+    im = Image.new("RGB", (40, 30), (200, 100, 50))
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "turned.jpg", exif=exif)
+    from medlake.catalog.imageio import open_image
+
+    turned = open_image(tmp_path / "turned.jpg")
+    assert turned.size == (30, 40) and turned.format == "JPEG"
+
+
 def test_cli(bad_lake):
     cat, files = bad_lake
     r = CliRunner().invoke(main, ["fingerprint", "-w", str(cat.ws.root)])
