@@ -5,8 +5,9 @@ mirror-invariant pHash within ``hamming`` bits, at most the ``hash_k`` nearest p
 hash values shared by more than ``hash_max_group`` images are skipped),
 vector neighbours (the ``k`` nearest by cosine above ``cosine``, found with exact blocked
 matrix products, never the full N x N matrix) and shared local features (ORB descriptors
-hashed into buckets, :func:`pipelines.verify.orb_pairs`: the ``orb_k`` best per image with
-``orb_votes`` shared buckets; this path finds crops and rotations; images of at most
+hashed into buckets, :func:`pipelines.verify.orb_pairs`: of each image's low rendition, the
+``orb_k`` best per image with ``orb_votes`` shared buckets, method ``orb_low``; of its 256-px
+frame, the ``orb_full_k`` best, method ``orb``; this path finds crops and rotations; images of at most
 ``small_side`` px are also paired by ORB of low renditions, method ``orb_low``, and thumbnails
 of at most 128 px by those renditions stretched, the ``stretch_k`` best), across every
 dataset of the workspace. Each candidate is verified: ORB features,
@@ -64,10 +65,17 @@ class Params:
     cosine: float = param(0.80, "vector candidates: cosine similarity at least", min=-1, max=1)
     orb_k: int = param(3, "ORB-bucket candidates: the k best of either image", min=0)
     orb_votes: int = param(2, "ORB-bucket candidates: shared buckets at least", min=1)
+    orb_full_k: int = param(2, "ORB-bucket candidates of the full-resolution features with "
+                            "orb_buckets both: the k best of either image (crops whose aspect "
+                            "or scale changed beyond what the low renditions match)", min=1)
+    orb_full_from: int = param(384, "orb_buckets both: full-resolution candidates only for pairs "
+                               "with an image of at least this longer side (px; 0: every pair)",
+                               min=0)
     orb_features: int = param(300, "ORB keypoints per image used for bucketing", min=1)
     orb_buckets: Literal["low", "full", "both"] = param(
-        "low", "ORB-bucket candidates from the low renditions (48 px, scale-covariant: crops "
-        "resized to any size), the full-resolution features, or both")
+        "both", "ORB-bucket candidates from the low renditions (48 px, scale-covariant: crops "
+        "resized to any size), the full-resolution features (256-px frame), or both (the "
+        "full ones' orb_full_k best added)")
     small_side: int = param(128, "images with at most this longer side (px) also get low-"
                             "rendition candidates among pairs with a small image, and are "
                             "verified by low-rendition matches when full ones fail (0: off)",
@@ -192,16 +200,25 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
     if feats is not None:
         orb = {"k": int(p["orb_k"]), "min_votes": int(p["orb_votes"]),
                "per_image": int(p["orb_features"])}
-        how = p.get("orb_buckets", "low")
+        how = p.get("orb_buckets", DEFAULTS["orb_buckets"])
         orb["scratch"] = getattr(feats, "folder", None)
         if isinstance(feats, verify.FeatureStore):
             has_low, sides = feats.has_part("lo"), feats.sides()
         else:
             has_low = all(f is None or "lo" in f for f in feats)
             sides = np.array([-1 if f is None else f["side"] for f in feats], dtype=np.int64)
-        if how in ("full", "both") or not has_low:
-            for i, j, v in verify.orb_pairs(feats, **orb):
-                add(int(i), int(j), "orb", votes=int(v))
+        full = how in ("full", "both") or not has_low
+        big = None
+        if how == "both" and has_low:  # the full frames add their orb_full_k best (fewer: ~2 ms
+            # of verification per extra candidate, most of them look-alikes), for pairs with an
+            # image of orb_full_from px or more (its low rendition keeps <= 1/8 of its side)
+            big = sides >= int(p.get("orb_full_from", DEFAULTS["orb_full_from"]))
+            full = bool(big.any())
+        if full:
+            full_k = orb["k"] if big is None else int(p.get("orb_full_k", DEFAULTS["orb_full_k"]))
+            for i, j, v in verify.orb_pairs(feats, **{**orb, "k": full_k}):
+                if big is None or big[i] or big[j]:
+                    add(int(i), int(j), "orb", votes=int(v))
         if has_low:
             small = (sides >= 0) & (sides <= int(p.get("small_side", 0)))
             # every image; pairs with a small image ranked among themselves (few images: look

@@ -196,7 +196,10 @@ def test_orb_path_finds_crops_and_rotations(dup_run):
     ev = p.filter(pl.col("method").str.contains("orb"))["evidence"]
     votes = ev.str.json_path_match("$.orb_votes").fill_null(ev.str.json_path_match("$.orb_low_votes"))
     assert votes.is_not_null().all() and (votes.cast(pl.Int64) >= 2).all()
-    assert p["method"].str.contains("orb_low").any()  # default orb_buckets: low renditions
+    # default orb_buckets both: the low renditions (orb_low); the 256-px frames (orb) only for
+    # pairs with an image of orb_full_from (384) px or more, and these are all smaller
+    methods = {m for x in p["method"] for m in x.split("+")}
+    assert "orb_low" in methods and "orb" not in methods, methods
 
 
 def test_threaded_verification_equals_serial(dup_run):
@@ -348,3 +351,32 @@ def test_distinct_pairs_beaten_only_by_own_copies_must_agree_with_them():
     rival = {**checked, (2, 8): _pair(0.83, 4.0)}
     assert not duplicates.distinct(rival, [], p, ids)[(0, 2)]["verified"]
     assert duplicates.distinct(dict(reversed(list(checked.items()))), [], p, ids) == out
+
+
+def test_full_resolution_buckets_add_each_images_orb_full_k_best(synth_lake):
+    """orb_buckets both: the 256-px frames' buckets add exactly the pairs among the
+    orb_full_k best of either image (verify.orb_pairs) that have an image of orb_full_from px
+    or more, besides the low renditions' pairs."""
+    fp = synth_lake.read("fingerprints").sort("image_id")
+    files = dict(zip(*fingerprint.image_files(synth_lake).select("image_id", "file")
+                     .get_columns(), strict=True))
+    feats = verify.features_many([files[x] for x in fp["image_id"]])
+    side = np.array([f["side"] for f in feats])
+    p = {**duplicates.DEFAULTS, "hash_k": 0, "k": 0}
+    assert p["orb_buckets"] == "both" and side.max() < p["orb_full_from"]
+    cut = int(np.median(side))  # about half the images count as large
+    full = {}
+    for k, start in ((1, 0), (2, 0), (2, cut)):
+        got = duplicates.candidates(fp, None, {**p, "orb_full_k": k, "orb_full_from": start},
+                                    feats=feats)
+        full[k, start] = {c for c, v in got.items() if "orb" in v["methods"]}
+        want = {(int(i), int(j)) for i, j, _ in verify.orb_pairs(
+            feats, k=k, min_votes=p["orb_votes"], per_image=p["orb_features"])}
+        assert full[k, start] == {(i, j) for i, j in want if max(side[i], side[j]) >= start}
+        assert any("orb_low" in v["methods"] for v in got.values())
+    assert full[1, 0] < full[2, 0] and full[2, cut] < full[2, 0]
+    assert any(max(side[i], side[j]) >= cut for i, j in full[2, cut])
+    for how, start in (("low", 0), ("both", int(side.max()) + 1)):  # off, or no image large
+        got = duplicates.candidates(fp, None, {**p, "orb_buckets": how, "orb_full_from": start},
+                                    feats=feats)
+        assert not any("orb" in v["methods"] for v in got.values())
