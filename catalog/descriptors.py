@@ -80,17 +80,22 @@ class DescriptorCache:
         self.root = Path(lake) / "cache"
         self.folder = self.root / f"{DESCRIPTOR}-{code_tag()}"
 
-    def write(self, dataset_id: str, ids: list[str], shas: list[str], vecs: np.ndarray) -> None:
-        """Replace the dataset's file with these vectors (rows of ``vecs``); remove the
-        folders of other code tags."""
+    def write(self, dataset_id: str, ids: list[str], shas: list[str],
+              vecs: np.ndarray | list[np.ndarray]) -> None:
+        """Replace the dataset's file with these vectors (rows of ``vecs``; none: the file is
+        removed); remove the folders of other code tags."""
         for old in self.root.glob(f"{DESCRIPTOR}-*"):
             if old != self.folder:
                 shutil.rmtree(old, ignore_errors=True)
-        vecs = np.ascontiguousarray(vecs, dtype=np.float32).reshape(len(ids), -1)
+        dest = self.folder / f"{safe_name(dataset_id)}.parquet"
+        if not ids:
+            dest.unlink(missing_ok=True)
+            return
+        vecs = np.ascontiguousarray(np.asarray(vecs, dtype=np.float32)).reshape(len(ids), -1)
         at = pa.table({"image_id": pa.array(ids, pa.string()), "sha256": pa.array(shas, pa.string()),
                        "vector": pa.FixedSizeListArray.from_arrays(
                            pa.array(vecs.ravel(), pa.float32()), vecs.shape[1] or 1)})
-        write_parquet_atomic(at, self.folder / f"{safe_name(dataset_id)}.parquet")
+        write_parquet_atomic(at, dest)
 
     def find(self, wanted: dict[tuple[str, str], int]) -> Iterator[tuple[list[int], np.ndarray]]:
         """(positions, vectors) of the wanted (image_id, sha256) -> position found here, a

@@ -334,9 +334,14 @@ def _one(row: dict[str, Any], p: dict[str, Any], root: Path, *,
         data = path.read_bytes()
         im = decode(data, path)  # decoded once; load_rgb would decode the file again
         px = to_8bit(im)  # RGB, or grey for a grey file (the same hashes and metrics)
-        vec = descriptors.descriptor(data, path, im, px) if vector else None
     except (ImageReadError, OSError) as e:
         return {"error": getattr(e, "reason", "unreadable file"), "detail": str(e)}
+    vec = None
+    if vector:  # a cache for embed: a failure here only leaves embed to decode the file
+        try:
+            vec = descriptors.descriptor(data, path, im, px)
+        except Exception:  # embed decodes the file again and reports what it finds
+            log.debug("descriptor of %s left to embed", path, exc_info=True)
     arr = np.asarray(px)
     grey = px.convert("L")  # every imagehash hash starts with convert("L"): do it once
     hashes = small_hashes(grey)
@@ -388,8 +393,7 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
             bad.append({"stage": STAGE, "dataset_id": r["dataset_id"], "file": r["path"], "row": 0,
                         "item": r["image_id"], "reason": res["error"], "detail": res["detail"]})
         else:
-            if vector:
-                vecs.append(res.pop("_vector"))
+            vecs.append(res.pop("_vector", None))
             good.append(res)
     with cat.transaction() as tx:
         for ds, (good, bad, _) in sorted(by_ds.items()):
@@ -402,8 +406,9 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
     if vector:  # after the tables are published (a cache: embed decodes what it lacks)
         cache = descriptors.DescriptorCache(cat.ws.lake)
         for ds, (good, _, vecs) in sorted(by_ds.items()):
-            cache.write(ds, [r["image_id"] for r in good], [r["sha256"] for r in good],
-                        np.array(vecs, dtype=np.float32).reshape(len(good), -1))
+            have = [(r, v) for r, v in zip(good, vecs, strict=True) if v is not None]
+            cache.write(ds, [r["image_id"] for r, _ in have], [r["sha256"] for r, _ in have],
+                        [v for _, v in have])
     if counts["fingerprinted"] + counts["quarantined"] != counts["images"]:
         raise CatalogError("fingerprint: rows in != rows out + quarantined (a bug; please report)")
     return Counts(STAGE, counts, f"fingerprint: {counts['images']:,} images, "

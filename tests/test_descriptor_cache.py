@@ -126,3 +126,33 @@ def test_fingerprint_leaves_no_vectors_for_another_model(tmp_path):
     (cat.ws.root / "params.yaml").write_text("embed:\n  model: ViT-B-32\n")
     fingerprint.run(cat)
     assert not (cat.ws.lake / "cache").exists()
+
+
+def test_a_dataset_without_readable_images_leaves_no_file(tmp_path):
+    cache = descriptors.DescriptorCache(tmp_path / "lake")
+    cache.write("d", ["d:1"], ["a" * 64], [np.ones(128, np.float32)])
+    assert [p.name for p in cache.folder.iterdir()] == ["d.parquet"]
+    got = list(cache.find({("d:1", "a" * 64): 0}))
+    assert [pos for pos, _ in got] == [[0]] and np.array_equal(got[0][1], np.ones((1, 128)))
+    cache.write("d", [], [], [])  # every image of the dataset quarantined now
+    assert list(cache.folder.iterdir()) == [] and list(cache.find({("d:1", "a" * 64): 0})) == []
+
+
+def test_a_failed_descriptor_leaves_the_image_to_embed(tmp_path, monkeypatch):
+    """The vector is a cache: when it cannot be computed the image is still fingerprinted,
+    and embed decodes it."""
+    cat = _lake((tmp_path / "a").resolve())
+    real = descriptors.descriptor
+
+    def fails_for_cxr(data, path, im, px):
+        if "cxr" in str(path):
+            raise ValueError("injected")
+        return real(data, path, im, px)
+
+    monkeypatch.setattr(descriptors, "descriptor", fails_for_cxr)
+    res = fingerprint.run(cat)
+    assert res["quarantined"] == 0
+    cache = descriptors.DescriptorCache(cat.ws.lake)
+    assert [p.stem for p in cache.folder.glob("*.parquet")] == ["synth-derm"]
+    out = embed.run(cat, workers=0)
+    assert out["embedded"] == res["fingerprinted"] and out["unreadable"] == 0
