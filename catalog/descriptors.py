@@ -58,12 +58,12 @@ def code_tag() -> str:
 
 def descriptor_input(data: bytes, path: Path, im: Image.Image, px: Image.Image) -> Image.Image:
     """The pixels ``embed`` gives the descriptor for this file (:func:`imageio.load_8bit` with
-    the descriptor's ``min_side``), from ``fingerprint``'s decode ``im`` (and its 8-bit form
-    ``px``) when they are the same: every file but a JPEG large enough to be decoded at a
-    reduced DCT scale, which is decoded again that way from ``data`` (cheap: 1/2-1/8 scale)."""
-    side = 2 * DescriptorEmbedder.side  # embed's min_side (pipelines/embed.py, _DescriptorPrep)
-    if data[:3] == b"\xff\xd8\xff" and min(im.size) >= 2 * side:  # JPEG (im.format is gone
-        # when EXIF orientation was applied); an MPO is decoded in full by both, as here
+    the descriptor's ``decode_side``), from ``fingerprint``'s full decode ``im`` (and its 8-bit
+    form ``px``) when they are the same: every file but a JPEG large enough to be decoded at a
+    reduced DCT scale (:func:`imageio.reduces`), which is decoded again that way from ``data``
+    (cheap: 1/2-1/8 scale)."""
+    side = DescriptorEmbedder.decode_side  # embed's min_side (pipelines/embed.py, _DescriptorPrep)
+    if imageio.reduces(im, side):
         return imageio.to_8bit(imageio.decode(data, path, min_side=side))
     return px
 

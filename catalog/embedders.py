@@ -114,6 +114,7 @@ class DescriptorEmbedder:
     name: str = DESCRIPTOR
     dim: int = 128
     side: int = 64
+    decode_side: int = 2 * side  # the shorter side a reduced decode keeps (twice the square)
 
     def _one(self, im: Image.Image) -> np.ndarray:
         if im.mode == "L":  # reduced as grey, then RGB: the same pixels as reducing its RGB

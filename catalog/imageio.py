@@ -207,6 +207,12 @@ def decode(data: bytes, path: Path | str, *, max_pixels: int = MAX_PIXELS,
     return _transposed(im)
 
 
+def reduces(im: Image.Image, min_side: int | None) -> bool:
+    """Whether :func:`open_image` with ``min_side`` decodes this image (opened, or decoded in
+    full) at a reduced DCT scale: a JPEG whose shorter side is at least twice ``min_side``."""
+    return bool(min_side) and im.format == "JPEG" and min(im.size) >= 2 * min_side
+
+
 def full_size(im: Image.Image) -> tuple[int, int]:
     """(width, height) of the whole image, also when :func:`open_image` decoded it reduced."""
     return tuple(im.info.get(_FULL_SIZE, im.size))  # type: ignore[return-value]
@@ -412,7 +418,7 @@ def _open(data: bytes, p: Path, max_pixels: int, min_side: int | None = None) ->
                 raise ImageReadError(
                     p, "decompression bomb", f"declared {w}x{h} = {w * h:,} pixels > {max_pixels:,}"
                 )
-            if min_side and im.format == "JPEG" and min(w, h) >= 2 * min_side:
+            if reduces(im, min_side):
                 k = min(w, h) / min_side  # draft picks the largest 1/2^n with both sides >= the request
                 im.draft(im.mode, (int(np.ceil(w / k)), int(np.ceil(h / k))))
                 if im.size != (w, h):

@@ -187,7 +187,7 @@ def _cached(cat: Catalog, emb: Any, ids: list[str], shas: list[str],
     """(positions, vectors) of the descriptor-v1 vectors ``fingerprint`` left for these
     images (:mod:`catalog.descriptors`: computed from the pixels this stage would decode,
     the same vectors), at most ``size`` at a time; none for another model."""
-    if emb.name != DESCRIPTOR or not isinstance(emb, DescriptorEmbedder):
+    if not isinstance(emb, DescriptorEmbedder):
         return
     wanted = {(i, s): n for n, (i, s) in enumerate(zip(ids, shas, strict=True))}
     for pos, vecs in DescriptorCache(cat.ws.lake).find(wanted):
@@ -319,7 +319,7 @@ def model_vectors(emb: Any, batch: Any) -> Any:
 class _DescriptorPrep:
     """The descriptor is computed in the loader's workers (it is the whole model)."""
 
-    min_side = 2 * DescriptorEmbedder.side  # twice the descriptor's square
+    min_side = DescriptorEmbedder.decode_side  # twice the descriptor's square
 
     def load(self, path: str) -> Any:
         """The file as 8-bit RGB, or grey for a grey file (the descriptor reduces it as grey:
