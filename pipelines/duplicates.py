@@ -104,6 +104,11 @@ class Params:
                                 min=-1, max=1)
     distinct_margin: float = param(0.05, "verification: the NCC margin of a distinct coarse pair "
                                    "over each image's best other comparison", min=0, max=2)
+    motion_max: float = param(1.7, "verification: a pair at a fine common pixel (under 1.5) that "
+                              "passes the NCC line by less than 0.08 is rejected when the local "
+                              "motion left under one affine map exceeds this (px; optical flow, "
+                              "75th percentile over the most detailed quarter): a repeat "
+                              "capture of the same patient, not a copy (0: off)", min=0)
     model: str = param(DESCRIPTOR, "vector model of the vector path")
     block: int = param(4096, "rows per block of the exact vector search", min=1)
     workers: int = param(2, "verification threads", min=1)
@@ -411,8 +416,9 @@ def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tup
     out = dict(checked)
     for (i, j), r in checked.items():
         ev = r.get("evidence") or {}
-        if r["verified"] or r.get("ncc") is None or ev.get("pixel", 0) < verify.COARSE_FROM:
-            continue
+        if (r["verified"] or r.get("ncc") is None or ev.get("pixel", 0) < verify.COARSE_FROM
+                or ev.get("moved") or (ev.get("fine") or {}).get("moved")):
+            continue  # fine pairs, and pairs a motion check rejected, keep their verdict
         need = verify.threshold(ev["pixel"], floor)
         if r["ncc"] < need:
             continue

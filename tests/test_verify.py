@@ -196,14 +196,18 @@ def test_sorted_equals_numpy_sort():
 def test_large_images_are_compared_again_in_a_finer_frame(tmp_path, monkeypatch):
     """Two 1024-px captures of one patient agree in the 256-px frame (their own fine detail is
     averaged away 4x) but not at half their resolution: rejected. Copies of the capture (JPEG
-    at quality 40, a 70% crop resized back, a mirror) pass in both frames."""
+    at quality 40, a 70% crop resized back, a mirror) pass in both frames. (The motion
+    check, off here to isolate the second comparison, rejects the capture already in the
+    256-px frame.)"""
     from medlake.pipelines import duplicates
 
     src, again, jpeg = _captures_and_jpeg(tmp_path, 2, 1024, 40)
     crop = cv2.resize(src[100:100 + 860, 60:60 + 840], (1024, 1024), interpolation=cv2.INTER_CUBIC)
     paths = [_save(tmp_path, "src", src), _save(tmp_path, "again", again), str(jpeg),
              _save(tmp_path, "crop", crop), _save(tmp_path, "mirror", src[:, ::-1].copy())]
-    p = duplicates.DEFAULTS
+    assert verify.verify(paths[0], paths[1], cache={}, keys=(0, 1),
+                         p=duplicates.DEFAULTS)["evidence"]["moved"]
+    p = {**duplicates.DEFAULTS, "motion_max": 0.0}
     assert verify.fine_side(1024) == verify.FINE_SIDE == 512 and verify.fine_side(3000) == 512
     assert verify.fine_side(600) == verify.fine_side(400) == verify.FINE_FROM == 384
     assert verify.fine_side(383) == 0 and verify.fine_side(900) == 448
@@ -477,3 +481,65 @@ def test_repeat_captures_from_384_px_are_compared_again(tmp_path, monkeypatch):
     assert copy["verified"] and copy["evidence"]["fine"]["ncc"] >= copy["evidence"]["fine"]["threshold"]
     monkeypatch.setattr(verify, "FINE_FROM", 576)
     assert check(1)["verified"] and "fine" not in check(1)["evidence"]
+
+
+def test_motion_takes_out_one_affine_map_and_measures_what_is_left():
+    """verify._motion: a copy aligned by a slightly wrong affine map (RANSAC's error) has
+    next to no motion left once the best affine map is taken out, though its raw flow is
+    pixels; the same picture with its blocks moved in different directions (no single map
+    undoes that) has motion above the default motion_max."""
+    from medlake.demo import synth_draw as draw
+    from medlake.pipelines import duplicates
+
+    findings = {"effusion": False, "cardiomegaly": False, "nodule": False}
+    pic = draw.draw_cxr(np.random.default_rng(31), draw.chest_anatomy(np.random.default_rng(30)),
+                        256, findings).astype(np.float32)
+    h, w = pic.shape
+    ident = np.float32([[1, 0, 0], [0, 1, 0]])
+    off = np.float32([[1.02, 0.01, -2.0], [-0.01, 1.02, -1.5]])  # 2% scale, a turn, a shift
+    assert verify._motion(pic, pic, ident, 1.0, 3.0) < 0.05
+    copy = verify._motion(pic, pic, off, 1.0, 3.0)
+    warped = cv2.warpAffine(pic, off, (w, h))
+    raw = cv2.calcOpticalFlowFarneback(pic.astype(np.uint8), warped.astype(np.uint8), None,
+                                       0.5, 3, 15, 3, 5, 1.2, 0)
+    assert np.quantile(np.hypot(raw[..., 0], raw[..., 1]), 0.75) > 2.0  # pixels of raw flow
+    assert copy < 0.5, copy
+    # blocks of 64 px moved 3 px up / down and left / right in a checkerboard, edges smoothed
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    sign = np.where(((yy // 64) + (xx // 64)) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    dx = cv2.GaussianBlur(3.0 * sign, (0, 0), 4)
+    dy = cv2.GaussianBlur(-3.0 * sign, (0, 0), 4)
+    moved = cv2.remap(pic, xx + dx, yy + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    assert verify._motion(pic, moved, ident, 1.0, 3.0) > duplicates.DEFAULTS["motion_max"]
+
+
+def test_repeat_capture_just_over_the_line_is_rejected_by_its_motion(tmp_path):
+    """Issue 14: a 320-px image of one generated chest X-ray and another 640-px capture of the
+    same patient agree over the NCC line in the 256-px frame (the smaller image is under 384
+    px: no second comparison); the motion left under the affine map rejects the pair
+    (evidence ``moved``), and ``motion_max: 0`` turns the check off. A crop-and-resize copy
+    of the same source at the same size stays verified."""
+    from medlake.demo import synth_draw as draw
+    from medlake.pipelines import duplicates
+
+    findings = {"effusion": False, "cardiomegaly": False, "nodule": False}
+    seed = 245  # a pair of captures that crosses the line (found by searching seeds 0-300)
+    anatomy = draw.chest_anatomy(np.random.default_rng(seed))
+    src = draw.draw_cxr(np.random.default_rng(10000 + seed), anatomy, 640, findings)
+    again = draw.draw_cxr(np.random.default_rng(20000 + seed), anatomy, 640, findings)
+    paths = [_save(tmp_path, "src", src),
+             _save(tmp_path, "again", cv2.resize(again, (320, 320), interpolation=cv2.INTER_AREA)),
+             _save(tmp_path, "copy", cv2.resize(src[40:600, 30:590], (320, 320),
+                                                interpolation=cv2.INTER_AREA))]
+    p = dict(duplicates.DEFAULTS)
+
+    def check(j: int, **over: Any) -> dict:
+        return verify.verify(paths[0], paths[j], cache={}, keys=(0, j), p={**p, **over})
+
+    capture = check(1)
+    ev = capture["evidence"]
+    assert ev["threshold"] <= capture["ncc"] < ev["threshold"] + verify.MOTION_MARGIN, capture
+    assert ev["moved"] and ev["motion"] > p["motion_max"] and not capture["verified"], capture
+    assert check(1, motion_max=0.0)["verified"]
+    copy = check(2)
+    assert copy["verified"] and not copy["evidence"].get("moved", False), copy
