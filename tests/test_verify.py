@@ -219,10 +219,16 @@ def test_large_images_are_compared_again_in_a_finer_frame(tmp_path, monkeypatch)
     assert not capture["verified"] and "fine" in capture["evidence"], capture
     assert capture["evidence"]["ncc"] >= capture["evidence"]["threshold"]  # passed the frame
     assert capture["ncc"] < capture["evidence"]["fine"]["threshold"]
-    for j in (2, 3, 4):
+    assert capture["evidence"]["ncc"] < verify.FINE_SKIP
+    for j in (2, 3, 4):  # the copies agree over FINE_SKIP in the 256-px frame: not compared again
         r = check(j)
-        assert r["verified"] and r["evidence"]["fine"]["ncc"] >= r["evidence"]["fine"]["threshold"], (paths[j], r)
+        assert r["verified"] and r["ncc"] >= verify.FINE_SKIP and "fine" not in r["evidence"], r
     assert "mirror" in check(4)["transform"]
+    with monkeypatch.context() as m:  # compared again all the same, they pass there too
+        m.setattr(verify, "FINE_SKIP", 1.01)
+        for j in (2, 3, 4):
+            r = check(j)
+            assert r["verified"] and r["evidence"]["fine"]["ncc"] >= r["evidence"]["fine"]["threshold"], (paths[j], r)
     # the finer frame is made from the features' own decode and kept in the feature store
     with verify.FeatureStore(tmp_path / "store") as store:
         verify.store_features(paths, store)
@@ -477,6 +483,9 @@ def test_repeat_captures_from_384_px_are_compared_again(tmp_path, monkeypatch):
     capture = check(1)
     assert capture["evidence"]["ncc"] >= capture["evidence"]["threshold"]  # the frame agrees
     assert not capture["verified"] and capture["evidence"]["fine"]["grid"] >= 1, capture
+    copy = check(2)
+    assert copy["verified"] and ("fine" not in copy["evidence"]) == (copy["ncc"] >= verify.FINE_SKIP)
+    monkeypatch.setattr(verify, "FINE_SKIP", 1.01)  # compared again: it passes there too
     copy = check(2)
     assert copy["verified"] and copy["evidence"]["fine"]["ncc"] >= copy["evidence"]["fine"]["threshold"]
     monkeypatch.setattr(verify, "FINE_FROM", 576)
