@@ -380,3 +380,15 @@ def test_full_resolution_buckets_add_each_images_orb_full_k_best(synth_lake):
         got = duplicates.candidates(fp, None, {**p, "orb_buckets": how, "orb_full_from": start},
                                     feats=feats)
         assert not any("orb" in v["methods"] for v in got.values())
+
+
+def test_distinct_never_accepts_a_pair_its_motion_check_rejected():
+    """A pair rejected by the motion check (evidence ``moved``, in its first or its finer
+    comparison) keeps its verdict even where the distinct rule would accept its NCC."""
+    p = {**duplicates.DEFAULTS}
+    ids = [f"x:{n}" for n in range(4)]
+    plain = {(0, 1): _pair(0.90, 5.0)}
+    assert duplicates.distinct(plain, [], p, ids)[(0, 1)]["verified"]  # accepted as distinct
+    for ev in ({"moved": True}, {"fine": {"moved": True}}):
+        moved = {(0, 1): {**plain[(0, 1)], "evidence": {**plain[(0, 1)]["evidence"], **ev}}}
+        assert not duplicates.distinct(moved, [], p, ids)[(0, 1)]["verified"], ev
