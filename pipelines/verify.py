@@ -1076,7 +1076,13 @@ def _content(img: np.ndarray) -> np.ndarray:
 def _banded(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, s1: float, s2: float
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """(band of ``tmpl``, band of ``img`` warped by ``M``, the warped image, the inner
-    support) for :func:`_band_ncc`; None when the support is under a tenth of the template."""
+    support): what :func:`_band_ncc` and :func:`_motion` compare.
+
+    The band is a difference of Gaussians (``s1``, ``s2``) computed by normalised convolution
+    inside the support both images share (the warped footprint less flat black fill on either
+    side), so no edge appears where one image ends. None when the support is under a tenth
+    of the template.
+    """
     h, w = tmpl.shape
     warped = cv2.warpAffine(img, M, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
     foot = cv2.warpAffine(_content(img), M, (w, h), flags=cv2.INTER_NEAREST)
@@ -1094,30 +1100,20 @@ def _banded(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, s1: float, s2: flo
     return band(tmpl), band(warped), warped, inner
 
 
-def _band_ncc(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, s1: float,
-              s2: float) -> tuple[float, float] | None:
-    """(NCC of band-pass detail, overlap fraction) of ``img`` warped by ``M`` onto ``tmpl``.
-
-    The band is a difference of Gaussians (``s1``, ``s2``) computed by normalised convolution
-    inside the support both images share (the warped footprint less flat black fill on either
-    side), so no edge appears where one image ends. None when the overlap is under a tenth
-    of the template.
-    """
-    got = _banded(tmpl, img, M, s1, s2)
-    if got is None:
-        return None
-    ba, bb, _, inner = got
+def _band_ncc(bands: tuple[np.ndarray, ...]) -> tuple[float, float]:
+    """(NCC of band-pass detail, overlap fraction) of :func:`_banded`'s bands."""
+    ba, bb, _, inner = bands
     xa, xb = ba[inner], bb[inner]
     xa, xb = xa - xa.mean(), xb - xb.mean()
     ncc = float((xa * xb).sum() / max(np.sqrt((xa**2).sum() * (xb**2).sum()), 1e-9))
     return ncc, float(inner.mean())
 
 
-def _motion(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, s1: float, s2: float) -> float | None:
-    """Local motion left between ``tmpl`` and ``img`` warped by ``M`` once the best single
-    affine map is taken out: the 75th percentile of the residual optical flow (Farneback,
-    pixels of these frames) over the pixels with the most band-pass detail
-    (:data:`MOTION_DETAIL`). None when there is no shared support.
+def _motion(tmpl: np.ndarray, bands: tuple[np.ndarray, ...]) -> float | None:
+    """Local motion left between ``tmpl`` and the image :func:`_banded` warped onto it
+    (``bands``: its result) once the best single affine map is taken out: the 75th percentile
+    of the residual optical flow (Farneback, pixels of these frames) over the pixels with the
+    most band-pass detail (:data:`MOTION_DETAIL`). None when too few pixels have detail.
 
     A copy is one picture under one affine map: after the map, what flow is left is a
     fraction of a pixel of noise plus whatever affine error RANSAC left, which the fit
@@ -1129,10 +1125,7 @@ def _motion(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, s1: float, s2: flo
     least squares, refitted without its worst fifth of residuals (a copy's flow is
     sometimes wild in a flat corner).
     """
-    got = _banded(tmpl, img, M, s1, s2)
-    if got is None:
-        return None
-    ba, bb, warped, inner = got
+    ba, bb, warped, inner = bands
     detail = np.abs(ba) + np.abs(bb)
     use = inner & (detail >= np.quantile(detail[inner], MOTION_DETAIL))
     if use.sum() < 32:
@@ -1289,18 +1282,17 @@ def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: f
     coarse = refine or pixel >= float(p.get("refine_from", 1.5))
     if coarse:
         T = _refine(tmpl, img, T, BAND_MIN)
-    got = _band_ncc(tmpl, img, T, BAND_MIN, 3 * BAND_MIN)
-    if got is None:
+    bands = _banded(tmpl, img, T, BAND_MIN, 3 * BAND_MIN)
+    if bands is None:
         return None
-    ncc, overlap = got
+    ncc, overlap = _band_ncc(bands)
     need = threshold(pixel / frame, p)
     if not coarse and RETRY_FROM <= ncc < need:
         # a fine pair just under the line: RANSAC's map may be a fraction of a pixel off
         # (crops combined with a rotation or relighting); refined once by ECC, the better counts
-        Tr = _refine(tmpl, img, T, BAND_MIN)
-        again = _band_ncc(tmpl, img, Tr, BAND_MIN, 3 * BAND_MIN)
-        if again is not None and again[0] > ncc:
-            (ncc, overlap), T = again, Tr
+        again = _banded(tmpl, img, _refine(tmpl, img, T, BAND_MIN), BAND_MIN, 3 * BAND_MIN)
+        if again is not None and (got := _band_ncc(again))[0] > ncc:
+            (ncc, overlap), bands = got, again
     f = max(SECOND_BAND, COARSE_FROM / pixel)
     if (retry and not refine and RETRY_FROM <= ncc < need and f * pixel / frame < COARSE_TO
             and not 1 / RESAMPLED <= sm <= big <= RESAMPLED):
@@ -1314,7 +1306,7 @@ def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: f
     if limit > 0 and pixel / frame < COARSE_FROM and need <= ncc < need + MOTION_MARGIN:
         # just over the line at a fine common pixel: a repeat capture of the same patient
         # gets there too; a copy has no local motion left under one affine map (_motion)
-        moved = _motion(tmpl, img, T, BAND_MIN, 3 * BAND_MIN)
+        moved = _motion(tmpl, bands)  # the bands of the comparison that counts
         if moved is not None:
             ev = {**ev, "motion": round(moved, 2), "moved": moved > limit}
     return ncc, ev
