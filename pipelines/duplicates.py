@@ -116,8 +116,8 @@ class Params:
 
 DEFAULTS: dict[str, Any] = defaults(Params)
 CACHE_IMAGES = 1024  # images whose features verification holds at once (~110 KB each),
-CACHE_BYTES = 128 << 20  # and at most this many bytes of them (a large image's finer frame
-# for the second comparison, verify.fine_side, adds up to 256 KB: fewer of those are held)
+CACHE_BYTES = 128 << 20  # and at most this many bytes of them (a large image's finer frame,
+# made for the second comparison, verify.fine_frame, adds up to 256 KB: fewer are held)
 
 
 def knn_pairs(vecs: np.ndarray, *, k: int, threshold: float, block: int = 4096) -> np.ndarray:

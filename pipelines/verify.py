@@ -93,22 +93,17 @@ def features(path: str, *, low: bool = True, reduced: bool = True) -> dict[str, 
     is the image's longer side in pixels, ``up`` its upsampling to the 256-px frame (>= 1).
     ``reduced`` (default): a large JPEG is decoded at a reduced DCT scale (>= 512 px on its
     shorter side; :func:`medlake.catalog.imageio.open_image`); False decodes every pixel.
-    An image of :data:`FINE_FROM` px or more on its longer side also gets ``f``: its finer
-    equalised grey frame (:func:`fine_side` px) for :func:`verify`'s second comparison, from
-    the same decode.
+    A large image's finer frame for :func:`verify`'s second comparison is not made here
+    (:func:`fine_frame`: only the few images of such pairs need it).
     Returns None when the file cannot be decoded.
     """
     if not hasattr(_LOCAL, "orb"):
         _LOCAL.orb = cv2.ORB_create(nfeatures=NFEATURES, edgeThreshold=15, patchSize=15,
                                     fastThreshold=FAST_THRESHOLD)
-    try:  # grey files stay grey (the same values, no RGB copy); a large JPEG is decoded at
-        # a DCT scale that keeps >= 512 px on its shorter side (area-reduced to the frame after)
-        im = load_8bit(path, min_side=2 * SIDE if reduced else None)
-    except (ImageReadError, OSError):
+    got = _grey(path, reduced)
+    if got is None:
         return None
-    px = np.asarray(im)
-    grey = px if px.ndim == 2 else cv2.cvtColor(px, cv2.COLOR_RGB2GRAY)
-    w, h = full_size(im)
+    grey, (h, w) = got
     eq = _resampled(grey, (h, w), SIDE)
     out = {"g": eq, "up": max(SIDE / max(h, w), 1.0), "side": max(h, w)}  # g: 64 KB per image
     out["n"], out["m"] = _orb_both(_LOCAL.orb, eq)
@@ -116,10 +111,51 @@ def features(path: str, *, low: bool = True, reduced: bool = True) -> dict[str, 
         out["lo"], out["lom"] = _low(grey, eq.shape, (h, w))
         if max(h, w) <= STRETCH_SIDE:  # a thumbnail may be a crop squeezed to its shape
             out["lx"], out["lxm"] = _stretched(grey, eq.shape, (h, w))
-    fine = fine_side(max(h, w))
-    if fine > SIDE:  # the finer frame of the second comparison (verify), from the same decode
-        out["f"] = _resampled(grey, (h, w), fine)
     return out
+
+
+def _grey(path: str, reduced: bool = True) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """(8-bit grey pixels, (h, w) of the whole image) of the file as :func:`features` decodes
+    it; None when it cannot be decoded."""
+    try:  # grey files stay grey (the same values, no RGB copy); a large JPEG is decoded at
+        # a DCT scale that keeps >= 512 px on its shorter side (area-reduced to the frame after)
+        im = load_8bit(path, min_side=2 * SIDE if reduced else None)
+    except (ImageReadError, OSError):
+        return None
+    px = np.asarray(im)
+    w, h = full_size(im)
+    return (px if px.ndim == 2 else cv2.cvtColor(px, cv2.COLOR_RGB2GRAY)), (h, w)
+
+
+def fine_frame(path: str) -> np.ndarray | None:
+    """The finer equalised grey frame (:func:`fine_side` px) of an image of :data:`FINE_FROM`
+    px or more, for :func:`verify`'s second comparison: from :func:`features`' very decode,
+    made when a pair needs it (None: a smaller or undecodable image).
+
+    Not kept with the features: at the sizes of HAM10000 or ChestX-ray14 it is 144-256 KB
+    per image, 2-3x the rest of an image's features, while only the images of verified pairs
+    under :data:`FINE_SKIP` need it (measured, 2,000 captures at 3x the default size: 172
+    of 1,975 images).
+    """
+    got = _grey(path)
+    if got is None:
+        return None
+    grey, (h, w) = got
+    fine = fine_side(max(h, w))
+    return _resampled(grey, (h, w), fine) if fine > SIDE else None
+
+
+def _fine(cache: Any, key: Any, path: str) -> np.ndarray | None:
+    """:func:`fine_frame` of the image ``key`` of :func:`verify`'s ``cache``, kept there
+    (a :class:`FeatureCache` holds it in its bounded LRU, under ``("fine", key)``)."""
+    k = ("fine", key)
+    if k in cache:
+        try:
+            return cache[k]
+        except KeyError:  # dropped from the LRU by another thread meanwhile
+            pass
+    cache[k] = frame = fine_frame(path)
+    return frame
 
 
 def _resampled(grey: np.ndarray, full: tuple[int, int], side: int) -> np.ndarray:
@@ -258,7 +294,7 @@ def features_many(files: list[str], *, workers: int = 2) -> list[dict[str, Any] 
 
 
 Extra = tuple[tuple[str, ...], np.ndarray, int]  # (feature sets, a flag per image, k): orb_pairs_many
-PARTS = ("g", "n", "m", "lo", "lom", "f", "lx", "lxm")  # what FeatureStore keeps per image, in order
+PARTS = ("g", "n", "m", "lo", "lom", "lx", "lxm")  # what FeatureStore keeps per image, in order
 WIDE = {"lx": len(STRETCH), "lxm": len(STRETCH)}  # sets of several renditions: per_image x this
 
 
@@ -280,8 +316,8 @@ class FeatureStore:
     """:func:`features` of many images on disk: memory O(images x a few numbers), not O(pixels).
 
     One append-only file holds every image's parts (the 256-px grey image, then the points
-    and descriptors of ``n``, ``m``, ``lo``, ``lom``, and a large image's finer grey frame
-    ``f``: at most 512 px, 256 KB) as raw bytes; small numpy arrays index
+    and descriptors of ``n``, ``m``, ``lo``, ``lom`` and a thumbnail's ``lx``, ``lxm``) as
+    raw bytes; small numpy arrays index
     them. :meth:`get` reads one image back with ``os.pread`` (never a memory map: its resident
     pages would count in the process's memory), bit-identical to what was stored;
     :meth:`descriptors` streams the descriptors of some parts for :func:`orb_pairs`.
@@ -301,8 +337,8 @@ class FeatureStore:
     def _grow(self, cap: int) -> None:
         n = len(PARTS)
         for name, shape, dtype in (("ok", (cap,), bool), ("off", (cap, n), np.int64),
-                                   ("rows", (cap, n), np.int32),  # g, f: height; else points
-                                   ("cols", (cap, n), np.int32),  # g, f: width
+                                   ("rows", (cap, n), np.int32),  # g: height; else points
+                                   ("cols", (cap, n), np.int32),  # g: width
                                    ("has", (cap, n), bool),  # descriptors present (not None)
                                    ("up", (cap,), np.float64),
                                    ("side", (cap,), np.int64)):
@@ -327,7 +363,7 @@ class FeatureStore:
         chunks = []
         for c, part in enumerate(PARTS):
             self.off[i, c] = self._end + sum(len(b) for b in chunks)
-            if part in ("g", "f") and part in f:
+            if part == "g" and part in f:
                 g = np.ascontiguousarray(f[part], dtype=np.uint8)
                 self.rows[i, c], self.cols[i, c] = g.shape
                 self.has[i, c] = True
@@ -350,7 +386,7 @@ class FeatureStore:
 
     def _part(self, i: int, c: int) -> Any:
         k, at = int(self.rows[i, c]), int(self.off[i, c])
-        if PARTS[c] in ("g", "f"):
+        if PARTS[c] == "g":
             w = int(self.cols[i, c])
             return np.frombuffer(os.pread(self._fd, k * w, at), np.uint8).reshape(k, w)
         size = k * 8 + (k * 32 if self.has[i, c] else 0)
@@ -1170,7 +1206,7 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     renditions).
 
     When both images are :data:`FINE_FROM` px or more on their longer side, a pair that
-    passes is compared again in their finer frames (``f``: half each image's side, at least
+    passes is compared again in their finer frames (:func:`fine_frame`: half each image's side, at least
     :data:`FINE_FROM` and at most :data:`FINE_SIDE`, :func:`fine_side`; RANSAC's map carried over and refined by ECC; at the
     coarser of the two), and verified only if it passes there too: ``ncc`` is then that
     second NCC, ``evidence.fine`` its evidence. A pair at :data:`FINE_SKIP` or more in the
@@ -1218,13 +1254,17 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     res = {**res, "ncc": ncc, "verified": passes(ncc, ev),
            "evidence": {"inliers": n_in, **ev,
                         **({"features": _SETS[tag]} if tag in _SETS else {})}}
-    if not res["verified"] or "f" not in fa or "f" not in fb or ncc >= FINE_SKIP:
+    if (not res["verified"] or ncc >= FINE_SKIP
+            or min(fine_side(fa["side"]), fine_side(fb["side"])) <= SIDE):
         return res
     # Both images are FINE_FROM px or more: the frame compared them 1.5x+ coarser than both
     # resolve, where a repeat capture's own fine detail is averaged away. Compared again in
-    # their finer frames (``f``; RANSAC's map carried over, refined by ECC), at the coarser
-    # of the two, the pair must pass there too.
-    ga, gb = fa["f"], fb["f"]
+    # their finer frames (fine_frame; RANSAC's map carried over, refined by ECC), at the
+    # coarser of the two, the pair must pass there too.
+    ga, gb = _fine(cache, keys[0], file_a), _fine(cache, keys[1], file_b)
+    if ga is None or gb is None:  # decodable a moment ago: changed or removed since
+        return {**res, "verified": False,
+                "evidence": {**res["evidence"], "fine": None, "error": "unreadable image"}}
     Mf = (_frame_map(fa["g"].shape, ga.shape) @ _affine3(M)
           @ np.linalg.inv(_frame_map(fb["g"].shape, gb.shape)))[:2]
     again = _compare(np.ascontiguousarray(ga[:, ::-1]) if mirror else ga, gb, Mf, 1.0, 1.0, p,

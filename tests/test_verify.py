@@ -229,14 +229,22 @@ def test_large_images_are_compared_again_in_a_finer_frame(tmp_path, monkeypatch)
         for j in (2, 3, 4):
             r = check(j)
             assert r["verified"] and r["evidence"]["fine"]["ncc"] >= r["evidence"]["fine"]["threshold"], (paths[j], r)
-    # the finer frame is made from the features' own decode and kept in the feature store
+    # the finer frame is not kept in the feature store: made from the features' own decode
+    # when a pair needs it, and held in the verification cache
     with verify.FeatureStore(tmp_path / "store") as store:
         verify.store_features(paths, store)
         stored = verify.FeatureCache(store)
-        assert stored[0]["f"].shape == (512, 512) and store.get(0)["g"].shape == (256, 256)
+        assert set(store.get(0)) == {"g", "n", "m", "lo", "lom", "up", "side"}
+        assert store.get(0)["g"].shape == (256, 256)
         for j in range(1, 5):
             again = verify.verify(paths[0], paths[j], cache=stored, keys=(0, j), p=p)
             assert again == check(j), j
+        assert ("fine", 0) in stored and ("fine", 1) in stored  # the capture was compared again
+        assert ("fine", 2) not in stored  # the JPEG copy agreed over FINE_SKIP: no finer frame
+        assert stored[("fine", 0)].shape == (512, 512)
+        src = cv2.imread(paths[0], cv2.IMREAD_GRAYSCALE)
+        assert np.array_equal(stored[("fine", 0)],
+                              cv2.equalizeHist(cv2.resize(src, (512, 512), interpolation=cv2.INTER_AREA)))
     monkeypatch.setattr(verify, "FINE_SIDE", 0)  # without the second comparison: accepted
     assert check(1)["verified"] and "fine" not in check(1)["evidence"]
 
