@@ -1115,10 +1115,14 @@ def _reduced(x: np.ndarray, f: float) -> np.ndarray:
     return out
 
 
-def _scaled(T: np.ndarray, f: float) -> np.ndarray:
-    """The map ``T`` between two images both reduced by ``f`` (pixel centres kept)."""
-    S = np.array([[1 / f, 0, (1 / f - 1) / 2], [0, 1 / f, (1 / f - 1) / 2], [0, 0, 1.0]])
-    return (S @ _affine3(T) @ np.linalg.inv(S))[:2]
+def _scaled(T: np.ndarray, tmpl: tuple[tuple[int, ...], tuple[int, ...]],
+            img: tuple[tuple[int, ...], tuple[int, ...]]) -> np.ndarray:
+    """The map ``T`` (img -> tmpl) between the two images reduced: ``tmpl`` and ``img`` are
+    (reduced shape, shape) each. Per axis by each image's own factor (pixel centres kept):
+    :func:`_reduced` rounds each side, so a side's factor is not exactly ``f`` (by up to
+    half a reduced pixel over the side, in a different direction per image and axis; the
+    map by ``f`` alone left coarse pairs that far off at the far edge)."""
+    return (np.linalg.inv(_frame_map(*tmpl)) @ _affine3(T) @ _frame_map(*img))[:2]
 
 
 def _content(img: np.ndarray) -> np.ndarray:
@@ -1344,7 +1348,8 @@ def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: f
     s1 = max(BAND_MIN, BAND * pixel)  # the band: DoG(s1, 3 s1) at the common pixel
     grid = s1 / BAND_MIN  # > 1: coarse; compare on a grid of the band's scale (area-reduced
     if grid > 1.0:        # by `grid` a side): the same band, grid^2 times fewer pixels
-        tmpl, img, T = _reduced(tmpl, grid), _reduced(img, grid), _scaled(T, grid)
+        rt, ri = _reduced(tmpl, grid), _reduced(img, grid)
+        tmpl, img, T = rt, ri, _scaled(T, (rt.shape, tmpl.shape), (ri.shape, img.shape))
     coarse = refine or pixel >= float(p.get("refine_from", 1.5))
     if coarse:
         T = _refine(tmpl, img, T, BAND_MIN)

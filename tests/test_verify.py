@@ -160,16 +160,27 @@ def test_resized_crops_verify_and_a_repeat_capture_does_not(tmp_path):
 
 def test_reduced_grid_keeps_the_map_and_the_fill():
     """Coarse pairs are compared on area-reduced grids: the scaled map sends the reduced
-    point of x to the reduced point of T(x) (pixel centres), and flat black fill stays 0."""
+    point of x to the reduced point of T(x) (pixel centres, by each image's and axis's own
+    factor: _reduced rounds each side), and flat black fill stays 0."""
     rng = np.random.default_rng(3)
-    for _ in range(20):
+    worst = 0.0
+    for _ in range(40):
         T = np.hstack([rng.normal(0, 0.3, (2, 2)) + np.eye(2), rng.normal(0, 20, (2, 1))])
         f = float(rng.uniform(1.2, 6))
+        shapes = [(int(rng.integers(100, 257)), int(rng.integers(100, 257))) for _ in range(2)]
+        ts, is_ = (verify._reduced(np.zeros(s, np.float32), f).shape for s in shapes)
         x = rng.uniform(0, 256, (2, 5))
         y = T[:, :2] @ x + T[:, 2:]
-        rx, ry = (x + 0.5) / f - 0.5, (y + 0.5) / f - 0.5  # pixel centres on the reduced grid
-        got = verify._scaled(T, f)
+        def on(p: np.ndarray, small: tuple, large: tuple) -> np.ndarray:  # (x, y) rows
+            k = np.array([[small[1] / large[1]], [small[0] / large[0]]])
+            return (p + 0.5) * k - 0.5
+        rx, ry = on(x, is_, shapes[1]), on(y, ts, shapes[0])
+        got = verify._scaled(T, (ts, shapes[0]), (is_, shapes[1]))
         assert np.allclose(got[:, :2] @ rx + got[:, 2:], ry, atol=1e-9)
+        S = np.array([[1 / f, 0, (1 / f - 1) / 2], [0, 1 / f, (1 / f - 1) / 2], [0, 0, 1.0]])
+        by_f = (S @ np.vstack([T, [0, 0, 1]]) @ np.linalg.inv(S))[:2]  # one factor f for all
+        worst = max(worst, float(np.abs(by_f[:, :2] @ rx + by_f[:, 2:] - ry).max()))
+    assert worst > 0.1  # the same map by f alone is off by a sizeable part of a grid pixel
     img = np.full((200, 160), 120, np.float32)
     img[:40, :50] = 0  # rotation fill in a corner
     small = verify._reduced(img, 4.0)
