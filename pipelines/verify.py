@@ -76,6 +76,7 @@ BAND, BAND_MIN = 0.7, 1.0  # band-pass sigma: BAND x the common pixel, at least 
 FINE_SIDE = 2 * SIDE  # the largest frame of the second comparison of large images (verify)
 FINE_FROM = 384  # images from this longer side (px) get that second comparison (fine_side)
 FINE_SKIP = 0.93  # ... unless the 256-px frame agrees this well (repeat captures: up to 0.87)
+WEAK = 2.0  # a thumbnail's full fit under this x min_inliers competes with its low renditions' map
 MOTION_MARGIN = 0.08  # a fine pair passing the NCC line by less than this gets the motion check
 MOTION_DETAIL = 0.75  # ... over the pixels whose band-pass detail is in the top quarter
 # (every image is resampled into the 256-px frame; finer than 1 px is interpolation, not detail)
@@ -1255,35 +1256,32 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     aspect = float(p.get("max_aspect", 2.0))
     fit = _fit(fa, fb, ("n", "m"), top=top, min_inliers=min_in, reproj=4.0, max_aspect=aspect)
     small = int(p.get("small_side", 0))
+    rival = None  # the low renditions' map of a thumbnail whose full fit is weak
     if small and min(fa["side"], fb["side"]) <= small and "lo" in fa and "lo" in fb:
         # a thumbnail: while no fit has min_in inliers, its low renditions are fitted, then
         # their stretched forms (a squeezed crop), the most inliers win (4 px there are
-        # 4 * 256/96 here)
+        # 4 * 256/96 here); a weak full fit (under WEAK x min_in inliers) competes with the
+        # low renditions' map by the NCC each gives
         low = {"top": top, "min_inliers": min_in, "reproj": 4.0 * SIDE / LOW_GRID,
                "max_aspect": aspect}
-        if fit is None or fit[1] < min_in:
-            fit = _more_inliers(fit, _fit(fa, fb, ("lo", "lom"), **low))
+        if fit is None or fit[1] < WEAK * min_in:
+            got_low = _fit(fa, fb, ("lo", "lom"), **low)
+            if fit is None or fit[1] < min_in:
+                fit = _more_inliers(fit, got_low)
+            else:
+                rival = got_low
         if fit is None or fit[1] < min_in:
             fit = _more_inliers(fit, _stretched_fit(fa, fb, low))
     if fit is None:
         return none
-    tag, n_in, M = fit
-    mirror = tag in ("m", "lom", "lxm")
-    big, sm, angle = _axes(M)
-    scale = float(np.sqrt(big * sm))
-    desc = (f"{'mirror,' if mirror else ''}rot={angle:+.0f},scale={scale:.2f}"
-            + (f",aspect={big / sm:.2f}" if big > 1.05 * sm else ""))
-    res = {"verified": False, "inliers": n_in, "ncc": None, "transform": desc}
-    if n_in < min_in:
+    res, M, mirror = _judged(fa, fb, fit, p, min_in)
+    if rival is not None and rival[1] >= min_in:
+        other = _judged(fa, fb, rival, p, min_in)
+        if other[0]["ncc"] is not None and (res["ncc"] is None or other[0]["ncc"] > res["ncc"]):
+            res, M, mirror = other
+    if res["ncc"] is None:
         return res
-    ga = np.ascontiguousarray(fa["g"][:, ::-1]) if mirror else fa["g"]
-    got = _compare(ga, fb["g"], M, fa["up"], fb["up"], p)
-    if got is None:
-        return res
-    ncc, ev = got
-    res = {**res, "ncc": ncc, "verified": passes(ncc, ev),
-           "evidence": {"inliers": n_in, **ev,
-                        **({"features": _SETS[tag]} if tag in _SETS else {})}}
+    ncc = res["ncc"]
     if (not res["verified"] or ncc >= FINE_SKIP
             or min(fine_side(fa["side"]), fine_side(fb["side"])) <= SIDE):
         return res
@@ -1304,6 +1302,29 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     fncc, fev = again
     return {**res, "ncc": fncc, "verified": passes(fncc, fev),
             "evidence": {**res["evidence"], "fine": fev}}
+
+
+def _judged(fa: dict[str, Any], fb: dict[str, Any], fit: tuple[str, int, np.ndarray],
+            p: dict[str, Any], min_in: int) -> tuple[dict[str, Any], np.ndarray, bool]:
+    """(verify's result, map, mirrored) of one fit (tag, inliers, M: b -> a), compared in
+    the 256-px frames; ``ncc`` None when it has too few inliers or too little overlap."""
+    tag, n_in, M = fit
+    mirror = tag in ("m", "lom", "lxm")
+    big, sm, angle = _axes(M)
+    scale = float(np.sqrt(big * sm))
+    desc = (f"{'mirror,' if mirror else ''}rot={angle:+.0f},scale={scale:.2f}"
+            + (f",aspect={big / sm:.2f}" if big > 1.05 * sm else ""))
+    res = {"verified": False, "inliers": n_in, "ncc": None, "transform": desc}
+    if n_in < min_in:
+        return res, M, mirror
+    ga = np.ascontiguousarray(fa["g"][:, ::-1]) if mirror else fa["g"]
+    got = _compare(ga, fb["g"], M, fa["up"], fb["up"], p)
+    if got is None:
+        return res, M, mirror
+    ncc, ev = got
+    return ({**res, "ncc": ncc, "verified": passes(ncc, ev),
+             "evidence": {"inliers": n_in, **ev,
+                          **({"features": _SETS[tag]} if tag in _SETS else {})}}, M, mirror)
 
 
 def _frame_map(small: tuple[int, ...], large: tuple[int, ...]) -> np.ndarray:

@@ -613,3 +613,47 @@ def test_repeat_capture_just_over_the_line_is_rejected_by_its_motion(tmp_path):
     assert check(1, motion_max=0.0)["verified"]
     copy = check(2)
     assert copy["verified"] and not copy["evidence"].get("moved", False), copy
+
+
+def test_a_thumbnails_weak_full_fit_competes_with_its_low_renditions_map(tmp_path, monkeypatch):
+    """A thumbnail whose 256-px-frame fit is weak (under verify.WEAK x min_inliers inliers)
+    is also fitted by its low renditions, and the map giving the better NCC counts: a weak
+    fit's few keypoints can put its map pixels off (measured: a chest-X-ray thumbnail with 12
+    full-frame inliers scored 0.87 under that map, 0.97 under its low renditions' 86). Here
+    the thumbnail's full-frame keypoints are replaced by 14 of its source's, placed by a
+    map 15% off: its own fit is weak and wrong, the low renditions' map verifies the pair;
+    with WEAK 0 (no rivalry) the wrong map alone decides and the pair is rejected."""
+    from medlake.demo import synth_draw as draw
+    from medlake.pipelines import duplicates
+
+    lesion = draw.lesion_anatomy(np.random.default_rng(31), "nevus", 2)
+    derm = draw.draw_derm(np.random.default_rng(32), lesion, 192, 256)
+    thumb = cv2.resize(derm[24:184, 40:232], (60, 50), interpolation=cv2.INTER_AREA)
+    paths = [_save(tmp_path, "derm", derm), _save(tmp_path, "thumb", thumb)]
+    p = duplicates.DEFAULTS
+    fa, fb = (verify.features(x) for x in paths)
+    assert fa["g"].shape == (192, 256) and fb["side"] <= p["small_side"]
+    h, w = fb["g"].shape
+    true = np.array([[w / 192, 0, (0.5 - 40) * w / 192 - 0.5],  # source frame -> thumbnail's
+                     [0, h / 160, (0.5 - 24) * h / 160 - 0.5]])
+    wrong = np.array([[1.15, 0.04], [-0.03, 0.88]]) @ true[:, :2], true[:, 2] + [8.0, -6.0]
+    pts, des = fa["n"]
+    inside = [i for i, (x, y) in enumerate(pts) if 50 < x < 222 and 34 < y < 174][:14]
+    fb = {**fb, "n": (np.ascontiguousarray(pts[inside] @ wrong[0].T + wrong[1], np.float32),
+                      des[inside]), "m": (np.zeros((0, 2), np.float32), None)}
+    full = verify._fit(fa, fb, ("n", "m"), top=300, min_inliers=p["min_inliers"], reproj=4.0,
+                       max_aspect=2.0)
+    assert full is not None and p["min_inliers"] <= full[1] < verify.WEAK * p["min_inliers"], full
+
+    def check(coarse: float = p["ncc_coarse"]) -> dict:
+        return verify.verify(paths[0], paths[1], cache={0: fa, 1: fb}, keys=(0, 1),
+                             p={**p, "ncc_coarse": coarse})
+
+    got = check()  # (verified here at a coarse line of 0.9; the default 0.95 is for the
+    # distinct rule to decide at the stage level, duplicates.distinct)
+    assert got["evidence"].get("features") == "low" and got["inliers"] > 14, got
+    assert got["ncc"] >= 0.9 and check(0.9)["verified"]
+    monkeypatch.setattr(verify, "WEAK", 0.0)
+    alone = check()
+    assert alone["inliers"] == 14 and alone["ncc"] < got["ncc"] - 0.3, (alone, got)
+    assert not check(0.9)["verified"]
