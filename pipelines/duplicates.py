@@ -109,6 +109,12 @@ class Params:
                               "motion left under one affine map exceeds this (px; optical flow, "
                               "75th percentile over the most detailed quarter): a repeat "
                               "capture of the same patient, not a copy (0: off)", min=0)
+    still_max: float = param(1.2, "verification: a pair of two images of 384 px or more that "
+                             "passes the 256-px frame but not its finer frame (NCC 0.6 up to "
+                             "the line there) is still accepted when the local motion left "
+                             "under one affine map is at most this (px of the finer frame): a "
+                             "copy whose finest detail JPEG or interpolation smoothed, not a "
+                             "repeat capture (0: off)", min=0)
     model: str = param(DESCRIPTOR, "vector model of the vector path")
     block: int = param(4096, "rows per block of the exact vector search", min=1)
     workers: int = param(2, "verification threads", min=1)

@@ -77,6 +77,7 @@ FINE_SIDE = 2 * SIDE  # the largest frame of the second comparison of large imag
 FINE_FROM = 384  # images from this longer side (px) get that second comparison (fine_side)
 FINE_SKIP = 0.93  # ... unless the 256-px frame agrees this well (repeat captures: up to 0.87)
 WEAK = 2.0  # a thumbnail's full fit under this x min_inliers competes with its low renditions' map
+STILL_FROM = 0.6  # a finer-frame comparison from this NCC up to its line gets the stillness check
 MOTION_MARGIN = 0.08  # a fine pair passing the NCC line by less than this gets the motion check
 MOTION_DETAIL = 0.75  # ... over the pixels whose band-pass detail is in the top quarter
 # (every image is resampled into the 256-px frame; finer than 1 px is interpolation, not detail)
@@ -1211,8 +1212,9 @@ def _motion(tmpl: np.ndarray, bands: tuple[np.ndarray, ...]) -> float | None:
 
 
 def passes(ncc: float, ev: dict[str, Any]) -> bool:
-    """A comparison's verdict: its NCC reaches its threshold and no motion check failed."""
-    return ncc >= ev["threshold"] and not ev.get("moved", False)
+    """A comparison's verdict: its NCC reaches its threshold and no motion check failed, or
+    (the finer frame's comparison only) the pair is ``still`` there (:func:`_compare`)."""
+    return (ncc >= ev["threshold"] and not ev.get("moved", False)) or bool(ev.get("still"))
 
 
 def threshold(pixel: float, p: dict[str, Any]) -> float:
@@ -1401,4 +1403,12 @@ def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: f
         moved = _motion(tmpl, bands)  # the bands of the comparison that counts
         if moved is not None:
             ev = {**ev, "motion": round(moved, 2), "moved": moved > limit}
+    still = float(p.get("still_max", 0.0))
+    if refine and still > 0 and STILL_FROM <= ncc < need:
+        # the finer frame's comparison (refine: verify's second one) under its line: a copy
+        # whose finest detail JPEG or interpolation smoothed has no local motion left there,
+        # a repeat capture of the same patient has pixels of it (_motion)
+        moved = _motion(tmpl, bands)
+        if moved is not None:
+            ev = {**ev, "motion": round(moved, 2), "still": moved <= still}
     return ncc, ev

@@ -270,6 +270,9 @@ def test_large_images_are_compared_again_in_a_finer_frame(tmp_path, monkeypatch)
     assert not capture["verified"] and "fine" in capture["evidence"], capture
     assert capture["evidence"]["ncc"] >= capture["evidence"]["threshold"]  # passed the frame
     assert capture["ncc"] < capture["evidence"]["fine"]["threshold"]
+    # not a smoothed copy either: under one affine map, its detail still moves by pixels
+    assert capture["ncc"] >= verify.STILL_FROM and not capture["evidence"]["fine"]["still"]
+    assert capture["evidence"]["fine"]["motion"] > 2 * p["still_max"], capture
     assert capture["evidence"]["ncc"] < verify.FINE_SKIP
     for j in (2, 3, 4):  # the copies agree over FINE_SKIP in the 256-px frame: not compared again
         r = check(j)
@@ -337,7 +340,18 @@ def test_rotated_copies_refine_with_both_images_fill_masked(tmp_path, monkeypatc
         return ecc(t, i, np.ones_like(tmask), mask, *args)
 
     monkeypatch.setattr(cv2, "findTransformECCWithMask", template_unmasked)
+    p = {**duplicates.DEFAULTS, "still_max": 0.0}  # (the finer frame's stillness check off)
     assert sum(check(j)["verified"] for j in range(2, len(paths))) <= 1
+    # with it, a copy whose finer-frame map ECC pulled off is still a copy: one picture under
+    # one affine map, no local motion left once the best such map is taken out (duplicates.
+    # still_max); the repeat capture moves by pixels there
+    p = duplicates.DEFAULTS
+    for j in range(2, len(paths)):
+        fine = check(j)["evidence"]["fine"]
+        assert check(j)["verified"] and (fine["ncc"] >= fine["threshold"] or fine["still"]), fine
+    capture = check(1)
+    assert not capture["verified"]
+    assert (capture["evidence"].get("fine") or {}).get("still") is not True
 
 
 def test_jpeg_fill_counts_as_fill(tmp_path, monkeypatch):
@@ -657,3 +671,29 @@ def test_a_thumbnails_weak_full_fit_competes_with_its_low_renditions_map(tmp_pat
     alone = check()
     assert alone["inliers"] == 14 and alone["ncc"] < got["ncc"] - 0.3, (alone, got)
     assert not check(0.9)["verified"]
+
+
+def test_finer_frame_under_its_line_is_still_a_copy_without_local_motion(tmp_path):
+    """duplicates.still_max: the finer frame's comparison (verify's second one) under its
+    line is accepted when no local motion is left under one affine map (a copy whose finest
+    detail was smoothed), and only then: the same frames with the stillness check off are
+    rejected (a repeat capture keeps pixels of motion there:
+    test_large_images_are_compared_again_in_a_finer_frame)."""
+    from medlake.pipelines import duplicates
+
+    src, _, _ = _captures_and_jpeg(tmp_path, 3, 1024, 40)
+
+    def frame(x: np.ndarray) -> np.ndarray:
+        return cv2.equalizeHist(cv2.resize(x, (512, 512), interpolation=cv2.INTER_AREA))
+
+    def second(img: np.ndarray, M: np.ndarray, still: float) -> tuple[float, dict]:
+        p = {**duplicates.DEFAULTS, "still_max": still}
+        return verify._compare(frame(src), img, M, 1.0, 1.0, p, frames=(2.0, 2.0), refine=True)
+
+    same = np.float64([[1, 0, 0], [0, 1, 0]])
+    smoothed = frame(cv2.GaussianBlur(src, (0, 0), 3.0))
+    ncc, ev = second(smoothed, same, 1.2)
+    assert verify.STILL_FROM <= ncc < ev["threshold"]  # under the line there
+    assert ev["still"] and ev["motion"] <= 1.2 and verify.passes(ncc, ev), ev
+    ncc0, ev0 = second(smoothed, same, 0.0)
+    assert ncc0 == ncc and "still" not in ev0 and not verify.passes(ncc0, ev0)
