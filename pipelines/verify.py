@@ -1245,7 +1245,12 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     second NCC, ``evidence.fine`` its evidence. A pair at :data:`FINE_SKIP` or more in the
     256-px frame is not compared again: repeat captures that pass that frame agree at
     0.78-0.87 there (measured on four generated sets at 2.5-4x), and the second comparison
-    rejected as many copies as captures (5k: no image is that large).
+    rejected as many copies as captures (5k: no image is that large). A pair under the line
+    there is still verified when no more than ``still_max`` px of local motion is left under
+    one affine map (``evidence.fine.still``: a copy whose finest detail was smoothed).
+
+    A thumbnail whose full-frame fit is weak (under :data:`WEAK` x ``min_inliers``) is also
+    fitted by its low renditions; the map with the better NCC counts.
     """
     for k, f in zip(keys, (file_a, file_b), strict=True):
         if k not in cache:
@@ -1345,7 +1350,9 @@ def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: f
 
     ``frames``: each frame's side in units of the 256-px frame (the NCC threshold's coarse
     ramp is in those units); ``refine``: refine ``M`` by ECC first (a map carried over from
-    other frames).
+    other frames: verify's second comparison, the only caller that sets it, which also gets
+    the stillness check under its line, ``duplicates.still_max``: evidence ``motion`` and
+    ``still``).
 
     A fine pair (common pixel under ``refine_from``) from :data:`RETRY_FROM` up to the line
     is refined by ECC and compared again (the better NCC counts). A pair from
