@@ -80,7 +80,7 @@ class Params:
                             "rendition candidates among pairs with a small image, and are "
                             "verified by low-rendition matches when full ones fail (0: off)",
                             min=0)
-    small_k: int = param(16, "ORB-bucket candidates of small images (small_side): the k best "
+    small_k: int = param(12, "ORB-bucket candidates of small images (small_side): the k best "
                          "among pairs with a small image, ranked among themselves", min=0)
     stretch_k: int = param(3, "ORB-bucket candidates of thumbnails (at most 128 px) by their "
                            "low renditions stretched 1.41x and 0.71x (a crop squeezed to a "
