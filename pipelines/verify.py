@@ -147,17 +147,17 @@ def fine_frame(path: str) -> np.ndarray | None:
     return _resampled(grey, (h, w), fine) if fine > SIDE else None
 
 
-def _fine(cache: Any, key: Any, path: str) -> np.ndarray | None:
-    """:func:`fine_frame` of the image ``key`` of :func:`verify`'s ``cache``, kept there
-    (a :class:`FeatureCache` holds it in its bounded LRU, under ``("fine", key)``)."""
-    k = ("fine", key)
-    if k in cache:
+def _cached(cache: Any, key: Any, make: Any) -> Any:
+    """``cache[key]``, made by ``make()`` and kept there when missing (:func:`verify`'s
+    cache: a dict, or a :class:`FeatureCache`, whose bounded LRU may drop an entry
+    between the look and the read, from another thread)."""
+    if key in cache:
         try:
-            return cache[k]
-        except KeyError:  # dropped from the LRU by another thread meanwhile
+            return cache[key]
+        except KeyError:
             pass
-    cache[k] = frame = fine_frame(path)
-    return frame
+    cache[key] = value = make()
+    return value
 
 
 def _resampled(grey: np.ndarray, full: tuple[int, int], side: int) -> np.ndarray:
@@ -1252,10 +1252,8 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     A thumbnail whose full-frame fit is weak (under :data:`WEAK` x ``min_inliers``) is also
     fitted by its low renditions; the map with the better NCC counts.
     """
-    for k, f in zip(keys, (file_a, file_b), strict=True):
-        if k not in cache:
-            cache[k] = features(f)
-    fa, fb = cache[keys[0]], cache[keys[1]]
+    fa, fb = (_cached(cache, k, lambda f=f: features(f))
+              for k, f in zip(keys, (file_a, file_b), strict=True))
     none = {"verified": False, "inliers": 0, "ncc": None, "transform": ""}
     if fa is None or fb is None or fb["n"][1] is None and fb.get("lo", _EMPTY)[1] is None:
         return {**none, "evidence": {"error": "unreadable image"}}
@@ -1282,7 +1280,7 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     if fit is None:
         return none
     res, M, mirror = _judged(fa, fb, fit, p, min_in)
-    if rival is not None and rival[1] >= min_in:
+    if rival is not None:  # (too few inliers: _judged gives no NCC, and it is not taken)
         other = _judged(fa, fb, rival, p, min_in)
         if other[0]["ncc"] is not None and (res["ncc"] is None or other[0]["ncc"] > res["ncc"]):
             res, M, mirror = other
@@ -1296,7 +1294,9 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     # resolve, where a repeat capture's own fine detail is averaged away. Compared again in
     # their finer frames (fine_frame; RANSAC's map carried over, refined by ECC), at the
     # coarser of the two, the pair must pass there too.
-    ga, gb = _fine(cache, keys[0], file_a), _fine(cache, keys[1], file_b)
+    # (held in the verification cache under ("fine", key): few images need one)
+    ga, gb = (_cached(cache, ("fine", k), lambda f=f: fine_frame(f))
+              for k, f in zip(keys, (file_a, file_b), strict=True))
     if ga is None or gb is None:  # decodable a moment ago: changed or removed since
         return {**res, "verified": False,
                 "evidence": {**res["evidence"], "fine": None, "error": "unreadable image"}}
@@ -1403,19 +1403,17 @@ def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: f
             return got[0], {**got[1], "coarser": round(f, 2)}
     ev = {"ncc": round(ncc, 4), "band_sigma": round(s1, 2), "grid": round(max(grid, 1.0), 2),
           "pixel": round(pixel, 2), "threshold": round(need, 3), "overlap": round(overlap, 3)}
-    limit = float(p.get("motion_max", 0.0))
-    if limit > 0 and pixel / frame < COARSE_FROM and need <= ncc < need + MOTION_MARGIN:
-        # just over the line at a fine common pixel: a repeat capture of the same patient
-        # gets there too; a copy has no local motion left under one affine map (_motion)
-        moved = _motion(tmpl, bands)  # the bands of the comparison that counts
-        if moved is not None:
-            ev = {**ev, "motion": round(moved, 2), "moved": moved > limit}
-    still = float(p.get("still_max", 0.0))
-    if refine and still > 0 and STILL_FROM <= ncc < need:
-        # the finer frame's comparison (refine: verify's second one) under its line: a copy
-        # whose finest detail JPEG or interpolation smoothed has no local motion left there,
-        # a repeat capture of the same patient has pixels of it (_motion)
+    # A copy has no local motion left under one affine map, a repeat capture of the same
+    # patient has pixels of it (_motion, on the bands of the comparison that counts). Asked
+    # just over the line at a fine common pixel (a capture gets there too: "moved" rejects),
+    # and in the finer frame's comparison (refine: verify's second one) under its line (a
+    # copy whose finest detail JPEG or interpolation smoothed: "still" accepts).
+    limit, still = float(p.get("motion_max", 0.0)), float(p.get("still_max", 0.0))
+    near = limit > 0 and pixel / frame < COARSE_FROM and need <= ncc < need + MOTION_MARGIN
+    under = refine and still > 0 and STILL_FROM <= ncc < need
+    if near or under:
         moved = _motion(tmpl, bands)
         if moved is not None:
-            ev = {**ev, "motion": round(moved, 2), "still": moved <= still}
+            ev = {**ev, "motion": round(moved, 2),
+                  **({"moved": moved > limit} if near else {"still": moved <= still})}
     return ncc, ev
