@@ -220,16 +220,16 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
             sides = np.array([-1 if f is None else f["side"] for f in feats], dtype=np.int64)
         full = how in ("full", "both") or not has_low
         big = None
-        if how == "both" and has_low:  # the full frames add their orb_full_k best (fewer: ~2 ms
-            # of verification per extra candidate, most of them look-alikes), for pairs with an
-            # image of orb_full_from px or more (its low rendition keeps <= 1/8 of its side)
+        if how == "both" and has_low:  # the full frames add the orb_full_k best (fewer: ~2 ms
+            # of verification per extra candidate, most of them look-alikes) of each image of
+            # orb_full_from px or more (its low rendition keeps <= 1/8 of its side); ranked
+            # among that image's pairs only, so a set with few such images buckets few entries
             big = sides >= int(p.get("orb_full_from", DEFAULTS["orb_full_from"]))
             full = bool(big.any())
         if full:
             full_k = orb["k"] if big is None else int(p.get("orb_full_k", DEFAULTS["orb_full_k"]))
-            for i, j, v in verify.orb_pairs(feats, **{**orb, "k": full_k}):
-                if big is None or big[i] or big[j]:
-                    add(int(i), int(j), "orb", votes=int(v))
+            for i, j, v in verify.orb_pairs(feats, **{**orb, "k": full_k}, only=big):
+                add(int(i), int(j), "orb", votes=int(v))
         if has_low:
             small = (sides >= 0) & (sides <= int(p.get("small_side", 0)))
             # every image; pairs with a small image ranked among themselves (few images: look

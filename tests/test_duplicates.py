@@ -355,8 +355,8 @@ def test_distinct_pairs_beaten_only_by_own_copies_must_agree_with_them():
 
 def test_full_resolution_buckets_add_each_images_orb_full_k_best(synth_lake):
     """orb_buckets both: the 256-px frames' buckets add exactly the pairs among the
-    orb_full_k best of either image (verify.orb_pairs) that have an image of orb_full_from px
-    or more, besides the low renditions' pairs."""
+    orb_full_k best of each image of orb_full_from px or more (verify.orb_pairs with only
+    those images flagged), besides the low renditions' pairs."""
     fp = synth_lake.read("fingerprints").sort("image_id")
     files = dict(zip(*fingerprint.image_files(synth_lake).select("image_id", "file")
                      .get_columns(), strict=True))
@@ -371,8 +371,10 @@ def test_full_resolution_buckets_add_each_images_orb_full_k_best(synth_lake):
                                     feats=feats)
         full[k, start] = {c for c, v in got.items() if "orb" in v["methods"]}
         want = {(int(i), int(j)) for i, j, _ in verify.orb_pairs(
-            feats, k=k, min_votes=p["orb_votes"], per_image=p["orb_features"])}
-        assert full[k, start] == {(i, j) for i, j in want if max(side[i], side[j]) >= start}
+            feats, k=k, min_votes=p["orb_votes"], per_image=p["orb_features"],
+            only=side >= start)}
+        assert full[k, start] == want
+        assert all(max(side[i], side[j]) >= start for i, j in want)
         assert any("orb_low" in v["methods"] for v in got.values())
     assert full[1, 0] < full[2, 0] and full[2, cut] < full[2, 0]
     assert any(max(side[i], side[j]) >= cut for i, j in full[2, cut])
@@ -380,6 +382,31 @@ def test_full_resolution_buckets_add_each_images_orb_full_k_best(synth_lake):
         got = duplicates.candidates(fp, None, {**p, "orb_buckets": how, "orb_full_from": start},
                                     feats=feats)
         assert not any("orb" in v["methods"] for v in got.values())
+
+
+def test_few_flagged_images_bucket_only_their_buckets_with_the_same_pairs(synth_lake, monkeypatch):
+    """With few flagged images (``only``), orb_pairs drops the buckets none of them is in
+    before sorting (verify._flagged_buckets): the pairs and votes are those of the whole
+    bucketing, and fewer entries are sorted."""
+    fp = synth_lake.read("fingerprints").sort("image_id")
+    files = dict(zip(*fingerprint.image_files(synth_lake).select("image_id", "file")
+                     .get_columns(), strict=True))
+    feats = verify.features_many([files[x] for x in fp["image_id"]])
+    flags = np.zeros(len(feats), bool)
+    flags[::7] = True  # one image in 7
+    sorted_sizes = []
+    real_sorted = verify._sorted
+    monkeypatch.setattr(verify, "_sorted", lambda a: sorted_sizes.append(len(a)) or real_sorted(a))
+    got = {}
+    for few in (10**9, 4):  # off (the whole bucketing), then on (flagged under a quarter)
+        monkeypatch.setattr(verify, "FLAGGED_FEW", few)
+        sorted_sizes.clear()
+        got[few] = (verify.orb_pairs(feats, k=2, min_votes=2, only=flags), sum(sorted_sizes))
+    assert len(got[4][0]) and np.array_equal(got[4][0], got[10**9][0])
+    assert got[4][1] < got[10**9][1]
+    keys = np.array([5, 5, 9, 9, 9, 12], np.int64) << 4 | np.array([0, 1, 2, 3, 4, 5])
+    mine = np.array([False, False, False, True, False, False])
+    assert np.array_equal(verify._flagged_buckets(keys, 4, mine), keys[2:5])  # whole bucket 9
 
 
 def test_distinct_never_accepts_a_pair_its_motion_check_rejected():

@@ -237,11 +237,49 @@ def test_top_order_equals_lexsort():
         assert np.array_equal(verify._order(img, votes, side, other), want)
 
 
-def test_sorted_equals_numpy_sort():
-    rng = np.random.default_rng(9)
-    for a in (np.zeros(0, np.int64), rng.integers(0, 50, 1000), rng.integers(0, 2**62, 100_000)):
-        got = verify._sorted(a.copy())
-        assert got.dtype == np.int64 and np.array_equal(got, np.sort(a))
+def _fit_every_set(fa, fb, tags, *, top, min_inliers, reproj, max_aspect):
+    """verify._fit as it was: every set of ``tags`` fitted, in order, the most inliers win."""
+    best = None
+    pb, db = fb[tags[0]][0][:top], fb[tags[0]][1][:top]
+    for tag in tags:
+        src, dst = verify._match(pb, db, fa[tag][0][:top], fa[tag][1][:top])
+        if len(src) < max(4, min_inliers):
+            continue
+        M, inl = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=reproj,
+                                      maxIters=2000, confidence=0.995)
+        if M is None or np.linalg.det(M[:, :2]) <= 0:
+            continue
+        big, small, _ = verify._axes(M)
+        if big > max_aspect * small or not 0.2 < np.sqrt(big * small) < 5:
+            continue
+        best = verify._more_inliers(best, (tag, int(inl.sum()), M))
+    return best
+
+
+def test_fit_skips_sets_that_cannot_win_with_the_same_result(tmp_path, monkeypatch):
+    """_fit fits the set with the most matches first and skips a set whose matches cannot
+    beat that fit's inliers: the same (tag, inliers, map) as fitting every set, in fewer
+    RANSAC runs (a copy's mirror set is not fitted)."""
+    runs = []
+    real = cv2.estimateAffine2D
+    monkeypatch.setattr(verify.cv2, "estimateAffine2D",
+                        lambda *a, **k: runs.append(1) or real(*a, **k))
+    kw = {"top": 300, "min_inliers": 12, "reproj": 4.0, "max_aspect": 2.0}
+    src = _picture(31, 240, 200)
+    cases = {"copy": src[20:220, 10:190], "mirror": src[:, ::-1][30:230, 5:185],
+             "other": _picture(32, 240, 200)}
+    fa = verify.features(_save(tmp_path, "a.png", src))
+    skipped = 0
+    for name, arr in cases.items():
+        fb = verify.features(_save(tmp_path, f"{name}.png", np.ascontiguousarray(arr)))
+        want = _fit_every_set(fa, fb, ("n", "m"), **kw)
+        runs.clear()
+        got = verify._fit(fa, fb, ("n", "m"), **kw)
+        assert (got is None) == (want is None) == (name == "other"), name
+        if got is not None:
+            assert got[:2] == want[:2] and np.array_equal(got[2], want[2]), name
+        skipped += len(runs) < 2
+    assert cases and skipped >= 2  # the copy's mirror set and the mirror's plain set
 
 
 def test_large_images_are_compared_again_in_a_finer_frame(tmp_path, monkeypatch):
