@@ -7,7 +7,8 @@ vector neighbours (the ``k`` nearest by cosine above ``cosine``, found with exac
 matrix products, never the full N x N matrix) and shared local features (ORB descriptors
 hashed into buckets, :func:`pipelines.verify.orb_pairs`: of each image's low rendition, the
 ``orb_k`` best per image with ``orb_votes`` shared buckets, method ``orb_low``; of its 256-px
-frame, the ``orb_full_k`` best, method ``orb``; this path finds crops and rotations; images of at most
+frame, the ``orb_full_k`` best of each image of ``orb_full_from`` px or more, method ``orb``;
+this path finds crops and rotations; images of at most
 ``small_side`` px are also paired by ORB of low renditions, method ``orb_low``, and thumbnails
 of at most 128 px by those renditions stretched, the ``stretch_k`` best), across every
 dataset of the workspace. Each candidate is verified: ORB features,
@@ -66,11 +67,11 @@ class Params:
     orb_k: int = param(3, "ORB-bucket candidates: the k best of either image", min=0)
     orb_votes: int = param(2, "ORB-bucket candidates: shared buckets at least", min=1)
     orb_full_k: int = param(2, "ORB-bucket candidates of the full-resolution features with "
-                            "orb_buckets both: the k best of either image (crops whose aspect "
-                            "or scale changed beyond what the low renditions match)", min=1)
-    orb_full_from: int = param(384, "orb_buckets both: full-resolution candidates only for pairs "
-                               "with an image of at least this longer side (px; 0: every pair)",
-                               min=0)
+                            "orb_buckets both: the k best of each image of orb_full_from px or "
+                            "more (crops whose aspect or scale changed beyond what the low "
+                            "renditions match)", min=1)
+    orb_full_from: int = param(384, "orb_buckets both: full-resolution candidates only of images "
+                               "of at least this longer side (px; 0: every image)", min=0)
     orb_features: int = param(300, "ORB keypoints per image used for bucketing", min=1)
     orb_buckets: Literal["low", "full", "both"] = param(
         "both", "ORB-bucket candidates from the low renditions (48 px, scale-covariant: crops "
