@@ -8,7 +8,9 @@ thresholds of the repository's ``params.yaml`` and scores the verified pairs aga
 crop kind (what followed a crop: kept, resized to the original size, to 224, to a thumbnail,
 scaled up or down; plus all resized crops and crop combinations), the same for the candidates
 (whether candidates or verification lose a pair), the false positives among same-group
-lookalikes, and issue 14's goals. Beside it, in the same run, the imagehash pHash
+lookalikes, the candidate recall with three other draws of the ORB buckets' key bits
+(``duplicates.orb_seed`` 1-3: how much of the figure is the recorded draw), and issue 14's
+goals. Beside it, in the same run, the imagehash pHash
 baseline (pairs within a Hamming threshold; the best threshold is picked with the truth,
 which favours the baseline).
 
@@ -181,6 +183,31 @@ def phash_baseline(files: list[str], ids: list[str], pairs: pl.DataFrame,
     return best[0], cpu, best[1]
 
 
+SEEDS = (1, 2, 3)  # other draws of the ORB buckets' key bits (duplicates.orb_seed)
+
+
+def seed_spread(cat: Catalog, pairs: pl.DataFrame, seeds: tuple[int, ...] = SEEDS) -> list[float]:
+    """Candidate recall with ``duplicates.orb_seed`` = each of ``seeds`` (the other stages'
+    tables as they are; every candidate path, the features computed once): how much of the
+    recorded figure is the recorded seed's draw."""
+    from medlake.pipelines import verify
+
+    p = {**duplicates.DEFAULTS, **repo_params("duplicates")}
+    fp = cat.read("fingerprints").sort("image_id")
+    files = dict(zip(*fingerprint.image_files(cat).select("image_id", "file").get_columns(),
+                     strict=True))
+    ids = fp["image_id"].to_list()
+    true = set(zip(pairs["id_a"], pairs["id_b"], strict=True))
+    out = []
+    with tempfile.TemporaryDirectory(dir=cat.ws.lake) as tmp, verify.FeatureStore(tmp) as store:
+        verify.store_features([files[x] for x in ids], store, workers=int(p["workers"]))
+        for seed in seeds:
+            got = duplicates.candidates(fp, None, {**p, "orb_seed": seed}, feats=store)
+            found = {(ids[i], ids[j]) for i, j in got}
+            out.append(len(found & true) / max(len(true), 1))
+    return out
+
+
 def fmt(sc: dict[str, Any]) -> str:
     kinds = ", ".join(f"{k} {v[0]:.2f} (n={v[1]})" for k, v in sc["per_kind"].items())
     crops = ", ".join(f"{k} {v[0]:.2f} (n={v[1]})" for k, v in sc["per_crop"].items())
@@ -234,6 +261,7 @@ def quality(n: int, tmp: Path, seed: int = 0,
     cand = set(zip(p["image_a"], p["image_b"], strict=True))
     cand_sc = score(cand, pairs, look)
     cand_recall = cand_sc["recall"]
+    spread = seed_spread(cat, pairs)
     f = fingerprint.image_files(cat).filter(pl.col("image_id").is_in(known))
     base, base_cpu, thr = phash_baseline(f["file"].to_list(), f["image_id"].to_list(), pairs, look)
     n_img = len(known)
@@ -246,6 +274,9 @@ def quality(n: int, tmp: Path, seed: int = 0,
         f"    candidates {len(cand):,} (candidate recall {cand_recall:.3f}); candidate recall per kind: "
         + ", ".join(f"{k} {v[0]:.2f}" for k, v in cand_sc["per_kind"].items())
         + "; per crop kind: " + ", ".join(f"{k} {v[0]:.2f}" for k, v in cand_sc["per_crop"].items()),
+        (f"    candidate recall with other draws of the ORB buckets' key bits (orb_seed "
+         f"{', '.join(map(str, SEEDS))}; vectors left out): "
+         + ", ".join(f"{r:.3f}" for r in spread)),
         f"- imagehash pHash, best Hamming threshold {thr} (chosen on the truth): {fmt(base)}",
         f"- F1 ratio medlake / pHash: {ours['f1'] / max(base['f1'], 1e-9):.2f}",
         ("- CPU per image: " + ", ".join(f"{x} {1000 * t[f'{x}_cpu'] / n_img:.1f} ms" for x in STAGES)

@@ -384,6 +384,25 @@ def test_full_resolution_buckets_add_each_images_orb_full_k_best(synth_lake):
         assert not any("orb" in v["methods"] for v in got.values())
 
 
+def test_orb_seed_draws_other_bucket_keys(synth_lake):
+    """duplicates.orb_seed reaches both ORB bucketings: the same seed gives the same
+    candidates, another seed other ORB candidates (another draw of the key bits)."""
+    fp = synth_lake.read("fingerprints").sort("image_id")
+    files = dict(zip(*fingerprint.image_files(synth_lake).select("image_id", "file")
+                     .get_columns(), strict=True))
+    feats = verify.features_many([files[x] for x in fp["image_id"]])
+    p = {**duplicates.DEFAULTS, "hash_k": 0, "k": 0, "orb_full_from": 0}
+
+    def orb(seed: int, method: str) -> set:
+        got = duplicates.candidates(fp, None, {**p, "orb_seed": seed}, feats=feats)
+        return {c for c, v in got.items() if method in v["methods"]}
+
+    for method in ("orb", "orb_low"):
+        first = orb(0, method)
+        assert first and orb(0, method) == first
+        assert orb(1, method) != first, method
+
+
 def test_few_flagged_images_bucket_only_their_buckets_with_the_same_pairs(synth_lake, monkeypatch):
     """With few flagged images (``only``), orb_pairs drops the buckets none of them is in
     before sorting (verify._flagged_buckets): the pairs and votes are those of the whole
