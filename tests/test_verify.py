@@ -583,16 +583,21 @@ def test_resampled_crops_get_one_coarser_comparison(tmp_path, monkeypatch):
 def test_repeat_captures_from_384_px_are_compared_again(tmp_path, monkeypatch):
     """Issue 14: two 512-px chest X-rays of one patient agree in the 256-px frame; compared
     again in their 384-px frames they do not (a JPEG copy still does). With the finer frame
-    only from 576 px (before), the repeat capture was accepted."""
+    only from 576 px (before), the repeat capture was accepted. (With the defaults the capture
+    is already rejected in the 256-px frame by its motion at its own size, ``motion_unscaled``;
+    the finer frame is checked here with that limit at ``motion_max``.)"""
     from medlake.pipelines import duplicates
 
     src, again, jpeg = _captures_and_jpeg(tmp_path, 0, 512, 60)
     paths = [_save(tmp_path, "src", src), _save(tmp_path, "again", again), str(jpeg)]
-    p = duplicates.DEFAULTS
+    base = duplicates.DEFAULTS
+    p = {**base, "motion_unscaled": base["motion_max"]}
 
     def check(j: int) -> dict:
         return verify.verify(paths[0], paths[j], cache={}, keys=(0, j), p=p)
 
+    first = verify.verify(paths[0], paths[1], cache={}, keys=(0, 1), p=base)
+    assert first["evidence"]["moved"] and not first["verified"], first
     capture = check(1)
     assert capture["evidence"]["ncc"] >= capture["evidence"]["threshold"]  # the frame agrees
     assert not capture["verified"] and capture["evidence"]["fine"]["grid"] >= 1, capture
@@ -633,6 +638,46 @@ def test_motion_takes_out_one_affine_map_and_measures_what_is_left():
     dy = cv2.GaussianBlur(-3.0 * sign, (0, 0), 4)
     moved = cv2.remap(pic, xx + dx, yy + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     assert verify._motion(pic, verify._banded(pic, moved, ident, 1.0, 3.0)) > duplicates.DEFAULTS["motion_max"]
+
+
+def test_a_map_that_resamples_neither_axis_gets_the_tighter_motion_limit():
+    """verify._compare: a pair just over its NCC line whose map keeps both axes' scale (within
+    verify.RESAMPLED) is held to ``motion_unscaled``, a resized one to ``motion_max``: the
+    same picture with its blocks moved by ~1 px (motion between the two limits) is rejected
+    at its own size and kept when one side was resized by 0.8. A rotated copy at its own size
+    stays under the tighter limit. The limit used is in the evidence (``motion_max``)."""
+    from medlake.demo import synth_draw as draw
+    from medlake.pipelines import duplicates
+
+    findings = {"effusion": False, "cardiomegaly": False, "nodule": False}
+    pic = draw.draw_cxr(np.random.default_rng(31), draw.chest_anatomy(np.random.default_rng(30)),
+                        256, findings).astype(np.float32)
+    h, w = pic.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    sign = np.where(((yy // 64) + (xx // 64)) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    moved = cv2.remap(pic, xx + cv2.GaussianBlur(sign, (0, 0), 4), yy - cv2.GaussianBlur(sign, (0, 0), 4),
+                      cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    f = 256 / 205
+    resized = (cv2.resize(moved, (205, 205), interpolation=cv2.INTER_AREA),
+               np.float64([[f, 0, (f - 1) / 2], [0, f, (f - 1) / 2]]))
+    turn = cv2.getRotationMatrix2D((w / 2, h / 2), 7, 1.0)
+    rotated = (cv2.warpAffine(pic, turn, (w, h)), cv2.invertAffineTransform(turn))
+    same = (moved, np.float64([[1, 0, 0], [0, 1, 0]]))
+    base = duplicates.DEFAULTS
+    assert 0 < base["motion_unscaled"] < base["motion_max"]
+
+    def compare(img: np.ndarray, M: np.ndarray) -> dict:
+        ncc, _ = verify._compare(pic, img, M, 1.0, 1.0, {**base, "motion_max": 0.0})
+        line = ncc - 0.01  # just over the line (pixel under 1.5: the line is ``ncc``)
+        return verify._compare(pic, img, M, 1.0, 1.0, {**base, "ncc": line, "ncc_coarse": 0.99})[1]
+
+    at_size, smaller, copy = compare(*same), compare(*resized), compare(*rotated)
+    for ev in (at_size, smaller):
+        assert base["motion_unscaled"] < ev["motion"] <= base["motion_max"], ev
+    assert at_size["moved"] and at_size["motion_max"] == base["motion_unscaled"], at_size
+    assert not smaller["moved"] and smaller["motion_max"] == base["motion_max"], smaller
+    assert copy["motion"] < base["motion_unscaled"] / 2 and not copy["moved"], copy
+    assert not verify.passes(at_size["ncc"], at_size) and verify.passes(smaller["ncc"], smaller)
 
 
 def test_repeat_capture_just_over_the_line_is_rejected_by_its_motion(tmp_path):
