@@ -112,7 +112,8 @@ class Params:
                               "passes the NCC line by less than 0.08 is rejected when the local "
                               "motion left under one affine map exceeds this (px; optical flow, "
                               "75th percentile over the most detailed quarter): a repeat "
-                              "capture of the same patient, not a copy (0: off)", min=0)
+                              "capture of the same patient, not a copy (motion_unscaled for a "
+                              "map at its own size; 0: off)", min=0)
     motion_unscaled: float = param(1.0, "verification: motion_max for a map that resamples "
                                    "neither axis (both within 1.1): a copy at its own size keeps "
                                    "its detail in place (measured: copies 0.14-0.46 px, same-"

@@ -1392,7 +1392,9 @@ def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: f
     ramp is in those units); ``refine``: refine ``M`` by ECC first (a map carried over from
     other frames: verify's second comparison, the only caller that sets it, which also gets
     the stillness check under its line, ``duplicates.still_max``: evidence ``motion`` and
-    ``still``).
+    ``still``). A fine pair just over its line gets the motion check (evidence ``motion``,
+    ``moved`` and the limit that applied, ``motion_max``: ``duplicates.motion_unscaled`` when
+    ``M`` resamples neither axis, ``duplicates.motion_max`` otherwise).
 
     A fine pair (common pixel under ``refine_from``) from :data:`RETRY_FROM` up to the line
     is refined by ECC and compared again (the better NCC counts). A pair from
