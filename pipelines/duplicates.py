@@ -118,8 +118,7 @@ class Params:
                                    "neither axis (both within 1.1): a copy at its own size keeps "
                                    "its detail in place (measured: copies 0.14-0.46 px, same-"
                                    "patient captures and other false pairs 1.22 px and more; resized "
-                                   "copies reach 1.6)",
-                                   min=0)
+                                   "copies reach 1.6; 0: motion_max applies)", min=0)
     still_max: float = param(1.2, "verification: a pair of two images of 384 px or more that "
                              "passes the 256-px frame but not its finer frame (NCC 0.6 up to "
                              "the line there) is still accepted when the local motion left "

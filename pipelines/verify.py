@@ -1452,8 +1452,9 @@ def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: f
     # copy whose finest detail JPEG or interpolation smoothed: "still" accepts).
     limit, still = float(p.get("motion_max", 0.0)), float(p.get("still_max", 0.0))
     near = limit > 0 and pixel / frame < COARSE_FROM and need <= ncc < need + MOTION_MARGIN
-    if near and 1 / RESAMPLED <= sm <= big <= RESAMPLED:  # a map that resamples neither axis:
-        limit = min(limit, float(p.get("motion_unscaled", limit)))  # a copy at its own size
+    unscaled = float(p.get("motion_unscaled", 0.0))  # a copy at its own size (0: motion_max)
+    if near and unscaled > 0 and 1 / RESAMPLED <= sm <= big <= RESAMPLED:
+        limit = min(limit, unscaled)  # a map that resamples neither axis
     under = refine and still > 0 and STILL_FROM <= ncc < need
     if near or under:
         moved = _motion(tmpl, bands)

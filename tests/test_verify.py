@@ -678,6 +678,10 @@ def test_a_map_that_resamples_neither_axis_gets_the_tighter_motion_limit():
     assert not smaller["moved"] and smaller["motion_max"] == base["motion_max"], smaller
     assert copy["motion"] < base["motion_unscaled"] / 2 and not copy["moved"], copy
     assert not verify.passes(at_size["ncc"], at_size) and verify.passes(smaller["ncc"], smaller)
+    ncc, _ = verify._compare(pic, moved, same[1], 1.0, 1.0, {**base, "motion_max": 0.0})
+    off = verify._compare(pic, moved, same[1], 1.0, 1.0,  # 0: motion_max applies
+                          {**base, "ncc": ncc - 0.01, "ncc_coarse": 0.99, "motion_unscaled": 0.0})[1]
+    assert not off["moved"] and off["motion_max"] == base["motion_max"], off
 
 
 def test_repeat_capture_just_over_the_line_is_rejected_by_its_motion(tmp_path):
