@@ -73,10 +73,12 @@ def image_set(n: int, *, here: bool = False) -> Path:
     100k images (1.7 GB) floored every stage's measured peak at its own size.
     """
     root = cache_root() / str(n)
-    if not (root / "syn" / "truth_files.csv").exists() and not here:
+    if (root / "syn" / "truth_files.csv").exists():
+        return root
+    if not here:  # the child generates it (here=True), or fails and raises here
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--sizes", str(n),
                         "--generate-only"], check=True)
-    if not (root / "syn" / "truth_files.csv").exists():
+    else:
         t = time.perf_counter()
         (root / ".dvc").mkdir(parents=True, exist_ok=True)
         generate(root / "syn", n_captures=max(8, round(n / IMAGES_PER_CAPTURE)), seed=0,

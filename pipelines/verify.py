@@ -1410,6 +1410,7 @@ def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: f
     """
     big, sm, _ = _axes(M)
     scale = float(np.sqrt(big * sm))
+    resampled = not 1 / RESAMPLED <= sm <= big <= RESAMPLED  # one image is the other resized
     ga, gb = ga.astype(np.float32, copy=False), gb.astype(np.float32, copy=False)
     # the template is the image the other one covers (a crop is compared inside its source)
     if scale * scale * gb.size >= ga.size:
@@ -1438,7 +1439,7 @@ def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: f
             (ncc, overlap), bands = got, again
     f = max(SECOND_BAND, COARSE_FROM / pixel)
     if (retry and not refine and RETRY_FROM <= ncc < need and f * pixel / frame < COARSE_TO
-            and not 1 / RESAMPLED <= sm <= big <= RESAMPLED):
+            and resampled):
         # one image is the other resized: one comparison f times coarser (see the docstring)
         got = _compare(ga, gb, M, up_a * f, up_b * f, p, frames=frames, retry=False)
         if got is not None and got[0] >= got[1]["threshold"] + SECOND_MARGIN:
@@ -1453,8 +1454,8 @@ def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: f
     limit, still = float(p.get("motion_max", 0.0)), float(p.get("still_max", 0.0))
     near = limit > 0 and pixel / frame < COARSE_FROM and need <= ncc < need + MOTION_MARGIN
     unscaled = float(p.get("motion_unscaled", 0.0))  # a copy at its own size (0: motion_max)
-    if near and unscaled > 0 and 1 / RESAMPLED <= sm <= big <= RESAMPLED:
-        limit = min(limit, unscaled)  # a map that resamples neither axis
+    if near and unscaled > 0 and not resampled:  # a map that resamples neither axis
+        limit = min(limit, unscaled)
     under = refine and still > 0 and STILL_FROM <= ncc < need
     if near or under:
         moved = _motion(tmpl, bands)

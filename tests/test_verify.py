@@ -666,10 +666,11 @@ def test_a_map_that_resamples_neither_axis_gets_the_tighter_motion_limit():
     base = duplicates.DEFAULTS
     assert 0 < base["motion_unscaled"] < base["motion_max"]
 
-    def compare(img: np.ndarray, M: np.ndarray) -> dict:
+    def compare(img: np.ndarray, M: np.ndarray, **over: Any) -> dict:
         ncc, _ = verify._compare(pic, img, M, 1.0, 1.0, {**base, "motion_max": 0.0})
         line = ncc - 0.01  # just over the line (pixel under 1.5: the line is ``ncc``)
-        return verify._compare(pic, img, M, 1.0, 1.0, {**base, "ncc": line, "ncc_coarse": 0.99})[1]
+        return verify._compare(pic, img, M, 1.0, 1.0,
+                               {**base, "ncc": line, "ncc_coarse": 0.99, **over})[1]
 
     at_size, smaller, copy = compare(*same), compare(*resized), compare(*rotated)
     for ev in (at_size, smaller):
@@ -678,9 +679,7 @@ def test_a_map_that_resamples_neither_axis_gets_the_tighter_motion_limit():
     assert not smaller["moved"] and smaller["motion_max"] == base["motion_max"], smaller
     assert copy["motion"] < base["motion_unscaled"] / 2 and not copy["moved"], copy
     assert not verify.passes(at_size["ncc"], at_size) and verify.passes(smaller["ncc"], smaller)
-    ncc, _ = verify._compare(pic, moved, same[1], 1.0, 1.0, {**base, "motion_max": 0.0})
-    off = verify._compare(pic, moved, same[1], 1.0, 1.0,  # 0: motion_max applies
-                          {**base, "ncc": ncc - 0.01, "ncc_coarse": 0.99, "motion_unscaled": 0.0})[1]
+    off = compare(*same, motion_unscaled=0.0)  # 0: motion_max applies
     assert not off["moved"] and off["motion_max"] == base["motion_max"], off
 
 
