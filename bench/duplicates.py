@@ -190,7 +190,7 @@ def seed_spread(cat: Catalog, pairs: pl.DataFrame, seeds: tuple[int, ...] = SEED
     """Candidate recall with ``duplicates.orb_seed`` = each of ``seeds`` (the other stages'
     tables as they are; every candidate path, the features computed once): how much of the
     recorded figure is the recorded seed's draw."""
-    from medlake.pipelines import verify
+    from medlake.pipelines import features, verify
 
     p = {**duplicates.DEFAULTS, **repo_params("duplicates")}
     fp = cat.read("fingerprints").sort("image_id")
@@ -200,7 +200,7 @@ def seed_spread(cat: Catalog, pairs: pl.DataFrame, seeds: tuple[int, ...] = SEED
     true = set(zip(pairs["id_a"], pairs["id_b"], strict=True))
     out = []
     with tempfile.TemporaryDirectory(dir=cat.ws.lake) as tmp, verify.FeatureStore(tmp) as store:
-        verify.store_features([files[x] for x in ids], store, workers=int(p["workers"]))
+        features.store_features([files[x] for x in ids], store, workers=int(p["workers"]))
         for seed in seeds:
             got = duplicates.candidates(fp, None, {**p, "orb_seed": seed}, feats=store)
             found = {(ids[i], ids[j]) for i, j in got}

@@ -47,7 +47,7 @@ from medlake.catalog.params import defaults, param, to_dict
 from medlake.catalog.storage import open_vectors
 from medlake.catalog.tables import temp_dir_path
 from medlake.catalog.vectors import near_pairs
-from medlake.pipelines import verify
+from medlake.pipelines import features, verify
 from medlake.pipelines.fingerprint import image_files
 from medlake.pipelines.stage import Counts, Stage
 
@@ -316,7 +316,7 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
     scratch = temp_dir_path(cat.ws.lake / "features")
     try:
         with verify.FeatureStore(scratch) as store:
-            verify.store_features([files[x] for x in ids], store, workers=int(p["workers"]))
+            features.store_features([files[x] for x in ids], store, workers=int(p["workers"]))
             knn = None
             verifier = partial(verify_pairs, cache=verify.FeatureCache(store, CACHE_IMAGES, CACHE_BYTES),
                                workers=int(p["workers"]))

@@ -11,7 +11,7 @@ from images_helpers import _synth_lake, truth  # noqa: F401  (session fixture sy
 from medlake.catalog import CatalogError
 from medlake.catalog.vectors import near_pairs
 from medlake.cli.main import main
-from medlake.pipelines import duplicates, fingerprint, verify
+from medlake.pipelines import duplicates, features, fingerprint, verify
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_threaded_verification_equals_serial(dup_run):
     pos = {x: n for n, x in enumerate(ids)}
     jobs = [(files[a], files[b], pos[a], pos[b]) for a, b in zip(p["image_a"], p["image_b"], strict=True)]
     serial = duplicates.verify_pairs(jobs, duplicates.DEFAULTS)
-    feats = verify.features_many([files[x] for x in ids], workers=2)
+    feats = features.features_many([files[x] for x in ids], workers=2)
     threaded = duplicates.verify_pairs(jobs, duplicates.DEFAULTS, cache=dict(enumerate(feats)), workers=2)
     assert [r["verified"] for r in serial] == [r["verified"] for r in threaded]
     assert [r["inliers"] for r in serial] == [r["inliers"] for r in threaded]
@@ -360,7 +360,7 @@ def test_full_resolution_buckets_add_each_images_orb_full_k_best(synth_lake):
     fp = synth_lake.read("fingerprints").sort("image_id")
     files = dict(zip(*fingerprint.image_files(synth_lake).select("image_id", "file")
                      .get_columns(), strict=True))
-    feats = verify.features_many([files[x] for x in fp["image_id"]])
+    feats = features.features_many([files[x] for x in fp["image_id"]])
     side = np.array([f["side"] for f in feats])
     p = {**duplicates.DEFAULTS, "hash_k": 0, "k": 0}
     assert p["orb_buckets"] == "both" and side.max() < p["orb_full_from"]
@@ -390,7 +390,7 @@ def test_orb_seed_draws_other_bucket_keys(synth_lake):
     fp = synth_lake.read("fingerprints").sort("image_id")
     files = dict(zip(*fingerprint.image_files(synth_lake).select("image_id", "file")
                      .get_columns(), strict=True))
-    feats = verify.features_many([files[x] for x in fp["image_id"]])
+    feats = features.features_many([files[x] for x in fp["image_id"]])
     p = {**duplicates.DEFAULTS, "hash_k": 0, "k": 0, "orb_full_from": 0}
 
     def orb(seed: int, method: str) -> set:
@@ -410,7 +410,7 @@ def test_few_flagged_images_bucket_only_their_buckets_with_the_same_pairs(synth_
     fp = synth_lake.read("fingerprints").sort("image_id")
     files = dict(zip(*fingerprint.image_files(synth_lake).select("image_id", "file")
                      .get_columns(), strict=True))
-    feats = verify.features_many([files[x] for x in fp["image_id"]])
+    feats = features.features_many([files[x] for x in fp["image_id"]])
     flags = np.zeros(len(feats), bool)
     flags[::7] = True  # one image in 7
     sorted_sizes = []

@@ -15,7 +15,7 @@ from PIL import Image
 
 from medlake.catalog.storage import open_vectors
 from medlake.catalog.tables import recover
-from medlake.pipelines import duplicates, fingerprint, verify
+from medlake.pipelines import duplicates, features, fingerprint, verify
 
 
 def _pictures(tmp_path, n: int = 6) -> list[str]:
@@ -68,7 +68,7 @@ def test_store_round_trips_features_exactly(tmp_path, low):
 def test_store_features_streams_in_order(tmp_path):
     files = _pictures(tmp_path) * 3
     with verify.FeatureStore(tmp_path / "store") as store:
-        verify.store_features(files, store, workers=2, chunk=4)
+        features.store_features(files, store, workers=2, chunk=4)
         for i, f in enumerate(files):
             assert _same(store.get(i), verify.features(f)), i
 
@@ -158,7 +158,7 @@ def test_orb_pairs_in_parts_equal_one_sort_and_a_plain_reference(tmp_path, monke
 def test_feature_cache_is_bounded_and_reads_the_store(tmp_path):
     files = _pictures(tmp_path)
     with verify.FeatureStore(tmp_path / "store") as store:
-        verify.store_features(files, store)
+        features.store_features(files, store)
         cache = verify.FeatureCache(store, size=3)
         assert all(i in cache for i in range(len(files))) and len(cache) == 0
         errors = []
@@ -208,7 +208,7 @@ def test_duplicates_leaves_no_scratch_and_equals_in_memory_features(synth_lake, 
     files = dict(zip(*fingerprint.image_files(cat).select("image_id", "file").get_columns(),
                      strict=True))
     ids = fp["image_id"].to_list()
-    feats = verify.features_many([files[x] for x in ids])
+    feats = features.features_many([files[x] for x in ids])
     p = duplicates.DEFAULTS
     vecs, vs = None, open_vectors(cat.ws)  # as the run: the vector path when embed ran
     if vs.has(p["model"]):

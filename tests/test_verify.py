@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from medlake.pipelines import verify
+from medlake.pipelines import features, verify
 
 
 def _picture(seed: int, h: int, w: int) -> np.ndarray:
@@ -28,7 +28,7 @@ def test_reflected_keypoints_match_detection_on_the_mirror(tmp_path):
         f = verify.features(str(path))
         mirrored = np.ascontiguousarray(f["g"][:, ::-1])
         kp, des = orb.detectAndCompute(mirrored, None)  # points centred as features() does
-        pts_ref, des_ref = verify._centred(verify._strongest(kp, des), mirrored.shape,
+        pts_ref, des_ref = features._centred(features._strongest(kp, des), mirrored.shape,
                                            orb.getScaleFactor())
         ref = {(round(float(x), 2), round(float(y), 2)): d
                for (x, y), d in zip(pts_ref, des_ref, strict=True)}
@@ -51,7 +51,7 @@ def test_keypoints_sit_at_their_pixel_centres_at_every_pyramid_level(tmp_path):
     point to its pixel's centre: a point found in both the image and its 180-degree turn
     lands on exactly the turned position, at every level (ORB's own points do not)."""
     orb = cv2.ORB_create(nfeatures=verify.NFEATURES, edgeThreshold=15, patchSize=15,
-                         fastThreshold=verify.FAST_THRESHOLD)
+                         fastThreshold=features.FAST_THRESHOLD)
     for seed, (h, w) in enumerate([(256, 256), (200, 256), (256, 171)]):
         pic = _picture(10 + seed, h, w)
         paths = [_save(tmp_path, f"p{seed}", pic), _save(tmp_path, f"t{seed}", pic[::-1, ::-1].copy())]
@@ -59,7 +59,7 @@ def test_keypoints_sit_at_their_pixel_centres_at_every_pyramid_level(tmp_path):
         assert f["g"].shape == t["g"].shape
         H, W = f["g"].shape
         (pf, df), (pt, dt) = f["n"], t["n"]
-        raw = [verify._strongest(*orb.detectAndCompute(g, None)) for g in (f["g"], t["g"])]
+        raw = [features._strongest(*orb.detectAndCompute(g, None)) for g in (f["g"], t["g"])]
         levels = dict(zip(map(bytes, raw[0][1]), raw[0][2], strict=False))
         by_des = {bytes(d): p for p, d in zip(pt, dt, strict=True)}
         raw_t = {bytes(d): p for p, d in zip(raw[1][0], raw[1][1], strict=True)}
@@ -324,7 +324,7 @@ def test_large_images_are_compared_again_in_a_finer_frame(tmp_path, monkeypatch)
     # the finer frame is not kept in the feature store: made from the features' own decode
     # when a pair needs it, and held in the verification cache
     with verify.FeatureStore(tmp_path / "store") as store:
-        verify.store_features(paths, store)
+        features.store_features(paths, store)
         stored = verify.FeatureCache(store)
         assert set(store.get(0)) == {"g", "n", "m", "lo", "lom", "up", "side"}
         assert store.get(0)["g"].shape == (256, 256)

@@ -1,0 +1,417 @@
+"""Image features for ``duplicates``: one decode per image, kept on disk.
+
+:func:`features` decodes an image once (a large JPEG at a reduced DCT scale) and gives its
+equalised grey 256-px frame and ORB keypoints/descriptors of it and its mirror, and of its
+*low renditions* (:func:`_low`, :func:`_stretched`): what :mod:`pipelines.verify` buckets
+(candidates) and compares (verification). :class:`FeatureStore` keeps many images' features
+in one file.
+
+``fingerprint`` decodes every image in full already: it computes each image's features from
+that decode (:func:`features_of`; a large JPEG is decoded again at the reduced scale, as
+:func:`features` does) and leaves them in the lake's cache (:class:`FeatureFiles`), where
+``duplicates`` takes them instead of decoding the file again. The features are the same
+either way (tests/test_feature_cache.py), so this is a cache: not tracked by DVC, safe to
+delete. Its folder is named after this module's code and the decoders'
+(:func:`medlake.catalog.descriptors.code_tag`); an entry is keyed by (image_id, sha256).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Self
+
+import cv2
+import numpy as np
+from pathlib import Path
+
+from medlake.catalog.imageio import ImageReadError, full_size, image_pool, load_8bit
+
+SIDE = 256
+NFEATURES = 300  # ORB keypoints per image (and per mirror image)
+# FAST threshold of the 256-px frame's ORB: ORB keeps the 2 x NFEATURES best FAST corners per
+# pyramid level before Harris, and these have scores far above it; measured on 1,500 frames of
+# the 5k bench set, 98.6% get the very keypoints of threshold 8 (Jaccard 0.997), detection
+# ~35% cheaper (fewer weak corners to score). The low renditions keep 8: at 96 px they have
+# fewer corners than that per level, and every threshold above 8 changed them.
+FAST_THRESHOLD = 12
+LOW_SIDE, LOW_GRID = 48, 96  # low rendition: long side reduced to 48 px, ORB at 96 px
+STRETCH_SIDE = 128  # images up to this longer side also get low renditions stretched by STRETCH
+STRETCH = (2 ** 0.5, 2 ** -0.5)  # width / height factors (undo a crop squeezed to a square)
+
+_LOCAL = threading.local()  # one ORB detector per thread (cv2 objects are not shared safely)
+
+
+def features(path: str, *, low: bool = True, reduced: bool = True) -> dict[str, Any] | None:
+    """Grey 256-px equalised image and ORB keypoints/descriptors of it and its mirror.
+
+    Keypoints are detected once; the mirror's are the same keypoints reflected (position per
+    pyramid level, angle ``180 - angle``) with descriptors computed on the mirrored image,
+    which is what detecting on the mirror finds (FAST, Harris and the intensity centroid are
+    mirror-symmetric) at about a third of the cost. With ``low``, also ``lo``/``lom``: ORB
+    of the low rendition and its mirror (:func:`_low`), points in the 256-px frame. ``side``
+    is the image's longer side in pixels, ``up`` its upsampling to the 256-px frame (>= 1).
+    ``reduced`` (default): a large JPEG is decoded at a reduced DCT scale (>= 512 px on its
+    shorter side; :func:`medlake.catalog.imageio.open_image`); False decodes every pixel.
+    A large image's finer frame for :func:`verify`'s second comparison is not made here
+    (:func:`fine_frame`: only the few images of such pairs need it).
+    Returns None when the file cannot be decoded.
+    """
+    if not hasattr(_LOCAL, "orb"):
+        _LOCAL.orb = cv2.ORB_create(nfeatures=NFEATURES, edgeThreshold=15, patchSize=15,
+                                    fastThreshold=FAST_THRESHOLD)
+    got = _grey(path, reduced)
+    if got is None:
+        return None
+    grey, (h, w) = got
+    eq = _resampled(grey, (h, w), SIDE)
+    out = {"g": eq, "up": max(SIDE / max(h, w), 1.0), "side": max(h, w)}  # g: 64 KB per image
+    out["n"], out["m"] = _orb_both(_LOCAL.orb, eq)
+    if low:
+        out["lo"], out["lom"] = _low(grey, eq.shape, (h, w))
+        if max(h, w) <= STRETCH_SIDE:  # a thumbnail may be a crop squeezed to its shape
+            out["lx"], out["lxm"] = _stretched(grey, eq.shape, (h, w))
+    return out
+
+
+def _grey(path: str, reduced: bool = True) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """(8-bit grey pixels, (h, w) of the whole image) of the file as :func:`features` decodes
+    it; None when it cannot be decoded."""
+    try:  # grey files stay grey (the same values, no RGB copy); a large JPEG is decoded at
+        # a DCT scale that keeps >= 512 px on its shorter side (area-reduced to the frame after)
+        im = load_8bit(path, min_side=2 * SIDE if reduced else None)
+    except (ImageReadError, OSError):
+        return None
+    px = np.asarray(im)
+    w, h = full_size(im)
+    return (px if px.ndim == 2 else cv2.cvtColor(px, cv2.COLOR_RGB2GRAY)), (h, w)
+
+
+def _resampled(grey: np.ndarray, full: tuple[int, int], side: int) -> np.ndarray:
+    """``grey`` (a decode of an image of (h, w) ``full``) resampled to ``side`` px on its
+    longer side (area-reduced, or bilinear up) and equalised."""
+    h, w = full
+    up = side / max(h, w)
+    g = cv2.resize(grey, (max(8, round(w * up)), max(8, round(h * up))), interpolation=cv2.INTER_AREA if up < 1 else cv2.INTER_LINEAR)
+    return cv2.equalizeHist(g)
+
+
+_EMPTY = (np.zeros((0, 2), np.float32), None)
+
+
+def _orb_both(orb: Any, img: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray | None], ...]:
+    """(points, descriptors) of ``img`` and of its mirror, strongest first."""
+    kp, des = orb.detectAndCompute(img, None)
+    if des is None:
+        return _EMPTY, _EMPTY
+    mirrored = np.ascontiguousarray(img[:, ::-1])
+    response = np.fromiter((k.response for k in kp), np.float64, len(kp))
+    first = _strongest(kp, des, response)  # before _reflect moves the keypoints
+    kpm, desm = orb.compute(mirrored, _reflect(kp, img.shape[1], orb.getScaleFactor()))
+    # compute() only drops keypoints (none, unless one falls off the border by rounding):
+    # with all kept, the mirror's keypoints have the same responses in the same order
+    same = len(kpm) == len(kp)
+    return (_centred(first, img.shape, orb.getScaleFactor()),
+            _centred(_strongest(kpm, desm, response if same else None), img.shape,
+                     orb.getScaleFactor()))
+
+
+def _centred(got: tuple[np.ndarray, np.ndarray | None, np.ndarray], shape: tuple[int, ...],
+             scale_factor: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """(points, descriptors) of :func:`_strongest`, each point moved to where its pixel's
+    centre lies in ``img`` (of ``shape``): ORB reports a keypoint found at ``x`` in pyramid
+    level ``o`` (``s = scale_factor ** o``, ``round(w / s)`` px wide) at ``x * s``, while that
+    level's pixel ``x`` is centred at ``(x + .5) * w / round(w / s) - .5`` of the image (the
+    resampling's pixel-centre convention). The difference grows with the level, up to ~1.3
+    px at level 7, the same direction in every image: a copy turned by 180 degrees (or flipped
+    upside down) had its matches off by up to 4 px (twice that, with rounding) and its map
+    with them (generated dermoscopy crop flipped upside down, 83 inliers: NCC 0.51 under
+    RANSAC's map, 0.96 under ECC's). Exact: the keypoints of an image and of its 180-degree
+    turn coincide to 0 px at every level (tests/test_verify.py)."""
+    pts, des, octave = got
+    if not len(pts):
+        return pts, des
+    h, w = shape[:2]
+    s = scale_factor ** octave.astype(np.float64)
+    fx, fy = w / np.round(w / s), h / np.round(h / s)
+    out = np.stack([(pts[:, 0] / s + 0.5) * fx - 0.5, (pts[:, 1] / s + 0.5) * fy - 0.5], 1)
+    return np.ascontiguousarray(out, dtype=np.float32), des
+
+
+def _low(grey: np.ndarray, frame: tuple[int, int], full: tuple[int, int] | None = None,
+         aspect: float = 1.0) -> tuple[tuple[np.ndarray, np.ndarray | None], ...]:
+    """ORB of the low rendition (long side area-reduced to ``LOW_SIDE``, resized to ``LOW_GRID``).
+
+    Reducing every image to the same number of pixels is scale-covariant: a crop's
+    rendition equals its source's, magnified, which ORB's pyramid absorbs, so a 30-px
+    thumbnail and its 256-px source share descriptors here. Points are mapped into the
+    image's 256-px frame (``frame``: its shape) so they combine with :func:`verify`'s.
+    ``full``: (h, w) of the whole image when ``grey`` was decoded reduced; ``aspect``: the
+    rendition's width stretched by this factor before ORB (:func:`_stretched`).
+    """
+    if not hasattr(_LOCAL, "orb_low"):
+        _LOCAL.orb_low = cv2.ORB_create(nfeatures=NFEATURES, edgeThreshold=8, patchSize=15,
+                                        fastThreshold=8, nlevels=6)
+    h, w = full or grey.shape
+    s = LOW_SIDE / max(h, w)
+    x = grey if s >= 1 else cv2.resize(grey, (max(4, round(w * s)), max(4, round(h * s))),
+                                       interpolation=cv2.INTER_AREA)
+    wide = x.shape[1] * aspect
+    k = LOW_GRID / max(wide, x.shape[0])
+    x = cv2.resize(x, (max(8, round(wide * k)), max(8, round(x.shape[0] * k))),
+                   interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+    n, m = _orb_both(_LOCAL.orb_low, cv2.equalizeHist(x))
+    fx, fy = frame[1] / x.shape[1], frame[0] / x.shape[0]  # pixel centres: (x + .5) * f - .5
+    scale = np.float32([fx, fy])
+    shift = np.float32([(fx - 1) / 2, (fy - 1) / 2])
+    return (n[0] * scale + shift, n[1]), (m[0] * scale + shift, m[1])
+
+
+def _stretched(grey: np.ndarray, frame: tuple[int, int],
+               full: tuple[int, int]) -> tuple[tuple[np.ndarray, np.ndarray | None], ...]:
+    """ORB of the low rendition stretched by each of :data:`STRETCH` (and the mirrors), as one
+    set each: the renditions' keypoints interleaved by rank (the strongest of each first),
+    points in the unstretched 256-px frame.
+
+    A crop resized to a fixed shape (a square thumbnail of a wide crop) is its source squeezed
+    along one axis; ORB's descriptors do not survive a squeeze of more than about 1.2, so
+    the thumbnail's squeeze is undone approximately by each stretch (measured, generated
+    5k set: thumbnails of crops 1.3-1.75 times wider than high matched their source with 10-37
+    RANSAC inliers unstretched, 31-97 stretched by 1.41).
+    """
+    got = [_low(grey, frame, full, a) for a in STRETCH]
+    return tuple(_interleave([g[side] for g in got]) for side in (0, 1))
+
+
+def _interleave(sets: list[tuple[np.ndarray, np.ndarray | None]]
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(points, descriptors) of several sets, each strongest first, merged rank by rank."""
+    sets = [s for s in sets if s[1] is not None and len(s[1])]
+    if not sets:
+        return _EMPTY
+    rank = np.concatenate([np.arange(len(s[1])) for s in sets])
+    order = np.argsort(rank, kind="stable")
+    return (np.concatenate([s[0] for s in sets])[order],
+            np.concatenate([s[1] for s in sets])[order])
+
+
+def _reflect(kp: Any, width: int, scale_factor: float) -> Any:
+    """Keypoints mirrored left-right, exactly as ORB places them on the mirrored image: the
+    same keypoint objects, moved (position and angle set in place; ~half the cost of
+    building new ones).
+
+    A keypoint of pyramid level ``o`` sits at ``x_o * s`` (``s = scale_factor ** o``) in the
+    level of width ``round(width / s)``; its mirror is at ``(round(width / s) - 1 - x_o) * s``,
+    its angle ``180 - angle``.
+    """
+    if not len(kp):
+        return kp
+    pts = cv2.KeyPoint_convert(kp)
+    octave = np.fromiter((k.octave for k in kp), np.int64, len(kp))
+    angle = np.fromiter((k.angle for k in kp), np.float64, len(kp))
+    s = scale_factor ** octave.astype(np.float64)
+    x = ((np.round(width / s) - 1) * s - pts[:, 0]).tolist()
+    y = pts[:, 1].astype(np.float64).tolist()
+    for k, xi, yi, a in zip(kp, x, y, ((180.0 - angle) % 360.0).tolist(), strict=True):
+        k.pt, k.angle = (xi, yi), a
+    return kp
+
+
+def _strongest(kp: Any, des: np.ndarray | None, response: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(points as ORB reports them, descriptors, pyramid levels), strongest response first
+    (stable order among equals); ``response``: the keypoints' responses when the caller has
+    them."""
+    if response is None:
+        response = np.array([k.response for k in kp], dtype=np.float64)
+    order = np.argsort(-response, kind="stable")
+    pts = cv2.KeyPoint_convert(kp) if len(kp) else np.zeros((0, 2), np.float32)
+    octave = np.fromiter((k.octave for k in kp), np.int64, len(kp))
+    return (np.ascontiguousarray(pts[order], dtype=np.float32).reshape(-1, 2),
+            None if des is None else des[order], octave[order])
+
+
+def features_many(files: list[str], *, workers: int = 2) -> list[dict[str, Any] | None]:
+    """:func:`features` of each file, computed in a thread pool (OpenCV releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(features, files))
+
+
+Extra = tuple[tuple[str, ...], np.ndarray, int]  # (feature sets, a flag per image, k): orb_pairs_many
+PARTS = ("g", "n", "m", "lo", "lom", "lx", "lxm")  # what FeatureStore keeps per image, in order
+WIDE = {"lx": len(STRETCH), "lxm": len(STRETCH)}  # sets of several renditions: per_image x this
+
+
+def _owned_sets(tags: tuple[str, ...], extra: Extra | None,
+                n: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(feature set, owner offset) of an image's descriptors for bucketing, and of an image
+    flagged in ``extra`` (its extra sets too, owned by its virtual twin ``n + i``)."""
+    plain = [(t, 0) for t in tags]
+    return plain, plain + ([(t, n) for t in extra[0]] if extra is not None else [])
+
+
+def _taken(tag: str, k: int, per_image: int) -> int:
+    """How many of a set's ``k`` descriptors are bucketed: ``per_image`` (a set of several
+    renditions, :data:`WIDE`: that many times it)."""
+    return min(k, per_image * WIDE.get(tag, 1))
+
+
+class FeatureStore:
+    """:func:`features` of many images on disk: memory O(images x a few numbers), not O(pixels).
+
+    One append-only file holds every image's parts (the 256-px grey image, then the points
+    and descriptors of ``n``, ``m``, ``lo``, ``lom`` and a thumbnail's ``lx``, ``lxm``) as
+    raw bytes; small numpy arrays index
+    them. :meth:`get` reads one image back with ``os.pread`` (never a memory map: its resident
+    pages would count in the process's memory), bit-identical to what was stored;
+    :meth:`descriptors` streams the descriptors of some parts for :func:`orb_pairs`.
+    The folder belongs to the caller (the duplicates stage makes a temporary one in the lake
+    and removes it).
+    """
+
+    def __init__(self, folder: Path | str) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.folder / "features.bin", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._end = 0
+        self._cap = 0
+        self._n = 0
+        self._grow(1024)
+
+    def _grow(self, cap: int) -> None:
+        n = len(PARTS)
+        for name, shape, dtype in (("ok", (cap,), bool), ("off", (cap, n), np.int64),
+                                   ("rows", (cap, n), np.int32),  # g: height; else points
+                                   ("cols", (cap, n), np.int32),  # g: width
+                                   ("has", (cap, n), bool),  # descriptors present (not None)
+                                   ("up", (cap,), np.float64),
+                                   ("side", (cap,), np.int64)):
+            out = np.zeros(shape, dtype=dtype)
+            before = getattr(self, name, None)
+            if before is not None:
+                out[: len(before)] = before
+            setattr(self, name, out)
+        self._cap = cap
+
+    def __len__(self) -> int:
+        return self._n
+
+    def append(self, f: dict[str, Any] | None) -> None:
+        i = self._n
+        if i == self._cap:
+            self._grow(2 * self._cap)
+        self._n += 1
+        if f is None:
+            return
+        self.ok[i], self.up[i], self.side[i] = True, f["up"], f["side"]
+        chunks = []
+        for c, part in enumerate(PARTS):
+            self.off[i, c] = self._end + sum(len(b) for b in chunks)
+            if part == "g" and part in f:
+                g = np.ascontiguousarray(f[part], dtype=np.uint8)
+                self.rows[i, c], self.cols[i, c] = g.shape
+                self.has[i, c] = True
+                chunks.append(g.tobytes())
+            elif part in f:
+                pts, des = f[part]
+                self.rows[i, c] = len(pts)
+                self.has[i, c] = des is not None
+                chunks.append(np.ascontiguousarray(pts, dtype=np.float32).tobytes()
+                              + (b"" if des is None else np.ascontiguousarray(des).tobytes()))
+            else:
+                self.rows[i, c] = -1  # part not computed (features(low=False))
+        blob = b"".join(chunks)
+        view = memoryview(blob)
+        at = self._end
+        while view:
+            done = os.pwrite(self._fd, view, at)
+            view, at = view[done:], at + done
+        self._end += len(blob)
+
+    def _part(self, i: int, c: int) -> Any:
+        k, at = int(self.rows[i, c]), int(self.off[i, c])
+        if PARTS[c] == "g":
+            w = int(self.cols[i, c])
+            return np.frombuffer(os.pread(self._fd, k * w, at), np.uint8).reshape(k, w)
+        size = k * 8 + (k * 32 if self.has[i, c] else 0)
+        raw = os.pread(self._fd, size, at) if size else b""
+        pts = np.frombuffer(raw, np.float32, count=2 * k).reshape(k, 2).copy()
+        des = (np.frombuffer(raw, np.uint8, offset=k * 8).reshape(k, 32).copy()
+               if self.has[i, c] else None)
+        return pts, des
+
+    def get(self, i: int) -> dict[str, Any] | None:
+        """Image ``i``'s features as :func:`features` returned them (None: undecodable)."""
+        if not self.ok[i]:
+            return None
+        out: dict[str, Any] = {"up": float(self.up[i]), "side": int(self.side[i])}
+        for c, part in enumerate(PARTS):
+            if self.rows[i, c] >= 0:
+                out[part] = self._part(i, c)
+        out["g"] = out["g"].copy()
+        return out
+
+    def descriptors(self, tags: tuple[str, ...], per_image: int, chunk: int = 1 << 18,
+                    extra: Extra | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(owners, descriptors) of ``tags`` (the ``per_image`` strongest of each; of a set of
+        several renditions, :data:`WIDE`, that many times ``per_image``), about
+        ``chunk`` descriptors at a time, in image order; ``extra`` (tags, flags, _): the
+        flagged images' descriptors of those tags too, owned by ``len(self) + i``."""
+        plain, flagged = ([(PARTS.index(t), shift) for t, shift in sets]
+                          for sets in _owned_sets(tags, extra, self._n))
+        owners: list[np.ndarray] = []
+        descs: list[np.ndarray] = []
+        held = 0
+        for i in np.flatnonzero(self.ok[: self._n]):
+            for c, shift in (flagged if extra is not None and extra[1][i] else plain):
+                k = int(self.rows[i, c])
+                if k <= 0 or not self.has[i, c]:
+                    continue
+                use = _taken(PARTS[c], k, per_image)
+                raw = os.pread(self._fd, use * 32, int(self.off[i, c]) + k * 8)
+                descs.append(np.frombuffer(raw, np.uint8).reshape(use, 32))
+                owners.append(np.full(use, shift + i, dtype=np.int64))
+                held += use
+            if held >= chunk:
+                yield np.concatenate(owners), np.concatenate(descs)
+                owners, descs, held = [], [], 0
+        if held:
+            yield np.concatenate(owners), np.concatenate(descs)
+
+    def has_part(self, part: str) -> bool:
+        """Every decodable image has ``part`` (``lo``: the low renditions were computed)."""
+        ok = self.ok[: self._n]
+        return bool(self.present(part)[ok].all())
+
+    def present(self, part: str) -> np.ndarray:
+        """Per image: it has ``part`` (``lx``: a thumbnail's stretched renditions)."""
+        return self.ok[: self._n] & (self.rows[: self._n, PARTS.index(part)] >= 0)
+
+    def sides(self) -> np.ndarray:
+        """Each image's longer side in pixels (-1: undecodable)."""
+        return np.where(self.ok[: self._n], self.side[: self._n], -1)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def store_features(files: list[str], store: FeatureStore, *, workers: int = 2,
+                   chunk: int = 256) -> FeatureStore:
+    """:func:`features` of each file appended to ``store`` in order, ``chunk`` files at a time
+    (a thread pool per chunk: never more than a chunk of images in memory; under
+    :func:`~medlake.catalog.imageio.image_pool`, as verification)."""
+    with image_pool(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for s in range(0, len(files), chunk):
+            for f in pool.map(features, files[s:s + chunk]):
+                store.append(f)
+    return store
