@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from functools import cache
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pyarrow as pa
@@ -42,11 +43,12 @@ _BATCH = 8192  # rows per record batch read back
 
 
 @cache
-def code_tag() -> str:
-    """12 hex digits naming the descriptor's code: its and the decoders' module sources and
-    the installed versions of the decoding libraries."""
-    h = hashlib.sha256(DESCRIPTOR.encode())
-    for mod in (embedders, imageio, dicom):
+def code_tag(name: str = DESCRIPTOR, modules: tuple[ModuleType, ...] | None = None) -> str:
+    """12 hex digits naming a cache's code: ``name``, the sources of ``modules`` (default:
+    the descriptor's and the decoders' modules) and the installed versions of the decoding
+    libraries (``pipelines.features`` names its own module and the decoders')."""
+    h = hashlib.sha256(name.encode())
+    for mod in modules or (embedders, imageio, dicom):
         h.update(Path(mod.__file__).read_bytes())
     for dist in _LIBRARIES:
         try:

@@ -27,6 +27,7 @@ External pair lists (CSV: image_a, image_b[, score]) import as their own method.
 from __future__ import annotations
 
 import shutil
+from contextlib import ExitStack
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -315,8 +316,18 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
     # by the next process that opens the lake), read back through a bounded cache
     scratch = temp_dir_path(cat.ws.lake / "features")
     try:
-        with verify.FeatureStore(scratch) as store:
-            features.store_features([files[x] for x in ids], store, workers=int(p["workers"]))
+        # the features fingerprint left (same file bytes, same code) are read from its files,
+        # the other images decoded here
+        cached, hits = features.FeatureFiles(cat.ws.lake).matched(
+            list(zip(ids, fp["sha256"].to_list(), strict=True)))
+        with ExitStack() as held, features.FeatureStore(scratch) as store:
+            for c in cached:
+                held.enter_context(c)
+            features.store_features([files[x] for x in ids], store, workers=int(p["workers"]),
+                                    cached=hits)
+            del hits
+            for c in cached:
+                c.drop_index()
             knn = None
             verifier = partial(verify_pairs, cache=verify.FeatureCache(store, CACHE_IMAGES, CACHE_BYTES),
                                workers=int(p["workers"]))

@@ -17,17 +17,26 @@ delete. Its folder is named after this module's code and the decoders'
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
+import struct
+import sys
 import threading
+import zipfile
+from pathlib import Path
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Self
 
 import cv2
 import numpy as np
-from pathlib import Path
+from PIL import Image
 
-from medlake.catalog.imageio import ImageReadError, full_size, image_pool, load_8bit
+from medlake.catalog import descriptors, dicom, imageio
+from medlake.catalog.imageio import (ImageReadError, decode, full_size, image_pool, load_8bit,
+                                   reduces, to_8bit)
+from medlake.catalog.tables import safe_name, temp_dir_path
 
 SIDE = 256
 NFEATURES = 300  # ORB keypoints per image (and per mirror image)
@@ -59,13 +68,17 @@ def features(path: str, *, low: bool = True, reduced: bool = True) -> dict[str, 
     (:func:`fine_frame`: only the few images of such pairs need it).
     Returns None when the file cannot be decoded.
     """
+    got = _grey(path, reduced)
+    return None if got is None else features_of(*got, low=low)
+
+
+def features_of(grey: np.ndarray, full: tuple[int, int], *, low: bool = True) -> dict[str, Any]:
+    """:func:`features` of an image already decoded: ``grey`` its 8-bit grey pixels, ``full``
+    (h, w) of the whole image (:func:`feature_input` or :func:`_grey` give both)."""
     if not hasattr(_LOCAL, "orb"):
         _LOCAL.orb = cv2.ORB_create(nfeatures=NFEATURES, edgeThreshold=15, patchSize=15,
                                     fastThreshold=FAST_THRESHOLD)
-    got = _grey(path, reduced)
-    if got is None:
-        return None
-    grey, (h, w) = got
+    h, w = full
     eq = _resampled(grey, (h, w), SIDE)
     out = {"g": eq, "up": max(SIDE / max(h, w), 1.0), "side": max(h, w)}  # g: 64 KB per image
     out["n"], out["m"] = _orb_both(_LOCAL.orb, eq)
@@ -84,9 +97,28 @@ def _grey(path: str, reduced: bool = True) -> tuple[np.ndarray, tuple[int, int]]
         im = load_8bit(path, min_side=2 * SIDE if reduced else None)
     except (ImageReadError, OSError):
         return None
-    px = np.asarray(im)
+    return _grey_of(im, im)
+
+
+def _grey_of(px: Image.Image, im: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
+    """(8-bit grey pixels of ``px``, (h, w) of the whole image ``im``): ``px`` is ``im``'s
+    8-bit form (:func:`~medlake.catalog.imageio.to_8bit`)."""
+    arr = np.asarray(px)
     w, h = full_size(im)
-    return (px if px.ndim == 2 else cv2.cvtColor(px, cv2.COLOR_RGB2GRAY)), (h, w)
+    return (arr if arr.ndim == 2 else cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)), (h, w)
+
+
+def feature_input(data: bytes, path: Path | str, im: Image.Image,
+                  px: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
+    """What :func:`_grey` gives for this file (the pixels :func:`features` starts from), from
+    ``fingerprint``'s full decode ``im`` and its 8-bit form ``px`` when they are the same:
+    every file but a JPEG large enough to be decoded at a reduced DCT scale
+    (:func:`~medlake.catalog.imageio.reduces`), which is decoded again that way from
+    ``data`` (cheap: 1/2-1/8 scale)."""
+    if reduces(im, 2 * SIDE):
+        im = decode(data, path, min_side=2 * SIDE)
+        px = to_8bit(im)
+    return _grey_of(px, im)
 
 
 def _resampled(grey: np.ndarray, full: tuple[int, int], side: int) -> np.ndarray:
@@ -241,6 +273,8 @@ def features_many(files: list[str], *, workers: int = 2) -> list[dict[str, Any] 
 
 Extra = tuple[tuple[str, ...], np.ndarray, int]  # (feature sets, a flag per image, k): orb_pairs_many
 PARTS = ("g", "n", "m", "lo", "lom", "lx", "lxm")  # what FeatureStore keeps per image, in order
+_INDEX = ("ok", "off", "rows", "cols", "has", "up", "side")  # FeatureStore's arrays per image
+_MAGIC = b"MLFEAT01"  # the last 8 bytes of a saved FeatureStore (FeatureStore.save)
 WIDE = {"lx": len(STRETCH), "lxm": len(STRETCH)}  # sets of several renditions: per_image x this
 
 
@@ -269,12 +303,17 @@ class FeatureStore:
     :meth:`descriptors` streams the descriptors of some parts for :func:`orb_pairs`.
     The folder belongs to the caller (the duplicates stage makes a temporary one in the lake
     and removes it).
+
+    A store may also hold images of other stores without copying them (:meth:`adopt`: the
+    lake's cache, :class:`FeatureFiles`), read from their files; :meth:`save` turns a store
+    into one such file and :meth:`opened` opens one.
     """
 
     def __init__(self, folder: Path | str) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.folder / "features.bin", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._fds = [self._fd]  # the files images are read from (src: an index into this)
         self._end = 0
         self._cap = 0
         self._n = 0
@@ -287,7 +326,8 @@ class FeatureStore:
                                    ("cols", (cap, n), np.int32),  # g: width
                                    ("has", (cap, n), bool),  # descriptors present (not None)
                                    ("up", (cap,), np.float64),
-                                   ("side", (cap,), np.int64)):
+                                   ("side", (cap,), np.int64),
+                                   ("src", (cap,), np.int16)):
             out = np.zeros(shape, dtype=dtype)
             before = getattr(self, name, None)
             if before is not None:
@@ -330,13 +370,92 @@ class FeatureStore:
             view, at = view[done:], at + done
         self._end += len(blob)
 
+    def adopt(self, other: FeatureStore, j: int) -> None:
+        """Append image ``j`` of ``other`` (read from ``other``'s file, never copied: ``other``
+        stays open while this store is read)."""
+        i = self._n
+        if i == self._cap:
+            self._grow(2 * self._cap)
+        self._n += 1
+        fd = other._fds[other.src[j]]
+        if fd not in self._fds:
+            self._fds.append(fd)
+        self.src[i] = self._fds.index(fd)
+        for name in _INDEX:
+            getattr(self, name)[i] = getattr(other, name)[j]
+
+    def drop_index(self) -> None:
+        """Free this store's index (memory ~140 bytes per image), keeping its file open for
+        the stores that adopted its images; the store itself is empty after."""
+        for name in (*_INDEX, "src"):
+            setattr(self, name, getattr(self, name)[:0])
+        self._n = self._cap = 0
+
+    def save(self, dest: Path, ids: list[str], shas: list[str]) -> None:
+        """Make this store's file ``dest`` (moved there, replacing it atomically), with its
+        index and the (image_id, sha256) of each image appended: :meth:`opened` reads it.
+        The store is closed after; only a store of its own images can be saved."""
+        n = self._n
+        if len(ids) != n or len(shas) != n or (self.src[:n] != 0).any():
+            raise ValueError("FeatureStore.save: one id and sha256 per image of its own")
+        buf = io.BytesIO()
+        np.savez(buf, **{name: getattr(self, name)[:n] for name in _INDEX},
+                 ids=np.array([x.encode() for x in ids], dtype=np.bytes_),
+                 shas=np.array([x.encode() for x in shas], dtype=np.bytes_))
+        tail = memoryview(buf.getvalue() + struct.pack("<Q8s", self._end, _MAGIC))
+        at = self._end
+        while tail:
+            done = os.pwrite(self._fd, tail, at)
+            tail, at = tail[done:], at + done
+        os.fsync(self._fd)
+        self.close()
+        os.replace(self.folder / "features.bin", dest)
+
+    @classmethod
+    def opened(cls, path: Path) -> tuple[FeatureStore, np.ndarray, np.ndarray]:
+        """(store, image ids, sha256s) of a file :meth:`save` made, read-only.
+
+        Raises ``ValueError`` when the file is not one (truncated, overwritten, another
+        format), ``OSError`` when it cannot be read."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size < 16:
+                raise ValueError(f"{path}: not a feature file")
+            end, magic = struct.unpack("<Q8s", os.pread(fd, 16, size - 16))
+            if magic != _MAGIC or end > size - 16:
+                raise ValueError(f"{path}: not a feature file")
+            with np.load(io.BytesIO(os.pread(fd, size - 16 - end, end)), allow_pickle=False) as z:
+                arrays = {name: z[name] for name in (*_INDEX, "ids", "shas")}
+        except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            os.close(fd)
+            if isinstance(e, OSError):
+                raise
+            raise ValueError(f"{path}: not a feature file ({e})") from e
+        store = cls.__new__(cls)
+        store.folder, store._fd, store._fds, store._end = Path(path).parent, fd, [fd], end
+        n = len(arrays["ok"])
+        store._n = store._cap = n
+        for name in _INDEX:
+            setattr(store, name, arrays[name])
+        store.src = np.zeros(n, np.int16)
+        ids, shas = arrays["ids"], arrays["shas"]
+        extent = np.where(np.arange(len(PARTS)) == 0, store.rows * store.cols,
+                          store.rows * (8 + 32 * store.has)) + store.off
+        if (len(ids) != n or len(shas) != n or any(len(arrays[x]) != n for x in _INDEX)
+                or (n and int(extent.max(initial=0)) > end)):
+            store.close()
+            raise ValueError(f"{path}: not a feature file (its index does not fit)")
+        return store, ids, shas
+
     def _part(self, i: int, c: int) -> Any:
         k, at = int(self.rows[i, c]), int(self.off[i, c])
+        fd = self._fds[self.src[i]]
         if PARTS[c] == "g":
             w = int(self.cols[i, c])
-            return np.frombuffer(os.pread(self._fd, k * w, at), np.uint8).reshape(k, w)
+            return np.frombuffer(os.pread(fd, k * w, at), np.uint8).reshape(k, w)
         size = k * 8 + (k * 32 if self.has[i, c] else 0)
-        raw = os.pread(self._fd, size, at) if size else b""
+        raw = os.pread(fd, size, at) if size else b""
         pts = np.frombuffer(raw, np.float32, count=2 * k).reshape(k, 2).copy()
         des = (np.frombuffer(raw, np.uint8, offset=k * 8).reshape(k, 32).copy()
                if self.has[i, c] else None)
@@ -370,7 +489,7 @@ class FeatureStore:
                 if k <= 0 or not self.has[i, c]:
                     continue
                 use = _taken(PARTS[c], k, per_image)
-                raw = os.pread(self._fd, use * 32, int(self.off[i, c]) + k * 8)
+                raw = os.pread(self._fds[self.src[i]], use * 32, int(self.off[i, c]) + k * 8)
                 descs.append(np.frombuffer(raw, np.uint8).reshape(use, 32))
                 owners.append(np.full(use, shift + i, dtype=np.int64))
                 held += use
@@ -406,12 +525,119 @@ class FeatureStore:
 
 
 def store_features(files: list[str], store: FeatureStore, *, workers: int = 2,
-                   chunk: int = 256) -> FeatureStore:
+                   chunk: int = 256,
+                   cached: list[tuple[FeatureStore, int] | None] | None = None) -> FeatureStore:
     """:func:`features` of each file appended to ``store`` in order, ``chunk`` files at a time
     (a thread pool per chunk: never more than a chunk of images in memory; under
-    :func:`~medlake.catalog.imageio.image_pool`, as verification)."""
+    :func:`~medlake.catalog.imageio.image_pool`, as verification). ``cached``: per file,
+    (store, index) of its features found already (:meth:`FeatureFiles.matched`), adopted
+    instead of decoding the file; None where they must be computed."""
     with image_pool(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for s in range(0, len(files), chunk):
-            for f in pool.map(features, files[s:s + chunk]):
-                store.append(f)
+            part = range(s, min(s + chunk, len(files)))
+            todo = [i for i in part if cached is None or cached[i] is None]
+            made = dict(zip(todo, pool.map(features, [files[i] for i in todo]), strict=True))
+            for i in part:
+                if i in made:
+                    store.append(made[i])
+                else:
+                    store.adopt(*cached[i])  # type: ignore[index, misc]
     return store
+
+
+FEATURES = "features-v1"  # the cache folder's name, before its code tag
+
+
+class FeatureFiles:
+    """The features ``fingerprint`` leaves for ``duplicates`` in a workspace's lake:
+    ``lake/cache/features-v1-<code_tag>/<dataset>.features``, one file per dataset
+    (:meth:`FeatureStore.save`: the features, their index and each image's (image_id,
+    sha256)), replaced whole by each fingerprint run of that dataset.
+
+    About 100 KB per image (the 64-KB frame and ~300 ORB points of each set), as the
+    duplicates stage's own scratch store: read from here, that store holds only the images
+    not found (:meth:`FeatureStore.adopt`), so the stage needs no more disk than before.
+    """
+
+    def __init__(self, lake: Path) -> None:
+        self.lake = Path(lake)
+        self.root = self.lake / "cache"
+        self.folder = self.root / f"{FEATURES}-{_code_tag()}"
+
+    def _dest(self, dataset_id: str) -> Path:
+        return self.folder / f"{safe_name(dataset_id)}.features"
+
+    def writer(self, dataset_id: str) -> FeatureWriter:
+        """A writer of the dataset's file (:class:`FeatureWriter`)."""
+        return FeatureWriter(self, dataset_id)
+
+    def remove(self, dataset_id: str) -> None:
+        """Remove the dataset's file (none of its images has features any more)."""
+        self._dest(dataset_id).unlink(missing_ok=True)
+
+    def matched(self, keys: list[tuple[str, str]]
+                ) -> tuple[list[FeatureStore], list[tuple[FeatureStore, int] | None]]:
+        """(the stores opened, per key (image_id, sha256): (store, index) of its features,
+        None when not here). The stores are the caller's to close, after the last read of
+        a store that adopted from them. A file that cannot be read is skipped (its images
+        are decoded by the caller)."""
+        hits: list[tuple[FeatureStore, int] | None] = [None] * len(keys)
+        if not keys or not self.folder.is_dir():
+            return [], hits
+        want = np.array([(sha + "/" + i).encode() for i, sha in keys], dtype=np.bytes_)
+        open_: list[FeatureStore] = []
+        for f in sorted(self.folder.glob("*.features")):
+            try:
+                store, ids, shas = FeatureStore.opened(f)
+            except (OSError, ValueError):
+                continue
+            have = np.char.add(np.char.add(shas, b"/"), ids)  # sha256 first: 64 hex, no "/"
+            order = np.argsort(have, kind="stable")
+            have = have[order]
+            pos = np.minimum(np.searchsorted(have, want), max(len(have) - 1, 0))
+            found = [k for k in np.flatnonzero(have[pos] == want) if hits[k] is None] if len(have) else []
+            for k in found:
+                hits[k] = (store, int(order[pos[k]]))
+            if found:
+                open_.append(store)
+            else:
+                store.close()
+        return open_, hits
+
+
+class FeatureWriter:
+    """Features of one dataset's images, written to a scratch folder in the lake (removed by
+    the next process that opens the lake when this one is killed) and moved into
+    :class:`FeatureFiles` by :meth:`commit`; :meth:`discard` drops them."""
+
+    def __init__(self, files: FeatureFiles, dataset_id: str) -> None:
+        self.files, self.dest = files, files._dest(dataset_id)
+        self.tmp = temp_dir_path(files.lake / "features")
+        self.store = FeatureStore(self.tmp)
+        self.ids: list[str] = []
+        self.shas: list[str] = []
+
+    def add(self, image_id: str, sha256: str, f: dict[str, Any]) -> None:
+        self.store.append(f)
+        self.ids.append(image_id)
+        self.shas.append(sha256)
+
+    def commit(self) -> None:
+        """Replace the dataset's file with these features; remove other code tags' folders."""
+        for old in self.files.root.glob(f"{FEATURES}-*"):
+            if old != self.files.folder:
+                shutil.rmtree(old, ignore_errors=True)
+        self.files.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.store.save(self.dest, self.ids, self.shas)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        self.store.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _code_tag() -> str:
+    """:func:`medlake.catalog.descriptors.code_tag` of this module and the decoders'."""
+    return descriptors.code_tag(FEATURES, (sys.modules[__name__], imageio, dicom))

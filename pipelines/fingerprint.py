@@ -30,10 +30,12 @@ from medlake.catalog.params import defaults, param, to_dict
 from medlake.catalog import descriptors
 from medlake.catalog.embedders import DESCRIPTOR
 from medlake.catalog.imageio import ImageReadError, decode, image_pool, sha256_bytes, to_8bit
+from medlake.pipelines import features
 from medlake.pipelines.stage import Counts, Stage
 
 log = logging.getLogger(__name__)
 STAGE = "fingerprint"
+_CHUNK = 256  # images per thread-pool batch (their features are written as each batch ends)
 
 
 @dataclass(frozen=True)
@@ -322,9 +324,10 @@ def whash(grey: Image.Image, hash_size: int = 8) -> str:
 
 
 def _one(row: dict[str, Any], p: dict[str, Any], root: Path, *,
-         vector: bool = False) -> dict[str, Any]:
+         vector: bool = False, feats: bool = False) -> dict[str, Any]:
     """The fingerprint row of one image (``error`` and ``detail`` when it cannot be read);
-    with ``vector``, also its descriptor-v1 vector (``_vector``, for embed's cache)."""
+    with ``vector``, also its descriptor-v1 vector (``_vector``, for embed's cache); with
+    ``feats``, its duplicates features (``_features``, :class:`pipelines.features.FeatureFiles`)."""
     if row.get("error"):  # refused by the path resolver
         return {"error": row["error"], "detail": f"{row.get('path')}: {row['error']}"}
     try:
@@ -342,6 +345,12 @@ def _one(row: dict[str, Any], p: dict[str, Any], root: Path, *,
             vec = descriptors.descriptor(data, path, im, px)
         except Exception:  # embed decodes the file again and reports what it finds
             log.debug("descriptor of %s left to embed", path, exc_info=True)
+    got = None
+    if feats:  # a cache for duplicates: a failure here only leaves duplicates to decode it
+        try:
+            got = features.features_of(*features.feature_input(data, path, im, px))
+        except Exception:  # duplicates decodes the file again and reports what it finds
+            log.debug("features of %s left to duplicates", path, exc_info=True)
     arr = np.asarray(px)
     grey = px.convert("L")  # every imagehash hash starts with convert("L"): do it once
     hashes = small_hashes(grey)
@@ -354,6 +363,7 @@ def _one(row: dict[str, Any], p: dict[str, Any], root: Path, *,
         "ahash": hashes["ahash"], "whash": whash(grey), "phash_sym": hashes["phash_sym"],
         **metrics, "flags": ",".join(flags),
         "params": to_json(p), **({} if vec is None else {"_vector": vec}),
+        **({} if got is None else {"_features": got}),
     }
 
 
@@ -383,8 +393,41 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
     rows = files.to_dicts()
     # embed's descriptor-v1 vectors from this decode (catalog.descriptors), when embed uses it
     vector = cat.ws.param("embed.model", DESCRIPTOR) == DESCRIPTOR
+    cache = features.FeatureFiles(cat.ws.lake)
+    writers: dict[str, features.FeatureWriter] = {}  # duplicates' features, per dataset
+    try:
+        results = _fingerprinted(rows, lambda r: _one(r, p, cat.ws.root, vector=vector, feats=True),
+                                 workers, cache, writers)
+        return _publish(cat, rows, results, vector, cache, writers, echo)
+    finally:
+        for w in writers.values():  # committed ones are gone already
+            w.discard()
+
+
+def _fingerprinted(rows: list[dict[str, Any]], one: Any, workers: int,
+                   cache: features.FeatureFiles, writers: dict[str, features.FeatureWriter]
+                   ) -> list[dict[str, Any]]:
+    """``one(row)`` of every row on a thread pool, :data:`_CHUNK` rows at a time; each
+    result's ``_features`` goes to its dataset's writer as it comes (never held)."""
+    results = []
     with image_pool(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(lambda r: _one(r, p, cat.ws.root, vector=vector), rows))
+        for s in range(0, len(rows), _CHUNK):
+            part = rows[s:s + _CHUNK]
+            for r, res in zip(part, pool.map(one, part), strict=True):
+                f = res.pop("_features", None)
+                if f is not None:
+                    ds = r["dataset_id"]
+                    if ds not in writers:
+                        writers[ds] = cache.writer(ds)
+                    writers[ds].add(r["image_id"], res["sha256"], f)
+                results.append(res)
+    return results
+
+
+def _publish(cat: Catalog, rows: list[dict[str, Any]], results: list[dict[str, Any]],
+             vector: bool, cache: features.FeatureFiles,
+             writers: dict[str, features.FeatureWriter], echo: Any) -> Counts:
+    """Write the tables, then the caches (descriptors for embed, features for duplicates)."""
     counts = {"images": len(rows), "fingerprinted": 0, "quarantined": 0}
     by_ds: dict[str, tuple[list, list, list]] = {}
     for r, res in zip(rows, results, strict=True):
@@ -404,11 +447,16 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
             if echo:
                 echo(f"{ds}: {len(good):,} fingerprinted, {len(bad):,} quarantined")
     if vector:  # after the tables are published (a cache: embed decodes what it lacks)
-        cache = descriptors.DescriptorCache(cat.ws.lake)
+        cache_d = descriptors.DescriptorCache(cat.ws.lake)
         for ds, (good, _, vecs) in sorted(by_ds.items()):
             have = [(r, v) for r, v in zip(good, vecs, strict=True) if v is not None]
-            cache.write(ds, [r["image_id"] for r, _ in have], [r["sha256"] for r, _ in have],
-                        [v for _, v in have])
+            cache_d.write(ds, [r["image_id"] for r, _ in have], [r["sha256"] for r, _ in have],
+                          [v for _, v in have])
+    for ds in sorted(by_ds):  # after the tables too; a dataset without any: its file removed
+        if ds in writers:
+            writers.pop(ds).commit()
+        else:
+            cache.remove(ds)
     if counts["fingerprinted"] + counts["quarantined"] != counts["images"]:
         raise CatalogError("fingerprint: rows in != rows out + quarantined (a bug; please report)")
     return Counts(STAGE, counts, f"fingerprint: {counts['images']:,} images, "
