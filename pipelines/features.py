@@ -24,9 +24,9 @@ import struct
 import sys
 import threading
 import zipfile
-from pathlib import Path
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Self
 
 import cv2
