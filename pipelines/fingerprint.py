@@ -6,6 +6,10 @@ unreadable one, per dataset in one transaction: images in = fingerprints + quara
 Quality flags follow cleanvision's checks: ``dark``, ``bright``, ``low_contrast``,
 ``blurry``, ``low_information``, ``tiny``, ``extreme_aspect``, ``grey_as_colour`` and, for
 X-ray datasets, ``inverted_xray`` and ``rotated_xray``.
+
+From the same decode it leaves two caches in the lake (not tables, not tracked by DVC): the
+descriptor-v1 vectors for ``embed`` (:mod:`catalog.descriptors`) and the image features for
+``duplicates`` (:class:`pipelines.features.FeatureFiles`).
 """
 
 from __future__ import annotations
@@ -468,7 +472,9 @@ DECLARATION = Stage(
     reads=("images", "datasets"), writes=("fingerprints", "quarantine"),
     help="Fingerprint every image: sha256, perceptual hashes, size, mode and quality flags.\n\n"
          "Unreadable images go to the quarantine table (stage 'fingerprint') with the "
-         "decoder's reason.",
+         "decoder's reason. From the same decode it also computes the image features "
+         "'medlake duplicates' reads (lake/cache/features-v1-*, ~100 KB per image; safe to "
+         "delete: duplicates then decodes the files itself).",
     options=(click.option("--dataset", "dataset_id", help="Only this dataset (default: all)."),
              click.option("--workers", type=int, default=2, show_default=True,
                           help="Threads decoding images in parallel.")),
