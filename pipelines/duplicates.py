@@ -27,9 +27,9 @@ External pair lists (CSV: image_a, image_b[, score]) import as their own method.
 from __future__ import annotations
 
 import shutil
-from contextlib import ExitStack
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
