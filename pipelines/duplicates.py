@@ -339,15 +339,17 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
             todo = [(i, j) for (i, j), c in sorted(cand.items()) if "sha256" not in c["methods"]]
             checked = dict(zip(todo, verifier([(files[ids[i]], files[ids[j]], i, j)
                                                for i, j in todo], p), strict=True))
+            del todo
             checked = distinct(checked, [(i, j) for (i, j), c in cand.items()
                                          if "sha256" in c["methods"]], p, ids)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     params_json = to_json(p)
     rows = []
-    for (i, j), c in sorted(cand.items()):
-        res = checked.get((i, j)) or {"verified": True, "inliers": None, "ncc": 1.0,
-                                      "transform": "identical"}
+    for i, j in sorted(cand):  # each pair's candidate and result freed as its row is made
+        c = cand.pop((i, j))
+        res = checked.pop((i, j), None) or {"verified": True, "inliers": None, "ncc": 1.0,
+                                            "transform": "identical"}
         if "votes" in c:
             res = {**res, "evidence": {**res.get("evidence", {}), "orb_votes": c["votes"]}}
         if "low_votes" in c:
