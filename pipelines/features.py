@@ -584,7 +584,8 @@ class FeatureFiles:
         hits: list[tuple[FeatureStore, int] | None] = [None] * len(keys)
         if not keys or not self.folder.is_dir():
             return [], hits
-        want = np.array([(sha + "/" + i).encode() for i, sha in keys], dtype=np.bytes_)
+        want = np.array([((sha or "") + "/" + i).encode() for i, sha in keys],  # no sha: a miss
+                        dtype=np.bytes_)
         open_: list[FeatureStore] = []
         for f in sorted(self.folder.glob("*.features")):
             try:

@@ -152,6 +152,7 @@ def test_a_changed_file_gets_new_features_and_its_old_ones_are_not_read(lake, tm
         opened, hits = cache.matched([(row["image_id"], row["sha256"]),
                                       (row["image_id"], new["sha256"])])
         assert hits[0] is None and hits[1] is not None
+        assert cache.matched([(row["image_id"], None)])[1] == [None]  # no sha256: a miss
         assert _same(hits[1][0].get(hits[1][1]), features.features(str(path)))
         for s in opened:
             s.close()
