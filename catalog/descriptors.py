@@ -58,6 +58,13 @@ def code_tag(name: str = DESCRIPTOR, modules: tuple[ModuleType, ...] | None = No
     return h.hexdigest()[:12]
 
 
+def remove_other_tags(folder: Path, name: str) -> None:
+    """Remove the sibling folders ``<name>-<tag>`` of ``folder`` (a cache of other code)."""
+    for old in folder.parent.glob(f"{name}-*"):
+        if old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def descriptor_input(data: bytes, path: Path, im: Image.Image, px: Image.Image) -> Image.Image:
     """The pixels ``embed`` gives the descriptor for this file (:func:`imageio.load_8bit` with
     the descriptor's ``decode_side``), from ``fingerprint``'s full decode ``im`` (and its 8-bit
@@ -86,9 +93,7 @@ class DescriptorCache:
               vecs: np.ndarray | list[np.ndarray]) -> None:
         """Replace the dataset's file with these vectors (rows of ``vecs``; none: the file is
         removed); remove the folders of other code tags."""
-        for old in self.root.glob(f"{DESCRIPTOR}-*"):
-            if old != self.folder:
-                shutil.rmtree(old, ignore_errors=True)
+        remove_other_tags(self.folder, DESCRIPTOR)
         dest = self.folder / f"{safe_name(dataset_id)}.parquet"
         if not ids:
             dest.unlink(missing_ok=True)

@@ -338,11 +338,16 @@ class FeatureStore:
     def __len__(self) -> int:
         return self._n
 
-    def append(self, f: dict[str, Any] | None) -> None:
+    def _slot(self) -> int:
+        """The index of a new image (the arrays grown when full)."""
         i = self._n
         if i == self._cap:
             self._grow(2 * self._cap)
         self._n += 1
+        return i
+
+    def append(self, f: dict[str, Any] | None) -> None:
+        i = self._slot()
         if f is None:
             return
         self.ok[i], self.up[i], self.side[i] = True, f["up"], f["side"]
@@ -363,20 +368,20 @@ class FeatureStore:
             else:
                 self.rows[i, c] = -1  # part not computed (features(low=False))
         blob = b"".join(chunks)
-        view = memoryview(blob)
-        at = self._end
+        self._write(blob, self._end)
+        self._end += len(blob)
+
+    def _write(self, data: bytes, at: int) -> None:
+        """All of ``data`` written to this store's own file at offset ``at``."""
+        view = memoryview(data)
         while view:
             done = os.pwrite(self._fd, view, at)
             view, at = view[done:], at + done
-        self._end += len(blob)
 
     def adopt(self, other: FeatureStore, j: int) -> None:
         """Append image ``j`` of ``other`` (read from ``other``'s file, never copied: ``other``
         stays open while this store is read)."""
-        i = self._n
-        if i == self._cap:
-            self._grow(2 * self._cap)
-        self._n += 1
+        i = self._slot()
         fd = other._fds[other.src[j]]
         if fd not in self._fds:
             self._fds.append(fd)
@@ -402,11 +407,7 @@ class FeatureStore:
         np.savez(buf, **{name: getattr(self, name)[:n] for name in _INDEX},
                  ids=np.array([x.encode() for x in ids], dtype=np.bytes_),
                  shas=np.array([x.encode() for x in shas], dtype=np.bytes_))
-        tail = memoryview(buf.getvalue() + struct.pack("<Q8s", self._end, _MAGIC))
-        at = self._end
-        while tail:
-            done = os.pwrite(self._fd, tail, at)
-            tail, at = tail[done:], at + done
+        self._write(buf.getvalue() + struct.pack("<Q8s", self._end, _MAGIC), self._end)
         os.fsync(self._fd)
         self.close()
         os.replace(self.folder / "features.bin", dest)
@@ -421,16 +422,17 @@ class FeatureStore:
         try:
             size = os.fstat(fd).st_size
             if size < 16:
-                raise ValueError(f"{path}: not a feature file")
+                raise ValueError("shorter than its footer")
             end, magic = struct.unpack("<Q8s", os.pread(fd, 16, size - 16))
             if magic != _MAGIC or end > size - 16:
-                raise ValueError(f"{path}: not a feature file")
+                raise ValueError("no feature-file footer")
             with np.load(io.BytesIO(os.pread(fd, size - 16 - end, end)), allow_pickle=False) as z:
                 arrays = {name: z[name] for name in (*_INDEX, "ids", "shas")}
-        except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        except OSError:
             os.close(fd)
-            if isinstance(e, OSError):
-                raise
+            raise
+        except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            os.close(fd)
             raise ValueError(f"{path}: not a feature file ({e})") from e
         store = cls.__new__(cls)
         store.folder, store._fd, store._fds, store._end = Path(path).parent, fd, [fd], end
@@ -625,9 +627,7 @@ class FeatureWriter:
 
     def commit(self) -> None:
         """Replace the dataset's file with these features; remove other code tags' folders."""
-        for old in self.files.root.glob(f"{FEATURES}-*"):
-            if old != self.files.folder:
-                shutil.rmtree(old, ignore_errors=True)
+        descriptors.remove_other_tags(self.files.folder, FEATURES)
         self.files.folder.mkdir(parents=True, exist_ok=True)
         try:
             self.store.save(self.dest, self.ids, self.shas)
