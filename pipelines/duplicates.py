@@ -38,6 +38,7 @@ from typing import Any, Literal
 import click
 import numpy as np
 import polars as pl
+import pyarrow as pa
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -345,32 +346,56 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     params_json = to_json(p)
-    rows = []
-    for i, j in sorted(cand):  # each pair's candidate and result freed as its row is made
-        c = cand.pop((i, j))
-        res = checked.pop((i, j), None) or {"verified": True, "inliers": None, "ncc": 1.0,
-                                            "transform": "identical"}
-        if "votes" in c:
-            res = {**res, "evidence": {**res.get("evidence", {}), "orb_votes": c["votes"]}}
-        if "low_votes" in c:
-            res = {**res, "evidence": {**res.get("evidence", {}), "orb_low_votes": c["low_votes"]}}
-        rows.append({"image_a": ids[i], "image_b": ids[j], "method": "+".join(sorted(set(c["methods"]))),
-                     "score": res["ncc"], "verified": res["verified"], "hamming": c.get("hamming"),
-                     "cosine": c.get("cosine"), "inliers": res["inliers"], "ncc": res["ncc"],
-                     "transform": res["transform"], "evidence": to_json(res.get("evidence", {})),
-                     "params": params_json})
+    found, n_verified = _pairs_table(cand, checked, ids, params_json)
+    del cand, checked
     ext = import_external(cat, external, params_json) if external else []
-    pairs = conform("pairs", rows + ext) if rows or ext else spec("pairs").schema.empty_table()
-    clusters = cluster(pl.from_arrow(pairs), params_json)
+    pairs = conform("pairs", pa.concat_tables([found, conform("pairs", ext, check_key=False)])
+                    if ext else found)
+    clusters = cluster(pl.from_arrow(pairs.select(["image_a", "image_b", "verified"]),
+                                     rechunk=False), params_json)
     with cat.transaction() as tx:
         tx.write("pairs", pairs, stage=STAGE, partition="all")
         tx.write("clusters", clusters, stage=STAGE, partition="all")
     n_clu = clusters["cluster_id"].n_unique()
-    counts = {"candidates": len(rows), "verified": sum(r["verified"] for r in rows),
-              "clusters": n_clu, "external": len(ext)}
+    counts = {"candidates": found.num_rows, "verified": n_verified, "clusters": n_clu,
+              "external": len(ext)}
     return Counts(STAGE, counts, f"duplicates: {counts['candidates']:,} candidate pairs, "
                   f"{counts['verified']:,} verified, {counts['external']:,} external, "
                   f"{counts['clusters']:,} clusters")
+
+
+PAIR_CHUNK = 8192  # pairs rows made as Python values at once (_pairs_table), then Arrow
+
+
+def _pairs_table(cand: dict[tuple[int, int], dict], checked: dict[tuple[int, int], dict[str, Any]],
+                 ids: list[str], params_json: str) -> tuple[pa.Table, int]:
+    """(the ``pairs`` rows of every candidate, how many are verified): a candidate's methods
+    and scores (``cand``) with its verification (``checked``; sha256 copies have none: they
+    are identical). Both dicts are emptied as the rows are made, and the rows become Arrow
+    columns :data:`PAIR_CHUNK` at a time: at 100k images (~270k candidates) a row per pair
+    as Python values cost ~700 MB above the verification's peak."""
+    parts, rows, n_verified = [], [], 0
+    for i, j in sorted(cand):
+        c = cand.pop((i, j))
+        res = checked.pop((i, j), None) or {"verified": True, "inliers": None, "ncc": 1.0,
+                                            "transform": "identical"}
+        ev = res.get("evidence", {})
+        if "votes" in c:
+            ev = {**ev, "orb_votes": c["votes"]}
+        if "low_votes" in c:
+            ev = {**ev, "orb_low_votes": c["low_votes"]}
+        n_verified += bool(res["verified"])
+        rows.append({"image_a": ids[i], "image_b": ids[j], "method": "+".join(sorted(set(c["methods"]))),
+                     "score": res["ncc"], "verified": res["verified"], "hamming": c.get("hamming"),
+                     "cosine": c.get("cosine"), "inliers": res["inliers"], "ncc": res["ncc"],
+                     "transform": res["transform"], "evidence": to_json(ev), "params": params_json})
+        if len(rows) == PAIR_CHUNK:
+            parts.append(conform("pairs", rows, check_key=False))
+            rows = []
+    if rows:
+        parts.append(conform("pairs", rows, check_key=False))
+    table = pa.concat_tables(parts) if parts else spec("pairs").schema.empty_table()
+    return table, n_verified
 
 
 def _labels(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
