@@ -6,6 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from polars.testing import assert_frame_equal
 from images_helpers import _synth_lake, truth  # noqa: F401  (session fixture synth_lake)
 
 from medlake.catalog import CatalogError
@@ -438,3 +439,17 @@ def test_distinct_never_accepts_a_pair_its_motion_check_rejected():
     for ev in ({"moved": True}, {"fine": {"moved": True}}):
         moved = {(0, 1): {**plain[(0, 1)], "evidence": {**plain[(0, 1)]["evidence"], **ev}}}
         assert not duplicates.distinct(moved, [], p, ids)[(0, 1)]["verified"], ev
+
+
+def test_pairs_rows_made_in_chunks_give_the_same_tables(dup_run, monkeypatch):
+    """duplicates._pairs_table turns the rows into Arrow PAIR_CHUNK at a time: chunks of 7
+    rows (many chunks, a short last one) give the very tables and counts of one chunk."""
+    cat, counts = dup_run
+    before = {t: cat.read(t).sort(cat_key) for t, cat_key in
+              (("pairs", ["image_a", "image_b", "method"]), ("clusters", ["image_id"]))}
+    assert before["pairs"].height > 3 * 7 and before["clusters"].height
+    monkeypatch.setattr(duplicates, "PAIR_CHUNK", 7)
+    again = duplicates.run(cat)
+    assert again.counts == counts.counts
+    assert_frame_equal(cat.read("pairs").sort(["image_a", "image_b", "method"]), before["pairs"])
+    assert_frame_equal(cat.read("clusters").sort("image_id"), before["clusters"])
