@@ -47,6 +47,7 @@ NFEATURES = 300  # ORB keypoints per image (and per mirror image)
 # fewer corners than that per level, and every threshold above 8 changed them.
 FAST_THRESHOLD = 12
 LOW_SIDE, LOW_GRID = 48, 96  # low rendition: long side reduced to 48 px, ORB at 96 px
+MID_SIDE, MID_GRID = 64, 128  # mid rendition: long side reduced to 64 px, ORB at 128 px
 STRETCH_SIDE = 128  # images up to this longer side also get low renditions stretched by STRETCH
 STRETCH = (2 ** 0.5, 2 ** -0.5)  # width / height factors (undo a crop squeezed to a square)
 
@@ -60,7 +61,10 @@ def features(path: str, *, low: bool = True, reduced: bool = True) -> dict[str, 
     pyramid level, angle ``180 - angle``) with descriptors computed on the mirrored image,
     which is what detecting on the mirror finds (FAST, Harris and the intensity centroid are
     mirror-symmetric) at about a third of the cost. With ``low``, also ``lo``/``lom``: ORB
-    of the low rendition and its mirror (:func:`_low`), points in the 256-px frame. ``side``
+    of the low rendition and its mirror (:func:`_low`), and ``mi``/``mim``: of the mid
+    rendition (:data:`MID_SIDE` px, ORB at :data:`MID_GRID`: ``duplicates.orb_mid`` buckets
+    both together, so a crop magnified 1.5-2.5x meets its source at the crop's scale),
+    points in the 256-px frame. ``side``
     is the image's longer side in pixels, ``up`` its upsampling to the 256-px frame (>= 1).
     ``reduced`` (default): a large JPEG is decoded at a reduced DCT scale (>= 512 px on its
     shorter side; :func:`medlake.catalog.imageio.open_image`); False decodes every pixel.
@@ -84,6 +88,7 @@ def features_of(grey: np.ndarray, full: tuple[int, int], *, low: bool = True) ->
     out["n"], out["m"] = _orb_both(_LOCAL.orb, eq)
     if low:
         out["lo"], out["lom"] = _low(grey, eq.shape, (h, w))
+        out["mi"], out["mim"] = _low(grey, eq.shape, (h, w), side=MID_SIDE, grid=MID_GRID)
         if max(h, w) <= STRETCH_SIDE:  # a thumbnail may be a crop squeezed to its shape
             out["lx"], out["lxm"] = _stretched(grey, eq.shape, (h, w))
     return out
@@ -173,8 +178,11 @@ def _centred(got: tuple[np.ndarray, np.ndarray | None, np.ndarray], shape: tuple
 
 
 def _low(grey: np.ndarray, frame: tuple[int, int], full: tuple[int, int] | None = None,
-         aspect: float = 1.0) -> tuple[tuple[np.ndarray, np.ndarray | None], ...]:
-    """ORB of the low rendition (long side area-reduced to ``LOW_SIDE``, resized to ``LOW_GRID``).
+         aspect: float = 1.0, *, side: int = LOW_SIDE,
+         grid: int = LOW_GRID) -> tuple[tuple[np.ndarray, np.ndarray | None], ...]:
+    """ORB of the low rendition (long side area-reduced to ``side``, resized to ``grid``;
+    :data:`LOW_SIDE` and :data:`LOW_GRID`, or the mid rendition's :data:`MID_SIDE` and
+    :data:`MID_GRID`).
 
     Reducing every image to the same number of pixels is scale-covariant: a crop's
     rendition equals its source's, magnified, which ORB's pyramid absorbs, so a 30-px
@@ -187,11 +195,11 @@ def _low(grey: np.ndarray, frame: tuple[int, int], full: tuple[int, int] | None 
         _LOCAL.orb_low = cv2.ORB_create(nfeatures=NFEATURES, edgeThreshold=8, patchSize=15,
                                         fastThreshold=8, nlevels=6)
     h, w = full or grey.shape
-    s = LOW_SIDE / max(h, w)
+    s = side / max(h, w)
     x = grey if s >= 1 else cv2.resize(grey, (max(4, round(w * s)), max(4, round(h * s))),
                                        interpolation=cv2.INTER_AREA)
     wide = x.shape[1] * aspect
-    k = LOW_GRID / max(wide, x.shape[0])
+    k = grid / max(wide, x.shape[0])
     x = cv2.resize(x, (max(8, round(wide * k)), max(8, round(x.shape[0] * k))),
                    interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
     n, m = _orb_both(_LOCAL.orb_low, cv2.equalizeHist(x))
@@ -272,7 +280,8 @@ def features_many(files: list[str], *, workers: int = 2) -> list[dict[str, Any] 
 
 
 Extra = tuple[tuple[str, ...], np.ndarray, int]  # (feature sets, a flag per image, k): orb_pairs_many
-PARTS = ("g", "n", "m", "lo", "lom", "lx", "lxm")  # what FeatureStore keeps per image, in order
+PARTS = ("g", "n", "m", "lo", "lom", "lx", "lxm", "mi", "mim")  # what FeatureStore keeps per
+# image, in order
 _INDEX = ("ok", "off", "rows", "cols", "has", "up", "side")  # FeatureStore's arrays per image
 _MAGIC = b"MLFEAT01"  # the last 8 bytes of a saved FeatureStore (FeatureStore.save)
 WIDE = {"lx": len(STRETCH), "lxm": len(STRETCH)}  # sets of several renditions: per_image x this
