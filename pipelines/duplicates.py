@@ -251,16 +251,24 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
             # deeper, small_k); thumbnails also by their stretched renditions (squeezed crops,
             # verify._stretched) as virtual twins: all from one bucketing of the low renditions
             small_k = int(p.get("small_k", 3 * orb["k"]))
-            select = (([(orb["k"], None)] if how in ("low", "both") else [])
-                      + ([(small_k, small)] if small.any() and small_k > 0 else []))
+            main = [(orb["k"], None)] if how in ("low", "both") else []
+            select = [(small_k, small)] if small.any() and small_k > 0 else []
             stretched = small & _present(feats, "lx")
             stretch_k = int(p.get("stretch_k", 0))
             extra = (("lx", "lxm"), stretched, stretch_k) if stretched.any() and stretch_k > 0 else None
             kw = {x: v for x, v in orb.items() if x != "k"}
-            mid = bool(p.get("orb_mid", DEFAULTS["orb_mid"])) and _all_have(feats, "mi")
-            founds = (verify.orb_pairs_many(feats, select, **kw, bits=32, extra=extra,
-                                            tags=("lo", "lom", "mi", "mim") if mid else ("lo", "lom"))
-                      if select or extra else [])
+            founds = []
+            if main and p.get("orb_mid", DEFAULTS["orb_mid"]):
+                # the orb_k best by the low and mid renditions together; small images' and
+                # thumbnails' selections by the low renditions alone (larger images' mid
+                # descriptors crowded a thumbnail's list: to_small candidates 0.93 -> 0.88)
+                founds += verify.orb_pairs_many(feats, main, **kw, bits=32,
+                                                tags=("lo", "lom", "mi", "mim"))
+            else:
+                select = main + select
+            if select or extra:
+                founds += verify.orb_pairs_many(feats, select, **kw, bits=32, tags=("lo", "lom"),
+                                                extra=extra)
             for found in founds:
                 for i, j, v in found:
                     c = cand.get((int(i), int(j)), {})

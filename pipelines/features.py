@@ -88,7 +88,8 @@ def features_of(grey: np.ndarray, full: tuple[int, int], *, low: bool = True) ->
     out["n"], out["m"] = _orb_both(_LOCAL.orb, eq)
     if low:
         out["lo"], out["lom"] = _low(grey, eq.shape, (h, w))
-        out["mi"], out["mim"] = _low(grey, eq.shape, (h, w), side=MID_SIDE, grid=MID_GRID)
+        if max(h, w) > MID_GRID:  # a thumbnail's mid rendition is only its low one enlarged
+            out["mi"], out["mim"] = _low(grey, eq.shape, (h, w), side=MID_SIDE, grid=MID_GRID)
         if max(h, w) <= STRETCH_SIDE:  # a thumbnail may be a crop squeezed to its shape
             out["lx"], out["lxm"] = _stretched(grey, eq.shape, (h, w))
     return out
