@@ -453,3 +453,30 @@ def test_pairs_rows_made_in_chunks_give_the_same_tables(dup_run, monkeypatch):
     assert again.counts == counts.counts
     assert_frame_equal(cat.read("pairs").sort(["image_a", "image_b", "method"]), before["pairs"])
     assert_frame_equal(cat.read("clusters").sort("image_id"), before["clusters"])
+
+
+def test_orb_mid_adds_the_mid_renditions_best_to_the_low_renditions_pairs(synth_lake):
+    """orb_mid: every image over 128 px has a mid rendition (mi, mim), a thumbnail none; the
+    orb_k best come from a bucketing of the low and mid renditions together, and the small
+    images' selection (small_k) and the thumbnails' stretched twins from the low renditions
+    alone, as with orb_mid false."""
+    fp = synth_lake.read("fingerprints").sort("image_id")
+    files = dict(zip(*fingerprint.image_files(synth_lake).select("image_id", "file")
+                     .get_columns(), strict=True))
+    feats = features.features_many([files[x] for x in fp["image_id"]])
+    for f in feats:
+        assert ("mi" in f) == (f["side"] > features.MID_GRID) and ("mi" in f) == ("mim" in f)
+        assert "mi" not in f or f["mi"][1] is not None and f["mi"][1].shape[1] == 32
+    p = {**duplicates.DEFAULTS, "hash_k": 0, "k": 0, "orb_buckets": "low"}
+    assert duplicates.DEFAULTS["orb_mid"] is True
+    low = {c for c, v in duplicates.candidates(fp, None, {**p, "orb_mid": False},
+                                                feats=feats).items() if "orb_low" in v["methods"]}
+    both = {c for c, v in duplicates.candidates(fp, None, p, feats=feats).items()
+            if "orb_low" in v["methods"]}
+    joint = {(int(i), int(j)) for i, j, _ in verify.orb_pairs(
+        feats, k=p["orb_k"], min_votes=p["orb_votes"], per_image=p["orb_features"], bits=32,
+        tags=("lo", "lom", "mi", "mim"))}
+    side = np.array([f["side"] for f in feats])
+    assert joint <= both <= low | joint
+    assert all(min(side[i], side[j]) <= p["small_side"] for i, j in both - joint)
+    assert joint - low  # the mid renditions rank pairs the low ones alone do not
