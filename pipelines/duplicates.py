@@ -6,7 +6,8 @@ hash values shared by more than ``hash_max_group`` images are skipped),
 vector neighbours (the ``k`` nearest by cosine above ``cosine``, found with exact blocked
 matrix products, never the full N x N matrix) and shared local features (ORB descriptors
 hashed into buckets, :func:`pipelines.verify.orb_pairs`: of each image's low rendition, the
-``orb_k`` best per image with ``orb_votes`` shared buckets, method ``orb_low``; of its 256-px
+``orb_k`` best per image with ``orb_votes`` shared buckets, method ``orb_low``, bucketed with
+its mid rendition, ``orb_mid``; of its 256-px
 frame, the ``orb_full_k`` best of each image of ``orb_full_from`` px or more, method ``orb``;
 this path finds crops and rotations; images of at most
 ``small_side`` px are also paired by ORB of low renditions, method ``orb_low``, and thumbnails
@@ -252,6 +253,7 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
             # every image; pairs with a small image ranked among themselves (few images: look
             # deeper, small_k); thumbnails also by their stretched renditions (squeezed crops,
             # verify._stretched) as virtual twins: all from one bucketing of the low renditions
+            # (with orb_mid, the orb_k best from a second one, of the low and mid renditions)
             small_k = int(p.get("small_k", 3 * orb["k"]))
             main = [(orb["k"], None)] if how in ("low", "both") else []
             select = [(small_k, small)] if small.any() and small_k > 0 else []
