@@ -233,9 +233,11 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
                "per_image": int(p["orb_features"]), "seed": int(p.get("orb_seed", 0))}
         how = p.get("orb_buckets", DEFAULTS["orb_buckets"])
         orb["scratch"] = getattr(feats, "folder", None)
-        has_low = _all_have(feats, "lo")
-        sides = (feats.sides() if isinstance(feats, verify.FeatureStore)
-                 else np.array([-1 if f is None else f["side"] for f in feats], dtype=np.int64))
+        if isinstance(feats, verify.FeatureStore):
+            has_low, sides = feats.has_part("lo"), feats.sides()
+        else:
+            has_low = all(f is None or "lo" in f for f in feats)
+            sides = np.array([-1 if f is None else f["side"] for f in feats], dtype=np.int64)
         full = how in ("full", "both") or not has_low
         big = None
         if how == "both" and has_low:  # the full frames add the orb_full_k best (fewer: ~2 ms
@@ -278,13 +280,6 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
                     c = cand.get((int(i), int(j)), {})
                     add(int(i), int(j), "orb_low", low_votes=max(int(v), c.get("low_votes", 0)))
     return cand
-
-
-def _all_have(feats: list[Any] | verify.FeatureStore, part: str) -> bool:
-    """Every decodable image's features have ``part``."""
-    if isinstance(feats, verify.FeatureStore):
-        return feats.has_part(part)
-    return all(f is None or part in f for f in feats)
 
 
 def _present(feats: list[Any] | verify.FeatureStore, part: str) -> np.ndarray:

@@ -306,8 +306,8 @@ class FeatureStore:
     """:func:`features` of many images on disk: memory O(images x a few numbers), not O(pixels).
 
     One append-only file holds every image's parts (the 256-px grey image, then the points
-    and descriptors of ``n``, ``m``, ``lo``, ``lom`` and a thumbnail's ``lx``, ``lxm``) as
-    raw bytes; small numpy arrays index
+    and descriptors of ``n``, ``m``, ``lo``, ``lom``, a thumbnail's ``lx``, ``lxm`` and a
+    larger image's ``mi``, ``mim``: :data:`PARTS`) as raw bytes; small numpy arrays index
     them. :meth:`get` reads one image back with ``os.pread`` (never a memory map: its resident
     pages would count in the process's memory), bit-identical to what was stored;
     :meth:`descriptors` streams the descriptors of some parts for :func:`orb_pairs`.
