@@ -67,7 +67,7 @@ class Params:
                                 min=0)
     k: int = param(3, "vector candidates: each image's k nearest vectors (0: path off)", min=0)
     cosine: float = param(0.80, "vector candidates: cosine similarity at least", min=-1, max=1)
-    orb_k: int = param(3, "ORB-bucket candidates: the k best of either image", min=0)
+    orb_k: int = param(2, "ORB-bucket candidates: the k best of either image", min=0)
     orb_votes: int = param(2, "ORB-bucket candidates: shared buckets at least", min=1)
     orb_full_k: int = param(2, "ORB-bucket candidates of the full-resolution features with "
                             "orb_buckets both: the k best of each image of orb_full_from px or "
