@@ -77,9 +77,12 @@ def descriptor_input(data: bytes, path: Path, im: Image.Image, px: Image.Image) 
     return px
 
 
-def descriptor(data: bytes, path: Path, im: Image.Image, px: Image.Image) -> np.ndarray:
-    """descriptor-v1 of the file, as ``embed`` computes it (128 float32)."""
-    return DescriptorEmbedder()._one(descriptor_input(data, path, im, px))
+def descriptor(data: bytes, path: Path, im: Image.Image, px: Image.Image,
+               arr: np.ndarray | None = None) -> np.ndarray:
+    """descriptor-v1 of the file, as ``embed`` computes it (128 float32); ``arr``:
+    ``np.asarray(px)`` when the caller has it."""
+    src = descriptor_input(data, path, im, px)
+    return DescriptorEmbedder()._one(src, arr if src is px else None)
 
 
 class DescriptorCache:

@@ -56,10 +56,13 @@ def test_fingerprint_decode_gives_the_vector_embed_computes(tmp_path):
     for f in files:
         data = f.read_bytes()
         im = imageio.decode(data, f)
-        got = descriptors.descriptor(data, f, im, imageio.to_8bit(im))
+        px = imageio.to_8bit(im)
+        got = descriptors.descriptor(data, f, im, px)
         prep = embed.preparer(embed.make_embedder("descriptor-v1"))
         want = prep(prep.load(str(f)))
         assert np.array_equal(got, want), f.name
+        # fingerprint hands over the pixel array it made for its own metrics
+        assert np.array_equal(descriptors.descriptor(data, f, im, px, np.asarray(px)), want), f.name
     # the reduced decode is taken where embed takes it (else the check above proves little)
     big = imageio.decode(files[0].read_bytes(), files[0])
     assert descriptors.descriptor_input(files[0].read_bytes(), files[0], big,
@@ -145,10 +148,10 @@ def test_a_failed_descriptor_leaves_the_image_to_embed(tmp_path, monkeypatch):
     cat = _lake((tmp_path / "a").resolve())
     real = descriptors.descriptor
 
-    def fails_for_cxr(data, path, im, px):
+    def fails_for_cxr(data, path, im, px, arr=None):
         if "cxr" in str(path):
             raise ValueError("injected")
-        return real(data, path, im, px)
+        return real(data, path, im, px, arr)
 
     monkeypatch.setattr(descriptors, "descriptor", fails_for_cxr)
     res = fingerprint.run(cat)

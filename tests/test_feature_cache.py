@@ -28,8 +28,12 @@ def test_fingerprint_decode_gives_the_features_duplicates_computes(tmp_path):
     for f in files:
         data = f.read_bytes()
         im = imageio.decode(data, f)
-        got = features.features_of(*features.feature_input(data, f, im, imageio.to_8bit(im)))
+        px = imageio.to_8bit(im)
+        got = features.features_of(*features.feature_input(data, f, im, px))
         assert _same(got, features.features(str(f))), f.name
+        # fingerprint hands over the pixel array it made for its own metrics
+        shared = features.features_of(*features.feature_input(data, f, im, px, np.asarray(px)))
+        assert _same(shared, got), f.name
         assert ("lx" in got) == (max(im.size) <= features.STRETCH_SIDE), f.name
     # the reduced decode is taken where features() takes it (else the check above proves little)
     huge = next(f for f in files if f.name == "huge.jpg")
