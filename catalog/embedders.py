@@ -119,7 +119,7 @@ class DescriptorEmbedder:
     def _one(self, im: Image.Image, pixels: np.ndarray | None = None) -> np.ndarray:
         """The vector of ``im``; ``pixels``: ``np.asarray(im)`` when the caller has it (an
         RGB image's costs a copy, ~1 ms at 1024 x 768)."""
-        if pixels is None or im.mode not in ("L", "RGB"):
+        if im.mode not in ("L", "RGB"):  # converted to RGB below: the array is not of that
             pixels = None
         if im.mode == "L":  # reduced as grey, then RGB: the same pixels as reducing its RGB
             # form (each channel alike), without a full-size RGB copy
