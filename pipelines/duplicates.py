@@ -263,18 +263,18 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
             stretch_k = int(p.get("stretch_k", 0))
             extra = (("lx", "lxm"), stretched, stretch_k) if stretched.any() and stretch_k > 0 else None
             kw = {x: v for x, v in orb.items() if x != "k"}
-            founds = []
+            views: list[verify.View] = []
             if main and p.get("orb_mid", DEFAULTS["orb_mid"]):
                 # the orb_k best by the low and mid renditions together; small images' and
                 # thumbnails' selections by the low renditions alone (larger images' mid
-                # descriptors crowded a thumbnail's list: to_small candidates 0.93 -> 0.88)
-                founds += verify.orb_pairs_many(feats, main, **kw, bits=32,
-                                                tags=("lo", "lom", "mi", "mim"))
+                # descriptors crowded a thumbnail's list: to_small candidates 0.93 -> 0.88);
+                # one keying and sort of the low descriptors serves both
+                views.append((("lo", "lom", "mi", "mim"), main, None))
             else:
                 select = main + select
             if select or extra:
-                founds += verify.orb_pairs_many(feats, select, **kw, bits=32, tags=("lo", "lom"),
-                                                extra=extra)
+                views.append((("lo", "lom"), select, extra))
+            founds = [a for got in verify.orb_pairs_views(feats, views, **kw, bits=32) for a in got]
             for found in founds:
                 for i, j, v in found:
                     c = cand.get((int(i), int(j)), {})

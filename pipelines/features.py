@@ -291,11 +291,13 @@ WIDE = {"lx": len(STRETCH), "lxm": len(STRETCH)}  # sets of several renditions: 
 
 
 def _owned_sets(tags: tuple[str, ...], extra: Extra | None,
-                n: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """(feature set, owner offset) of an image's descriptors for bucketing, and of an image
-    flagged in ``extra`` (its extra sets too, owned by its virtual twin ``n + i``)."""
-    plain = [(t, 0) for t in tags]
-    return plain, plain + ([(t, n) for t in extra[0]] if extra is not None else [])
+                n: int) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
+    """(feature set, owner offset, its index in ``tags``) of an image's descriptors for
+    bucketing, and of an image flagged in ``extra`` (its extra sets too, owned by its virtual
+    twin ``n + i``, indexed after ``tags``)."""
+    plain = [(t, 0, g) for g, t in enumerate(tags)]
+    twin = [(t, n, len(tags) + g) for g, t in enumerate(extra[0])] if extra is not None else []
+    return plain, plain + twin
 
 
 def _taken(tag: str, k: int, per_image: int) -> int:
@@ -487,18 +489,21 @@ class FeatureStore:
         return out
 
     def descriptors(self, tags: tuple[str, ...], per_image: int, chunk: int = 1 << 18,
-                    extra: Extra | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(owners, descriptors) of ``tags`` (the ``per_image`` strongest of each; of a set of
-        several renditions, :data:`WIDE`, that many times ``per_image``), about
-        ``chunk`` descriptors at a time, in image order; ``extra`` (tags, flags, _): the
-        flagged images' descriptors of those tags too, owned by ``len(self) + i``."""
-        plain, flagged = ([(PARTS.index(t), shift) for t, shift in sets]
+                    extra: Extra | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(owners, descriptors, sets) of ``tags`` (the ``per_image`` strongest of each; of a
+        set of several renditions, :data:`WIDE`, that many times ``per_image``), about
+        ``chunk`` descriptors at a time, in image order; ``sets``: each descriptor's feature
+        set as its index in ``tags`` (uint8). ``extra`` (tags, flags, _): the flagged images'
+        descriptors of those tags too, owned by ``len(self) + i`` (sets indexed after ``tags``)."""
+        plain, flagged = ([(PARTS.index(t), shift, g) for t, shift, g in sets]
                           for sets in _owned_sets(tags, extra, self._n))
         owners: list[np.ndarray] = []
         descs: list[np.ndarray] = []
+        groups: list[np.ndarray] = []
         held = 0
         for i in np.flatnonzero(self.ok[: self._n]):
-            for c, shift in (flagged if extra is not None and extra[1][i] else plain):
+            for c, shift, g in (flagged if extra is not None and extra[1][i] else plain):
                 k = int(self.rows[i, c])
                 if k <= 0 or not self.has[i, c]:
                     continue
@@ -506,12 +511,13 @@ class FeatureStore:
                 raw = os.pread(self._fds[self.src[i]], use * 32, int(self.off[i, c]) + k * 8)
                 descs.append(np.frombuffer(raw, np.uint8).reshape(use, 32))
                 owners.append(np.full(use, shift + i, dtype=np.int64))
+                groups.append(np.full(use, g, dtype=np.uint8))
                 held += use
             if held >= chunk:
-                yield np.concatenate(owners), np.concatenate(descs)
-                owners, descs, held = [], [], 0
+                yield np.concatenate(owners), np.concatenate(descs), np.concatenate(groups)
+                owners, descs, groups, held = [], [], [], 0
         if held:
-            yield np.concatenate(owners), np.concatenate(descs)
+            yield np.concatenate(owners), np.concatenate(descs), np.concatenate(groups)
 
     def has_part(self, part: str) -> bool:
         """Every decodable image has ``part`` (``lo``: the low renditions were computed)."""

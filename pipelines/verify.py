@@ -177,7 +177,8 @@ def _nbytes(value: Any) -> int:
 
 
 def _bits(desc: np.ndarray, picks: list[np.ndarray], chunk: int = 8192) -> np.ndarray:
-    """Integer keys (n, tables) of packed 256-bit descriptors from the bits at each ``picks``.
+    """Integer keys (n, tables; uint32 up to 32 bits, else uint64) of packed 256-bit
+    descriptors from the bits at each ``picks``.
 
     Key bit ``n`` of a table is descriptor bit ``picks[t][n]`` (bits numbered from the most
     significant bit of byte 0). Each descriptor byte that holds a picked bit contributes its
@@ -195,7 +196,7 @@ def _bits(desc: np.ndarray, picks: list[np.ndarray], chunk: int = 8192) -> np.nd
             byte, off = divmod(int(bit), 8)
             lut[byte, :, t] |= ((vals >> dtype(7 - off)) & dtype(1)) << dtype(n)
     used = [b for b in range(desc.shape[1]) if lut[b].any()]
-    out = np.zeros((len(desc), tables), dtype=np.int64)
+    out = np.zeros((len(desc), tables), dtype=dtype)
     for s in range(0, len(desc), chunk):
         d = desc[s:s + chunk]
         acc = np.zeros((len(d), tables), dtype=dtype)
@@ -245,22 +246,74 @@ def orb_pairs_many(feats: list[dict[str, Any] | None] | FeatureStore,
     the array that ``orb_pairs(feats, k=k, only=only)`` gives (the votes of a pair do not
     depend on the selection), so several cost one pass over the descriptors.
     """
+    return orb_pairs_views(feats, [(tags, select, extra)], min_votes=min_votes, tables=tables,
+                           bits=bits, per_image=per_image, max_bucket=max_bucket, seed=seed,
+                           scratch=scratch)[0]
+
+
+View = tuple[tuple[str, ...], list[tuple[int, np.ndarray | None]], Extra | None]  # orb_pairs_views
+
+
+def orb_pairs_views(feats: list[dict[str, Any] | None] | FeatureStore, views: list[View], *,
+                    min_votes: int = 4, tables: int = 16, bits: int = 28, per_image: int = 300,
+                    max_bucket: int = 32, seed: int = 0,
+                    scratch: Path | str | None = None) -> list[list[np.ndarray]]:
+    """:func:`orb_pairs_many` of several views (``tags``, ``select``, ``extra``) of one
+    bucketing: per view, the arrays ``orb_pairs_many(feats, select, tags=tags, extra=extra)``
+    gives, each view's buckets holding its own feature sets' descriptors only.
+
+    Every descriptor of the views' feature sets is keyed once (one seed and ``bits``: a
+    descriptor's keys do not depend on the view). The sets go to key files by *atom*, the sets
+    of the same views; each table's part of each atom is sorted once, and a view of several
+    atoms merges their sorted entries (a stable sort of sorted runs: a merge). So the low
+    renditions bucketed with the mid ones and alone (``duplicates``' two selections) cost one
+    keying and one sort of the low descriptors, not two. At most one view has ``extra``.
+    """
+    extras = [x for _, _, x in views if x is not None]
+    if len(extras) > 1:
+        raise ValueError(f"orb_pairs_views: {len(extras)} views with extra sets; at most one")
+    extra = extras[0] if extras else None
+    union = tuple(dict.fromkeys(t for tags, _, _ in views for t in tags))
+    member = [tuple(t in tags for tags, _, _ in views) for t in union]  # per set: in which views
+    atoms = list(dict.fromkeys(member))  # sets in the same views share key files
+    atom_of = np.array([atoms.index(m) for m in member] + [len(atoms)] * len(extra[0] if extra else ()),
+                       dtype=np.int64)
     real = len(feats)
     n = 2 * real if extra is not None else real  # with extra: image i's virtual twin is real + i
-    source = (feats.descriptors(tags, per_image, extra=extra) if isinstance(feats, FeatureStore)
-              else _list_descriptors(feats, tags, per_image, extra))
+    source = (feats.descriptors(union, per_image, extra=extra) if isinstance(feats, FeatureStore)
+              else _list_descriptors(feats, union, per_image, extra))
     rng = np.random.default_rng(seed)
     picks = [rng.choice(256, size=bits, replace=False) for _ in range(tables)]
-    none = np.zeros((0, 3), dtype=np.int64)
     with tempfile.TemporaryDirectory(prefix=".orb.tmp-", dir=scratch) as tmp:
         folder = Path(tmp)
-        total = _write_keys(source, picks, folder, None if extra is None else real)
-        if not total:
-            return [none for _ in range(len(select) + (extra is not None))]
-        votes = _Votes(folder, tables, total, n, real, max_bucket, min_votes,
-                       per_owner=per_image * sum(WIDE.get(t, 1) for t in tags))
-        twins = None if extra is None else (real, extra[1], extra[2])
-        return votes.count(select, twins)
+        totals = _write_keys(source, picks, folder, atom_of, len(atoms),
+                             None if extra is None else real)
+        votes = _Votes(folder, tables, sum(totals), n, real, max_bucket, min_votes)
+        specs = []
+        for v, (tags, select, x) in enumerate(views):
+            mine = [a for a, m in enumerate(atoms) if m[v]]
+            specs.append(_View(select, mine, sum(totals[a] for a in mine),
+                               None if x is None else (real, x[1], x[2]),
+                               per_image * sum(WIDE.get(t, 1) for t in tags)))
+        return votes.count(specs, [sum(m) for m in atoms])
+
+
+class _View:
+    """One view's share of :meth:`_Votes.count`: its selections, atoms (key files), entries
+    in all, twins (real, flags, k) and an image's entries in one table at most."""
+
+    def __init__(self, select: list[tuple[int, np.ndarray | None]], atoms: list[int], total: int,
+                 twins: tuple[int, np.ndarray, int] | None, per_owner: int) -> None:
+        self.select, self.atoms, self.total, self.twins = select, atoms, total, twins
+        self.per_owner = per_owner
+        self.shards = max(1, total // SHARD_DESCRIPTORS)
+        flagged = [o for _, o in select]
+        self.any_only = (None if not flagged or any(o is None for o in flagged)
+                         else np.logical_or.reduce(flagged))
+        # few flagged images and no twins: only the buckets a flagged image is in can give a
+        # counted pair; the others are dropped before the pairs are listed (_flagged_buckets)
+        self.few = (twins is None and self.any_only is not None
+                    and FLAGGED_FEW * int(self.any_only.sum()) < len(self.any_only))
 
 
 class _Votes:
@@ -269,62 +322,77 @@ class _Votes:
     every other image are counted from the same sort of each table."""
 
     def __init__(self, folder: Path, tables: int, total: int, n: int, real: int,
-                 max_bucket: int, min_votes: int, per_owner: int) -> None:
+                 max_bucket: int, min_votes: int) -> None:
         self.folder, self.tables = folder, tables
-        self.per_owner = per_owner  # an image's entries in one table at most (_twin_pairs)
         self.max_bucket, self.min_votes = max_bucket, min_votes
-        self.parts = -(-total // PART_ENTRIES)
-        self.shards = max(1, total // SHARD_DESCRIPTORS)
+        self.parts = max(1, -(-total // PART_ENTRIES))
         self.shift = max(1, int(n).bit_length())  # owners < n (twins included)
         # pair codes (< m * m) per view: the selections' pairs are of real images only
         self.size = {"s": real, "t": n}
         self.code_t = {v: np.uint32 if m * m < 2**32 else np.int64 for v, m in self.size.items()}
 
-    def count(self, select: list[tuple[int, np.ndarray | None]],
-              twins: tuple[int, np.ndarray, int] | None) -> list[np.ndarray]:
-        """Each selection's pairs (:func:`orb_pairs_many`); with ``twins`` (real, flags, k),
-        one more array: the pairs among the ``k`` best of each twin, as real images."""
-        shards, size, code_t = self.shards, self.size, self.code_t
-        flagged = [o for _, o in select]
-        any_only = (None if not flagged or any(o is None for o in flagged)
-                    else np.logical_or.reduce(flagged))
-        views = ["s"] + (["t"] if twins is not None else [])
-        with ExitStack() as files:  # pair codes by view and shard (first image's index mod shards)
-            outs = {v: [files.enter_context(open(self.folder / f"{v}{x}", "wb"))
-                        for x in range(shards)] for v in views}
-            # few flagged images and no twins: only the buckets a flagged image is in can
-            # give a counted pair; the others are dropped before the sort (_flagged_buckets)
-            few = (twins is None and any_only is not None
-                   and FLAGGED_FEW * int(any_only.sum()) < len(any_only))
+    def count(self, views: list[_View], shared: list[int]) -> list[list[np.ndarray]]:
+        """Each view's arrays (:func:`orb_pairs_many`: its selections' pairs, then with twins
+        the pairs among the ``k`` best of each twin, as real images); ``shared``: per atom, how
+        many views hold it."""
+        size, code_t, shift = self.size, self.code_t, self.shift
+        with ExitStack() as files:  # pair codes by view, kind and shard (first image mod shards)
+            outs = [{c: [files.enter_context(open(self.folder / f"{w}{c}{x}", "wb"))
+                         for x in range(view.shards)]
+                     for c in ["s"] + (["t"] if view.twins is not None else [])}
+                    for w, view in enumerate(views)]
+            # an atom of one view only, and that view's only atom: its flagged buckets are kept
+            # before the sort (fewer entries sorted); else after the view's entries are merged
+            alone = {view.atoms[0]: view for view in views
+                     if len(view.atoms) == 1 and shared[view.atoms[0]] == 1 and view.few}
             for t in range(self.tables):
                 for part in range(self.parts):
-                    both = _part_entries(self.folder, t, part, self.parts, self.shift)
-                    if few:
-                        both = _flagged_buckets(both, self.shift, any_only)
-                    both = _sorted(both)  # by key, then owner (one int64 sort)
-                    if select:
-                        for ma, mb in _bucket_pairs(both, self.shift, code_t["s"],
-                                                    self.max_bucket, any_only):
-                            _write_shards(ma, mb, size["s"], outs["s"])
-                    if twins is not None:
-                        tw = _sorted(_part_entries(self.folder, t, part, self.parts, self.shift, "x"))
-                        ma, mb = _twin_pairs(both, tw, self.shift, twins[1], self.max_bucket,
-                                             self.per_owner)
-                        _write_shards(ma.astype(code_t["t"]), mb.astype(code_t["t"]), size["t"],
-                                      outs["t"])
-        out = self._tops("s", select) if select else []
-        if twins is not None:
-            real, flags, k = twins
-            twin = np.r_[np.zeros(real, bool), flags]
-            out.append(_untwinned(self._tops("t", [(k, twin)])[0], real))
+                    sorted_ = {}
+                    for a in dict.fromkeys(a for view in views if view.total for a in view.atoms):
+                        ent = _part_entries(self.folder, t, part, self.parts, shift, f"a{a}_")
+                        if a in alone:
+                            ent = _flagged_buckets(ent, shift, alone[a].any_only)
+                        sorted_[a] = _sorted(ent)  # by key, then owner (one int64 sort)
+                    for w, view in enumerate(views):
+                        if not view.total:
+                            continue
+                        both = (sorted_[view.atoms[0]] if len(view.atoms) == 1 else
+                                np.sort(np.concatenate([sorted_[a] for a in view.atoms]),
+                                        kind="stable"))
+                        if view.few and view.atoms[0] not in alone:
+                            both = _flagged_buckets(both, shift, view.any_only)
+                        if view.select:
+                            for ma, mb in _bucket_pairs(both, shift, code_t["s"],
+                                                        self.max_bucket, view.any_only):
+                                _write_shards(ma, mb, size["s"], outs[w]["s"])
+                        if view.twins is not None:
+                            tw = _sorted(_part_entries(self.folder, t, part, self.parts, shift, "x"))
+                            ma, mb = _twin_pairs(both, tw, shift, view.twins[1], self.max_bucket,
+                                                 view.per_owner)
+                            _write_shards(ma.astype(code_t["t"]), mb.astype(code_t["t"]), size["t"],
+                                          outs[w]["t"])
+        none = np.zeros((0, 3), dtype=np.int64)
+        out = []
+        for w, view in enumerate(views):
+            if not view.total:
+                out.append([none for _ in range(len(view.select) + (view.twins is not None))])
+                continue
+            got = self._tops(f"{w}s", view.shards, view.select) if view.select else []
+            if view.twins is not None:
+                real, flags, k = view.twins
+                twin = np.r_[np.zeros(real, bool), flags]
+                got.append(_untwinned(self._tops(f"{w}t", view.shards, [(k, twin)])[0], real))
+            out.append(got)
         return out
 
-    def _tops(self, v: str, select: list[tuple[int, np.ndarray | None]]) -> list[np.ndarray]:
-        n, shards = self.size[v], self.shards
+    def _tops(self, name: str, shards: int,
+              select: list[tuple[int, np.ndarray | None]]) -> list[np.ndarray]:
+        v = name[-1]  # s: pairs of real images; t: of an image and a twin
+        n = self.size[v]
         tops = [_Top(k) for k, _ in select]
         flagged = [o for _, o in select]
         for x in range(shards):  # every vote of a pair is in one shard: count them there
-            codes = np.fromfile(self.folder / f"{v}{x}", dtype=self.code_t[v]).astype(np.int64)
+            codes = np.fromfile(self.folder / f"{name}{x}", dtype=self.code_t[v]).astype(np.int64)
             i, j, votes = _count_votes(codes, n, shards, x, self.min_votes)
             for top, only in zip(tops, flagged, strict=True):
                 keep = slice(None) if only is None else only[i] | only[j]
@@ -504,49 +572,59 @@ _READ = 1 << 22  # entries read per step from a key file
 
 
 def _list_descriptors(feats: list[dict[str, Any] | None], tags: tuple[str, ...], per_image: int,
-                      extra: Extra | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    owners, descs = [], []
+                      extra: Extra | None = None
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    owners, descs, groups = [], [], []
     plain, flagged = _owned_sets(tags, extra, len(feats))
     for i, f in enumerate(feats):
-        for tag, shift in (flagged if extra is not None and extra[1][i] else plain):
+        for tag, shift, g in (flagged if extra is not None and extra[1][i] else plain):
             d = None if f is None or tag not in f else f[tag][1]
             if d is not None and len(d):
                 use = _taken(tag, len(d), per_image)
                 descs.append(d[:use])
                 owners.append(np.full(use, shift + i, dtype=np.int64))
+                groups.append(np.full(use, g, dtype=np.uint8))
     if descs:
-        yield np.concatenate(owners), np.concatenate(descs)
+        yield np.concatenate(owners), np.concatenate(descs), np.concatenate(groups)
 
 
-def _write_keys(source: Iterable[tuple[np.ndarray, np.ndarray]], picks: list[np.ndarray],
-                folder: Path, split: int | None = None) -> int:
-    """Each table's keys (uint32) to ``folder/k<t>``, the owners (int32) to ``folder/owner``;
-    the number of descriptors. With ``split``, descriptors of owners >= ``split`` (virtual
-    twins) go to ``folder/x<t>`` and ``folder/xowner`` instead (not counted)."""
-    total = 0
+def _write_keys(source: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                picks: list[np.ndarray], folder: Path, atom_of: np.ndarray, atoms: int,
+                split: int | None = None) -> list[int]:
+    """Each table's keys (uint32) to ``folder/a<atom>_<t>``, the owners (int32) to
+    ``folder/a<atom>_owner``, a descriptor's atom ``atom_of`` its set (``source``: owners,
+    descriptors, sets); the number of descriptors per atom. With ``split``, descriptors of
+    owners >= ``split`` (virtual twins) go to ``folder/x<t>`` and ``folder/xowner`` instead
+    (not counted)."""
+    totals = [0] * atoms
     with ExitStack() as files:
-        sets = [("k", "owner")] + ([("x", "xowner")] if split is not None else [])
-        outs = {p: ([files.enter_context(open(folder / f"{p}{t}", "wb")) for t in range(len(picks))],
-                    files.enter_context(open(folder / o, "wb"))) for p, o in sets}
-        for owner, desc in source:
-            keys = _bits(desc, picks)
-            twin = None if split is None else owner >= split
-            for p, (tabs, own) in outs.items():
-                sel = slice(None) if twin is None else (twin if p == "x" else ~twin)
+        sets = [f"a{a}_" for a in range(atoms)] + (["x"] if split is not None else [])
+        outs = [([files.enter_context(open(folder / f"{p}{t}", "wb")) for t in range(len(picks))],
+                 files.enter_context(open(folder / f"{p}owner", "wb"))) for p in sets]
+        for owner, desc, group in source:
+            keys = _bits(desc, picks).astype(np.uint32, copy=False)
+            owner32 = owner.astype(np.int32)
+            atom = atom_of[group]
+            if split is not None:
+                atom[owner >= split] = atoms
+            for a, (tabs, own) in enumerate(outs):
+                sel = None if len(outs) == 1 else atom == a
+                # one table's keys contiguous: a transposed copy (strided columns took longer)
+                mine = (keys if sel is None else keys[sel]).T.copy()
                 for t, out in enumerate(tabs):
-                    out.write(keys[sel, t].astype(np.uint32).tobytes())
-                own.write(owner[sel].astype(np.int32).tobytes())
-            total += len(owner) if twin is None else int((~twin).sum())
-    return total
+                    out.write(mine[t])
+                own.write(owner32 if sel is None else owner32[sel])
+                if a < atoms:
+                    totals[a] += mine.shape[1]
+    return totals
 
 
 def _part_entries(folder: Path, t: int, part: int, parts: int, shift: int,
-                  prefix: str = "k") -> np.ndarray:
+                  prefix: str) -> np.ndarray:
     """(key << shift) | owner of table ``t``'s descriptors whose key % ``parts`` is ``part``
-    (``prefix`` x: the virtual twins' descriptors, :func:`_write_keys`)."""
+    in the key files of ``prefix`` (:func:`_write_keys`: an atom's, or x: the virtual twins')."""
     out = []
-    with (open(folder / f"{prefix}{t}", "rb") as kf,
-          open(folder / ("owner" if prefix == "k" else f"{prefix}owner"), "rb") as of):
+    with open(folder / f"{prefix}{t}", "rb") as kf, open(folder / f"{prefix}owner", "rb") as of:
         while True:
             keys = np.fromfile(kf, np.uint32, count=_READ)
             if not len(keys):
@@ -583,6 +661,8 @@ def _bucket_pairs(both: np.ndarray, shift: int, code_t: Any, max_bucket: int,
                   only: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Image pairs (``ma`` < ``mb``, as ``code_t``) sharing a bucket (of 2 to ``max_bucket``
     images) in ``both`` (sorted ``(key << shift) | owner``), one entry per shared bucket."""
+    if len(both) < 2:  # e.g. a part without a flagged image's bucket (_flagged_buckets)
+        return []
     both = both[np.r_[True, both[1:] != both[:-1]]]  # one vote per image and bucket
     ks = both >> shift
     same = ks[1:] == ks[:-1]

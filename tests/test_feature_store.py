@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -154,6 +155,61 @@ def test_orb_pairs_in_parts_equal_one_sort_and_a_plain_reference(tmp_path, monke
              for k, o in ((3, None), (6, small), (2, ~small))]
     assert len(many[1]) > 5 and all(np.array_equal(a, b) for a, b in zip(many, alone, strict=True))
 
+
+
+@pytest.mark.parametrize("store_fed", [False, True])
+def test_orb_views_equal_one_bucketing_per_view(tmp_path, monkeypatch, store_fed):
+    """orb_pairs_views: views of overlapping feature sets (low + mid, low alone with twins,
+    mid alone with few flagged images) from one keying and one sort per atom give each view
+    exactly what orb_pairs_many gives for it alone, in parts and shards too; two views
+    with extra sets are refused."""
+    rng = np.random.default_rng(3)
+    n = 36
+    common = rng.integers(0, 256, size=(40, 32), dtype=np.uint8)
+
+    def part(i: int, k: int, planted: int) -> tuple[np.ndarray, np.ndarray]:
+        d = rng.integers(0, 256, size=(k, 32), dtype=np.uint8)
+        if i % 3:  # copies share some common descriptors, different ones per set
+            d[: 4 + i % 5] = common[planted + i % 6: planted + i % 6 + 4 + i % 5]
+        return np.zeros((k, 2), np.float32), d
+
+    feats = []
+    for i in range(n):
+        f = {"g": np.zeros((8, 8), np.uint8), "up": 1.0, "side": 64,
+             "lo": part(i, 12, 0), "lom": part(i, 12, 2)}
+        if i % 4:  # some images have no mid rendition
+            f |= {"mi": part(i, 10, 20), "mim": part(i, 10, 25)}
+        if i % 5 == 1:
+            f |= {"lx": part(i, 30, 5), "lxm": part(i, 30, 8)}
+        feats.append(None if i == 9 else f)
+    flags = np.array([f is not None and "lx" in f for f in feats])
+    few = np.arange(n) == 7
+    small = np.arange(n) % 3 == 0
+    views = [(("lo", "lom", "mi", "mim"), [(2, None)], None),
+             (("lo", "lom"), [(4, small), (2, None)], (("lx", "lxm"), flags, 3)),
+             (("mi", "mim"), [(3, few)], None)]
+    kw = {"min_votes": 2, "tables": 6, "bits": 12, "per_image": 10, "max_bucket": 8, "seed": 4}
+    monkeypatch.setattr(verify, "PART_ENTRIES", 150)
+    monkeypatch.setattr(verify, "SHARD_DESCRIPTORS", 200)
+    src: Any = feats
+    if store_fed:
+        src = verify.FeatureStore(tmp_path / "store")
+        for f in feats:
+            src.append(f)
+    got = verify.orb_pairs_views(src, views, **kw, scratch=tmp_path)
+    alone = [verify.orb_pairs_many(src, select, tags=tags, extra=extra, **kw, scratch=tmp_path)
+             for tags, select, extra in views]
+    assert [len(g) for g in got] == [1, 3, 1]
+    for g, a in zip(got, alone, strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(g, a, strict=True))
+    assert len(got[0][0]) > 10 and len(got[1][2]) > 0 and len(got[2][0]) > 0
+    # the views differ: the joint bucketing is not the low one
+    assert not np.array_equal(got[0][0], got[1][1])
+    with pytest.raises(ValueError, match="at most one"):
+        verify.orb_pairs_views(src, [views[1], (("mi",), [(2, None)], (("lx",), flags, 1))], **kw)
+    if store_fed:
+        src.close()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".orb.tmp-")]
 
 def test_feature_cache_is_bounded_and_reads_the_store(tmp_path):
     files = _pictures(tmp_path)

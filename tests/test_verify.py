@@ -506,15 +506,19 @@ def test_extra_sets_are_bucketed_as_virtual_twins(tmp_path):
               "lo": part(7), "lom": part(7), **({"lx": part(30), "lxm": part(30)} if i % 2 else {})}
              for i in range(4)]
     flags = np.array([False, True, False, True])
-    owners, descs = next(verify._list_descriptors(feats, ("lo", "lom"), 10, (("lx", "lxm"), flags, 1)))
+    owners, descs, sets = next(verify._list_descriptors(feats, ("lo", "lom"), 10,
+                                                        (("lx", "lxm"), flags, 1)))
     assert owners.tolist() == ([0] * 14 + [1] * 14 + [5] * 40 + [2] * 14 + [3] * 14 + [7] * 40)
     assert (descs[28:48] == feats[1]["lx"][1][:20]).all()  # 2 x per_image of a WIDE set
+    # each descriptor's set: its index in tags, the extra sets' after them
+    one = [0] * 7 + [1] * 7
+    assert sets.tolist() == one * 2 + [2] * 20 + [3] * 20 + one * 2 + [2] * 20 + [3] * 20
     with verify.FeatureStore(tmp_path / "store") as store:
         for f in feats:
             store.append(f)
         assert store.present("lx").tolist() == flags.tolist()
-        o2, d2 = next(store.descriptors(("lo", "lom"), 10, extra=(("lx", "lxm"), flags, 1)))
-        assert o2.tolist() == owners.tolist() and (d2 == descs).all()
+        o2, d2, s2 = next(store.descriptors(("lo", "lom"), 10, extra=(("lx", "lxm"), flags, 1)))
+        assert o2.tolist() == owners.tolist() and (d2 == descs).all() and (s2 == sets).all()
     # image 2's low rendition equals image 1's stretched one: a pair only through the twin
     feats[2]["lo"] = feats[1]["lx"][0][:7], feats[1]["lx"][1][:7].copy()
     kw = {"min_votes": 1, "bits": 32, "per_image": 10, "tags": ("lo", "lom")}
