@@ -787,3 +787,45 @@ def test_finer_frame_under_its_line_is_still_a_copy_without_local_motion(tmp_pat
     assert ev["still"] and ev["motion"] <= 1.2 and verify.passes(ncc, ev), ev
     ncc0, ev0 = second(smoothed, same, 0.0)
     assert ncc0 == ncc and "still" not in ev0 and not verify.passes(ncc0, ev0)
+
+
+def test_first_look_rejects_what_the_full_comparison_rejects(monkeypatch):
+    """verify._compare's first look (verify.FIRST_LOOK: a coarser band, RANSAC's map as it
+    is): a pair under its line there ends at once (evidence ``first_look``), and the full
+    comparison rejects it too; copies, fine and coarse (where the look's grid may be the
+    comparison's own and its frames are reused), pass it and get the very NCC of the full
+    comparison."""
+    from medlake.demo import synth_draw as draw
+    from medlake.pipelines import duplicates
+
+    findings = {"effusion": False, "cardiomegaly": False, "nodule": False}
+    pic = draw.draw_cxr(np.random.default_rng(41), draw.chest_anatomy(np.random.default_rng(40)),
+                        256, findings)
+    other = draw.draw_cxr(np.random.default_rng(43), draw.chest_anatomy(np.random.default_rng(42)),
+                          256, findings)
+    lesion = draw.draw_derm(np.random.default_rng(45), draw.lesion_anatomy(
+        np.random.default_rng(44), "nevus", 2), 256, 256)
+    if lesion.ndim == 3:
+        lesion = cv2.cvtColor(lesion, cv2.COLOR_RGB2GRAY)
+    a, b, c = (cv2.equalizeHist(x) for x in (pic, other, lesion))
+    shift = np.float64([[1, 0, 6.0], [0, 1, -4.0]])  # b -> a: a copy shifted by (6, -4) px
+    moved = cv2.warpAffine(a, np.float64([[1, 0, -6.0], [0, 1, 4.0]]), (256, 256))
+    p = duplicates.DEFAULTS
+
+    def both(ga: np.ndarray, gb: np.ndarray, up: float) -> tuple[Any, Any]:
+        gated = verify._compare(ga, gb, shift, up, up, p)
+        with monkeypatch.context() as m:  # no first look can reject
+            m.setattr(verify, "FIRST_LOOK", {k: (g, -2.0) for k, (g, _) in verify.FIRST_LOOK.items()})
+            full = verify._compare(ga, gb, shift, up, up, p)
+        return gated, full
+
+    # a fine pair (grid 1), a coarse one looked at on a coarser grid (2.8 -> 4) and one
+    # looked at on its own grid (4.2: frames reused)
+    for up in (1.0, 4.0, 6.0):
+        gated, full = both(a, moved, up)
+        assert "first_look" not in gated[1] and gated[0] == full[0] >= full[1]["threshold"], up
+    for up in (1.0, 4.0):
+        for other_img in (b, c):  # another patient's X-ray, a lesion: no copy
+            gated, full = both(a, other_img, up)
+            assert gated[1]["first_look"] and gated[0] < verify.FIRST_LOOK[up > 1.5][1], gated
+            assert full[0] < full[1]["threshold"] and "first_look" not in full[1]
