@@ -60,10 +60,6 @@ SECOND_BAND = 1.5  # a resampled pair just under the line is compared again this
 SECOND_MARGIN = 0.02  # ... and must clear that comparison's line by this much (a second try)
 RESAMPLED = 1.1  # a map scaling an axis by more than this (or less than 1 / this) resampled b
 RETRY_FROM = 0.55  # fine pairs from this NCC up to the line are refined by ECC and compared again
-# _compare's first look, by whether the pair is coarse (its map refined by ECC first): the band
-# on a grid at least this coarse, RANSAC's map as it is; under this NCC there the pair is
-# rejected without the full comparison (measured: docs/ARCHITECTURE.md, "First look")
-FIRST_LOOK = {False: (2.0, 0.5), True: (4.0, 0.4)}
 BAND, BAND_MIN = 0.7, 1.0  # band-pass sigma: BAND x the common pixel, at least BAND_MIN px
 FINE_SIDE = 2 * SIDE  # the largest frame of the second comparison of large images (verify)
 FINE_FROM = 384  # images from this longer side (px) get that second comparison (fine_side)
@@ -1122,37 +1118,17 @@ def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: f
         tmpl, img, pixel, frame = gb, ga, max(up_b, up_a / sm), frames[1]
     s1 = max(BAND_MIN, BAND * pixel)  # the band: DoG(s1, 3 s1) at the common pixel
     grid = s1 / BAND_MIN  # > 1: coarse; compare on a grid of the band's scale (area-reduced
-    need = threshold(pixel / frame, p)  # by `grid` a side): the same band, grid^2 times fewer pixels
-
-    def on_grid(g: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rt, ri = _reduced(tmpl, g), _reduced(img, g)
-        return rt, ri, _scaled(T, (rt.shape, tmpl.shape), (ri.shape, img.shape))
-
+    if grid > 1.0:        # by `grid` a side): the same band, grid^2 times fewer pixels
+        rt, ri = _reduced(tmpl, grid), _reduced(img, grid)
+        tmpl, img, T = rt, ri, _scaled(T, (rt.shape, tmpl.shape), (ri.shape, img.shape))
     coarse = refine or pixel >= float(p.get("refine_from", 1.5))
-    first = None
-    if retry and not refine:
-        # the first look: a copy agrees better at a coarser band than at its own, and a fine
-        # one (no ECC) as well under RANSAC's map, before any refinement; a coarse one's map
-        # may be pixels off before ECC, so its look is coarser still and its line lower
-        g, line = FIRST_LOOK[coarse]
-        g = max(grid, g)
-        first = on_grid(g)
-        look = _banded(*first, BAND_MIN, 3 * BAND_MIN)
-        if look is not None and (got := _band_ncc(look))[0] < line:
-            return got[0], {"ncc": round(got[0], 4), "band_sigma": round(BAND_MIN * g, 2),
-                            "grid": round(g, 2), "pixel": round(pixel, 2),
-                            "threshold": round(need, 3), "overlap": round(got[1], 3),
-                            "first_look": True}
-        if g != grid:
-            first = None
-    if grid > 1.0:  # (the first look's frames when it was on this grid)
-        tmpl, img, T = first or on_grid(grid)
     if coarse:
         T = _refine(tmpl, img, T, BAND_MIN)
     bands = _banded(tmpl, img, T, BAND_MIN, 3 * BAND_MIN)
     if bands is None:
         return None
     ncc, overlap = _band_ncc(bands)
+    need = threshold(pixel / frame, p)
     if not coarse and RETRY_FROM <= ncc < need:
         # a fine pair just under the line: RANSAC's map may be a fraction of a pixel off
         # (crops combined with a rotation or relighting); refined once by ECC, the better counts
