@@ -377,22 +377,23 @@ class _Votes:
             if not view.total:
                 out.append([none for _ in range(len(view.select) + (view.twins is not None))])
                 continue
-            got = self._tops(f"{w}s", view.shards, view.select) if view.select else []
+            got = self._tops(w, "s", view.shards, view.select) if view.select else []
             if view.twins is not None:
                 real, flags, k = view.twins
                 twin = np.r_[np.zeros(real, bool), flags]
-                got.append(_untwinned(self._tops(f"{w}t", view.shards, [(k, twin)])[0], real))
+                got.append(_untwinned(self._tops(w, "t", view.shards, [(k, twin)])[0], real))
             out.append(got)
         return out
 
-    def _tops(self, name: str, shards: int,
+    def _tops(self, w: int, v: str, shards: int,
               select: list[tuple[int, np.ndarray | None]]) -> list[np.ndarray]:
-        v = name[-1]  # s: pairs of real images; t: of an image and a twin
+        """Each selection's pairs from view ``w``'s shard files of kind ``v`` (s: pairs of
+        real images; t: of an image and a twin)."""
         n = self.size[v]
         tops = [_Top(k) for k, _ in select]
         flagged = [o for _, o in select]
         for x in range(shards):  # every vote of a pair is in one shard: count them there
-            codes = np.fromfile(self.folder / f"{name}{x}", dtype=self.code_t[v]).astype(np.int64)
+            codes = np.fromfile(self.folder / f"{w}{v}{x}", dtype=self.code_t[v]).astype(np.int64)
             i, j, votes = _count_votes(codes, n, shards, x, self.min_votes)
             for top, only in zip(tops, flagged, strict=True):
                 keep = slice(None) if only is None else only[i] | only[j]

@@ -156,7 +156,6 @@ def test_orb_pairs_in_parts_equal_one_sort_and_a_plain_reference(tmp_path, monke
     assert len(many[1]) > 5 and all(np.array_equal(a, b) for a, b in zip(many, alone, strict=True))
 
 
-
 @pytest.mark.parametrize("store_fed", [False, True])
 def test_orb_views_equal_one_bucketing_per_view(tmp_path, monkeypatch, store_fed):
     """orb_pairs_views: views of overlapping feature sets (low + mid, low alone with twins,
@@ -210,6 +209,7 @@ def test_orb_views_equal_one_bucketing_per_view(tmp_path, monkeypatch, store_fed
     if store_fed:
         src.close()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".orb.tmp-")]
+
 
 def test_feature_cache_is_bounded_and_reads_the_store(tmp_path):
     files = _pictures(tmp_path)
