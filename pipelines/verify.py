@@ -808,7 +808,8 @@ def _affine3(M: np.ndarray) -> np.ndarray:
 
 
 def _refine(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, sigma: float, *,
-            max_linear: float = 0.1, max_shift: float = 4.0) -> np.ndarray:
+            max_linear: float = 0.1, max_shift: float = 4.0,
+            masks: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``M`` (img -> tmpl) refined by ECC on both images blurred by ``sigma``, at half size.
 
     Used for coarse pairs (``refine_from``): there the transform comes from few, coarse
@@ -821,6 +822,7 @@ def _refine(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, sigma: float, *,
     out of the correlation: a rotated copy taken as the template once pulled the map towards
     its black corners (measured: 1024-px chest X-rays cropped, resized back and rotated 4-7
     degrees, 20 of 48 verified with the input's fill masked only, 44 of 48 with both).
+    ``masks``: :func:`_content` of ``tmpl`` and ``img`` when the caller has them.
     """
     def half(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h, w = x.shape
@@ -831,8 +833,9 @@ def _refine(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, sigma: float, *,
     t, st = half(tmpl)
     i, si = half(img)
     w0 = (si @ np.linalg.inv(_affine3(M)) @ np.linalg.inv(st))[:2].astype(np.float32)  # t -> i
-    mask = cv2.resize(_content(img), (i.shape[1], i.shape[0]), interpolation=cv2.INTER_NEAREST)
-    tmask = cv2.resize(_content(tmpl), (t.shape[1], t.shape[0]), interpolation=cv2.INTER_NEAREST)
+    ct, ci = masks or (_content(tmpl), _content(img))
+    mask = cv2.resize(ci, (i.shape[1], i.shape[0]), interpolation=cv2.INTER_NEAREST)
+    tmask = cv2.resize(ct, (t.shape[1], t.shape[0]), interpolation=cv2.INTER_NEAREST)
     if mask.sum() < 64 or tmask.sum() < 64:
         return M
     try:  # both images' flat black fill (a rotation's corners, padding) masked out
@@ -846,12 +849,14 @@ def _refine(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, sigma: float, *,
     return np.linalg.inv(np.linalg.inv(si) @ _affine3(w1) @ st)[:2]
 
 
-def _reduced(x: np.ndarray, f: float) -> np.ndarray:
-    """``x`` area-reduced by ``f`` (> 1) a side, flat black fill kept exactly 0."""
+def _reduced(x: np.ndarray, f: float, content: np.ndarray | None = None) -> np.ndarray:
+    """``x`` area-reduced by ``f`` (> 1) a side, flat black fill kept exactly 0 (``content``:
+    :func:`_content` of ``x`` when the caller has it)."""
     h, w = x.shape
     size = (max(8, round(w / f)), max(8, round(h / f)))
     out = cv2.resize(x, size, interpolation=cv2.INTER_AREA)
-    fill = cv2.resize(1 - _content(x), size, interpolation=cv2.INTER_NEAREST) > 0
+    content = _content(x) if content is None else content
+    fill = cv2.resize(1 - content, size, interpolation=cv2.INTER_NEAREST) > 0
     out[fill] = 0
     return out
 
@@ -880,7 +885,8 @@ def _content(img: np.ndarray) -> np.ndarray:
     return 1 - cv2.dilate(zero, np.ones((5, 5), np.uint8))
 
 
-def _banded(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, s1: float, s2: float
+def _banded(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, s1: float, s2: float,
+            masks: tuple[np.ndarray, np.ndarray] | None = None
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """(band of ``tmpl``, band of ``img`` warped by ``M``, the warped image, the inner
     support): what :func:`_band_ncc` and :func:`_motion` compare.
@@ -888,12 +894,14 @@ def _banded(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, s1: float, s2: flo
     The band is a difference of Gaussians (``s1``, ``s2``) computed by normalised convolution
     inside the support both images share (the warped footprint less flat black fill on either
     side), so no edge appears where one image ends. None when the support is under a tenth
-    of the template.
+    of the template. ``masks``: :func:`_content` of ``tmpl`` and ``img`` when the caller
+    has them.
     """
     h, w = tmpl.shape
+    ct, ci = masks or (_content(tmpl), _content(img))
     warped = cv2.warpAffine(img, M, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
-    foot = cv2.warpAffine(_content(img), M, (w, h), flags=cv2.INTER_NEAREST)
-    foot = cv2.erode(foot, np.ones((3, 3), np.uint8)) & _content(tmpl)
+    foot = cv2.warpAffine(ci, M, (w, h), flags=cv2.INTER_NEAREST)
+    foot = cv2.erode(foot, np.ones((3, 3), np.uint8)) & ct
     inner = cv2.erode(foot, np.ones((7, 7), np.uint8)) > 0
     if inner.sum() < 0.1 * h * w:
         return None
@@ -1082,7 +1090,8 @@ def _frame_map(small: tuple[int, ...], large: tuple[int, ...]) -> np.ndarray:
 
 def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: float,
              p: dict[str, Any], *, frames: tuple[float, float] = (1.0, 1.0),
-             refine: bool = False, retry: bool = True) -> tuple[float, dict[str, Any]] | None:
+             refine: bool = False, retry: bool = True,
+             masks: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, dict[str, Any]] | None:
     """(NCC, evidence) of the band-pass detail of ``gb`` mapped by ``M`` (b -> a) onto ``ga``
     (equalised grey frames; ``up_*``: each image's upsampling into its frame), at the
     coarser of the two resolutions; None when they overlap too little.
@@ -1106,26 +1115,33 @@ def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: f
     line at the common pixel (0.52-0.78) and reach 0.85-0.97 one band coarser; same-size
     look-alikes get no second comparison (6 repeat captures at 5k passed one when they did),
     nor do thumbnails already at ``ncc_coarse`` (CXR thumbnails of other patients passed).
+
+    ``masks``: :func:`_content` of ``ga`` and ``gb`` when the caller has them; each frame's
+    mask is made once per comparison and handed to the steps that need it.
     """
     big, sm, _ = _axes(M)
     scale = float(np.sqrt(big * sm))
     resampled = not 1 / RESAMPLED <= sm <= big <= RESAMPLED  # one image is the other resized
     ga, gb = ga.astype(np.float32, copy=False), gb.astype(np.float32, copy=False)
+    masks = masks or (_content(ga), _content(gb))
     # the template is the image the other one covers (a crop is compared inside its source)
     if scale * scale * gb.size >= ga.size:
         tmpl, img, T, pixel, frame = ga, gb, M, max(up_a, up_b * big), frames[0]
+        held = masks
     else:
         T = cv2.invertAffineTransform(M)
         tmpl, img, pixel, frame = gb, ga, max(up_b, up_a / sm), frames[1]
+        held = masks[::-1]
     s1 = max(BAND_MIN, BAND * pixel)  # the band: DoG(s1, 3 s1) at the common pixel
     grid = s1 / BAND_MIN  # > 1: coarse; compare on a grid of the band's scale (area-reduced
     if grid > 1.0:        # by `grid` a side): the same band, grid^2 times fewer pixels
-        rt, ri = _reduced(tmpl, grid), _reduced(img, grid)
+        rt, ri = _reduced(tmpl, grid, held[0]), _reduced(img, grid, held[1])
         tmpl, img, T = rt, ri, _scaled(T, (rt.shape, tmpl.shape), (ri.shape, img.shape))
+        held = (_content(tmpl), _content(img))
     coarse = refine or pixel >= float(p.get("refine_from", 1.5))
     if coarse:
-        T = _refine(tmpl, img, T, BAND_MIN)
-    bands = _banded(tmpl, img, T, BAND_MIN, 3 * BAND_MIN)
+        T = _refine(tmpl, img, T, BAND_MIN, masks=held)
+    bands = _banded(tmpl, img, T, BAND_MIN, 3 * BAND_MIN, held)
     if bands is None:
         return None
     ncc, overlap = _band_ncc(bands)
@@ -1133,14 +1149,16 @@ def _compare(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, up_a: float, up_b: f
     if not coarse and RETRY_FROM <= ncc < need:
         # a fine pair just under the line: RANSAC's map may be a fraction of a pixel off
         # (crops combined with a rotation or relighting); refined once by ECC, the better counts
-        again = _banded(tmpl, img, _refine(tmpl, img, T, BAND_MIN), BAND_MIN, 3 * BAND_MIN)
+        again = _banded(tmpl, img, _refine(tmpl, img, T, BAND_MIN, masks=held), BAND_MIN,
+                        3 * BAND_MIN, held)
         if again is not None and (got := _band_ncc(again))[0] > ncc:
             (ncc, overlap), bands = got, again
     f = max(SECOND_BAND, COARSE_FROM / pixel)
     if (retry and not refine and RETRY_FROM <= ncc < need and f * pixel / frame < COARSE_TO
             and resampled):
         # one image is the other resized: one comparison f times coarser (see the docstring)
-        got = _compare(ga, gb, M, up_a * f, up_b * f, p, frames=frames, retry=False)
+        got = _compare(ga, gb, M, up_a * f, up_b * f, p, frames=frames, retry=False,
+                       masks=masks)
         if got is not None and got[0] >= got[1]["threshold"] + SECOND_MARGIN:
             return got[0], {**got[1], "coarser": round(f, 2)}
     ev = {"ncc": round(ncc, 4), "band_sigma": round(s1, 2), "grid": round(max(grid, 1.0), 2),
