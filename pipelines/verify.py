@@ -808,8 +808,8 @@ def _affine3(M: np.ndarray) -> np.ndarray:
 
 
 def _refine(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, sigma: float, *,
-            max_linear: float = 0.1, max_shift: float = 4.0,
-            masks: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+            masks: tuple[np.ndarray, np.ndarray], max_linear: float = 0.1,
+            max_shift: float = 4.0) -> np.ndarray:
     """``M`` (img -> tmpl) refined by ECC on both images blurred by ``sigma``, at half size.
 
     Used for coarse pairs (``refine_from``): there the transform comes from few, coarse
@@ -822,7 +822,7 @@ def _refine(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, sigma: float, *,
     out of the correlation: a rotated copy taken as the template once pulled the map towards
     its black corners (measured: 1024-px chest X-rays cropped, resized back and rotated 4-7
     degrees, 20 of 48 verified with the input's fill masked only, 44 of 48 with both).
-    ``masks``: :func:`_content` of ``tmpl`` and ``img`` when the caller has them.
+    ``masks``: :func:`_content` of ``tmpl`` and ``img`` (:func:`_compare` makes them once).
     """
     def half(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h, w = x.shape
@@ -833,7 +833,7 @@ def _refine(tmpl: np.ndarray, img: np.ndarray, M: np.ndarray, sigma: float, *,
     t, st = half(tmpl)
     i, si = half(img)
     w0 = (si @ np.linalg.inv(_affine3(M)) @ np.linalg.inv(st))[:2].astype(np.float32)  # t -> i
-    ct, ci = masks or (_content(tmpl), _content(img))
+    ct, ci = masks
     mask = cv2.resize(ci, (i.shape[1], i.shape[0]), interpolation=cv2.INTER_NEAREST)
     tmask = cv2.resize(ct, (t.shape[1], t.shape[0]), interpolation=cv2.INTER_NEAREST)
     if mask.sum() < 64 or tmask.sum() < 64:
