@@ -27,6 +27,7 @@ External pair lists (CSV: image_a, image_b[, score]) import as their own method.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -135,6 +136,11 @@ class Params:
                              "under one affine map is at most this (px of the finer frame): a "
                              "copy whose finest detail JPEG or interpolation smoothed, not a "
                              "repeat capture (0: off)", min=0)
+    closure_max: int = param(8, "verification: images of one cluster (of at most this many "
+                             "images) never compared with each other are compared too, until no "
+                             "cluster gains a pair: a copy found through another copy of its "
+                             "source, e.g. a squeezed crop ORB's buckets missed (method "
+                             "'cluster'; 0: off)", min=0)
     model: str = param(DESCRIPTOR, "vector model of the vector path")
     block: int = param(4096, "rows per block of the exact vector search", min=1)
     workers: int = param(2, "verification threads", min=1)
@@ -356,12 +362,18 @@ def run(cat: Catalog, params: Params | dict[str, Any] | None = None, *,
 
                 knn, verifier = ray_duplicates.engine(address)
             cand = candidates(fp, vecs, p, knn=knn, feats=store)
+            identical = [(i, j) for (i, j), c in cand.items() if "sha256" in c["methods"]]
             todo = [(i, j) for (i, j), c in sorted(cand.items()) if "sha256" not in c["methods"]]
-            checked = dict(zip(todo, verifier([(files[ids[i]], files[ids[j]], i, j)
-                                               for i, j in todo], p), strict=True))
-            del todo
-            checked = distinct(checked, [(i, j) for (i, j), c in cand.items()
-                                         if "sha256" in c["methods"]], p, ids)
+            strict: dict[tuple[int, int], dict[str, Any]] = {}
+            checked: dict[tuple[int, int], dict[str, Any]] = {}
+            while todo:  # the candidates, then each round of closure pairs (closure_pairs)
+                strict.update(zip(todo, verifier([(files[ids[i]], files[ids[j]], i, j)
+                                                  for i, j in todo], p), strict=True))
+                checked = distinct(strict, identical, p, ids)
+                todo = closure_pairs(checked, identical, cand, len(ids), int(p["closure_max"]))
+                for i, j in todo:
+                    cand[(i, j)] = {"methods": ["cluster"]}
+            del todo, strict
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     params_json = to_json(p)
@@ -509,6 +521,38 @@ def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tup
                                "margin": None if best is None else round(r["ncc"] - best[0], 4),
                                "rival": None if best is None else ids[best[1]], **extra}}}
     return out
+
+
+def closure_pairs(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tuple[int, int]],
+                  compared: dict[tuple[int, int], Any], n: int, max_size: int) -> list[tuple[int, int]]:
+    """Pairs (i, j), i < j, of images in one cluster that were never compared.
+
+    A cluster joins images through verified pairs (and sha256 copies, ``identical``); two of
+    its images need not have been candidates of each other: a crop squeezed to a square may
+    share too few ORB buckets with its source and still be found as a copy of another copy
+    of it. Comparing such pairs directly gives each its own verdict (a chain of copies is
+    no proof that its ends are copies: the pair must pass on its own). Only clusters of at
+    most ``max_size`` images (a few pairs each; none when under 3), and of each set of
+    byte-identical images only the first (the others' comparisons would be the same).
+    ``compared``: the pairs already compared (or candidates), skipped.
+    """
+    if max_size < 3:
+        return []
+    edges = np.array([k for k, r in checked.items() if r["verified"]] + identical,
+                     dtype=np.int64).reshape(-1, 2)
+    if not len(edges):
+        return []
+    comp = _labels(edges[:, 0], edges[:, 1], n)
+    twins = {j for _, j in identical}  # a sha256 group's pairs are (first, other) and more
+    members: dict[int, list[int]] = {}
+    for x in np.unique(edges).tolist():
+        members.setdefault(int(comp[x]), []).append(x)
+    out = []
+    for group in members.values():
+        if 3 <= len(group) <= max_size:
+            firsts = [x for x in group if x not in twins]
+            out += [(a, b) for a, b in itertools.combinations(firsts, 2) if (a, b) not in compared]
+    return sorted(out)
 
 
 def cluster(pairs: pl.DataFrame, params_json: str) -> pl.DataFrame:

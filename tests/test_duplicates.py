@@ -480,3 +480,71 @@ def test_orb_mid_adds_the_mid_renditions_best_to_the_low_renditions_pairs(synth_
     assert joint <= both <= low | joint
     assert all(min(side[i], side[j]) <= p["small_side"] for i, j in both - joint)
     assert joint - low  # the mid renditions rank pairs the low ones alone do not
+
+
+def test_closure_pairs_are_the_uncompared_pairs_of_small_clusters():
+    """closure_pairs: pairs of one cluster (verified pairs and sha256 copies) never compared;
+    unverified pairs join nothing, a byte-identical copy's pairs are left to its first image,
+    clusters larger than max_size give none, max_size under 3 switches it off."""
+    v = {"verified": True}
+    x = {"verified": False}
+    checked = {(0, 1): v, (1, 2): v, (2, 9): x,   # cluster {0, 1, 2}: (0, 2) never compared
+               (3, 5): v,                          # with 4, a sha256 copy of 3: {3, 4, 5}
+               (6, 7): v, (7, 8): v, (6, 8): x}    # {6, 7, 8}: (6, 8) compared, rejected
+    got = duplicates.closure_pairs(checked, [(3, 4)], checked, 12, 8)
+    assert got == [(0, 2)]
+    # the pair already compared (or a candidate) is never returned; neither is one of 9
+    assert duplicates.closure_pairs(checked, [(3, 4)], {**checked, (0, 2): x}, 12, 8) == []
+    # a chain 0-1-2-10-11: five images, every uncompared pair of the first images
+    chain = {**checked, (2, 10): v, (10, 11): v}
+    five = duplicates.closure_pairs(chain, [], chain, 12, 8)
+    assert five == [(0, 2), (0, 10), (0, 11), (1, 10), (1, 11), (2, 11)]
+    assert duplicates.closure_pairs(chain, [], chain, 12, 4) == []  # a cluster of 5 > 4
+    assert duplicates.closure_pairs(chain, [], chain, 12, 0) == []
+    assert duplicates.closure_pairs({}, [], {}, 12, 8) == []
+
+
+def test_a_copy_the_candidates_missed_is_found_through_its_cluster(dup_run, monkeypatch):
+    """A verified pair taken out of the candidates (as when ORB's buckets miss a squeezed
+    crop) comes back, verified by its own comparison, when both images are still joined by
+    other copies (method 'cluster'); with closure_max 0 it stays missing."""
+    cat, _ = dup_run
+    p = cat.read("pairs").filter(pl.col("verified") & ~pl.col("method").str.starts_with("external"))
+    edges = set(zip(p["image_a"], p["image_b"], strict=True))
+    near: dict[str, set[str]] = {}
+    for a, b in edges:
+        near.setdefault(a, set()).add(b)
+        near.setdefault(b, set()).add(a)
+    # a pair (a, b) with a third image verified with both: a and b stay joined without it
+    tri = sorted((a, b) for a, b in edges if near[a] & near[b] and "sha256" not in
+                 p.filter((pl.col("image_a") == a) & (pl.col("image_b") == b))["method"][0])
+    assert tri, "the synthetic lake has no triangle of verified copies"
+    drop = tri[0]
+    ids = cat.read("fingerprints").sort("image_id")["image_id"].to_list()
+    key = (ids.index(drop[0]), ids.index(drop[1]))
+    real = duplicates.candidates
+
+    def missing(*a, **k):
+        got = real(*a, **k)
+        got.pop(key, None)
+        return got
+
+    monkeypatch.setattr(duplicates, "candidates", missing)
+    rows = {}
+    try:
+        for n in (0, 8):
+            duplicates.run(cat, {"closure_max": n})
+            got = cat.read("pairs").filter((pl.col("image_a") == drop[0])
+                                           & (pl.col("image_b") == drop[1]))
+            rows[n] = got
+            if n:
+                clusters = cat.read("clusters")
+    finally:  # the lake is shared by later tests: its tables as the real candidates give them
+        monkeypatch.undo()
+        duplicates.run(cat)
+    assert rows[0].height == 0
+    assert rows[8].height == 1 and rows[8]["method"][0] == "cluster" and rows[8]["verified"][0]
+    assert rows[8]["ncc"][0] == pytest.approx(
+        p.filter((pl.col("image_a") == drop[0]) & (pl.col("image_b") == drop[1]))["ncc"][0])
+    cid = dict(zip(clusters["image_id"], clusters["cluster_id"], strict=True))
+    assert cid[drop[0]] == cid[drop[1]]
