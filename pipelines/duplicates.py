@@ -20,8 +20,9 @@ when cropped, resized with any interpolation, rotated, mirrored or relit; a repe
 the same lesion or patient has the same anatomy but different detail, so it fails the
 correlation check (``ncc``, rising to ``ncc_coarse`` for thumbnails, where less of that
 detail is left; a coarse pair under that line still counts when it beats every other image
-either image was compared with by ``distinct_margin``, :func:`distinct`). Confirmed pairs
-become clusters (scipy connected components).
+either image was compared with by ``distinct_margin``, :func:`distinct`). Two images of one
+cluster that were never compared are compared too (:func:`closure_pairs`, ``closure_max``).
+Confirmed pairs become clusters (scipy connected components).
 External pair lists (CSV: image_a, image_b[, score]) import as their own method.
 """
 
@@ -457,6 +458,12 @@ def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tup
     A thumbnail whose source was verified but never compared with the new partner stays
     rejected (a thumbnail has one source).
 
+    A second exception: three (or more) coarse copies of one source, each pair under the
+    line, rival each other within the margin, so none would pass. A pair is accepted when
+    every rival within the margin *corroborates* it: was compared with both of its images
+    and reached the distinct line less the margin with each (a third copy), the other rivals
+    being beaten by the margin as usual (``evidence.distinct.corroborated_by``).
+
     Pairs decided by the strict rule are unchanged and the result does not depend on the
     order of pairs. ``evidence.distinct`` records the margin and the competing image (or
     none), and for the exception the number of copies it was checked against.
@@ -475,12 +482,28 @@ def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tup
             seen.setdefault(i, []).append((j, r["ncc"]))
             seen.setdefault(j, []).append((i, r["ncc"]))
 
-    def rival(i: int, j: int, copies: bool) -> tuple[float, int] | None:
+    def rival(i: int, j: int, copies: bool, but: set[int] = frozenset()) -> tuple[float, int] | None:
         """The best comparison either image had with an image that is neither the other one
-        nor a verified copy of it (nor, unless ``copies``, a verified copy of itself)."""
+        nor a verified copy of it (nor, unless ``copies``, a verified copy of itself), nor
+        one of ``but``."""
         got = [(n, c) for x, y in ((i, j), (j, i)) for c, n in seen.get(x, [])
-               if c != y and comp[c] != comp[y] and (copies or comp[c] != comp[x])]
+               if c != y and comp[c] != comp[y] and (copies or comp[c] != comp[x])
+               and c not in but]
         return max(got) if got else None
+
+    def agrees(c: int, x: int) -> bool:
+        """c was compared with x and reached the distinct line less the margin there."""
+        r = checked.get((min(c, x), max(c, x)))
+        return (r is not None and r.get("ncc") is not None and r["ncc"] >= verify.threshold(
+            (r.get("evidence") or {}).get("pixel", 0.0), floor) - margin)
+
+    def corroborating(i: int, j: int, ncc: float) -> set[int] | None:
+        """The rivals of (i, j) within the margin when every one of them agrees with both i
+        and j (three copies of one source, each under the ncc_coarse line, rival each
+        other: none would pass alone), else None."""
+        close = {c for x, y in ((i, j), (j, i)) for c, n in seen.get(x, [])
+                 if c != y and comp[c] != comp[y] and ncc - n < margin}
+        return close if close and all(agrees(c, i) and agrees(c, j) for c in close) else None
 
     def consistent(x: int, y: int) -> int | None:
         """How many copies of x ``y`` was checked against, or None when one of them was
@@ -514,8 +537,14 @@ def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tup
             best = rival(i, j, False)
             checks = [consistent(i, j), consistent(j, i)]
             if (best is not None and r["ncc"] - best[0] < margin) or None in checks:
-                continue
-            extra = {"copies_checked": sum(checks)}
+                # or only by images that agree with both of its images: a third copy
+                close = corroborating(i, j, r["ncc"])
+                if close is None:
+                    continue
+                best, extra = rival(i, j, True, close), {"corroborated_by": sorted(
+                    ids[c] for c in close)}
+            else:
+                extra = {"copies_checked": sum(checks)}
         out[(i, j)] = {**r, "verified": True, "evidence": {
             **ev, "distinct": {"threshold": round(need, 3),
                                "margin": None if best is None else round(r["ncc"] - best[0], 4),

@@ -354,6 +354,42 @@ def test_distinct_pairs_beaten_only_by_own_copies_must_agree_with_them():
     assert duplicates.distinct(dict(reversed(list(checked.items()))), [], p, ids) == out
 
 
+def test_distinct_pairs_rivalled_only_by_a_third_copy_that_agrees_with_both():
+    """Three coarse copies of one source (a thumbnail, a downscaled copy and the source),
+    each pair under the ncc_coarse line, rival each other within the margin: none passes
+    alone. Each pair is accepted when every rival within the margin agrees with both of its
+    images (compared with each, on the distinct line less the margin there) and every other
+    rival is beaten by the margin; a rival that was never compared with one of the two, or
+    an outside image within the margin, keeps the pair rejected."""
+    p = {**duplicates.DEFAULTS}
+    ids = [f"x:{n}" for n in range(8)]
+    checked = {
+        (0, 1): _pair(0.941, 5.0),  # source 0, thumbnail 1
+        (0, 2): _pair(0.947, 5.0),  # source 0, downscaled copy 2
+        (1, 2): _pair(0.937, 5.0),  # the two copies
+        (1, 3): _pair(0.52, 5.0),   # an unrelated image, far below
+        (4, 5): _pair(0.93, 5.0),   # 4, 5 rivalled by 6, which 5 was never compared with
+        (4, 6): _pair(0.92, 5.0),
+    }
+    out = duplicates.distinct(checked, [], p, ids)
+    acc = {k for k, r in out.items() if r["verified"]}
+    assert acc == {(0, 1), (0, 2), (1, 2)}
+    ev = out[(0, 1)]["evidence"]["distinct"]
+    assert ev["corroborated_by"] == ["x:2"] and ev["rival"] == "x:3"
+    assert ev["margin"] == pytest.approx(0.941 - 0.52, abs=1e-4)
+    # an outside image within the margin of (0, 1) that agrees with only one of them
+    near = {**checked, (0, 7): _pair(0.90, 5.0)}
+    got = duplicates.distinct(near, [], p, ids)
+    assert not got[(0, 1)]["verified"] and not got[(0, 2)]["verified"]
+    # ... and when it agrees with both, it is a fourth copy: accepted again
+    four = {**near, (1, 7): _pair(0.90, 5.0), (2, 7): _pair(0.91, 5.0)}
+    assert duplicates.distinct(four, [], p, ids)[(0, 1)]["verified"]
+    # the third copy under the distinct line less the margin there breaks the agreement
+    weak = {**checked, (1, 2): _pair(0.74, 5.0)}
+    assert not duplicates.distinct(weak, [], p, ids)[(0, 2)]["verified"]
+    assert duplicates.distinct(dict(reversed(list(checked.items()))), [], p, ids) == out
+
+
 def test_full_resolution_buckets_add_each_images_orb_full_k_best(synth_lake):
     """orb_buckets both: the 256-px frames' buckets add exactly the pairs among the
     orb_full_k best of each image of orb_full_from px or more (verify.orb_pairs with only
