@@ -466,7 +466,8 @@ def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tup
 
     Pairs decided by the strict rule are unchanged and the result does not depend on the
     order of pairs. ``evidence.distinct`` records the margin and the competing image (or
-    none), and for the exception the number of copies it was checked against.
+    none), for the first exception the number of copies it was checked against, for the
+    second the corroborating images.
     """
     floor = {**p, "ncc_coarse": p.get("distinct_ncc", 1.0)}
     margin = float(p.get("distinct_margin", 0.0))
@@ -482,7 +483,8 @@ def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tup
             seen.setdefault(i, []).append((j, r["ncc"]))
             seen.setdefault(j, []).append((i, r["ncc"]))
 
-    def rival(i: int, j: int, copies: bool, but: set[int] = frozenset()) -> tuple[float, int] | None:
+    def rival(i: int, j: int, copies: bool,
+              but: set[int] | frozenset[int] = frozenset()) -> tuple[float, int] | None:
         """The best comparison either image had with an image that is neither the other one
         nor a verified copy of it (nor, unless ``copies``, a verified copy of itself), nor
         one of ``but``."""
