@@ -430,6 +430,19 @@ def _pairs_table(cand: dict[tuple[int, int], dict], checked: dict[tuple[int, int
     return table, n_verified
 
 
+def _clusters(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tuple[int, int]],
+              n: int) -> tuple[np.ndarray, dict[int, list[int]]]:
+    """(component label of each of ``n`` images, the images of each component with 2+) of
+    the verified pairs in ``checked`` and the sha256 copies ``identical``."""
+    edges = np.array([k for k, r in checked.items() if r["verified"]] + identical,
+                     dtype=np.int64).reshape(-1, 2)
+    comp = _labels(edges[:, 0], edges[:, 1], n)
+    members: dict[int, list[int]] = {}
+    for x in np.unique(edges).tolist():
+        members.setdefault(int(comp[x]), []).append(x)
+    return comp, members
+
+
 def _labels(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     """Connected-component label of each of ``n`` nodes joined by the edges (a[k], b[k])."""
     g = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
@@ -471,26 +484,24 @@ def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tup
     """
     floor = {**p, "ncc_coarse": p.get("distinct_ncc", 1.0)}
     margin = float(p.get("distinct_margin", 0.0))
-    edges = np.array([k for k, r in checked.items() if r["verified"]] + identical,
-                     dtype=np.int64).reshape(-1, 2)
-    comp = _labels(edges[:, 0], edges[:, 1], len(ids))
-    members: dict[int, list[int]] = {}
-    for x in np.unique(edges):
-        members.setdefault(int(comp[x]), []).append(int(x))
+    comp, members = _clusters(checked, identical, len(ids))
     seen: dict[int, list[tuple[int, float]]] = {}
     for (i, j), r in checked.items():
         if r.get("ncc") is not None:
             seen.setdefault(i, []).append((j, r["ncc"]))
             seen.setdefault(j, []).append((i, r["ncc"]))
 
+    def rivals(i: int, j: int, copies: bool) -> list[tuple[float, int]]:
+        """(NCC, image) of every comparison either image had with an image that is neither
+        the other one nor a verified copy of it (nor, unless ``copies``, a verified copy of
+        itself)."""
+        return [(n, c) for x, y in ((i, j), (j, i)) for c, n in seen.get(x, [])
+                if c != y and comp[c] != comp[y] and (copies or comp[c] != comp[x])]
+
     def rival(i: int, j: int, copies: bool,
               but: set[int] | frozenset[int] = frozenset()) -> tuple[float, int] | None:
-        """The best comparison either image had with an image that is neither the other one
-        nor a verified copy of it (nor, unless ``copies``, a verified copy of itself), nor
-        one of ``but``."""
-        got = [(n, c) for x, y in ((i, j), (j, i)) for c, n in seen.get(x, [])
-               if c != y and comp[c] != comp[y] and (copies or comp[c] != comp[x])
-               and c not in but]
+        """The best of :func:`rivals`, none of ``but``."""
+        got = [(n, c) for n, c in rivals(i, j, copies) if c not in but]
         return max(got) if got else None
 
     def agrees(c: int, x: int) -> bool:
@@ -503,8 +514,7 @@ def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tup
         """The rivals of (i, j) within the margin when every one of them agrees with both i
         and j (three copies of one source, each under the ncc_coarse line, rival each
         other: none would pass alone), else None."""
-        close = {c for x, y in ((i, j), (j, i)) for c, n in seen.get(x, [])
-                 if c != y and comp[c] != comp[y] and ncc - n < margin}
+        close = {c for n, c in rivals(i, j, True) if ncc - n < margin}
         return close if close and all(agrees(c, i) and agrees(c, j) for c in close) else None
 
     def consistent(x: int, y: int) -> int | None:
@@ -514,11 +524,7 @@ def distinct(checked: dict[tuple[int, int], dict[str, Any]], identical: list[tup
         for c in members.get(int(comp[x]), []):
             if c == x:
                 continue
-            r = checked.get((min(c, y), max(c, y)))
-            if r is None or r.get("ncc") is None:
-                return None
-            bar = verify.threshold((r.get("evidence") or {}).get("pixel", 0.0), floor) - margin
-            if r["ncc"] < bar:
+            if not agrees(c, y):
                 return None
             n += 1
         return n
@@ -569,15 +575,8 @@ def closure_pairs(checked: dict[tuple[int, int], dict[str, Any]], identical: lis
     """
     if max_size < 3:
         return []
-    edges = np.array([k for k, r in checked.items() if r["verified"]] + identical,
-                     dtype=np.int64).reshape(-1, 2)
-    if not len(edges):
-        return []
-    comp = _labels(edges[:, 0], edges[:, 1], n)
+    members = _clusters(checked, identical, n)[1]
     twins = {j for _, j in identical}  # a sha256 group's pairs are (first, other) and more
-    members: dict[int, list[int]] = {}
-    for x in np.unique(edges).tolist():
-        members.setdefault(int(comp[x]), []).append(x)
     out = []
     for group in members.values():
         if 3 <= len(group) <= max_size:
