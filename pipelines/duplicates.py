@@ -52,7 +52,7 @@ from medlake.catalog.params import defaults, param, to_dict
 from medlake.catalog.storage import open_vectors
 from medlake.catalog.tables import temp_dir_path
 from medlake.catalog.vectors import near_pairs
-from medlake.pipelines import features, verify
+from medlake.pipelines import features, verify, windows
 from medlake.pipelines.fingerprint import image_files
 from medlake.pipelines.stage import Counts, Stage
 
@@ -101,6 +101,12 @@ class Params:
     stretch_k: int = param(3, "ORB-bucket candidates of thumbnails (at most 128 px) by their "
                            "low renditions stretched 1.41x and 0.71x (a crop squeezed to a "
                            "square): the k best of each (0: off)", min=0)
+    window_k: int = param(4, "window candidates of thumbnails (window_side): the k best images "
+                          "by a window of their tiny colour renditions (pipelines.windows: a "
+                          "crop squeezed to a few dozen pixels, too small for ORB; 0: off)",
+                          min=0)
+    window_side: int = param(64, "window candidates: thumbnails of at most this longer side (px)",
+                             min=0)
     match_features: int = param(300, "strongest keypoints matched in verification", min=1)
     min_inliers: int = param(12, "verification: RANSAC inliers at least", min=4)
     max_aspect: float = param(2.0, "verification: the affine map's two axis scales differ by at "
@@ -286,6 +292,13 @@ def candidates(fp: pl.DataFrame, vecs: np.ndarray | None, p: dict[str, Any], *,
                 for i, j, v in found:
                     c = cand.get((int(i), int(j)), {})
                     add(int(i), int(j), "orb_low", low_votes=max(int(v), c.get("low_votes", 0)))
+        window_k = int(p.get("window_k", 0))
+        if window_k > 0 and isinstance(feats, verify.FeatureStore) and feats.has_part("c"):
+            usable = _present(feats, "c")
+            thumbs = (sides >= 0) & (sides <= int(p.get("window_side", DEFAULTS["window_side"])))
+            for i, j, score in windows.window_pairs(feats, thumbs, usable, k=window_k):
+                c = cand.get((min(i, j), max(i, j)), {})
+                add(i, j, "window", window=max(round(score, 4), c.get("window", -1.0)))
     return cand
 
 
@@ -416,6 +429,8 @@ def _pairs_table(cand: dict[tuple[int, int], dict], checked: dict[tuple[int, int
             ev = {**ev, "orb_votes": c["votes"]}
         if "low_votes" in c:
             ev = {**ev, "orb_low_votes": c["low_votes"]}
+        if "window" in c:
+            ev = {**ev, "window": c["window"]}
         n_verified += bool(res["verified"])
         rows.append({"image_a": ids[i], "image_b": ids[j], "method": "+".join(sorted(set(c["methods"]))),
                      "score": res["ncc"], "verified": res["verified"], "hamming": c.get("hamming"),

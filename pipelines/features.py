@@ -50,6 +50,7 @@ LOW_SIDE, LOW_GRID = 48, 96  # low rendition: long side reduced to 48 px, ORB at
 MID_SIDE, MID_GRID = 64, 128  # mid rendition: long side reduced to 64 px, ORB at 128 px
 STRETCH_SIDE = 128  # images up to this longer side also get low renditions stretched by STRETCH
 STRETCH = (2 ** 0.5, 2 ** -0.5)  # width / height factors (undo a crop squeezed to a square)
+TINY = 32  # the tiny colour rendition: the whole image area-reduced to TINY x TINY, CIELAB
 
 _LOCAL = threading.local()  # one ORB detector per thread (cv2 objects are not shared safely)
 
@@ -64,7 +65,8 @@ def features(path: str, *, low: bool = True, reduced: bool = True) -> dict[str, 
     of the low rendition and its mirror (:func:`_low`), and ``mi``/``mim``: of the mid
     rendition (:data:`MID_SIDE` px, ORB at :data:`MID_GRID`: ``duplicates.orb_mid`` buckets
     both together, so a crop magnified 1.5-2.5x meets its source at the crop's scale),
-    points in the 256-px frame. ``side``
+    points in the 256-px frame; ``c``: the tiny colour rendition (:func:`tiny`, what
+    :mod:`pipelines.windows` searches for a thumbnail's source). ``side``
     is the image's longer side in pixels, ``up`` its upsampling to the 256-px frame (>= 1).
     ``reduced`` (default): a large JPEG is decoded at a reduced DCT scale (>= 512 px on its
     shorter side; :func:`medlake.catalog.imageio.open_image`); False decodes every pixel.
@@ -76,9 +78,11 @@ def features(path: str, *, low: bool = True, reduced: bool = True) -> dict[str, 
     return None if got is None else features_of(*got, low=low)
 
 
-def features_of(grey: np.ndarray, full: tuple[int, int], *, low: bool = True) -> dict[str, Any]:
+def features_of(grey: np.ndarray, full: tuple[int, int], pixels: np.ndarray | None = None, *,
+                low: bool = True) -> dict[str, Any]:
     """:func:`features` of an image already decoded: ``grey`` its 8-bit grey pixels, ``full``
-    (h, w) of the whole image (:func:`feature_input` or :func:`_grey` give both)."""
+    (h, w) of the whole image, ``pixels`` its 8-bit RGB (or grey) pixels for the tiny colour
+    rendition (None: ``grey``'s; :func:`feature_input` or :func:`_grey` give all three)."""
     if not hasattr(_LOCAL, "orb"):
         _LOCAL.orb = cv2.ORB_create(nfeatures=NFEATURES, edgeThreshold=15, patchSize=15,
                                     fastThreshold=FAST_THRESHOLD)
@@ -86,6 +90,7 @@ def features_of(grey: np.ndarray, full: tuple[int, int], *, low: bool = True) ->
     eq = _resampled(grey, (h, w), SIDE)
     out = {"g": eq, "up": max(SIDE / max(h, w), 1.0), "side": max(h, w)}  # g: 64 KB per image
     out["n"], out["m"] = _orb_both(_LOCAL.orb, eq)
+    out["c"] = tiny(grey if pixels is None else pixels)
     if low:
         out["lo"], out["lom"] = _low(grey, eq.shape, (h, w))
         if max(h, w) > MID_GRID:  # a thumbnail's mid rendition is only its low one enlarged
@@ -95,9 +100,28 @@ def features_of(grey: np.ndarray, full: tuple[int, int], *, low: bool = True) ->
     return out
 
 
-def _grey(path: str, reduced: bool = True) -> tuple[np.ndarray, tuple[int, int]] | None:
-    """(8-bit grey pixels, (h, w) of the whole image) of the file as :func:`features` decodes
-    it; None when it cannot be decoded."""
+def tiny(pixels: np.ndarray) -> np.ndarray:
+    """The tiny colour rendition of 8-bit RGB or grey ``pixels``: the whole image area-reduced
+    to :data:`TINY` x :data:`TINY` (its aspect not kept), in 8-bit CIELAB (a grey image's
+    chroma is flat), uint8 (TINY, TINY, 3): 3 KB per image."""
+    x = np.ascontiguousarray(pixels)
+    h, w = x.shape[:2]
+    f = min(h, w) // (2 * TINY)
+    if f >= 6:  # area-reduced by a whole factor first (~4x cheaper at 600 x 800: OpenCV's
+        # INTER_AREA is slow at other factors), the last rows and columns left out
+        x = cv2.resize(x[: h - h % f, : w - w % f], (w // f, h // f), interpolation=cv2.INTER_AREA)
+    x = cv2.resize(x, (TINY, TINY), interpolation=cv2.INTER_AREA)
+    if x.ndim == 2:
+        x = cv2.cvtColor(x, cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(x[..., :3], cv2.COLOR_RGB2LAB)
+
+
+Decoded = tuple[np.ndarray, tuple[int, int], np.ndarray]  # grey, (h, w), 8-bit RGB or grey
+
+
+def _grey(path: str, reduced: bool = True) -> Decoded | None:
+    """(8-bit grey pixels, (h, w) of the whole image, 8-bit RGB or grey pixels) of the file as
+    :func:`features` decodes it; None when it cannot be decoded."""
     try:  # grey files stay grey (the same values, no RGB copy); a large JPEG is decoded at
         # a DCT scale that keeps >= 512 px on its shorter side (area-reduced to the frame after)
         im = load_8bit(path, min_side=2 * SIDE if reduced else None)
@@ -106,18 +130,17 @@ def _grey(path: str, reduced: bool = True) -> tuple[np.ndarray, tuple[int, int]]
     return _grey_of(im, im)
 
 
-def _grey_of(px: Image.Image, im: Image.Image,
-             arr: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """(8-bit grey pixels of ``px``, (h, w) of the whole image ``im``): ``px`` is ``im``'s
-    8-bit form (:func:`~medlake.catalog.imageio.to_8bit`), ``arr`` its pixels when the caller
-    has them (``np.asarray`` of an RGB image copies it: ~1 ms at 1024 x 768)."""
+def _grey_of(px: Image.Image, im: Image.Image, arr: np.ndarray | None = None) -> Decoded:
+    """(8-bit grey pixels of ``px``, (h, w) of the whole image ``im``, ``px``'s pixels): ``px``
+    is ``im``'s 8-bit form (:func:`~medlake.catalog.imageio.to_8bit`), ``arr`` its pixels when
+    the caller has them (``np.asarray`` of an RGB image copies it: ~1 ms at 1024 x 768)."""
     arr = np.asarray(px) if arr is None else arr
     w, h = full_size(im)
-    return (arr if arr.ndim == 2 else cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)), (h, w)
+    return (arr if arr.ndim == 2 else cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)), (h, w), arr
 
 
 def feature_input(data: bytes, path: Path | str, im: Image.Image, px: Image.Image,
-                  arr: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+                  arr: np.ndarray | None = None) -> Decoded:
     """What :func:`_grey` gives for this file (the pixels :func:`features` starts from), from
     ``fingerprint``'s full decode ``im`` and its 8-bit form ``px`` when they are the same:
     every file but a JPEG large enough to be decoded at a reduced DCT scale
@@ -283,8 +306,9 @@ def features_many(files: list[str], *, workers: int = 2) -> list[dict[str, Any] 
 
 
 Extra = tuple[tuple[str, ...], np.ndarray, int]  # (feature sets, a flag per image, k): orb_pairs_many
-PARTS = ("g", "n", "m", "lo", "lom", "lx", "lxm", "mi", "mim")  # what FeatureStore keeps per
-# image, in order
+PARTS = ("g", "n", "m", "lo", "lom", "lx", "lxm", "mi", "mim", "c")  # what FeatureStore keeps
+# per image, in order
+RAW = {"g": 1, "c": 3}  # parts kept as 8-bit pixels (rows x cols x channels), not points
 _INDEX = ("ok", "off", "rows", "cols", "has", "up", "side")  # FeatureStore's arrays per image
 _MAGIC = b"MLFEAT01"  # the last 8 bytes of a saved FeatureStore (FeatureStore.save)
 WIDE = {"lx": len(STRETCH), "lxm": len(STRETCH)}  # sets of several renditions: per_image x this
@@ -311,8 +335,8 @@ class FeatureStore:
 
     One append-only file holds every image's parts (the 256-px grey image, then the points
     and descriptors of ``n``, ``m``, ``lo``, ``lom``, a thumbnail's ``lx``, ``lxm`` and a
-    larger image's ``mi``, ``mim``: :data:`PARTS`) as raw bytes; small numpy arrays index
-    them. :meth:`get` reads one image back with ``os.pread`` (never a memory map: its resident
+    larger image's ``mi``, ``mim``, then the tiny colour rendition ``c``: :data:`PARTS`) as
+    raw bytes; small numpy arrays index them. :meth:`get` reads one image back with ``os.pread`` (never a memory map: its resident
     pages would count in the process's memory), bit-identical to what was stored;
     :meth:`descriptors` streams the descriptors of some parts for :func:`orb_pairs`.
     The folder belongs to the caller (the duplicates stage makes a temporary one in the lake
@@ -336,8 +360,8 @@ class FeatureStore:
     def _grow(self, cap: int) -> None:
         n = len(PARTS)
         for name, shape, dtype in (("ok", (cap,), bool), ("off", (cap, n), np.int64),
-                                   ("rows", (cap, n), np.int32),  # g: height; else points
-                                   ("cols", (cap, n), np.int32),  # g: width
+                                   ("rows", (cap, n), np.int32),  # RAW: height; else points
+                                   ("cols", (cap, n), np.int32),  # RAW: width
                                    ("has", (cap, n), bool),  # descriptors present (not None)
                                    ("up", (cap,), np.float64),
                                    ("side", (cap,), np.int64),
@@ -368,9 +392,9 @@ class FeatureStore:
         chunks = []
         for c, part in enumerate(PARTS):
             self.off[i, c] = self._end + sum(len(b) for b in chunks)
-            if part == "g" and part in f:
+            if part in RAW and part in f:
                 g = np.ascontiguousarray(f[part], dtype=np.uint8)
-                self.rows[i, c], self.cols[i, c] = g.shape
+                self.rows[i, c], self.cols[i, c] = g.shape[:2]
                 self.has[i, c] = True
                 chunks.append(g.tobytes())
             elif part in f:
@@ -456,7 +480,8 @@ class FeatureStore:
             setattr(store, name, arrays[name])
         store.src = np.zeros(n, np.int16)
         ids, shas = arrays["ids"], arrays["shas"]
-        extent = np.where(np.arange(len(PARTS)) == 0, store.rows * store.cols,
+        raw = np.array([RAW.get(x, 0) for x in PARTS])
+        extent = np.where(raw > 0, store.rows * store.cols * raw,
                           store.rows * (8 + 32 * store.has)) + store.off
         if (len(ids) != n or len(shas) != n or any(len(arrays[x]) != n for x in _INDEX)
                 or (n and int(extent.max(initial=0)) > end)):
@@ -467,9 +492,10 @@ class FeatureStore:
     def _part(self, i: int, c: int) -> Any:
         k, at = int(self.rows[i, c]), int(self.off[i, c])
         fd = self._fds[self.src[i]]
-        if PARTS[c] == "g":
-            w = int(self.cols[i, c])
-            return np.frombuffer(os.pread(fd, k * w, at), np.uint8).reshape(k, w)
+        if PARTS[c] in RAW:
+            w, ch = int(self.cols[i, c]), RAW[PARTS[c]]
+            px = np.frombuffer(os.pread(fd, k * w * ch, at), np.uint8)
+            return px.reshape(k, w) if ch == 1 else px.reshape(k, w, ch)
         size = k * 8 + (k * 32 if self.has[i, c] else 0)
         raw = os.pread(fd, size, at) if size else b""
         pts = np.frombuffer(raw, np.float32, count=2 * k).reshape(k, 2).copy()
@@ -485,7 +511,18 @@ class FeatureStore:
         for c, part in enumerate(PARTS):
             if self.rows[i, c] >= 0:
                 out[part] = self._part(i, c)
-        out["g"] = out["g"].copy()
+        for part in RAW:
+            if part in out:
+                out[part] = out[part].copy()
+        return out
+
+    def tiny(self, rows: np.ndarray) -> np.ndarray:
+        """The tiny colour renditions (``c``) of images ``rows`` (each present), uint8
+        (len(rows), TINY, TINY, 3)."""
+        c = PARTS.index("c")
+        out = np.empty((len(rows), TINY, TINY, 3), np.uint8)
+        for n, i in enumerate(rows):
+            out[n] = self._part(int(i), c)
         return out
 
     def descriptors(self, tags: tuple[str, ...], per_image: int, chunk: int = 1 << 18,

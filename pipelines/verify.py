@@ -85,7 +85,7 @@ def fine_frame(path: str) -> np.ndarray | None:
     got = _grey(path)
     if got is None:
         return None
-    grey, (h, w) = got
+    grey, (h, w), _ = got
     fine = fine_side(max(h, w))
     return _resampled(grey, (h, w), fine) if fine > SIDE else None
 

@@ -584,3 +584,25 @@ def test_a_copy_the_candidates_missed_is_found_through_its_cluster(dup_run, monk
         p.filter((pl.col("image_a") == drop[0]) & (pl.col("image_b") == drop[1]))["ncc"][0])
     cid = dict(zip(clusters["image_id"], clusters["cluster_id"], strict=True))
     assert cid[drop[0]] == cid[drop[1]]
+
+
+def test_duplicates_finds_thumbnails_through_windows(dup_run):
+    """Window candidates are made and verified as any other: with every image of this small
+    lake counted as a thumbnail (window_side), the path adds pairs, and every verified pair
+    only it found is a true pair; window_k 0 turns the path off."""
+    cat, _ = dup_run
+    _, tp, _ = _sets(cat)
+    true = set(zip(tp["id_a"], tp["id_b"], strict=True))
+    try:
+        duplicates.run(cat, {"window_side": 4096})
+        pairs = cat.read("pairs")
+        win = pairs.filter(pl.col("method").str.contains("window"))
+        n_images = cat.read("fingerprints").height
+        assert n_images < win.height <= 4 * n_images
+        assert win["evidence"].str.contains('"window"').all()
+        only = win.filter(pl.col("verified") & (pl.col("method") == "window"))
+        assert set(zip(only["image_a"], only["image_b"], strict=True)) <= true
+        duplicates.run(cat, {"window_k": 0})
+        assert not cat.read("pairs")["method"].str.contains("window").any()
+    finally:  # the lake is shared by later tests
+        duplicates.run(cat)

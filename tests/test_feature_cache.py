@@ -38,7 +38,7 @@ def test_fingerprint_decode_gives_the_features_duplicates_computes(tmp_path):
     # the reduced decode is taken where features() takes it (else the check above proves little)
     huge = next(f for f in files if f.name == "huge.jpg")
     im = imageio.decode(huge.read_bytes(), huge)
-    grey, full = features.feature_input(huge.read_bytes(), huge, im, imageio.to_8bit(im))
+    grey, full, _ = features.feature_input(huge.read_bytes(), huge, im, imageio.to_8bit(im))
     assert full == (1100, 1400) and grey.shape == (550, 700)  # decoded at 1/2
 
 

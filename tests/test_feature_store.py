@@ -40,9 +40,12 @@ def _same(a, b) -> bool:
         return a is None and b is None
     if set(a) != set(b) or a["up"] != b["up"] or a["side"] != b["side"]:
         return False
-    if not np.array_equal(a["g"], b["g"]) or a["g"].dtype != b["g"].dtype:
-        return False
-    for part in set(a) - {"g", "up", "side"}:
+    for raw in ("g", "c"):
+        if (raw in a) != (raw in b):
+            return False
+        if raw in a and (not np.array_equal(a[raw], b[raw]) or a[raw].dtype != b[raw].dtype):
+            return False
+    for part in set(a) - {"g", "c", "up", "side"}:
         (pa, da), (pb, db) = a[part], b[part]
         if not (np.array_equal(pa, pb) and pa.dtype == pb.dtype):
             return False

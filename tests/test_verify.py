@@ -326,7 +326,7 @@ def test_large_images_are_compared_again_in_a_finer_frame(tmp_path, monkeypatch)
     with verify.FeatureStore(tmp_path / "store") as store:
         features.store_features(paths, store)
         stored = verify.FeatureCache(store)
-        assert set(store.get(0)) == {"g", "n", "m", "lo", "lom", "mi", "mim", "up", "side"}
+        assert set(store.get(0)) == {"g", "n", "m", "lo", "lom", "mi", "mim", "c", "up", "side"}
         assert store.get(0)["g"].shape == (256, 256)
         for j in range(1, 5):
             again = verify.verify(paths[0], paths[j], cache=stored, keys=(0, j), p=p)
