@@ -284,6 +284,11 @@ def test_hash_values_shared_by_many_images_make_no_candidates():
     assert all(c["methods"] == ["phash"] and c["hamming"] == 0 for c in got.values())
     every = duplicates.candidates(fp, None, {**p, "hash_max_group": 0})
     assert set(got) < set(every) and any(j < 6 for _, j in every)
+    # the mirror-invariant pHash makes candidates only with hash_sym
+    sym = fp.with_columns(pl.Series("phash_sym", ["a" * 16] * 2 + [f"{i:016x}" for i in range(10)]))
+    assert duplicates.candidates(sym, None, {**p, "hash_max_group": 4}) == got
+    mirrored = duplicates.candidates(sym, None, {**p, "hash_max_group": 4, "hash_sym": True})
+    assert mirrored[(0, 1)]["methods"] == ["phash_sym"] and set(mirrored) - set(got) == {(0, 1)}
 
 
 def _pair(ncc, pixel, verified=False):
