@@ -3,9 +3,10 @@ few dozen pixels was cut from.
 
 A thumbnail such as DermaMNIST's (a dermoscopy image, or a crop of one, resized to 28-64 px
 squares) keeps too few pixels for ORB: its low rendition has few corners, and those it has
-rarely share a bucket with its source's (measured, generated 5k set, seed 1: 4 of 5 missed
-dermoscopy thumbnails had no ORB vote with their source at all). What it keeps is its
-layout and its colours at the scale of a few cells. This module searches for them.
+rarely share a bucket with its source's (measured, generated 5k set, seed 1: 4 of the 5
+dermoscopy thumbnails missed were no candidate, 3 of them without one shared bucket). What
+it keeps is its layout and its colours at the scale of a few cells: this module searches
+by those.
 
 Every image's tiny rendition (:func:`pipelines.features.tiny`: the whole image area-reduced
 to 32 x 32, CIELAB) is cut into *windows*: a window's side is 0.55, 0.7, 0.85 or 1 of the
@@ -13,8 +14,8 @@ image's side along each axis independently (so a crop of 30-100% of the area wit
 changed by up to ~1.8 is within half a step of one), placed every :data:`STEP` of the side.
 Each window, area-reduced to a few cells and squeezed to a square as the thumbnail was, is a
 vector (L*, and a*, b* weighted by :data:`CHROMA`; each channel's mean removed, then scaled to
-unit length): the thumbnail's own vector is compared with every window by a dot product (a
-normalised cross-correlation of the cells).
+unit length): the thumbnail's own vector, and its mirror's (:data:`FLIPS`), is compared with
+every window by a dot product (a normalised cross-correlation of the cells).
 
 Two stages keep the cost to a small part of the stage's: 4 x 4 cells and windows every 0.1
 over every image (169 windows per image) give each thumbnail a shortlist of the
@@ -24,7 +25,8 @@ places +-0.05 and centred) rank the shortlist, and the ``k`` best become candida
 of windows, never N x N.
 
 Thumbnails are compared with every image: the cost grows with thumbnails x images (generated
-5k set: 107 thumbnails, about 1 CPU-s; docs/SCALING.md has the projection).
+5k set: 107 thumbnails and their mirrors, ~2 CPU-s over two BLAS threads, ~0.4 ms per
+image; docs/SCALING.md has the projection).
 """
 
 from __future__ import annotations
