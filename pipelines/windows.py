@@ -144,7 +144,9 @@ def window_pairs(store: FeatureStore, thumbs: np.ndarray, usable: np.ndarray, *,
         flat = v.reshape(len(rows) * w1 * w1, -1)
         for t in range(0, len(q), QUERIES):
             sc = (q1[t:t + QUERIES] @ flat.T).reshape(-1, len(rows), w1 * w1)
-            best, where = sc.max(-1), sc.argmax(-1).astype(np.int32)
+            where = sc.argmax(-1)  # one pass; the best read back at it
+            best = np.take_along_axis(sc, where[..., None], -1)[..., 0]
+            where = where.astype(np.int32)
             best[q[t:t + QUERIES, None] == rows[None, :]] = -np.inf  # never itself
             both = np.concatenate([top[t:t + QUERIES], best], 1)
             keep = np.argpartition(-both, m - 1, axis=1)[:, :m]
