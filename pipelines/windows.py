@@ -120,7 +120,8 @@ def window_pairs(store: FeatureStore, thumbs: np.ndarray, usable: np.ndarray, *,
 
     ``thumbs`` and ``usable`` flag images of ``store`` (each with its tiny rendition): the
     thumbnails searched for, and the images searched (a thumbnail is never its own
-    candidate). The score is stage 2's: the best correlation of the thumbnail with a window
+    candidate; a flat one, of one colour, has nothing to correlate and is not searched). The
+    score is stage 2's: the best correlation of the thumbnail, or its mirror, with a window
     of the image.
     """
     q = np.flatnonzero(thumbs & usable)
@@ -129,6 +130,11 @@ def window_pairs(store: FeatureStore, thumbs: np.ndarray, usable: np.ndarray, *,
         return []
     c1, c2 = CELLS
     qt = store.tiny(q)
+    plain = _whole(_planes(qt), c2)
+    some = np.linalg.norm(plain, axis=1) > 0.5  # a flat thumbnail (one colour) matches nothing
+    q, qt = q[some], qt[some]
+    if not len(q):
+        return []
     qp = np.concatenate([_planes(qt[:, ::-1 if ud else 1, ::-1 if lr else 1]) for ud, lr in FLIPS])
     q = np.tile(q, len(FLIPS))
     q1 = _whole(qp, c1)

@@ -116,7 +116,7 @@ def test_a_thumbnail_of_a_crop_finds_its_source(thumb_store):
     assert found >= 4, found
 
 
-def test_window_pairs_search_only_usable_images(thumb_store):
+def test_window_pairs_search_only_usable_images(thumb_store, tmp_path):
     store, n_images, sources = thumb_store
     n = len(store)
     thumbs = store.sides() <= 64
@@ -127,6 +127,13 @@ def test_window_pairs_search_only_usable_images(thumb_store):
     assert got and all(usable[i] and usable[j] for i, j, _ in got)
     assert n_images + 1 not in {i for i, _, _ in got}
     assert windows.window_pairs(store, thumbs, usable, k=0) == []
+    # a flat thumbnail (one grey level, a blank capture) has no candidates
+    with features.FeatureStore(tmp_path / "flat") as flat:
+        for arr in (np.full((40, 40), 128, np.uint8), *_images(np.random.default_rng(2))[:3]):
+            grey = arr if arr.ndim == 2 else cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)
+            flat.append(features.features_of(grey, grey.shape[:2], arr))
+        sides = flat.sides()
+        assert sides[0] == 40 and windows.window_pairs(flat, sides <= 64, np.ones(4, bool), k=2) == []
     assert windows.window_pairs(store, np.zeros(n, bool), usable, k=3) == []
 
 
