@@ -997,7 +997,9 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     one affine map (``evidence.fine.still``: a copy whose finest detail was smoothed).
 
     A thumbnail whose full-frame fit is weak (under :data:`WEAK` x ``min_inliers``) is also
-    fitted by its low renditions; the map with the better NCC counts.
+    fitted by its low renditions; the map with the better NCC counts. A larger pair with no
+    full-frame fit at all is fitted by its low renditions when ``low_fallback`` > 0, the fit
+    taken from ``low_fallback`` x ``min_inliers`` inliers.
     """
     fa, fb = (_cached(cache, k, lambda f=f: features(f))
               for k, f in zip(keys, (file_a, file_b), strict=True))
@@ -1009,13 +1011,13 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
     fit = _fit(fa, fb, ("n", "m"), top=top, min_inliers=min_in, reproj=4.0, max_aspect=aspect)
     small = int(p.get("small_side", 0))
     rival = None  # the low renditions' map of a thumbnail whose full fit is weak
+    low = {"top": top, "min_inliers": min_in, "reproj": 4.0 * SIDE / LOW_GRID,
+           "max_aspect": aspect}
     if small and min(fa["side"], fb["side"]) <= small and "lo" in fa and "lo" in fb:
         # a thumbnail: while no fit has min_in inliers, its low renditions are fitted, then
         # their stretched forms (a squeezed crop), the most inliers win (4 px there are
         # 4 * 256/96 here); a weak full fit (under WEAK x min_in inliers) competes with the
         # low renditions' map by the NCC each gives
-        low = {"top": top, "min_inliers": min_in, "reproj": 4.0 * SIDE / LOW_GRID,
-               "max_aspect": aspect}
         if fit is None or fit[1] < WEAK * min_in:
             got_low = _fit(fa, fb, ("lo", "lom"), **low)
             if fit is None or fit[1] < min_in:
@@ -1024,6 +1026,11 @@ def verify(file_a: str, file_b: str, *, cache: dict[Any, Any], keys: tuple[Any, 
                 rival = got_low
         if fit is None or fit[1] < min_in:
             fit = _more_inliers(fit, _stretched_fit(fa, fb, low))
+    elif fit is None and int(p.get("low_fallback", 0)) > 0 and "lo" in fa and "lo" in fb:
+        # no full-frame fit of a larger pair: the low renditions' map, from low_fallback x
+        # min_in inliers (a chest-X-ray crop of 174 px upsampled into the 256-px frame: no
+        # fit there, 58 inliers and NCC 0.91 under the low renditions' map)
+        fit = _fit(fa, fb, ("lo", "lom"), **{**low, "min_inliers": int(p["low_fallback"]) * min_in})
     if fit is None:
         return none
     res, M, mirror = _judged(fa, fb, fit, p, min_in)
