@@ -787,3 +787,37 @@ def test_finer_frame_under_its_line_is_still_a_copy_without_local_motion(tmp_pat
     assert ev["still"] and ev["motion"] <= 1.2 and verify.passes(ncc, ev), ev
     ncc0, ev0 = second(smoothed, same, 0.0)
     assert ncc0 == ncc and "still" not in ev0 and not verify.passes(ncc0, ev0)
+
+
+def test_a_pair_without_a_full_frame_fit_is_fitted_by_its_low_renditions(tmp_path, monkeypatch):
+    """low_fallback: a pair of images larger than small_side whose 256-px frames give no fit
+    (here forced: the full-frame sets fit nothing) is fitted by its low renditions and
+    verified by the same band comparison; with low_fallback 0 it is not. A repeat capture of
+    the same patient stays apart either way."""
+    from medlake.demo import synth_draw as draw
+    from medlake.pipelines import duplicates
+
+    findings = {"effusion": False, "cardiomegaly": False, "nodule": False}
+    anatomy = draw.chest_anatomy(np.random.default_rng(31))
+    src = draw.draw_cxr(np.random.default_rng(32), anatomy, 192, findings)
+    again = draw.draw_cxr(np.random.default_rng(33), anatomy, 192, findings)
+    paths = [_save(tmp_path, "src", src), _save(tmp_path, "crop", src[10:184, 20:178]),
+             _save(tmp_path, "again", again)]
+    real = verify._fit
+
+    def no_full_fit(fa, fb, tags, **kw):
+        return None if tags == ("n", "m") else real(fa, fb, tags, **kw)
+
+    monkeypatch.setattr(verify, "_fit", no_full_fit)
+    cache: dict = {}
+    got = {}
+    for fallback in (0, 2):
+        p = {**duplicates.DEFAULTS, "low_fallback": fallback}
+        got[fallback] = [verify.verify(paths[0], paths[j], cache=cache, keys=(0, j), p=p)
+                         for j in (1, 2)]
+    assert min(cache[0]["side"], cache[1]["side"]) > duplicates.DEFAULTS["small_side"]
+    assert not got[0][0]["verified"] and got[0][0]["inliers"] == 0
+    crop = got[2][0]
+    assert crop["verified"] and crop["inliers"] >= 2 * duplicates.DEFAULTS["min_inliers"], crop
+    assert crop["evidence"]["features"] == "low", crop["evidence"]
+    assert not got[2][1]["verified"] and not got[0][1]["verified"]
