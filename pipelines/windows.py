@@ -130,13 +130,13 @@ def window_pairs(store: FeatureStore, thumbs: np.ndarray, usable: np.ndarray, *,
         return []
     c1, c2 = CELLS
     qt = store.tiny(q)
-    plain = _whole(_planes(qt), c2)
-    some = np.linalg.norm(plain, axis=1) > 0.5  # a flat thumbnail (one colour) matches nothing
-    q, qt = q[some], qt[some]
+    qp = np.concatenate([_planes(qt[:, ::-1 if ud else 1, ::-1 if lr else 1]) for ud, lr in FLIPS])
+    q2 = _whole(qp, c2)  # stage 2's vector of each thumbnail as each flip (flip-major rows)
+    # a flat thumbnail (one colour: a zero vector under every flip) matches nothing
+    some = np.tile(np.linalg.norm(q2[: len(q)], axis=1) > 0.5, len(FLIPS))
+    q, qp, q2 = np.tile(q, len(FLIPS))[some], qp[some], q2[some]
     if not len(q):
         return []
-    qp = np.concatenate([_planes(qt[:, ::-1 if ud else 1, ::-1 if lr else 1]) for ud, lr in FLIPS])
-    q = np.tile(q, len(FLIPS))
     q1 = _whole(qp, c1)
     g = grid()
     w1 = len(g)
@@ -164,7 +164,6 @@ def window_pairs(store: FeatureStore, thumbs: np.ndarray, usable: np.ndarray, *,
     # stage 2, grouped by stage 1's best window (the same finer windows for each image)
     r, x = np.nonzero(np.isfinite(top))
     images, near = who[r, x], arg[r, x]
-    q2 = _whole(qp, c2)
     score = np.empty(len(r), np.float32)
     order = np.argsort(near, kind="stable")
     for same in np.split(order, np.flatnonzero(np.diff(near[order])) + 1):
