@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
+from medlake.demo import synth_build
 from medlake.demo import synth_draw as draw
 from medlake.pipelines import features, windows
 
@@ -55,13 +56,10 @@ def _images(rng: np.random.Generator) -> list[np.ndarray]:
 
 
 def _thumbnail(rng: np.random.Generator, arr: np.ndarray, mirror: bool) -> np.ndarray:
-    """A crop of 40-90% of the area, its aspect changed by up to 4:3, squeezed to a square
-    of 28-64 px by OpenCV or PIL with a drawn interpolation; mirrored left-right if asked."""
-    h, w = arr.shape[:2]
-    area, ar = rng.uniform(0.4, 0.9), float(np.exp(rng.uniform(np.log(0.75), np.log(4 / 3))))
-    cw, ch = min(w, round(w * np.sqrt(area * ar))), min(h, round(h * np.sqrt(area / ar)))
-    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    crop = np.ascontiguousarray(arr[y0:y0 + ch, x0:x0 + cw])
+    """A crop of 40-90% of the area, its aspect changed by up to 4:3 (the generator's
+    :func:`~medlake.demo.synth_build.crop`), squeezed to a square of 28-64 px by OpenCV or PIL
+    with a drawn interpolation; mirrored left-right if asked."""
+    crop, _ = synth_build.crop(rng, arr)
     side = int(rng.integers(28, 65))
     if rng.random() < 0.5:
         interp = (cv2.INTER_AREA, cv2.INTER_LINEAR, cv2.INTER_CUBIC)[int(rng.integers(3))]
